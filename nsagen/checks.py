@@ -1,0 +1,116 @@
+"""Validation of the tensors handed to an NSA op, shared by the reference and the generated ops.
+
+Every failure raises a ValueError (TypeError for dtypes) that names the argument and says what
+was expected, so a shape mistake in a model surfaces at the call, not as a wrong answer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .spec import Spec
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The sizes of one call, read off validated inputs."""
+
+    batch: int
+    seq_len: int
+    seqlens: tuple[int, ...]      # per sequence (one entry per batch row, or per varlen sequence)
+    num_cmp: int                  # rows of k_cmp/v_cmp expected (packed total for varlen)
+    varlen: bool
+
+
+def _shape(name: str, t: torch.Tensor, want: tuple, meaning: str) -> None:
+    if t.dim() != len(want):
+        raise ValueError(f"{name}: expected a {len(want)}-d tensor {meaning}, got shape {tuple(t.shape)}")
+    for got, exp in zip(t.shape, want):
+        if exp is not None and got != exp:
+            raise ValueError(f"{name}: expected shape {meaning} = "
+                             f"{tuple('*' if e is None else e for e in want)}, got {tuple(t.shape)}")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> tuple[int, ...]:
+    """Validate FlashAttention-style cumulative lengths and return the per-sequence lengths."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens: expected an int32 tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens: expected dtype torch.int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected a 1-d tensor [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens: on {cu_seqlens.device}, but q is on {device}")
+    offs = [int(x) for x in cu_seqlens.tolist()]
+    if offs[0] != 0:
+        raise ValueError(f"cu_seqlens: must start at 0, starts at {offs[0]}")
+    lens = tuple(b - a for a, b in zip(offs[:-1], offs[1:]))
+    if any(n <= 0 for n in lens):
+        raise ValueError(f"cu_seqlens: must be strictly increasing, got {offs}")
+    if offs[-1] != total:
+        raise ValueError(f"cu_seqlens: must end at the packed length T={total}, ends at {offs[-1]}")
+    return lens
+
+
+def check_inputs(spec: Spec, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
+                 k_win=None, v_win=None) -> Problem:
+    """Check shapes, dtypes and devices of an NSA call against the spec; return its sizes."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q: expected a 4-d tensor [B, T, HQ, Dk], got shape {tuple(q.shape)}")
+    B, T, HQ, Dk = q.shape
+    H = spec.heads_kv
+    if HQ != spec.heads_q or Dk != spec.dim_qk:
+        raise ValueError(f"q: expected [B, T, HQ={spec.heads_q}, Dk={spec.dim_qk}] for spec "
+                         f"{spec.name!r}, got {tuple(q.shape)}")
+    if T < 1 or B < 1:
+        raise ValueError(f"q: batch and sequence length must be >= 1, got shape {tuple(q.shape)}")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"q: expected a floating-point dtype, got {q.dtype}")
+    _shape("k", k, (B, T, H, spec.dim_qk), "[B, T, H, Dk]")
+    _shape("v", v, (B, T, H, spec.dim_v), "[B, T, H, Dv]")
+    named = [("k", k), ("v", v)]
+    if gates is not None:
+        _shape("gates", gates, (B, T, HQ, 3), "[B, T, HQ, 3] (cmp, slc, win)")
+        named.append(("gates", gates))
+    if spec.kv_per_branch == "separate" and spec.has("win"):
+        if k_win is None or v_win is None:
+            raise ValueError("k_win, v_win: required because the spec has kv_per_branch: separate")
+    if k_win is not None or v_win is not None:
+        if spec.kv_per_branch != "separate":
+            raise ValueError("k_win, v_win: only accepted when the spec has kv_per_branch: separate")
+        _shape("k_win", k_win, (B, T, H, spec.dim_qk), "[B, T, H, Dk]")
+        _shape("v_win", v_win, (B, T, H, spec.dim_v), "[B, T, H, Dv]")
+        named += [("k_win", k_win), ("v_win", v_win)]
+
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens: requires batch size 1 (packed sequences), got B={B}")
+        lens = check_cu_seqlens(cu_seqlens, T, q.device)
+    else:
+        lens = (T,) * B
+    ncs = [spec.num_cmp(n) for n in lens]
+    nc = sum(ncs) if cu_seqlens is not None else ncs[0]
+
+    needs_cmp = spec.has("cmp") or spec.has("slc")
+    if (k_cmp is None) != (v_cmp is None):
+        raise ValueError("k_cmp, v_cmp: pass both or neither")
+    if k_cmp is None and needs_cmp and spec.learned_compression:
+        raise ValueError(f"k_cmp, v_cmp: required because the spec's compression.kind is "
+                         f"{spec.cmp_kind!r} (learned); only 'mean' is computed by the op")
+    if k_cmp is not None:
+        _shape("k_cmp", k_cmp, (B, nc, H, spec.dim_qk), "[B, Nc, H, Dk]")
+        _shape("v_cmp", v_cmp, (B, nc, H, spec.dim_v), "[B, Nc, H, Dv]")
+        named += [("k_cmp", k_cmp), ("v_cmp", v_cmp)]
+
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
+    return Problem(batch=B, seq_len=T, seqlens=lens, num_cmp=nc, varlen=cu_seqlens is not None)

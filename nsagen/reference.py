@@ -1,0 +1,251 @@
+"""The PyTorch oracle: Native Sparse Attention exactly as ALGORITHM.md pins it.
+
+Vectorised over tokens (queries are processed in chunks only to bound memory), differentiable by
+autograd, in any floating dtype (tests use float64). Every generated kernel is checked against it.
+The core works on queries at arbitrary positions against a key prefix, so the same code gives the
+prefill (positions 0..T-1) and a decode step (one query at position t).
+"""
+from __future__ import annotations
+
+import torch
+
+from .checks import check_inputs
+from .spec import Spec
+
+_CHUNK_ELEMS = 1 << 24  # bound on score-tensor elements per query chunk
+
+
+def mean_compress(x: torch.Tensor, spec: Spec) -> torch.Tensor:
+    """Parameter-free compression phi = mean over each window: [B, T, H, D] -> [B, Nc, H, D]."""
+    B, T, H, D = x.shape
+    nc = spec.num_cmp(T)
+    if nc == 0:
+        return x.new_zeros(B, 0, H, D)
+    # unfold -> [B, Nc, H, D, l]
+    return x.unfold(1, spec.cmp_block, spec.cmp_stride).mean(-1)
+
+
+def block_weights(spec: Spec, num_cmp: int, num_blocks: int, device=None,
+                  dtype=torch.float64) -> torch.Tensor:
+    """W[i, j] = |window_i ∩ block_j| / d: maps compressed probabilities to block importance.
+
+    Counted in stride-sized chunks: window i covers chunks i .. i + l/d - 1, block j covers
+    chunks j*l'/d .. (j+1)*l'/d - 1, and each shared chunk contributes d/d = 1.
+    """
+    r1 = spec.cmp_block // spec.cmp_stride
+    r2 = spec.slc_block // spec.cmp_stride
+    i = torch.arange(num_cmp, device=device)[:, None]
+    j = torch.arange(num_blocks, device=device)[None, :]
+    lo = torch.maximum(i, j * r2)
+    hi = torch.minimum(i + r1 - 1, (j + 1) * r2 - 1)
+    return (hi - lo + 1).clamp(min=0).to(dtype)
+
+
+def _masked_softmax(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim restricted to mask; rows with nothing visible give zeros, no NaN."""
+    s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    den = e.sum(-1, keepdim=True)
+    return e / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def select_blocks(spec: Spec, score: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Top-n block choice with forced blocks: score [B, Tq, H, NB] -> indices [B, Tq, H, n] int32.
+
+    Forced: j < n_init and jt - n_local < j <= jt (jt = t // l'); the rest by score, ties to the
+    lower index; ascending, padded with -1.
+    """
+    B, Tq, H, NB = score.shape
+    n = spec.slc_count
+    j = torch.arange(NB, device=score.device)
+    jt = (pos // spec.slc_block)[:, None]
+    cand = j[None, :] <= jt
+    forced = cand & ((j[None, :] < spec.slc_initial) | (j[None, :] > jt - spec.slc_local))
+    key = score.detach().to(torch.float64)
+    key = torch.where(forced[None, :, None, :], torch.full_like(key, float("inf")), key)
+    key = torch.where(cand[None, :, None, :], key, torch.full_like(key, float("-inf")))
+    order = torch.sort(key, dim=-1, descending=True, stable=True)
+    top_idx = order.indices[..., :n]
+    valid = order.values[..., :n] > float("-inf")
+    big = NB + n
+    top_idx = torch.where(valid, top_idx, torch.full_like(top_idx, big))
+    top_idx = torch.sort(top_idx, dim=-1).values
+    top_idx = torch.where(top_idx == big, torch.full_like(top_idx, -1), top_idx)
+    if top_idx.shape[-1] < n:
+        pad = top_idx.new_full((B, Tq, H, n - top_idx.shape[-1]), -1)
+        top_idx = torch.cat([top_idx, pad], -1)
+    return top_idx.to(torch.int32)
+
+
+def _chunks(total: int, per_row: int):
+    step = max(1, _CHUNK_ELEMS // max(1, per_row))
+    for a in range(0, total, step):
+        yield a, min(total, a + step)
+
+
+def _slc_attention(spec, qh, pos, k, v, idx, scale):
+    """Attention of each query over the tokens of its selected blocks with position <= t."""
+    B, Tq, H, G, Dk = qh.shape
+    Dv = v.shape[-1]
+    Tk = k.shape[1]
+    lb = spec.slc_block
+    nb = spec.num_blocks(Tk)
+    n = idx.shape[-1]
+    S = n * lb
+
+    def blocks(x):  # [B, Tk, H, D] -> [B, H, NB, l', D], zero-padded to whole blocks
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nb * lb - Tk))
+        return x.view(B, nb, lb, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
+
+    kb, vb = blocks(k), blocks(v)
+    bi = torch.arange(B, device=k.device)[:, None, None, None]
+    hi = torch.arange(H, device=k.device)[None, None, :, None]
+    offs = torch.arange(lb, device=k.device)
+    outs = []
+    for a, b in _chunks(Tq, B * H * G * S):
+        ic = idx[:, a:b].long()                                          # [B, c, H, n]
+        tok = (ic[..., None] * lb + offs).flatten(-2)                    # [B, c, H, S]
+        ok = (ic[..., None] >= 0).expand(*ic.shape, lb).flatten(-2) & (tok <= pos[a:b, None, None])
+        ic = ic.clamp(min=0)
+        c = ic.shape[1]
+        kg = kb[bi, hi, ic].reshape(B, c, H, S, Dk)                      # whole blocks at once
+        vg = vb[bi, hi, ic].reshape(B, c, H, S, Dv)
+        s = torch.einsum("bqhgd,bqhsd->bqhgs", qh[:, a:b], kg) * scale
+        p = _masked_softmax(s, ok[:, :, :, None, :])
+        outs.append(torch.einsum("bqhgs,bqhsd->bqhgd", p, vg))
+    return torch.cat(outs, 1) if outs else qh.new_zeros(B, 0, H, G, Dv)
+
+
+def _win_attention(spec, qh, pos, k, v, scale):
+    """Sliding-window attention over keys max(0, t-w+1) .. t."""
+    B, Tq, H, G, Dk = qh.shape
+    w = spec.window
+    outs = []
+    for a, b in _chunks(Tq, B * H * G * (w + 64)):
+        lo = max(0, int(pos[a:b].min()) - w + 1)
+        hi = int(pos[a:b].max()) + 1
+        kp = torch.arange(lo, hi, device=k.device)
+        s = torch.einsum("bqhgd,bkhd->bqhgk", qh[:, a:b], k[:, lo:hi]) * scale
+        t = pos[a:b, None]
+        ok = (kp[None, :] <= t) & (kp[None, :] > t - w)
+        p = _masked_softmax(s, ok[None, :, None, None, :])
+        outs.append(torch.einsum("bqhgk,bkhd->bqhgd", p, v[:, lo:hi]))
+    return torch.cat(outs, 1)
+
+
+def _nsa_core(spec: Spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win):
+    """NSA for queries q [B, Tq, HQ, Dk] at positions pos [Tq] over keys k [B, Tk, H, Dk]."""
+    B, Tq, HQ, Dk = q.shape
+    H, G, Dv = spec.heads_kv, spec.group, spec.dim_v
+    scale = spec.softmax_scale
+    qh = q.view(B, Tq, H, G, Dk)
+    out = q.new_zeros(B, Tq, H, G, Dv)
+    g = gates.view(B, Tq, H, G, 3) if gates is not None else None
+
+    def gate(o, col):
+        return o if g is None else o * g[..., col:col + 1]
+
+    idx = None
+    if spec.has("cmp") or spec.has("slc"):
+        if k_cmp is None:
+            k_cmp, v_cmp = mean_compress(k, spec), mean_compress(v, spec)
+        nc = k_cmp.shape[1]
+        ci = torch.arange(nc, device=q.device)
+        vis = (ci[None, :] * spec.cmp_stride + spec.cmp_block - 1) <= pos[:, None]   # [Tq, Nc]
+        s = torch.einsum("bqhgd,bchd->bqhgc", qh, k_cmp) * scale
+        p_cmp = _masked_softmax(s, vis[None, :, None, None, :])
+        if spec.has("cmp"):
+            out = out + gate(torch.einsum("bqhgc,bchd->bqhgd", p_cmp, v_cmp), 0)
+        if spec.has("slc"):
+            nb = spec.num_blocks(k.shape[1])
+            w = block_weights(spec, nc, nb, q.device, p_cmp.dtype)
+            score = torch.einsum("bqhgc,cj->bqhj", p_cmp.detach(), w)
+            idx = select_blocks(spec, score, pos)
+            out = out + gate(_slc_attention(spec, qh, pos, k, v, idx, scale), 1)
+    if spec.has("win"):
+        kw, vw = (k_win, v_win) if k_win is not None else (k, v)
+        out = out + gate(_win_attention(spec, qh, pos, kw, vw, scale), 2)
+    return out.view(B, Tq, HQ, Dv), idx
+
+
+def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor | None, spec: Spec,
+        k_cmp: torch.Tensor | None = None, v_cmp: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None, return_indices: bool = False,
+        k_win: torch.Tensor | None = None, v_win: torch.Tensor | None = None):
+    """NSA prefill: o [B, T, HQ, Dv] (and block indices [B, T, H, n] int32 if return_indices).
+
+    Shapes and semantics: ALGORITHM.md. Computed in the inputs' dtype; differentiable.
+    """
+    prob = check_inputs(spec, q, k, v, gates, k_cmp, v_cmp, cu_seqlens, k_win, v_win)
+    if cu_seqlens is None:
+        pos = torch.arange(prob.seq_len, device=q.device)
+        o, idx = _nsa_core(spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win)
+    else:
+        os_, idxs = [], []
+        t0 = c0 = 0
+        for n in prob.seqlens:
+            nc = spec.num_cmp(n)
+            sl = slice(t0, t0 + n)
+            cs = slice(c0, c0 + nc)
+            pos = torch.arange(n, device=q.device)
+            o_s, i_s = _nsa_core(
+                spec, q[:, sl], pos, k[:, sl], v[:, sl],
+                None if gates is None else gates[:, sl],
+                None if k_cmp is None else k_cmp[:, cs], None if v_cmp is None else v_cmp[:, cs],
+                None if k_win is None else k_win[:, sl], None if v_win is None else v_win[:, sl])
+            os_.append(o_s)
+            idxs.append(i_s)
+            t0, c0 = t0 + n, c0 + nc
+        o = torch.cat(os_, 1)
+        idx = torch.cat(idxs, 1) if idxs[0] is not None else None
+    if return_indices:
+        if idx is None:
+            idx = q.new_full((prob.batch, prob.seq_len, spec.heads_kv, spec.slc_count), -1,
+                             dtype=torch.int32)
+        return o, idx
+    return o
+
+
+def nsa_decode_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    gates: torch.Tensor | None, spec: Spec, k_cmp: torch.Tensor | None = None,
+                    v_cmp: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
+                    return_indices: bool = False,
+                    k_win: torch.Tensor | None = None, v_win: torch.Tensor | None = None):
+    """One decode step: q [B, HQ, Dk] at position t = len - 1 over the cache holding tokens 0..t.
+
+    k_cache/v_cache are [B, L, H, D]; cache_seqlens [B] (int) gives each row's length (default L),
+    so one batch can hold sequences of different lengths. k_cmp/v_cmp [B, Nc(L), H, D] hold each
+    row's compressed tokens (rows beyond Nc(len) are ignored). Returns o [B, HQ, Dv], equal to row t
+    of the prefill of that sequence.
+    """
+    if q.dim() != 3 or q.shape[1:] != (spec.heads_q, spec.dim_qk):
+        raise ValueError(f"q: expected [B, HQ={spec.heads_q}, Dk={spec.dim_qk}], got {tuple(q.shape)}")
+    B = q.shape[0]
+    L = k_cache.shape[1] if k_cache.dim() == 4 else -1
+    if gates is not None and (gates.dim() != 3 or gates.shape != (B, spec.heads_q, 3)):
+        raise ValueError(f"gates: expected [B, HQ={spec.heads_q}, 3], got {tuple(gates.shape)}")
+    lens = [L] * B if cache_seqlens is None else [int(x) for x in cache_seqlens.tolist()]
+    if len(lens) != B or any(n < 1 or n > L for n in lens):
+        raise ValueError(f"cache_seqlens: expected {B} lengths in 1..{L}, got {lens}")
+    outs, idxs = [], []
+    for b in range(B):
+        n = lens[b]
+        nc = spec.num_cmp(n)
+        sl = (slice(b, b + 1), slice(0, n))
+        kc = None if k_cmp is None else k_cmp[b:b + 1, :nc]
+        vc = None if v_cmp is None else v_cmp[b:b + 1, :nc]
+        kw = None if k_win is None else k_win[sl]
+        vw = None if v_win is None else v_win[sl]
+        # validate the row as a length-n prefill would be validated
+        check_inputs(spec, q[b:b + 1, None].expand(1, n, -1, -1), k_cache[sl], v_cache[sl],
+                     None, kc, vc, None, kw, vw)
+        pos = torch.tensor([n - 1], device=q.device)
+        o, idx = _nsa_core(spec, q[b:b + 1, None], pos, k_cache[sl], v_cache[sl],
+                           None if gates is None else gates[b:b + 1, None], kc, vc, kw, vw)
+        outs.append(o[:, 0])
+        idxs.append(idx[:, 0] if idx is not None else
+                    q.new_full((1, spec.heads_kv, spec.slc_count), -1, dtype=torch.int32))
+    o = torch.cat(outs, 0)
+    return (o, torch.cat(idxs, 0)) if return_indices else o
