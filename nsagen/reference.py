@@ -43,6 +43,8 @@ def block_weights(spec: Spec, num_cmp: int, num_blocks: int, device=None,
 
 def _masked_softmax(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim restricted to mask; rows with nothing visible give zeros, no NaN."""
+    if s.shape[-1] == 0:
+        return s * 0  # nothing to attend (e.g. T < l compressed tokens); keeps the autograd graph
     s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))

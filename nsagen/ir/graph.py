@@ -1,0 +1,98 @@
+"""The op graph of one NSA layer: typed nodes, edges carrying symbolic shapes.
+
+`build_graph(spec)` states *what* is computed (ALGORITHM.md), independent of how it is split
+into kernels; the passes in `nsagen.ir.passes` decide that.
+"""
+from __future__ import annotations
+
+import networkx as nx
+import sympy
+
+from ..spec import Spec
+
+T, B = sympy.symbols("T B", integer=True, positive=True)
+
+OPS = ("input", "compress", "cmp_attn", "importance", "topk", "slc_attn", "win_attn", "combine",
+       "output")
+
+
+def _nc(spec: Spec):
+    return sympy.floor((T - spec.cmp_block) / spec.cmp_stride) + 1
+
+
+def build_graph(spec: Spec) -> nx.DiGraph:
+    """The forward graph of the spec: only the branches it lists, only the inputs it needs."""
+    g = nx.DiGraph(spec=spec, direction="forward")
+    HQ, H, Dk, Dv = spec.heads_q, spec.heads_kv, spec.dim_qk, spec.dim_v
+    nc = _nc(spec)
+    nb = sympy.ceiling(T / spec.slc_block)
+
+    def node(name, op, **attrs):
+        assert op in OPS, op
+        g.add_node(name, op=op, **attrs)
+
+    def edge(a, b, tensor, shape):
+        g.add_edge(a, b, tensor=tensor, shape=tuple(shape))
+
+    for name, shape in (("q", (B, T, HQ, Dk)), ("k", (B, T, H, Dk)), ("v", (B, T, H, Dv)),
+                        ("gates", (B, T, HQ, 3))):
+        node(name, "input", shape=shape)
+    if spec.kv_per_branch == "separate" and spec.has("win"):
+        node("k_win", "input", shape=(B, T, H, Dk))
+        node("v_win", "input", shape=(B, T, H, Dv))
+    node("combine", "combine", branches=spec.branches)
+    node("o", "output", shape=(B, T, HQ, Dv))
+    edge("combine", "o", "o", (B, T, HQ, Dv))
+    edge("gates", "combine", "gates", (B, T, HQ, 3))
+
+    if spec.has("cmp") or spec.has("slc"):
+        if spec.learned_compression:
+            node("k_cmp", "input", shape=(B, nc, H, Dk))
+            node("v_cmp", "input", shape=(B, nc, H, Dv))
+            kc, vc = "k_cmp", "v_cmp"
+        else:
+            node("compress", "compress", kind=spec.cmp_kind, block=spec.cmp_block,
+                 stride=spec.cmp_stride)
+            edge("k", "compress", "k", (B, T, H, Dk))
+            edge("v", "compress", "v", (B, T, H, Dv))
+            kc = vc = "compress"
+        node("cmp_attn", "cmp_attn", branch="cmp")
+        edge("q", "cmp_attn", "q", (B, T, HQ, Dk))
+        edge(kc, "cmp_attn", "k_cmp", (B, nc, H, Dk))
+        edge(vc, "cmp_attn", "v_cmp", (B, nc, H, Dv))
+        if spec.has("cmp"):
+            edge("cmp_attn", "combine", "o_cmp", (B, T, HQ, Dv))
+    if spec.has("slc"):
+        node("importance", "importance", block=spec.slc_block, stride=spec.cmp_stride,
+             window=spec.cmp_block)
+        node("topk", "topk", count=spec.slc_count, initial=spec.slc_initial, local=spec.slc_local)
+        node("slc_attn", "slc_attn", branch="slc", block=spec.slc_block)
+        edge("cmp_attn", "importance", "p_cmp", (B, T, HQ, nc))
+        edge("importance", "topk", "score", (B, T, H, nb))
+        edge("topk", "slc_attn", "indices", (B, T, H, spec.slc_count))
+        edge("q", "slc_attn", "q", (B, T, HQ, Dk))
+        edge("k", "slc_attn", "k", (B, T, H, Dk))
+        edge("v", "slc_attn", "v", (B, T, H, Dv))
+        edge("slc_attn", "combine", "o_slc", (B, T, HQ, Dv))
+    if spec.has("win"):
+        node("win_attn", "win_attn", branch="win", window=spec.window)
+        src = "k_win" if "k_win" in g else "k"
+        edge("q", "win_attn", "q", (B, T, HQ, Dk))
+        edge(src, "win_attn", "k", (B, T, H, Dk))
+        edge("v_win" if src == "k_win" else "v", "win_attn", "v", (B, T, H, Dv))
+        edge("win_attn", "combine", "o_win", (B, T, HQ, Dv))
+    return g
+
+
+def describe(g: nx.DiGraph) -> str:
+    """A readable listing of the graph: nodes in topological order with their edges and kernels."""
+    lines = []
+    for name in nx.topological_sort(g):
+        attrs = g.nodes[name]
+        extra = {k: v for k, v in attrs.items() if k not in ("op", "kernel", "shape")}
+        kern = f"  -> kernel {attrs['kernel']}" if "kernel" in attrs else ""
+        lines.append(f"  {name} [{attrs['op']}]{' ' + str(extra) if extra else ''}{kern}")
+        for _, dst, e in g.out_edges(name, data=True):
+            shape = ", ".join(str(s) for s in e["shape"])
+            lines.append(f"      {e['tensor']}: [{shape}] -> {dst}")
+    return "\n".join(lines)
