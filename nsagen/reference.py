@@ -137,8 +137,11 @@ def _win_attention(spec, qh, pos, k, v, scale):
     return torch.cat(outs, 1)
 
 
-def _nsa_core(spec: Spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win):
-    """NSA for queries q [B, Tq, HQ, Dk] at positions pos [Tq] over keys k [B, Tk, H, Dk]."""
+def _nsa_core(spec: Spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win, block_indices=None):
+    """NSA for queries q [B, Tq, HQ, Dk] at positions pos [Tq] over keys k [B, Tk, H, Dk].
+
+    Returns (o, indices, block scores); `block_indices` overrides the top-n choice.
+    """
     B, Tq, HQ, Dk = q.shape
     H, G, Dv = spec.heads_kv, spec.group, spec.dim_v
     scale = spec.softmax_scale
@@ -149,7 +152,7 @@ def _nsa_core(spec: Spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win):
     def gate(o, col):
         return o if g is None else o * g[..., col:col + 1]
 
-    idx = None
+    idx = score = None
     if spec.has("cmp") or spec.has("slc"):
         if k_cmp is None:
             k_cmp, v_cmp = mean_compress(k, spec), mean_compress(v, spec)
@@ -164,50 +167,65 @@ def _nsa_core(spec: Spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win):
             nb = spec.num_blocks(k.shape[1])
             w = block_weights(spec, nc, nb, q.device, p_cmp.dtype)
             score = torch.einsum("bqhgc,cj->bqhj", p_cmp.detach(), w)
-            idx = select_blocks(spec, score, pos)
+            idx = select_blocks(spec, score, pos) if block_indices is None else block_indices
             out = out + gate(_slc_attention(spec, qh, pos, k, v, idx, scale), 1)
     if spec.has("win"):
         kw, vw = (k_win, v_win) if k_win is not None else (k, v)
         out = out + gate(_win_attention(spec, qh, pos, kw, vw, scale), 2)
-    return out.view(B, Tq, HQ, Dv), idx
+    return out.view(B, Tq, HQ, Dv), idx, score
 
 
 def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor | None, spec: Spec,
         k_cmp: torch.Tensor | None = None, v_cmp: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None, return_indices: bool = False,
-        k_win: torch.Tensor | None = None, v_win: torch.Tensor | None = None):
+        k_win: torch.Tensor | None = None, v_win: torch.Tensor | None = None,
+        block_indices: torch.Tensor | None = None, return_scores: bool = False):
     """NSA prefill: o [B, T, HQ, Dv] (and block indices [B, T, H, n] int32 if return_indices).
 
     Shapes and semantics: ALGORITHM.md. Computed in the inputs' dtype; differentiable.
+    `block_indices` [B, T, H, n] replaces the top-n choice (to check a kernel's output on the
+    blocks it chose when a near-tie flipped one); `return_scores` also returns the group-summed
+    block importance [B, T, H, NB] (per-sequence NB, padded with 0 for varlen).
     """
     prob = check_inputs(spec, q, k, v, gates, k_cmp, v_cmp, cu_seqlens, k_win, v_win)
     if cu_seqlens is None:
         pos = torch.arange(prob.seq_len, device=q.device)
-        o, idx = _nsa_core(spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win)
+        o, idx, score = _nsa_core(spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win,
+                                  block_indices)
     else:
-        os_, idxs = [], []
+        os_, idxs, scores = [], [], []
         t0 = c0 = 0
         for n in prob.seqlens:
             nc = spec.num_cmp(n)
             sl = slice(t0, t0 + n)
             cs = slice(c0, c0 + nc)
             pos = torch.arange(n, device=q.device)
-            o_s, i_s = _nsa_core(
+            o_s, i_s, sc_s = _nsa_core(
                 spec, q[:, sl], pos, k[:, sl], v[:, sl],
                 None if gates is None else gates[:, sl],
                 None if k_cmp is None else k_cmp[:, cs], None if v_cmp is None else v_cmp[:, cs],
-                None if k_win is None else k_win[:, sl], None if v_win is None else v_win[:, sl])
+                None if k_win is None else k_win[:, sl], None if v_win is None else v_win[:, sl],
+                None if block_indices is None else block_indices[:, sl])
             os_.append(o_s)
             idxs.append(i_s)
+            scores.append(sc_s)
             t0, c0 = t0 + n, c0 + nc
         o = torch.cat(os_, 1)
         idx = torch.cat(idxs, 1) if idxs[0] is not None else None
+        if scores[0] is not None:
+            nb = max(x.shape[-1] for x in scores)
+            score = torch.cat([torch.nn.functional.pad(x, (0, nb - x.shape[-1])) for x in scores], 1)
+        else:
+            score = None
+    out = [o]
     if return_indices:
         if idx is None:
             idx = q.new_full((prob.batch, prob.seq_len, spec.heads_kv, spec.slc_count), -1,
                              dtype=torch.int32)
-        return o, idx
-    return o
+        out.append(idx)
+    if return_scores:
+        out.append(score)
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def nsa_decode_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -244,7 +262,7 @@ def nsa_decode_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         check_inputs(spec, q[b:b + 1, None].expand(1, n, -1, -1), k_cache[sl], v_cache[sl],
                      None, kc, vc, None, kw, vw)
         pos = torch.tensor([n - 1], device=q.device)
-        o, idx = _nsa_core(spec, q[b:b + 1, None], pos, k_cache[sl], v_cache[sl],
+        o, idx, _ = _nsa_core(spec, q[b:b + 1, None], pos, k_cache[sl], v_cache[sl],
                            None if gates is None else gates[b:b + 1, None], kc, vc, kw, vw)
         outs.append(o[:, 0])
         idxs.append(idx[:, 0] if idx is not None else
