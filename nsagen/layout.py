@@ -6,6 +6,7 @@ lengths into the small int32 tables the kernels index with (built once per call,
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -35,20 +36,37 @@ class Layout:
     def tiles(self, bt: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Query tiles of at most `bt` tokens that never cross a sequence: (first token, length)."""
         if bt not in self._tiles:
-            starts, lens = [], []
-            t0 = 0
-            for n in self.seqlens:
-                for a in range(0, n, bt):
-                    starts.append(t0 + a)
-                    lens.append(min(bt, n - a))
-                t0 += n
-            t = torch.tensor([starts, lens], dtype=torch.int32).to(self.device)
+            lens = torch.tensor(self.seqlens, dtype=torch.int64)
+            per_seq = (lens + bt - 1) // bt
+            seq = torch.repeat_interleave(torch.arange(len(lens)), per_seq)
+            k = torch.arange(int(per_seq.sum())) - (torch.cumsum(per_seq, 0) - per_seq)[seq]
+            start = (torch.cumsum(lens, 0) - lens)[seq] + k * bt
+            length = torch.clamp(lens[seq] - k * bt, max=bt)
+            t = torch.stack([start, length]).to(torch.int32).to(self.device)
             self._tiles[bt] = (t[0], t[1])
         return self._tiles[bt]
 
 
+_CACHE: "OrderedDict[tuple, Layout]" = OrderedDict()
+_CACHE_SIZE = 16
+
+
 def build_layout(spec: Spec, seqlens: tuple[int, ...], device: torch.device) -> Layout:
-    """Tables for sequences of the given lengths, packed in order."""
+    """Tables for sequences of the given lengths, packed in order (cached: a training loop calls
+    with the same lengths every step, and the tables cost a host-to-device copy)."""
+    key = (spec.cmp_block, spec.cmp_stride, spec.slc_block, tuple(seqlens), str(device))
+    lay = _CACHE.get(key)
+    if lay is None:
+        lay = _build(spec, tuple(seqlens), torch.device(device))
+        _CACHE[key] = lay
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return lay
+
+
+def _build(spec: Spec, seqlens: tuple[int, ...], device: torch.device) -> Layout:
     lens = torch.tensor(seqlens, dtype=torch.int64)
     ncs = torch.tensor([spec.num_cmp(n) for n in seqlens], dtype=torch.int64)
     tok_start = torch.cumsum(lens, 0) - lens

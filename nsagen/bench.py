@@ -1,0 +1,246 @@
+"""`nsagen bench`: time the generated op side by side with dense and sparse baselines on one GPU.
+
+Method (as ../PERFORMANCE.md): `triton.testing.do_bench` medians after warm-up, random inputs,
+block indices from real importance scores; full attention through SDPA's flash and cuDNN
+backends with the GQA heads expanded; FlexAttention for the window branch alone; fla-core's
+`parallel_nsa` when it is importable. Reports ms, speedups, TFLOP/s on the cost model's FLOPs and
+the fraction of the cost-model floor at the measured matmul rate. Timing never asserts anything.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .ops import build
+from .spec import Spec
+
+log = logging.getLogger("nsagen")
+
+
+def _bench(fn, warmup: int = 25, rep: int = 100) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def ceilings(device: str = "cuda") -> dict:
+    """Measured device-to-device copy bandwidth (TB/s, read + write) and bf16 matmul TFLOP/s."""
+    x = torch.empty(2 ** 29, dtype=torch.bfloat16, device=device).normal_()
+    y = torch.empty_like(x)
+    ms = _bench(lambda: y.copy_(x))
+    bw = 2 * x.numel() * 2 / (ms * 1e-3) / 1e12
+    del x, y
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn_like(a)
+    ms = _bench(lambda: a @ b)
+    tf = 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
+    return {"copy_TBps": bw, "mm_TFLOPs": tf}
+
+
+def environment() -> dict:
+    """GPU, versions and date for the results file and the README table."""
+    import triton
+
+    env = {"date": time.strftime("%Y-%m-%d"), "nsagen": __version__, "torch": torch.__version__,
+           "triton": triton.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, sm_count=p.multi_processor_count,
+                   capability=f"{p.major}.{p.minor}")
+    return env
+
+
+def _fla():
+    try:
+        from fla.ops.nsa import parallel_nsa  # type: ignore
+
+        return parallel_nsa
+    except Exception as err:  # fla-core is optional
+        log.info("nsagen bench: fla-core not importable (%s); skipping its rows", err)
+        return None
+
+
+def _flex():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        return torch.compile(flex_attention, dynamic=False), create_block_mask
+    except Exception as err:
+        log.info("nsagen bench: FlexAttention unavailable (%s)", err)
+        return None
+
+
+def kernel_breakdown(fn, iters: int = 5) -> dict[str, float]:
+    """Mean GPU time per kernel name (ms) over `iters` calls, from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0.0)
+        if t:
+            out[ev.key] = out.get(ev.key, 0.0) + t / 1e3 / iters
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bool = True,
+                  breakdown: bool = False, progress=print) -> dict:
+    """Forward timings for each sequence length; returns the results document."""
+    dev = "cuda"
+    dt = torch.bfloat16
+    op = build(spec)
+    progress(f"nsagen bench: {spec.name} ({op.name}), module {op.path}")
+    ceil = ceilings(dev)
+    progress(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, bf16 matmul {ceil['mm_TFLOPs']:.0f} TFLOP/s")
+    fla = _fla() if baselines else None
+    flex = _flex() if baselines and spec.has("win") else None
+    HQ, H, Dk, Dv, G = spec.heads_q, spec.heads_kv, spec.dim_qk, spec.dim_v, spec.group
+    try:
+        from . import symbolic
+
+        flops_expr = symbolic.fwd_flops(spec)
+    except ImportError:
+        flops_expr = None
+    rows = []
+    for i, T in enumerate(seq_lens):
+        progress(f"[{i + 1}/{len(seq_lens)}] T={T}")
+        torch.manual_seed(T)
+        q = torch.randn(batch, T, HQ, Dk, dtype=dt, device=dev)
+        k = torch.randn(batch, T, H, Dk, dtype=dt, device=dev)
+        v = torch.randn(batch, T, H, Dv, dtype=dt, device=dev)
+        gates = torch.rand(batch, T, HQ, 3, dtype=dt, device=dev)
+        kc = vc = None
+        if spec.learned_compression:
+            nc = spec.num_cmp(T)
+            kc = torch.randn(batch, nc, H, Dk, dtype=dt, device=dev)
+            vc = torch.randn(batch, nc, H, Dv, dtype=dt, device=dev)
+        row: dict = {"T": T, "B": batch}
+        flops = float(symbolic.evaluate(flops_expr, T=T, B=batch)) if flops_expr is not None else float("nan")
+        with torch.no_grad():
+            f = lambda: op(q, k, v, gates, kc, vc)  # noqa: E731
+            f()
+            torch.cuda.synchronize()
+            row["nsagen_ms"] = _bench(f)
+            if breakdown:
+                row["kernels_ms"] = kernel_breakdown(f)
+        row["nsagen_TFLOPs"] = flops / (row["nsagen_ms"] * 1e-3) / 1e12
+        row["floor_ms"] = flops / (ceil["mm_TFLOPs"] * 1e12) * 1e3
+        row["floor_frac"] = row["floor_ms"] / row["nsagen_ms"]
+        if baselines:
+            _dense_rows(row, q, k, v, G)
+            if flex is not None:
+                row["flex_window_ms"] = _flex_window(flex, q, k, v, G, spec.window)
+            if fla is not None:
+                row["fla_ms"] = _fla_row(fla, spec, q, k, v, gates)
+        for name in ("flash_ms", "cudnn_ms", "fla_ms"):
+            if row.get(name):
+                row["speedup_vs_" + name[:-3]] = row[name] / row["nsagen_ms"]
+        rows.append(row)
+        progress("   " + ", ".join(f"{k_}={v_:.3f}" if isinstance(v_, float) else f"{k_}={v_}"
+                                   for k_, v_ in row.items() if k_ != "kernels_ms"))
+        if breakdown:
+            for name, ms in list(row["kernels_ms"].items())[:8]:
+                progress(f"      {ms:8.3f} ms  {name[:100]}")
+        del q, k, v, gates, kc, vc
+        torch.cuda.empty_cache()
+    return {"spec": spec.to_dict(), "uri": op.name, "mode": "forward", "env": environment(),
+            "ceilings": ceil, "rows": rows}
+
+
+def _dense_rows(row: dict, q, k, v, G: int) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qt = q.transpose(1, 2).contiguous()
+    kt = k.repeat_interleave(G, 2).transpose(1, 2).contiguous()
+    vt = v.repeat_interleave(G, 2).transpose(1, 2).contiguous()
+    if kt.shape[-1] != vt.shape[-1] or kt.shape[-1] > 256:
+        return
+    for name, be in (("flash_ms", SDPBackend.FLASH_ATTENTION), ("cudnn_ms", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel([be]):
+                row[name] = _bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
+        except Exception as err:
+            log.info("nsagen bench: %s failed: %s", name, str(err)[:120])
+    del qt, kt, vt
+
+
+def _flex_window(flex, q, k, v, G: int, w: int) -> float | None:
+    flex_fn, create_block_mask = flex
+    T = q.shape[1]
+    qt = q.transpose(1, 2).contiguous()
+    kt = k.repeat_interleave(G, 2).transpose(1, 2).contiguous()
+    vt = v.repeat_interleave(G, 2).transpose(1, 2).contiguous()
+    try:
+        def swa(b, h, qi, ki):
+            return (qi >= ki) & (qi - ki < w)
+
+        bm = create_block_mask(swa, None, None, T, T, device=q.device)
+        return _bench(lambda: flex_fn(qt, kt, vt, block_mask=bm))
+    except Exception as err:
+        log.info("nsagen bench: flex failed: %s", str(err)[:160])
+        return None
+
+
+def _fla_row(fla, spec: Spec, q, k, v, gates) -> float | None:
+    try:
+        g_cmp = gates[..., 0].contiguous()
+        g_slc = gates[..., 1].contiguous()
+        f = lambda: fla(q, k, v, g_cmp=g_cmp, g_slc=g_slc, block_counts=spec.slc_count,  # noqa: E731
+                        block_size=spec.slc_block)
+        f()
+        torch.cuda.synchronize()
+        return _bench(f)
+    except Exception as err:
+        log.info("nsagen bench: fla parallel_nsa failed: %s", str(err)[:160])
+        return None
+
+
+def format_table(doc: dict) -> str:
+    """A Markdown table of a results document."""
+    env = doc["env"]
+    head = (f"{doc['spec']['name']} {doc['mode']}, B={doc['rows'][0]['B'] if doc['rows'] else '?'}, "
+            f"{env.get('gpu', 'cpu')}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+    cols = [("T", "T", "{:d}"), ("nsagen ms", "nsagen_ms", "{:.3f}"),
+            ("FA2 ms", "flash_ms", "{:.3f}"), ("cuDNN ms", "cudnn_ms", "{:.3f}"),
+            ("fla NSA ms", "fla_ms", "{:.3f}"), ("Flex win ms", "flex_window_ms", "{:.3f}"),
+            ("x FA2", "speedup_vs_flash", "{:.2f}"), ("x cuDNN", "speedup_vs_cudnn", "{:.2f}"),
+            ("x fla", "speedup_vs_fla", "{:.2f}"), ("TFLOP/s", "nsagen_TFLOPs", "{:.0f}"),
+            ("of floor", "floor_frac", "{:.0%}")]
+    present = [c for c in cols if any(r.get(c[1]) is not None for r in doc["rows"])]
+    lines = [head, "", "| " + " | ".join(c[0] for c in present) + " |",
+             "|" + "---|" * len(present)]
+    for r in doc["rows"]:
+        cells = []
+        for _, key, fmt in present:
+            val = r.get(key)
+            cells.append("-" if val is None or (isinstance(val, float) and math.isnan(val))
+                         else fmt.format(val))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(doc: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
+
+
+def require_gpu() -> None:
+    if not torch.cuda.is_available():
+        print("nsagen bench: needs a CUDA GPU (none found)", file=sys.stderr)
+        raise SystemExit(2)
