@@ -24,3 +24,18 @@ bench.write_results(doc, __import__('pathlib').Path('$OUT/bench-$s.json'))
 print(bench.format_table(doc))
 " 2>&1 | tee "$OUT/bench-$s.log" | grep -v Warning
 done
+if [ -n "${SWEEP_SPEC:-}" ]; then
+  timeout ${SWEEP_TIMEOUT:-280} python3 -c "
+import json, torch, nsagen
+from nsagen import autotune
+spec = nsagen.load_spec('$SWEEP_SPEC'); op = nsagen.build(spec)
+T = ${SWEEP_T:-32768}; dt = torch.bfloat16; torch.manual_seed(0)
+x = dict(q=torch.randn(1, T, spec.heads_q, spec.dim_qk, dtype=dt, device='cuda'),
+         k=torch.randn(1, T, spec.heads_kv, spec.dim_qk, dtype=dt, device='cuda'),
+         v=torch.randn(1, T, spec.heads_kv, spec.dim_v, dtype=dt, device='cuda'),
+         gates=torch.rand(1, T, spec.heads_q, 3, dtype=dt, device='cuda'))
+rep = autotune.search_forward(op, x, kernels='${SWEEP_KERNELS:-slc_attention cmp_attention select_blocks win_attention}'.split())
+json.dump(rep, open('$OUT/sweep-$SWEEP_SPEC.json', 'w'), indent=1)
+for k, r in rep.items(): print(k, r)
+" 2>&1 | tee "$OUT/sweep.log" | grep -v "^  "
+fi
