@@ -127,22 +127,22 @@ def _tiles(spec: Spec, kernels: list[KernelPlan], why: list[str]) -> None:
         if k.name == "mean_compress":
             k.config = dict(BI=32, num_warps=4)
         elif k.name == "cmp_attention":
-            bt = max(1, 128 // gp)
+            bt = max(1, 64 // gp)
             bc = 64 if k.params["importance_map"] == "identity" else max(64, 16 * r2)
-            k.config = dict(BT=bt, GP=gp, BC=bc, num_warps=8, num_stages=2)
+            k.config = dict(BT=bt, GP=gp, BC=bc, num_warps=4, num_stages=3)
             why.append(f"cmp_attention tile: {bt} token(s) x {gp} head rows (G={G}) = {bt * gp} "
                        f"rows, {bc} compressed keys per step")
         elif k.name == "select_blocks":
-            k.config = dict(BT=4, num_warps=4)
+            k.config = dict(BT=1, num_warps=2)
         elif k.name == "slc_attention":
             gps = max(16, gp)
-            k.config = dict(GP=gps, BK=min(spec.slc_block, 64), num_warps=4, num_stages=3)
+            k.config = dict(GP=gps, BK=min(spec.slc_block, 64), num_warps=2, num_stages=2)
             why.append(f"slc_attention: one token x {G} heads per program, rows padded to {gps} "
                        "for tensor-core tiles" + (" (small group: padded)" if gps > G else ""))
         elif k.name == "win_attention":
             bt = max(1, 128 // gp)
-            k.config = dict(BT=bt, GP=gp, BK=64, num_warps=8, num_stages=2)
-            why.append(f"win_attention tile: {bt} token(s) x {gp} head rows, 64-key steps")
+            k.config = dict(BT=bt, GP=gp, BK=32, num_warps=4, num_stages=3)
+            why.append(f"win_attention tile: {bt} token(s) x {gp} head rows, 32-key steps")
 
 
 def lower(spec: Spec) -> Plan:
