@@ -68,3 +68,34 @@ def render(spec: Spec, plan: Plan | None = None) -> str:
     src = "\n".join(lines).rstrip() + "\n"
     ast.parse(src, filename=module_name(spec))
     return src
+
+
+def explain(spec: Spec) -> str:
+    """The graph before and after the passes, the decisions with their reasons, the kernels."""
+    from .ir import build_graph, describe
+
+    plan = lower(spec)
+    out = [f"spec {spec.name} ({spec.uri}), module {module_name(spec)}", "",
+           "graph before the passes:", describe(build_graph(spec)), "",
+           "graph after the passes (node -> kernel):", describe(plan.graph), "", "decisions:"]
+    out += [f"  - {d}" for d in plan.decisions]
+    out += ["", "kernels (launch order):"]
+    for k in plan.kernels:
+        flags = ", ".join(f"{a}={b}" for a, b in k.params.items())
+        out.append(f"  {k.name} <- templates/{k.template} [{'+'.join(k.nodes)}] {flags}")
+        out.append(f"      default config {k.config}")
+    return "\n".join(out)
+
+
+def write_generated(specs: dict[str, Spec], out_dir: Path) -> list[Path]:
+    """Render shipped specs into `out_dir/<spec name>.py` (the committed generated/ folder)."""
+    from .cache import atomic_write
+
+    paths = []
+    for name, spec in sorted(specs.items()):
+        path = Path(out_dir) / f"{name.replace('-', '_')}.py"
+        src = render(spec)
+        if not path.is_file() or path.read_text() != src:
+            atomic_write(path, src)
+        paths.append(path)
+    return paths

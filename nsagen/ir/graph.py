@@ -32,6 +32,11 @@ def build_graph(spec: Spec) -> nx.DiGraph:
         g.add_node(name, op=op, **attrs)
 
     def edge(a, b, tensor, shape):
+        if g.has_edge(a, b):  # one producer handing two tensors to one consumer (k_cmp, v_cmp)
+            e = g.edges[a, b]
+            e["tensor"] += f", {tensor}"
+            e["shape"] = e["shape"] if tuple(shape) == e["shape"] else (*e["shape"], "|", *shape)
+            return
         g.add_edge(a, b, tensor=tensor, shape=tuple(shape))
 
     for name, shape in (("q", (B, T, HQ, Dk)), ("k", (B, T, H, Dk)), ("v", (B, T, H, Dv)),

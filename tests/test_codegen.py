@@ -1,0 +1,124 @@
+"""IR lowering decisions, rendering, the module cache, and the committed generated/ folder."""
+import ast
+import os
+
+import pytest
+
+import nsagen
+from nsagen import cache, codegen
+from nsagen.ir import build_graph, lower
+from nsagen.resources import data_dir, shipped_specs
+
+
+def _kernels(spec):
+    return [k.name for k in lower(spec).kernels]
+
+
+def test_graph_nodes_follow_branches():
+    spec = nsagen.load_spec("nsa-d128")
+    g = build_graph(spec)
+    assert {"compress", "cmp_attn", "importance", "topk", "slc_attn", "win_attn", "combine"} <= set(g)
+    g2 = build_graph(spec.replace(branches=("win",), window=512))
+    assert "cmp_attn" not in g2 and "topk" not in g2 and "win_attn" in g2
+    g3 = build_graph(nsagen.load_spec("nsa-paper"))
+    assert "compress" not in g3 and "k_cmp" in g3  # learned compression comes in as an input
+    for _, _, e in g.edges(data=True):
+        assert e["shape"] and e["tensor"]
+
+
+def test_lowering_depends_on_spec():
+    d128 = nsagen.load_spec("nsa-d128")
+    fla = nsagen.load_spec("nsa-fla")
+    assert "win_attention" in _kernels(d128)
+    assert "win_attention" not in _kernels(fla)                      # no window branch
+    assert lower(fla).kernel("cmp_attention").importance_map == "identity"   # l = d = l'
+    assert lower(d128).kernel("cmp_attention").importance_map == "overlap"
+    assert lower(d128).kernel("cmp_attention").spill                 # l > d: windows spill
+    small_w = d128.replace(window=64)
+    assert lower(small_w).kernel("slc_attention").fuse_window         # w <= l'
+    g1 = lower(nsagen.load_spec("nsa-g1")).kernel("cmp_attention").config
+    g16 = lower(d128).kernel("cmp_attention").config
+    assert g1["BT"] > g16["BT"] and g1["GP"] < g16["GP"]              # G sets tokens per tile
+    paper = lower(nsagen.load_spec("nsa-paper"))
+    assert any("Dk 192->256" in d for d in paper.decisions)            # Dk != Dv, padded separately
+    only_slc = lower(d128.replace(branches=("slc",), window=None))
+    assert not only_slc.kernel("cmp_attention").with_output
+    assert only_slc.kernel("slc_attention").first
+
+
+def test_combine_has_exactly_one_initialiser():
+    for name in shipped_specs():
+        plan = lower(nsagen.load_spec(name))
+        firsts = [k.name for k in plan.kernels if k.params.get("first")]
+        assert len(firsts) == 1, (name, firsts)
+
+
+def test_render_is_valid_python_without_kernel_strings_in_package():
+    src = codegen.render(nsagen.load_spec("nsa-paper"))
+    tree = ast.parse(src)
+    names = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert {"cmp_attention", "select_blocks", "slc_attention", "win_attention", "forward"} <= names
+    assert "mean_compress" not in names  # learned compression: no compression kernel
+    # kernel source lives in templates/ only
+    pkg = os.path.dirname(nsagen.__file__)
+    for root, _, files in os.walk(pkg):
+        for f in files:
+            if f.endswith(".py"):
+                assert "@triton.jit" not in open(os.path.join(root, f)).read(), f
+
+
+def test_explain_lists_graph_decisions_and_kernels():
+    text = codegen.explain(nsagen.load_spec("nsa-d128"))
+    assert "graph before the passes" in text and "graph after the passes" in text
+    assert "-> kernel cmp_attention" in text and "decisions:" in text
+
+
+def test_module_name_keys_on_content(monkeypatch):
+    spec = nsagen.load_spec("nsa-d128")
+    name = codegen.module_name(spec)
+    assert name.startswith(spec.uri + "_")
+    assert codegen.module_name(spec.replace(name="renamed")) == name       # name is not semantic
+    assert codegen.module_name(spec.replace(window=256)) != name
+    monkeypatch.setattr(codegen, "template_digest", lambda: "changed-templates")
+    assert codegen.module_name(spec) != name
+
+
+def test_build_reuses_cached_module(tmp_path, monkeypatch):
+    monkeypatch.setenv("NSAGEN_CACHE_DIR", str(tmp_path))
+    spec = nsagen.load_spec("nsa-g2").replace(name="cache-test", window=384)
+    name = codegen.module_name(spec)
+    mod, path, reused = cache.load_module(name, codegen.render(spec))
+    assert not reused and path.parent == tmp_path / "modules" and path.name == name + ".py"
+    mtime = path.stat().st_mtime_ns
+    mod2, path2, reused2 = cache.load_module(name, codegen.render(spec))
+    assert reused2 and path2 == path and mod2 is mod and path.stat().st_mtime_ns == mtime
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp files left
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path):
+    target = tmp_path / "x.json"
+    cache.atomic_write(target, "old")
+
+    class Boom:
+        def __str__(self):
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(TypeError):
+        cache.atomic_write(target, Boom())  # fails before anything is replaced
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+@pytest.mark.parametrize("name", sorted(shipped_specs()))
+def test_generated_folder_is_current(name):
+    """generated/ holds the rendered modules of the shipped specs; regenerate with
+    `nsagen generate --shipped` when this fails."""
+    path = data_dir("generated") / f"{name.replace('-', '_')}.py"
+    assert path.is_file(), f"{path} is missing"
+    assert path.read_text() == codegen.render(nsagen.load_spec(name)), f"{path} is stale"
+
+
+def test_build_every_shipped_spec():
+    for name in shipped_specs():
+        op = nsagen.build(name)
+        assert op.module.URI == nsagen.load_spec(name).uri
