@@ -21,7 +21,7 @@ BLOCK_DK = 128
 BLOCK_DV = 128
 QK_SCALE = 0.08838834764831845 * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 32, 'GP': 2, 'BC': 64, 'num_warps': 4, 'num_stages': 3}, 'select_blocks': {'BT': 1, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'win_attention': {'BT': 64, 'GP': 2, 'BK': 32, 'num_warps': 4, 'num_stages': 3}}
+CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 64, 'GP': 2, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 1, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'win_attention': {'BT': 64, 'GP': 2, 'BK': 32, 'num_warps': 4, 'num_stages': 3}}
 
 
 @triton.jit

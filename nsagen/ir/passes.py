@@ -127,9 +127,9 @@ def _tiles(spec: Spec, kernels: list[KernelPlan], why: list[str]) -> None:
         if k.name == "mean_compress":
             k.config = dict(BI=32, num_warps=4)
         elif k.name == "cmp_attention":
-            bt = max(1, 64 // gp)
-            bc = 64 if k.params["importance_map"] == "identity" else max(64, 16 * r2)
-            k.config = dict(BT=bt, GP=gp, BC=bc, num_warps=4, num_stages=3)
+            bt = max(1, 128 // gp)
+            bc = max(128, 16 * r2)
+            k.config = dict(BT=bt, GP=gp, BC=bc, num_warps=8, num_stages=3)
             why.append(f"cmp_attention tile: {bt} token(s) x {gp} head rows (G={G}) = {bt * gp} "
                        f"rows, {bc} compressed keys per step")
         elif k.name == "select_blocks":
