@@ -243,9 +243,21 @@ def nsa_decode_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if q.dim() != 3 or q.shape[1:] != (spec.heads_q, spec.dim_qk):
         raise ValueError(f"q: expected [B, HQ={spec.heads_q}, Dk={spec.dim_qk}], got {tuple(q.shape)}")
     B = q.shape[0]
-    L = k_cache.shape[1] if k_cache.dim() == 4 else -1
-    if gates is not None and (gates.dim() != 3 or gates.shape != (B, spec.heads_q, 3)):
-        raise ValueError(f"gates: expected [B, HQ={spec.heads_q}, 3], got {tuple(gates.shape)}")
+    for name, t, d in (("k_cache", k_cache, spec.dim_qk), ("v_cache", v_cache, spec.dim_v)):
+        if t.dim() != 4 or t.shape[0] != B or t.shape[2:] != (spec.heads_kv, d):
+            raise ValueError(f"{name}: expected [B={B}, L, H={spec.heads_kv}, {d}], "
+                             f"got {tuple(t.shape)}")
+    L = k_cache.shape[1]
+    if v_cache.shape[1] != L:
+        raise ValueError(f"v_cache: length {v_cache.shape[1]} differs from k_cache's {L}")
+    if gates is not None:
+        if gates.shape != (B, spec.heads_q, 3):
+            raise ValueError(f"gates: expected [B, HQ={spec.heads_q}, 3], got {tuple(gates.shape)}")
+        if gates.dtype != q.dtype:
+            raise TypeError(f"gates: dtype {gates.dtype} does not match q's dtype {q.dtype}")
+    if cache_seqlens is not None and (cache_seqlens.dtype.is_floating_point
+                                      or cache_seqlens.dtype == torch.bool):
+        raise TypeError(f"cache_seqlens: expected an integer tensor, got {cache_seqlens.dtype}")
     lens = [L] * B if cache_seqlens is None else [int(x) for x in cache_seqlens.tolist()]
     if len(lens) != B or any(n < 1 or n > L for n in lens):
         raise ValueError(f"cache_seqlens: expected {B} lengths in 1..{L}, got {lens}")

@@ -246,11 +246,10 @@ class Spec:
             "compression": {"block": self.cmp_block, "stride": self.cmp_stride, "kind": self.cmp_kind},
             "selection": {"block": self.slc_block, "count": self.slc_count,
                           "initial": self.slc_initial, "local": self.slc_local},
+            "window": self.window,
             "branches": list(self.branches),
             "kv_per_branch": self.kv_per_branch,
         }
-        if self.window is not None:
-            d["window"] = self.window
         if self.scale is not None:
             d["scale"] = self.scale
         return d
@@ -263,29 +262,49 @@ class Spec:
 
     @property
     def uri(self) -> str:
-        """Readable identifier of the layer shape, e.g. nsa_bf16_qk192_v128_g16_c32s16_b64n16_w512."""
+        """Readable identifier of the layer, e.g. nsa_bf16_qk192_v128_h4g16_c32s16mlp_b64n16i1l2_w512.
+
+        Every semantic field appears, so two different layers never share a URI.
+        """
         parts = [
             "nsa", _DTYPE_SHORT[self.dtype], f"qk{self.dim_qk}", f"v{self.dim_v}",
             f"h{self.heads_kv}g{self.group}",
         ]
         if self.has("cmp") or self.has("slc"):
-            parts.append(f"c{self.cmp_block}s{self.cmp_stride}{self.cmp_kind[0]}")
+            parts.append(f"c{self.cmp_block}s{self.cmp_stride}{self.cmp_kind}")
         if self.has("slc"):
             parts.append(f"b{self.slc_block}n{self.slc_count}i{self.slc_initial}l{self.slc_local}")
         if self.has("win"):
             parts.append(f"w{self.window}")
+        if self.branches != BRANCHES:
+            parts.append("only-" + "-".join(self.branches))
         if self.kv_per_branch == "separate":
             parts.append("sep")
+        if self.scale is not None:
+            parts.append(f"sc{self.scale:g}".replace(".", "p").replace("-", "m"))
         return "_".join(parts)
 
     def replace(self, **changes: Any) -> "Spec":
-        """A validated copy with some fields changed (e.g. a scaled-down test spec)."""
+        """A copy with some fields changed, validated and normalised exactly like from_dict
+        (e.g. a scaled-down test spec)."""
         d = asdict(self)
         d.update(changes)
         d["branches"] = tuple(d["branches"])
-        spec = Spec(**d)
-        spec._validate()
-        return spec
+        return Spec.from_dict(Spec(**d).to_dict(), source=self.source)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_error(path: str, err: yaml.YAMLError) -> SpecError:
@@ -307,7 +326,7 @@ def load_spec(path: str | Path) -> Spec:
         p = shipped
     text = p.read_text()
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise _yaml_error(str(p), err) from None
     if data is None:

@@ -1,0 +1,176 @@
+"""The ``nsagen`` command line: one ``_cmd_<name>`` function per subcommand.
+
+Subcommands register themselves in :func:`build_parser` and dispatch through
+``set_defaults(func=...)``. A spec or usage error exits with status 2 and a one-line message on
+stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import yaml
+
+from . import symbolic
+from .spec import Spec, SpecError, load_spec
+
+DEFAULT_SEQ_LENS = (8192, 65536)
+_SPEC_HELP = "a spec file, or the name of a shipped spec (e.g. nsa-paper)"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+    return value
+
+
+def _error(message: str) -> None:
+    print(f"nsagen: error: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- validate
+def _cmd_validate(args: argparse.Namespace) -> int:
+    """Load and validate every spec; report all failures, not just the first."""
+    status = 0
+    for path in args.specs:
+        try:
+            spec = load_spec(path)
+        except (SpecError, FileNotFoundError) as err:
+            _error(str(err))
+            status = 2
+            continue
+        print(f"ok {path} {spec.uri}")
+    return status
+
+
+# ---------------------------------------------------------------------------- info
+def _si(value: float, unit: str) -> str:
+    """A count with a decimal prefix, e.g. 9.54 TFLOP."""
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:g} {unit}"
+
+
+def _expressions(spec: Spec) -> list[tuple[str, object]]:
+    """The symbolic cost model of one spec, as (label, expression) pairs."""
+    S = symbolic
+    first, last = S.block_weight_span(spec)
+    rows: list[tuple[str, object]] = [
+        ("Nc(T)", S.num_cmp_expr(spec)),
+        ("blocks(T)", S.num_blocks_expr(spec)),
+    ]
+    if spec.has("slc"):
+        rows.append((f"block weights on cmp tokens {first} .. {last}",
+                     list(S.block_weights(spec))))
+    for branch, expr in S.keys_per_query(spec).items():
+        rows.append((f"keys_{branch}(t)", expr))
+    if spec.has("slc") and not spec.has("cmp"):
+        rows.append(("cmp scores for importance(t)", S.cmp_visible(spec)))
+    sums = ["cmp"] if spec.has("cmp") or spec.has("slc") else []
+    sums += [b for b in ("slc", "win") if spec.has(b)]
+    for branch in sums:
+        rows.append((str(S.key_sum(branch)), S.causal_keys(spec, branch)))
+    rows += [
+        ("fwd_flops(T, B)", S.fwd_flops(spec, compact=True)),
+        ("bwd_flops(T, B)", S.bwd_flops(spec, compact=True)),
+        ("fwd_bytes(T, B)", S.fwd_bytes(spec)),
+        ("bwd_bytes(T, B)", S.bwd_bytes(spec)),
+        ("decode_tokens(T)", S.decode_tokens(spec)),
+        ("decode_flops(T, B)", S.decode_flops(spec)),
+        ("decode_bytes(T, B)", S.decode_bytes(spec)),
+    ]
+    return rows
+
+
+def _figures(spec: Spec, seq_len: int, batch: int) -> list[str]:
+    """Human-readable lines of symbolic.summary at one sequence length."""
+    s = symbolic.summary(spec, seq_len, batch)
+    kpq = s["keys_per_query_last"]
+    parts = " + ".join(f"{b} {kpq[b]}" for b in spec.branches)
+    tokens = s["decode_tokens_per_kv_head"]
+    bound = s["decode_speedup_bound"]
+    saving = (f"{bound:.1f}x fewer" if bound >= 1
+              else f"{1 / bound:.1f}x more: the branches overlap at this length")
+    return [
+        f"at T={seq_len}, B={batch}:",
+        f"  compressed tokens Nc        {s['num_cmp']}",
+        f"  selection blocks            {s['num_blocks']}",
+        f"  keys of the last query      {parts} = {kpq['total']}",
+        f"  forward                     {_si(s['fwd_flops'], 'FLOP')}"
+        f" ({100 * s['fwd_flops_fraction_of_dense']:.1f}% of dense causal), {_si(s['fwd_bytes'], 'B')}",
+        f"  backward                    {_si(s['bwd_flops'], 'FLOP')}, {_si(s['bwd_bytes'], 'B')}",
+        f"  decode step                 {_si(s['decode_flops'], 'FLOP')}, {_si(s['decode_bytes'], 'B')}"
+        f" (dense {_si(s['dense_decode_bytes'], 'B')})",
+        f"  decode step at T={seq_len}: reads {tokens} tokens per KV head of {seq_len}"
+        f" ({saving})",
+    ]
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    """Print a spec, its derived sizes and its cost model."""
+    spec = load_spec(args.spec)
+    seq_lens = args.seq_len or list(DEFAULT_SEQ_LENS)
+    lines = [f"spec {spec.name} ({spec.source})"]
+    dumped = yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None)
+    lines += ["  " + line for line in dumped.rstrip().splitlines()]
+    lines += [
+        f"G = {spec.group} ({spec.heads_q} query heads over {spec.heads_kv} KV heads)",
+        f"uri = {spec.uri}",
+        "",
+        "cost model (T: sequence or cache length, B: batch, t: query position; "
+        "2 FLOPs per multiply-add, bytes in " + spec.dtype + "):",
+    ]
+    lines += [f"  {label} = {expr}" for label, expr in _expressions(spec)]
+    for seq_len in seq_lens:
+        lines.append("")
+        lines += _figures(spec, seq_len, args.batch)
+    print("\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser; each subcommand sets ``func`` to its ``_cmd_<name>``."""
+    parser = argparse.ArgumentParser(
+        prog="nsagen",
+        description="Generate Native Sparse Attention kernels (Triton) from a YAML spec.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("validate", help="check spec files",
+                       description="Load and validate specs; print 'ok PATH URI' for each valid "
+                                   "one. Exit status 2 if any is invalid.")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help=_SPEC_HELP)
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("info", help="derived sizes and cost model of a spec",
+                       description="Print a spec, its GQA group, URI, the symbolic cost model "
+                                   "and its figures at the given sequence lengths.")
+    p.add_argument("spec", metavar="SPEC", help=_SPEC_HELP)
+    p.add_argument("--seq-len", type=_positive_int, nargs="+", action="extend", metavar="N",
+                   help=f"sequence (or cache) lengths to evaluate; default "
+                        f"{' '.join(map(str, DEFAULT_SEQ_LENS))}")
+    p.add_argument("--batch", type=_positive_int, default=1, metavar="B",
+                   help="batch size (default 1)")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nsagen`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpecError, FileNotFoundError) as err:
+        _error(str(err))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The nsagen command line: exit codes, messages on stderr, and the figures `info` prints."""
+from pathlib import Path
+
+import pytest
+
+from nsagen.cli import build_parser, main
+from nsagen.resources import shipped_specs
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = """\
+name: tiny
+heads: {q: 4, kv: 2}
+head_dim: {qk: 16, v: 16}
+compression: {block: 16, stride: 8, kind: mean}
+selection: {block: 16, count: 2, initial: 1, local: 1}
+window: 32
+"""
+
+
+def test_validate_shipped_specs(capsys):
+    specs = shipped_specs()
+    assert main(["validate", *map(str, specs.values())]) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert len(lines) == len(specs) and all(line.startswith("ok ") for line in lines)
+    assert out.err == ""
+
+
+def test_validate_by_name(capsys):
+    assert main(["validate", "nsa-paper"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ok nsa-paper nsa_bf16_qk192_v128_h4g16")
+
+
+def test_validate_reports_every_bad_spec(tmp_path, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD + "windw: 64\n")
+    missing = tmp_path / "missing.yaml"
+    code = main(["validate", str(bad), str(good), str(missing)])
+    assert code == 2
+    out = capsys.readouterr()
+    assert f"ok {good} " in out.out and str(bad) not in out.out
+    assert "windw" in out.err and "unknown key" in out.err
+    assert "missing.yaml" in out.err
+    assert "Traceback" not in out.err
+
+
+def test_info_paper_decode_figure(capsys):
+    assert main(["info", str(ROOT / "specs" / "nsa-paper.yaml"), "--seq-len", "65536"]) == 0
+    out = capsys.readouterr().out
+    assert "decode step at T=65536: reads 5631 tokens per KV head of 65536 (11.6x fewer)" in out
+    assert "G = 16" in out and "uri = nsa_bf16_qk192_v128_h4g16" in out
+    assert "Nc(T) = " in out and "fwd_flops(T, B) = " in out
+    assert "at T=8192" not in out
+
+
+def test_info_defaults_and_batch(tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(GOOD)
+    assert main(["info", str(spec), "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "at T=8192, B=2:" in out and "at T=65536, B=2:" in out
+    assert main(["info", str(spec), "--seq-len", "1", "33", "--seq-len", "7"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"at T={n}, B=1:" in out for n in (1, 33, 7))
+
+
+def test_info_bad_spec_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("stride: 8", "stride: 5"))
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "compression.stride" in err and "Traceback" not in err
+    assert main(["info", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["info", "nsa-paper", "--seq-len", "0"], ["info"], [],
+                                  ["frobnicate"]])
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["validate", "--help"], ["info", "--help"]])
+def test_help_exits_0(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    assert "usage: nsagen" in capsys.readouterr().out
+
+
+def test_every_subcommand_dispatches_to_a_cmd_function():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        assert p.get_default("func").__name__ == f"_cmd_{name}"
