@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from . import __version__, symbolic
 from .ops import build
 from .spec import Spec
 
@@ -111,12 +111,7 @@ def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bo
     fla = _fla() if baselines else None
     flex = _flex() if baselines and spec.has("win") else None
     HQ, H, Dk, Dv, G = spec.heads_q, spec.heads_kv, spec.dim_qk, spec.dim_v, spec.group
-    try:
-        from . import symbolic
-
-        flops_expr = symbolic.fwd_flops(spec)
-    except ImportError:
-        flops_expr = None
+    flops_expr = symbolic.fwd_flops(spec)
     rows = []
     for i, T in enumerate(seq_lens):
         progress(f"[{i + 1}/{len(seq_lens)}] T={T}")
@@ -131,7 +126,7 @@ def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bo
             kc = torch.randn(batch, nc, H, Dk, dtype=dt, device=dev)
             vc = torch.randn(batch, nc, H, Dv, dtype=dt, device=dev)
         row: dict = {"T": T, "B": batch}
-        flops = float(symbolic.evaluate(flops_expr, T=T, B=batch)) if flops_expr is not None else float("nan")
+        flops = float(symbolic.evaluate(flops_expr, T=T, B=batch))
         with torch.no_grad():
             f = lambda: op(q, k, v, gates, kc, vc)  # noqa: E731
             f()

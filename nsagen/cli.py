@@ -127,11 +127,76 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "2 FLOPs per multiply-add, bytes in " + spec.dtype + "):",
     ]
     lines += [f"  {label} = {expr}" for label, expr in _expressions(spec)]
+    from .cache import modules_dir
+    from .codegen import module_name
+
+    lines += ["", f"module: {module_name(spec)} (cached at {modules_dir() / module_name(spec)}.py)"]
     for seq_len in seq_lens:
         lines.append("")
         lines += _figures(spec, seq_len, args.batch)
     print("\n".join(lines))
     return 0
+
+
+# ---------------------------------------------------------------------------- generate
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Lower, render, cache and import a spec's module (or refresh generated/ for shipped specs)."""
+    import logging
+    import time
+
+    from .codegen import explain, write_generated
+    from .ops import build
+    from .resources import data_dir, shipped_specs
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.shipped:
+        specs = {name: load_spec(path) for name, path in shipped_specs().items()}
+        for path in write_generated(specs, data_dir("generated")):
+            print(f"wrote {path}")
+        return 0
+    if not args.spec:
+        _error("generate: give a SPEC or --shipped")
+        return 2
+    spec = load_spec(args.spec)
+    if args.explain:
+        print(explain(spec))
+        print()
+    t0 = time.perf_counter()
+    op = build(spec)
+    print(f"{spec.name}: module {op.path} ({time.perf_counter() - t0:.2f} s)")
+    if args.bench:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("no CUDA GPU here: skipping the benchmark (kernels compile at first launch)")
+            return 0
+        return _run_bench(spec, args.seq_len or [8192, 16384, 32768, 65536], None)
+    return 0
+
+
+# ---------------------------------------------------------------------------- bench
+def _run_bench(spec: Spec, seq_lens: list[int], json_path: str | None, baselines: bool = True,
+               breakdown: bool = False) -> int:
+    from pathlib import Path
+
+    from . import bench
+
+    bench.require_gpu()
+    doc = bench.bench_forward(spec, seq_lens, baselines=baselines, breakdown=breakdown,
+                              progress=lambda m: print(m, flush=True))
+    print()
+    print(bench.format_table(doc))
+    path = Path(json_path) if json_path else Path("bench-results") / f"{spec.name}-forward.json"
+    bench.write_results(doc, path)
+    print(f"results written to {path}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Time the generated forward side by side with the dense and sparse baselines."""
+    spec = load_spec(args.spec)
+    return _run_bench(spec, args.seq_len or [8192, 16384, 32768, 65536], args.json,
+                      baselines=not args.no_baselines, breakdown=args.breakdown)
 
 
 # ---------------------------------------------------------------------------- parser
@@ -158,6 +223,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=1, metavar="B",
                    help="batch size (default 1)")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("generate", help="generate (or reuse) the kernel module of a spec",
+                       description="Lower the spec through the IR, render the Triton module, "
+                                   "write it to the cache and import it.")
+    p.add_argument("spec", metavar="SPEC", nargs="?", help=_SPEC_HELP)
+    p.add_argument("--explain", action="store_true",
+                   help="print the graph before and after the passes, the decisions and kernels")
+    p.add_argument("--bench", action="store_true",
+                   help="then benchmark the forward (on a CUDA GPU; skipped otherwise)")
+    p.add_argument("--seq-len", type=_positive_int, nargs="+", action="extend", metavar="N",
+                   help="sequence lengths for --bench (default 8192 16384 32768 65536)")
+    p.add_argument("--shipped", action="store_true",
+                   help="re-render generated/ for every shipped spec")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("bench", help="benchmark the generated forward on the GPU",
+                       description="Time the op side by side with SDPA (flash, cuDNN), "
+                                   "FlexAttention (window) and fla-core when importable; print "
+                                   "a table and write JSON.")
+    p.add_argument("spec", metavar="SPEC", help=_SPEC_HELP)
+    p.add_argument("--seq-len", type=_positive_int, nargs="+", action="extend", metavar="N",
+                   help="sequence lengths (default 8192 16384 32768 65536)")
+    p.add_argument("--json", metavar="PATH",
+                   help="where to write results (default bench-results/<spec>-forward.json)")
+    p.add_argument("--no-baselines", action="store_true", help="time nsagen only")
+    p.add_argument("--breakdown", action="store_true", help="also report time per kernel")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from nsagen.cli import build_parser, main
 from nsagen.resources import shipped_specs
@@ -99,3 +100,24 @@ def test_every_subcommand_dispatches_to_a_cmd_function():
     sub = next(a for a in parser._actions if a.dest == "command")
     for name, p in sub.choices.items():
         assert p.get_default("func").__name__ == f"_cmd_{name}"
+
+
+def test_generate_explain_builds_module(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NSAGEN_CACHE_DIR", str(tmp_path))
+    assert main(["generate", "nsa-fla", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "graph after the passes" in out and "importance: l = d = l'" in out
+    assert str(tmp_path) in out and list((tmp_path / "modules").glob("nsa_*.py"))
+
+
+def test_generate_needs_a_spec(capsys):
+    assert main(["generate"]) == 2
+    assert "give a SPEC or --shipped" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_bench_without_gpu_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "nsa-d128"])
+    assert exc.value.code == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
