@@ -24,6 +24,7 @@ for s in ${BENCH_SPECS:-nsa-d128 nsa-fla}; do
     --json "$OUT/bench-$s.json" 2>&1 | grep -v Warn | tee "$OUT/bench-$s.log" | grep -v "^   T=\|^\[" 
 done
 for s in ${EXTRA_SPECS:-}; do
+  echo "== $s"
   timeout ${BENCH_TIMEOUT:-200} python3 -m nsagen.cli bench $s --seq-len ${EXTRA_TS:-65536} \
     --no-baselines --json "$OUT/bench-$s.json" 2>&1 | grep -v Warn | tee "$OUT/bench-$s.log" | grep "^| [0-9]"
 done
