@@ -21,7 +21,7 @@ BLOCK_DK = 256
 BLOCK_DV = 128
 QK_SCALE = 0.07216878364870322 * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 1, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}}
+CONFIGS = {'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 64, 'num_warps': 8, 'num_stages': 2}, 'select_blocks': {'BT': 1, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}}
 
 
 @triton.jit

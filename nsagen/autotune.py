@@ -13,14 +13,10 @@ import logging
 import torch
 import triton
 
+from .ir.passes import smem_bytes as _smem_bytes
 from .spec import Spec
 
 log = logging.getLogger("nsagen")
-
-
-def _smem_bytes(rows: int, keys: int, dk: int, dv: int, stages: int, elem: int = 2) -> int:
-    """Rough shared memory of a pipelined attention loop: K and V tiles per stage plus Q."""
-    return stages * keys * (dk + dv) * elem + rows * dk * elem
 
 
 def candidates(spec: Spec, kernel: str, default: dict, smem_limit: int = 227 * 1024) -> list[dict]:

@@ -122,3 +122,16 @@ def test_build_every_shipped_spec():
     for name in shipped_specs():
         op = nsagen.build(name)
         assert op.module.URI == nsagen.load_spec(name).uri
+
+
+@pytest.mark.parametrize("name", sorted(shipped_specs()))
+def test_default_tiles_fit_shared_memory(name):
+    """Dk=192 (padded to 256) must shrink the compressed-attention tile, not fail to compile."""
+    from nsagen.ir.passes import SMEM_BUDGET, smem_bytes
+
+    spec = nsagen.load_spec(name)
+    cfg = lower(spec).kernel("cmp_attention").config
+    import triton
+
+    bdk, bdv = triton.next_power_of_2(spec.dim_qk), triton.next_power_of_2(spec.dim_v)
+    assert smem_bytes(cfg["BT"] * cfg["GP"], cfg["BC"], bdk, bdv, cfg["num_stages"]) <= SMEM_BUDGET

@@ -114,6 +114,14 @@ def _lower_importance(spec: Spec, kernels: list[KernelPlan], why: list[str]) -> 
                                                 "tile, carried in registers" if r1 > 1 else ""))
 
 
+SMEM_BUDGET = 224 * 1024  # Hopper allows 227 KB per block; the estimate is slightly high
+
+
+def smem_bytes(rows: int, keys: int, dk: int, dv: int, stages: int, elem: int = 2) -> int:
+    """Rough shared memory of a pipelined attention loop: K and V tiles per stage plus Q."""
+    return stages * keys * (dk + dv) * elem + rows * dk * elem
+
+
 def _tiles(spec: Spec, kernels: list[KernelPlan], why: list[str]) -> None:
     """Default launch configs (the autotuner may replace them per GPU)."""
     G = spec.group
@@ -127,11 +135,22 @@ def _tiles(spec: Spec, kernels: list[KernelPlan], why: list[str]) -> None:
         if k.name == "mean_compress":
             k.config = dict(BI=32, num_warps=4)
         elif k.name == "cmp_attention":
-            bt = max(1, 128 // gp)
-            bc = max(128, 16 * r2)
-            k.config = dict(BT=bt, GP=gp, BC=bc, num_warps=8, num_stages=3)
+            bt, bc, stages = max(1, 128 // gp), max(128, 16 * r2), 3
+            bc_min = max(64, 16 * r2)
+            while smem_bytes(bt * gp, bc, bdk, bdv, stages) > SMEM_BUDGET:
+                if stages > 2:
+                    stages -= 1
+                elif bc > bc_min:
+                    bc //= 2
+                elif bt > 1:
+                    bt //= 2
+                else:
+                    break
+            k.config = dict(BT=bt, GP=gp, BC=bc, num_warps=8 if bt * gp >= 128 else 4,
+                            num_stages=stages)
             why.append(f"cmp_attention tile: {bt} token(s) x {gp} head rows (G={G}) = {bt * gp} "
-                       f"rows, {bc} compressed keys per step")
+                       f"rows, {bc} compressed keys per step, {stages} stages "
+                       f"(~{smem_bytes(bt * gp, bc, bdk, bdv, stages) // 1024} KB shared memory)")
         elif k.name == "select_blocks":
             k.config = dict(BT=1, num_warps=2)
         elif k.name == "slc_attention":
