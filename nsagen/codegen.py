@@ -29,6 +29,7 @@ def _env() -> jinja2.Environment:
         keep_trailing_newline=True)
     env.filters["next_pow2"] = triton.next_power_of_2
     env.filters["pyrepr"] = repr
+    env.filters["branch_index"] = ("cmp", "slc", "win").index
     return env
 
 
@@ -55,7 +56,7 @@ def module_name(spec: Spec) -> str:
 def render(spec: Spec, plan: Plan | None = None) -> str:
     """The module source for a spec; raises SyntaxError if the template produced invalid Python."""
     plan = plan or lower(spec)
-    configs = {k.name: dict(k.config) for k in plan.kernels}
+    configs = {k.name: dict(k.config) for k in plan.kernels + plan.backward}
     src = _env().get_template(MODULE_TEMPLATE).render(
         spec=spec, plan=plan, uri=spec.uri, version=__version__, source_hash=source_hash(spec),
         configs=configs)

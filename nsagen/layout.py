@@ -27,7 +27,10 @@ class Layout:
     cmp_src: torch.Tensor       # [Nc_total] packed token index where each compressed window starts
     n_cmp: int                  # Nc_total
     nbp: int                    # power of two >= the most selection blocks of any sequence
+    tok_seq: torch.Tensor       # [Ntok] index of the token's sequence
+    tok_seqlen: torch.Tensor    # [Ntok] length of the token's sequence
     _tiles: dict = field(default_factory=dict, repr=False)
+    _ncs: list = field(default_factory=list, repr=False)  # Nc per sequence
 
     @property
     def n_tok(self) -> int:
@@ -45,6 +48,61 @@ class Layout:
             t = torch.stack([start, length]).to(torch.int32).to(self.device)
             self._tiles[bt] = (t[0], t[1])
         return self._tiles[bt]
+
+    def cmp_tiles(self, bc: int) -> tuple[torch.Tensor, ...]:
+        """Tiles of at most `bc` compressed rows per sequence, for the backward of the compressed
+        branch: (first packed row, index in the sequence, first token of the sequence, sequence
+        length, rows in the tile)."""
+        key = ("cmp", bc)
+        if key not in self._tiles:
+            rows = []
+            row = tok = 0
+            for n, nc in zip(self.seqlens, self._ncs):
+                for c0 in range(0, nc, bc):
+                    rows.append((row + c0, c0, tok, n, min(bc, nc - c0)))
+                row += nc
+                tok += n
+            t = torch.tensor(rows, dtype=torch.int32).reshape(-1, 5).T.contiguous().to(self.device)
+            self._tiles[key] = tuple(t[i] for i in range(5))
+        return self._tiles[key]
+
+    def blocks(self, lb: int) -> tuple[torch.Tensor, ...]:
+        """Every selection block of every sequence: (first packed token, keys inside the
+        sequence, position of the first key, first global block of the token's sequence per
+        token). Global block ids count blocks across the packed sequences."""
+        key = ("blocks", lb)
+        if key not in self._tiles:
+            lens = torch.tensor(self.seqlens, dtype=torch.int64)
+            nb = (lens + lb - 1) // lb
+            seq = torch.repeat_interleave(torch.arange(len(lens)), nb)
+            j = torch.arange(int(nb.sum())) - (torch.cumsum(nb, 0) - nb)[seq]
+            tok0 = (torch.cumsum(lens, 0) - lens)[seq] + j * lb
+            nkeys = torch.clamp(lens[seq] - j * lb, max=lb)
+            first = (torch.cumsum(nb, 0) - nb)
+            t = torch.stack([tok0, nkeys, j * lb]).to(torch.int32).to(self.device)
+            self._tiles[key] = (t[0], t[1], t[2], first.to(self.device))
+        return self._tiles[key]
+
+    def inverse_blocks(self, idx: torch.Tensor, lb: int) -> dict:
+        """Key block -> the tokens that chose it, per KV head, from indices [Ntok, H, n].
+
+        Built with device sorts (no host sync): `tokens` lists token ids grouped by
+        (head, global block), `offsets`/`counts` [H * n_blocks] locate each group.
+        """
+        blk_tok0, blk_nkeys, blk_pos0, seq_first = self.blocks(lb)
+        n_blocks = int(blk_tok0.numel())
+        n_tok, H, n = idx.shape
+        valid = idx >= 0
+        gblk = seq_first[self.tok_seq.long()][:, None, None] + idx.long()
+        head = torch.arange(H, device=idx.device)[None, :, None]
+        key = torch.where(valid, head * n_blocks + gblk, torch.full_like(gblk, H * n_blocks))
+        key = key.flatten()
+        order = torch.sort(key, stable=True).indices
+        tokens = (order // (H * n)).to(torch.int32)
+        counts = torch.bincount(key, minlength=H * n_blocks + 1)[:H * n_blocks]
+        offsets = torch.cumsum(counts, 0) - counts
+        return dict(n_blocks=n_blocks, blk_tok0=blk_tok0, blk_nkeys=blk_nkeys, blk_pos0=blk_pos0,
+                    tokens=tokens, counts=counts.to(torch.int32), offsets=offsets.to(torch.int32))
 
 
 _CACHE: "OrderedDict[tuple, Layout]" = OrderedDict()
@@ -76,10 +134,13 @@ def _build(spec: Spec, seqlens: tuple[int, ...], device: torch.device) -> Layout
     seq_of_cmp = torch.repeat_interleave(torch.arange(len(seqlens)), ncs)
     cmp_idx = torch.arange(int(ncs.sum())) - cmp_start[seq_of_cmp]
     cmp_src = tok_start[seq_of_cmp] + cmp_idx * spec.cmp_stride
-    packed = torch.stack([tok_pos, cmp_start[seq_of_tok], ncs[seq_of_tok]]).to(torch.int32)
+    packed = torch.stack([tok_pos, cmp_start[seq_of_tok], ncs[seq_of_tok], seq_of_tok,
+                          lens[seq_of_tok]]).to(torch.int32)
     packed = packed.to(device)
     nb = max(spec.num_blocks(n) for n in seqlens)
-    return Layout(
+    lay = Layout(
         seqlens=tuple(seqlens), device=device, tok_pos=packed[0], tok_cstart=packed[1],
         tok_ncmp=packed[2], cmp_src=cmp_src.to(torch.int32).to(device), n_cmp=int(ncs.sum()),
-        nbp=max(16, triton.next_power_of_2(nb)))
+        nbp=max(16, triton.next_power_of_2(nb)), tok_seq=packed[3], tok_seqlen=packed[4])
+    lay._ncs = [int(x) for x in ncs]
+    return lay

@@ -42,6 +42,7 @@ class Plan:
     graph: nx.DiGraph
     kernels: list[KernelPlan]
     decisions: list[str]
+    backward: list[KernelPlan] = field(default_factory=list)
 
     def kernel(self, name: str) -> KernelPlan:
         return next(k for k in self.kernels if k.name == name)
@@ -164,6 +165,28 @@ def _tiles(spec: Spec, kernels: list[KernelPlan], why: list[str]) -> None:
             why.append(f"win_attention tile: {bt} token(s) x {gp} head rows, 32-key steps")
 
 
+def _backward(spec: Spec, why: list[str]) -> list[KernelPlan]:
+    """Backward kernels, one template per branch (dq and dk/dv kernels in each)."""
+    gp = triton.next_power_of_2(spec.group)
+    out = []
+    if spec.has("cmp"):
+        out.append(KernelPlan("cmp_attention_bwd", "cmp_attention_bwd.py.jinja", ("cmp_attn",),
+                              config=dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4)))
+        why.append("backward cmp: recompute P from the saved LSE; dq per token tile, dk_cmp/dv_cmp "
+                   "per compressed tile over the queries that see it; no gradient through importance")
+    if spec.has("slc"):
+        gps = max(16, gp)
+        out.append(KernelPlan("slc_attention_bwd", "slc_attention_bwd.py.jinja", ("slc_attn",),
+                              config=dict(GP=gps, BK=min(spec.slc_block, 64),
+                                          BT_BWD=max(1, 64 // gps), num_warps=4)))
+        why.append("backward slc: dk/dv per (block, KV head) over an inverse map of the tokens "
+                   "that chose it, so the cost follows the selected pairs")
+    if spec.has("win"):
+        out.append(KernelPlan("win_attention_bwd", "win_attention_bwd.py.jinja", ("win_attn",),
+                              config=dict(BT=max(1, 64 // gp), GP=gp, BK=64, num_warps=4)))
+    return out
+
+
 def lower(spec: Spec) -> Plan:
     """Run every pass on the spec's forward graph and return the kernel plan."""
     g = build_graph(spec)
@@ -171,4 +194,5 @@ def lower(spec: Spec) -> Plan:
     kernels = _partition(g, spec, why)
     _lower_importance(spec, kernels, why)
     _tiles(spec, kernels, why)
-    return Plan(spec=spec, graph=g, kernels=kernels, decisions=why)
+    backward = _backward(spec, why)
+    return Plan(spec=spec, graph=g, kernels=kernels, decisions=why, backward=backward)

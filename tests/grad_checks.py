@@ -1,0 +1,47 @@
+"""Shared gradient checks of the generated backward against autograd through the reference."""
+from __future__ import annotations
+
+import torch
+
+import nsagen
+from nsagen import reference
+
+from kernel_checks import TOL, make_inputs, rel_err
+
+GRAD_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def check_backward(spec, B, T, dtype, device, seed=0, varlen_lens=None, ref_device=None):
+    """Gradients of every differentiable input against float64 autograd on the same blocks."""
+    op = nsagen.build(spec)
+    x = make_inputs(spec, B, T, dtype, device, seed, varlen_lens)
+    names = [n for n in ("q", "k", "v", "gates", "k_cmp", "v_cmp", "k_win", "v_win")
+             if x[n] is not None]
+    for n in names:
+        x[n].requires_grad_(True)
+    o, idx = op(x["q"], x["k"], x["v"], x["gates"], x["k_cmp"], x["v_cmp"], x["cu_seqlens"],
+                return_indices=True, k_win=x["k_win"], v_win=x["v_win"])
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    do = torch.randn(o.shape, generator=gen).to(dtype).to(device)
+    grads = torch.autograd.grad(o, [x[n] for n in names], do)
+    rd = ref_device or device
+    xr = {n: (x[n].detach().to(rd).double().requires_grad_(True) if n in names else None)
+          for n in ("q", "k", "v", "gates", "k_cmp", "v_cmp", "k_win", "v_win")}
+    cu = None if x["cu_seqlens"] is None else x["cu_seqlens"].to(rd)
+    ref = reference.nsa(xr["q"], xr["k"], xr["v"], xr["gates"], spec, xr["k_cmp"], xr["v_cmp"],
+                        cu, k_win=xr["k_win"], v_win=xr["v_win"],
+                        block_indices=idx.to(rd) if spec.has("slc") else None)
+    assert rel_err(o.detach().to(rd), ref.detach()) < TOL[dtype]
+    ref_grads = torch.autograd.grad(ref, [xr[n] for n in names], do.to(rd).double())
+    errs = {}
+    for n, got, want in zip(names, grads, ref_grads):
+        assert got is not None and got.shape == want.shape, n
+        assert torch.isfinite(got).all(), f"non-finite gradient of {n}"
+        if want.numel() == 0:  # e.g. k_cmp of a sequence shorter than l
+            continue
+        if want.abs().max() == 0:  # e.g. dq of a query with one key: zero up to rounding
+            assert got.abs().max() < 1e-4 * do.abs().max(), n
+            continue
+        errs[n] = rel_err(got.to(rd), want)
+        assert errs[n] < GRAD_TOL[dtype], f"d{n}: relative error {errs[n]:.3g} ({dtype}, T={T})"
+    return errs

@@ -1,0 +1,69 @@
+"""Generated backward kernels under TRITON_INTERPRET=1 (float32) against float64 autograd
+through the reference, on the blocks the forward chose."""
+import os
+
+import pytest
+import torch
+
+import nsagen
+
+from grad_checks import check_backward
+from kernel_checks import scaled
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="interpreter tests run on CPU-only machines (the GPU module covers CUDA)")
+
+
+@pytest.mark.parametrize("name", ["nsa-d128", "nsa-fla", "nsa-paper", "nsa-g1"])
+@pytest.mark.parametrize("T", [1, 6, 37])
+def test_shipped_spec_scaled(name, T):
+    check_backward(scaled(nsagen.load_spec(name)), B=1, T=T, dtype=torch.float32, device="cpu",
+                   seed=T)
+
+
+def test_batch():
+    check_backward(scaled(nsagen.load_spec("nsa-d128"), kv_heads=2), B=2, T=23,
+                   dtype=torch.float32, device="cpu", seed=11)
+
+
+@pytest.mark.parametrize("name", ["nsa-d128", "nsa-paper"])
+def test_varlen(name):
+    check_backward(scaled(nsagen.load_spec(name)), B=1, T=0, dtype=torch.float32, device="cpu",
+                   seed=12, varlen_lens=[1, 19, 5, 33])
+
+
+BRANCH_SETS = [("cmp",), ("slc",), ("win",), ("cmp", "slc"), ("cmp", "win"), ("slc", "win")]
+
+
+@pytest.mark.parametrize("branches", BRANCH_SETS, ids="+".join)
+def test_branch_subsets(branches):
+    base = scaled(nsagen.load_spec("nsa-d128"))
+    spec = base.replace(branches=branches, window=base.window if "win" in branches else None)
+    check_backward(spec, B=1, T=30, dtype=torch.float32, device="cpu", seed=13)
+
+
+@pytest.mark.parametrize("G", [2, 4, 16])
+def test_group_sizes(G):
+    spec = scaled(nsagen.load_spec("nsa-d128")).replace(heads_q=G, heads_kv=1)
+    check_backward(spec, B=1, T=29, dtype=torch.float32, device="cpu", seed=G)
+
+
+def test_separate_kv_and_small_window():
+    spec = scaled(nsagen.load_spec("nsa-paper")).replace(kv_per_branch="separate", window=8)
+    check_backward(spec, B=1, T=31, dtype=torch.float32, device="cpu", seed=14)
+
+
+def test_no_gates_and_fp16():
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    op = nsagen.build(spec)
+    g = torch.Generator().manual_seed(15)
+    q = torch.randn(1, 26, spec.heads_q, spec.dim_qk, generator=g, requires_grad=True)
+    k = torch.randn(1, 26, spec.heads_kv, spec.dim_qk, generator=g, requires_grad=True)
+    v = torch.randn(1, 26, spec.heads_kv, spec.dim_v, generator=g, requires_grad=True)
+    o, idx = op(q, k, v, None, return_indices=True)
+    o.sum().backward()
+    ref = nsagen.reference.nsa(q.double(), k.double(), v.double(), None, spec, block_indices=idx)
+    gq, = torch.autograd.grad(ref.sum(), q)
+    assert ((q.grad.double() - gq).norm() / gq.norm()).item() < 1e-4
+    check_backward(spec, B=1, T=40, dtype=torch.float16, device="cpu", seed=16)
