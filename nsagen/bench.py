@@ -32,6 +32,11 @@ def _bench(fn, warmup: int = 25, rep: int = 100) -> float:
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def ceilings(device: str = "cuda") -> dict:
     """Measured device-to-device copy bandwidth (TB/s, read + write) and bf16 matmul TFLOP/s."""
     x = torch.empty(2 ** 29, dtype=torch.bfloat16, device=device).normal_()
@@ -100,9 +105,11 @@ def kernel_breakdown(fn, iters: int = 5) -> dict[str, float]:
 
 
 def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bool = True,
-                  breakdown: bool = False, progress=print) -> dict:
-    """Forward timings for each sequence length; returns the results document."""
-    dev = "cuda"
+                  breakdown: bool = False, progress=print, backward: bool = False,
+                  device: str = "cuda") -> dict:
+    """Forward (or, with `backward`, forward+backward) timings for each sequence length; returns
+    the results document."""
+    dev = device
     dt = torch.bfloat16
     op = build(spec)
     progress(f"nsagen bench: {spec.name} ({op.name}), module {op.path}")
@@ -112,6 +119,8 @@ def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bo
     flex = _flex() if baselines and spec.has("win") else None
     HQ, H, Dk, Dv, G = spec.heads_q, spec.heads_kv, spec.dim_qk, spec.dim_v, spec.group
     flops_expr = symbolic.fwd_flops(spec)
+    if backward:
+        flops_expr = flops_expr + symbolic.bwd_flops(spec)
     rows = []
     for i, T in enumerate(seq_lens):
         progress(f"[{i + 1}/{len(seq_lens)}] T={T}")
@@ -127,22 +136,33 @@ def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bo
             vc = torch.randn(batch, nc, H, Dv, dtype=dt, device=dev)
         row: dict = {"T": T, "B": batch}
         flops = float(symbolic.evaluate(flops_expr, T=T, B=batch))
-        with torch.no_grad():
-            f = lambda: op(q, k, v, gates, kc, vc)  # noqa: E731
-            f()
-            torch.cuda.synchronize()
-            row["nsagen_ms"] = _bench(f)
-            if breakdown:
-                row["kernels_ms"] = kernel_breakdown(f)
+        if backward:
+            do = torch.randn(batch, T, HQ, Dv, dtype=dt, device=dev)
+            leaves = [t.requires_grad_(True) for t in (q, k, v, gates, kc, vc) if t is not None]
+
+            def f():
+                o = op(q, k, v, gates, kc, vc)
+                torch.autograd.grad(o, leaves, do)
+        else:
+            def f():
+                with torch.no_grad():
+                    return op(q, k, v, gates, kc, vc)
+        f()
+        _sync(dev)
+        row["nsagen_ms"] = _bench(f)
+        if breakdown:
+            row["kernels_ms"] = kernel_breakdown(f)
         row["nsagen_TFLOPs"] = flops / (row["nsagen_ms"] * 1e-3) / 1e12
         row["floor_ms"] = flops / (ceil["mm_TFLOPs"] * 1e12) * 1e3
         row["floor_frac"] = row["floor_ms"] / row["nsagen_ms"]
         if baselines:
-            _dense_rows(row, q, k, v, G)
+            with torch.no_grad():
+                qd, kd, vd, gd = (t.detach() for t in (q, k, v, gates))
+            _dense_rows(row, qd, kd, vd, G, backward)
             if flex is not None:
-                row["flex_window_ms"] = _flex_window(flex, q, k, v, G, spec.window)
+                row["flex_window_ms"] = _flex_window(flex, qd, kd, vd, G, spec.window, backward)
             if fla is not None:
-                row["fla_ms"] = _fla_row(fla, spec, q, k, v, gates)
+                row["fla_ms"] = _fla_row(fla, spec, qd, kd, vd, gd, backward)
         for name in ("flash_ms", "cudnn_ms", "fla_ms"):
             if row.get(name):
                 row["speedup_vs_" + name[:-3]] = row[name] / row["nsagen_ms"]
@@ -153,12 +173,30 @@ def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bo
             for name, ms in list(row["kernels_ms"].items())[:8]:
                 progress(f"      {ms:8.3f} ms  {name[:100]}")
         del q, k, v, gates, kc, vc
-        torch.cuda.empty_cache()
-    return {"spec": spec.to_dict(), "uri": op.name, "mode": "forward", "env": environment(),
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    return {"spec": spec.to_dict(), "uri": op.name,
+            "mode": "forward+backward" if backward else "forward", "env": environment(),
             "ceilings": ceil, "rows": rows}
 
 
-def _dense_rows(row: dict, q, k, v, G: int) -> None:
+def _timed(fn, backward: bool, leaves):
+    """Time fn() (forward) or fn() followed by its backward w.r.t. `leaves`."""
+    if not backward:
+        with torch.no_grad():
+            return _bench(fn)
+    for t in leaves:
+        t.requires_grad_(True)
+    o = fn()
+    do = torch.randn_like(o)
+
+    def fb():
+        torch.autograd.grad(fn(), leaves, do)
+
+    return _bench(fb)
+
+
+def _dense_rows(row: dict, q, k, v, G: int, backward: bool = False) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     qt = q.transpose(1, 2).contiguous()
@@ -169,13 +207,14 @@ def _dense_rows(row: dict, q, k, v, G: int) -> None:
     for name, be in (("flash_ms", SDPBackend.FLASH_ATTENTION), ("cudnn_ms", SDPBackend.CUDNN_ATTENTION)):
         try:
             with sdpa_kernel([be]):
-                row[name] = _bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
+                row[name] = _timed(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
+                                   backward, [qt, kt, vt])
         except Exception as err:
             log.info("nsagen bench: %s failed: %s", name, str(err)[:120])
     del qt, kt, vt
 
 
-def _flex_window(flex, q, k, v, G: int, w: int) -> float | None:
+def _flex_window(flex, q, k, v, G: int, w: int, backward: bool = False) -> float | None:
     flex_fn, create_block_mask = flex
     T = q.shape[1]
     qt = q.transpose(1, 2).contiguous()
@@ -186,21 +225,20 @@ def _flex_window(flex, q, k, v, G: int, w: int) -> float | None:
             return (qi >= ki) & (qi - ki < w)
 
         bm = create_block_mask(swa, None, None, T, T, device=q.device)
-        return _bench(lambda: flex_fn(qt, kt, vt, block_mask=bm))
+        return _timed(lambda: flex_fn(qt, kt, vt, block_mask=bm), backward, [qt, kt, vt])
     except Exception as err:
         log.info("nsagen bench: flex failed: %s", str(err)[:160])
         return None
 
 
-def _fla_row(fla, spec: Spec, q, k, v, gates) -> float | None:
+def _fla_row(fla, spec: Spec, q, k, v, gates, backward: bool = False) -> float | None:
     try:
+        q, k, v = (t.detach().clone() for t in (q, k, v))
         g_cmp = gates[..., 0].contiguous()
         g_slc = gates[..., 1].contiguous()
         f = lambda: fla(q, k, v, g_cmp=g_cmp, g_slc=g_slc, block_counts=spec.slc_count,  # noqa: E731
                         block_size=spec.slc_block)
-        f()
-        torch.cuda.synchronize()
-        return _bench(f)
+        return _timed(f, backward, [q, k, v, g_cmp, g_slc])
     except Exception as err:
         log.info("nsagen bench: fla parallel_nsa failed: %s", str(err)[:160])
         return None

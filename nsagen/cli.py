@@ -176,17 +176,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- bench
 def _run_bench(spec: Spec, seq_lens: list[int], json_path: str | None, baselines: bool = True,
-               breakdown: bool = False) -> int:
+               breakdown: bool = False, backward: bool = False) -> int:
     from pathlib import Path
 
     from . import bench
 
     bench.require_gpu()
     doc = bench.bench_forward(spec, seq_lens, baselines=baselines, breakdown=breakdown,
-                              progress=lambda m: print(m, flush=True))
+                              progress=lambda m: print(m, flush=True), backward=backward)
     print()
     print(bench.format_table(doc))
-    path = Path(json_path) if json_path else Path("bench-results") / f"{spec.name}-forward.json"
+    mode = "fwdbwd" if backward else "forward"
+    path = Path(json_path) if json_path else Path("bench-results") / f"{spec.name}-{mode}.json"
     bench.write_results(doc, path)
     print(f"results written to {path}")
     return 0
@@ -196,7 +197,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     """Time the generated forward side by side with the dense and sparse baselines."""
     spec = load_spec(args.spec)
     return _run_bench(spec, args.seq_len or [8192, 16384, 32768, 65536], args.json,
-                      baselines=not args.no_baselines, breakdown=args.breakdown)
+                      baselines=not args.no_baselines, breakdown=args.breakdown,
+                      backward=args.backward)
 
 
 # ---------------------------------------------------------------------------- parser
@@ -249,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write results (default bench-results/<spec>-forward.json)")
     p.add_argument("--no-baselines", action="store_true", help="time nsagen only")
     p.add_argument("--breakdown", action="store_true", help="also report time per kernel")
+    p.add_argument("--backward", action="store_true",
+                   help="time forward+backward (all baselines likewise)")
     p.set_defaults(func=_cmd_bench)
     return parser
 

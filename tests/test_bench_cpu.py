@@ -1,0 +1,40 @@
+"""The benchmark's plumbing on the CPU (interpreter): rows, FLOP accounting, table, JSON.
+Timing itself is stubbed here: benchmarks are run on a GPU and never asserted on."""
+import json
+import os
+
+import pytest
+import torch
+
+import nsagen
+from nsagen import bench
+
+from kernel_checks import scaled
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="CPU plumbing check")
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_bench_rows_and_table(monkeypatch, tmp_path, backward):
+    calls = []
+
+    def fake_bench(fn, warmup=25, rep=100):
+        fn()  # the timed function must run
+        calls.append(fn)
+        return 2.0
+
+    monkeypatch.setattr(bench, "_bench", fake_bench)
+    monkeypatch.setattr(bench, "ceilings", lambda device="cuda": {"copy_TBps": 1.0, "mm_TFLOPs": 100.0})
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    doc = bench.bench_forward(spec, [9, 24], baselines=False, backward=backward, device="cpu",
+                              progress=lambda m: None)
+    assert doc["mode"] == ("forward+backward" if backward else "forward")
+    assert [r["T"] for r in doc["rows"]] == [9, 24] and len(calls) == 2
+    r = doc["rows"][1]
+    assert r["nsagen_ms"] == 2.0 and r["nsagen_TFLOPs"] > 0 and 0 < r["floor_frac"]
+    table = bench.format_table(doc)
+    assert "| 24 | 2.000 |" in table
+    bench.write_results(doc, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["T"] == 9
