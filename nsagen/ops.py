@@ -11,8 +11,10 @@ import os
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Optional
 
 import torch
+from torch import Tensor  # noqa: F401  (resolves the op signatures' string annotations)
 
 from . import reference
 from .cache import load_module
@@ -40,6 +42,8 @@ class NSAOp:
         self.path = path
         self.name = module.URI
         self.configs: dict = {}
+        self.op_name = f"nsagen::{module.__name__}".replace("-", "_")
+        self._train_op = _register_training_op(self)
 
     def __repr__(self) -> str:
         return f"NSAOp({self.spec.name!r}, module={self.path})"
@@ -57,7 +61,7 @@ class NSAOp:
         lay = build_layout(spec, prob.seqlens, q.device)
         if torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (q, k, v, gates, k_cmp, v_cmp, k_win, v_win)):
-            o, idx = _NSAFunction.apply(self, lay, q, k, v, gates, k_cmp, v_cmp, k_win, v_win)
+            o, idx, *_ = self._train_op(q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu_seqlens)
         else:
             o, idx, _ = self.module.forward(
                 _pack(q), _pack(k), _pack(v), _pack(gates), _pack(k_cmp), _pack(v_cmp), lay,
@@ -87,51 +91,93 @@ def mean_compress_backward(dk_cmp: torch.Tensor, lay, spec: Spec, n_tok: int) ->
     return out
 
 
-class _NSAFunction(torch.autograd.Function):
-    """Forward with saved branch outputs/LSEs; backward through the generated kernels."""
+def _layout(spec: Spec, q: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    if cu_seqlens is None:
+        lens = (q.shape[1],) * q.shape[0]
+    else:
+        lens = tuple(b - a for a, b in zip(cu_seqlens.tolist()[:-1], cu_seqlens.tolist()[1:]))
+    return build_layout(spec, lens, q.device)
 
-    @staticmethod
-    def forward(ctx, op, lay, q, k, v, gates, k_cmp, v_cmp, k_win, v_win):
-        spec = op.spec
+
+def _register_training_op(nsa: NSAOp):
+    """Register `nsagen::<module>_fwd` / `_bwd` as torch.library triton ops (kernels launched
+    through wrap_triton) and tie them together with register_autograd."""
+    from torch.library import triton_op
+
+    spec, mod = nsa.spec, nsa.module
+
+    def fwd(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor], k_cmp: Optional[Tensor],
+            v_cmp: Optional[Tensor], k_win: Optional[Tensor], v_win: Optional[Tensor],
+            cu_seqlens: Optional[Tensor]
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         B, T = q.shape[:2]
-        packed = [_pack(t) for t in (q, k, v, gates, k_cmp, v_cmp, k_win, v_win)]
-        o, idx, saved = op.module.forward(*packed[:6], lay, packed[6], packed[7],
-                                          configs=op.configs, save=True)
+        lay = _layout(spec, q, cu_seqlens)
+        o, idx, saved = mod.forward(
+            _pack(q), _pack(k), _pack(v), _pack(gates), _pack(k_cmp), _pack(v_cmp), lay,
+            _pack(k_win), _pack(v_win), configs=nsa.configs, save=True)
+        # compressed k/v computed here (mean) are outputs; the caller's own are never returned
+        mine = k_cmp is None and saved["k_cmp"] is not None
+        kc = saved["k_cmp"] if mine else q.new_empty(0)
+        vc = saved["v_cmp"] if mine else q.new_empty(0)
         if idx is None:
             idx = torch.empty(0, dtype=torch.int32, device=q.device)
-        ctx.op, ctx.lay, ctx.shape = op, lay, (B, T)
-        ctx.user_cmp = k_cmp is not None
-        ctx.has_gates = gates is not None
-        ctx.save_for_backward(*packed[:5], packed[6], packed[7], idx, saved["ob"], saved["lse"],
-                              saved["k_cmp"], saved["v_cmp"])
-        ctx.mark_non_differentiable(idx)
-        return o.view(B, T, spec.heads_q, spec.dim_v), idx
+        return o.view(B, T, spec.heads_q, spec.dim_v), idx, saved["ob"], saved["lse"], kc, vc
 
-    @staticmethod
-    def backward(ctx, do, _didx):
-        op, lay, (B, T) = ctx.op, ctx.lay, ctx.shape
-        spec = op.spec
-        q, k, v, gates, _kc_user, kw, vw, idx, ob, lse, kc, vc = ctx.saved_tensors
-        saved = dict(ob=ob, lse=lse, k_cmp=kc, v_cmp=vc)
-        g = op.module.backward(_pack(do), q, k, v, gates if ctx.has_gates else None,
-                               idx if idx.numel() else None, saved, lay, kw, vw,
-                               configs=op.configs)
+    def bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor], idx: Tensor,
+            ob: Tensor, lse: Tensor, kc: Tensor, vc: Tensor, k_win: Optional[Tensor],
+            v_win: Optional[Tensor], cu_seqlens: Optional[Tensor], user_cmp: bool
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        B, T = q.shape[:2]
+        lay = _layout(spec, q, cu_seqlens)
+        # the caller's k_cmp/v_cmp are [B, Nc, H, D]; ones made by mean compression come packed
+        # [Nc_total, H, D] (possibly with no rows); a 1-d placeholder means no compressed branch
+        if user_cmp:
+            kc, vc = _pack(kc), _pack(vc)
+        saved = dict(ob=ob, lse=lse, k_cmp=kc if kc.dim() == 3 else None,
+                     v_cmp=vc if vc.dim() == 3 else None)
+        g = mod.backward(_pack(do), _pack(q), _pack(k), _pack(v), _pack(gates),
+                         idx if idx.numel() else None, saved, lay, _pack(k_win), _pack(v_win),
+                         configs=nsa.configs)
         dk, dv = g["dk"], g["dv"]
-        dk_cmp = dv_cmp = None
+        dk_cmp, dv_cmp = q.new_empty(0), q.new_empty(0)  # outputs may not alias each other
         if "dk_cmp" in g:
-            if ctx.user_cmp:
-                dk_cmp, dv_cmp = g["dk_cmp"], g["dv_cmp"]
+            if user_cmp:
+                dk_cmp = g["dk_cmp"].to(q.dtype).view(B, -1, *g["dk_cmp"].shape[1:])
+                dv_cmp = g["dv_cmp"].to(q.dtype).view(B, -1, *g["dv_cmp"].shape[1:])
             else:  # mean compression happened inside the op: route its gradient to k, v
                 dk = dk + mean_compress_backward(g["dk_cmp"], lay, spec, dk.shape[0])
                 dv = dv + mean_compress_backward(g["dv_cmp"], lay, spec, dv.shape[0])
 
-        def unpack(t, like):
-            return None if t is None else t.to(like.dtype).view(B, -1, *t.shape[1:])
+        def unpack(t):
+            return t.to(q.dtype).view(B, T, *t.shape[1:])
 
-        return (None, None, unpack(g["dq"], q), unpack(dk, k), unpack(dv, v),
-                unpack(g["dgates"], q) if ctx.has_gates else None,
-                unpack(dk_cmp, q), unpack(dv_cmp, q),
-                unpack(g.get("dk_win"), q), unpack(g.get("dv_win"), q))
+        return (unpack(g["dq"]), unpack(dk), unpack(dv),
+                unpack(g["dgates"]) if gates is not None else q.new_empty(0), dk_cmp, dv_cmp,
+                unpack(g["dk_win"]) if "dk_win" in g else q.new_empty(0),
+                unpack(g["dv_win"]) if "dv_win" in g else q.new_empty(0))
+
+    fwd_op = triton_op(nsa.op_name + "_fwd", mutates_args={})(fwd)
+    bwd_op = triton_op(nsa.op_name + "_bwd", mutates_args={})(bwd)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu = inputs
+        _, idx, ob, lse, kc, vc = output
+        user_cmp = k_cmp is not None
+        ctx.user_cmp, ctx.has_gates = user_cmp, gates is not None
+        ctx.has_win = k_win is not None
+        ctx.save_for_backward(q, k, v, gates, idx, ob, lse, k_cmp if user_cmp else kc,
+                              v_cmp if user_cmp else vc, k_win, v_win, cu)
+
+    def backward(ctx, do, *_):
+        q, k, v, gates, idx, ob, lse, kc, vc, k_win, v_win, cu = ctx.saved_tensors
+        dq, dk, dv, dg, dkc, dvc, dkw, dvw = bwd_op(do.contiguous(), q, k, v, gates, idx, ob,
+                                                    lse, kc, vc, k_win, v_win, cu, ctx.user_cmp)
+        return (dq, dk, dv, dg if ctx.has_gates else None, dkc if ctx.user_cmp else None,
+                dvc if ctx.user_cmp else None, dkw if ctx.has_win else None,
+                dvw if ctx.has_win else None, None)
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    return fwd_op
 
 
 def _fallback_notice(device: torch.device) -> None:

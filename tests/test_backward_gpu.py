@@ -34,3 +34,41 @@ def test_small_groups_bf16(name):
 def test_varlen_bf16():
     check_backward(nsagen.load_spec("nsa-d128"), B=1, T=0, dtype=BF16, device="cuda", seed=4,
                    varlen_lens=[1, 3000, 77, 1025])
+
+
+def _inputs(spec, T, requires_grad=True):
+    g = torch.Generator(device="cpu").manual_seed(5)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g).to(BF16).cuda().requires_grad_(requires_grad)
+
+    return (rnd(1, T, spec.heads_q, spec.dim_qk), rnd(1, T, spec.heads_kv, spec.dim_qk),
+            rnd(1, T, spec.heads_kv, spec.dim_v),
+            torch.rand(1, T, spec.heads_q, 3, generator=g).to(BF16).cuda().requires_grad_(requires_grad))
+
+
+def test_opcheck():
+    spec = nsagen.load_spec("nsa-d128")
+    op = nsagen.build(spec)
+    q, k, v, gates = _inputs(spec, 700)
+    torch.library.opcheck(op._train_op, (q, k, v, gates, None, None, None, None, None))
+
+
+def test_compile_fullgraph():
+    spec = nsagen.load_spec("nsa-d128")
+    op = nsagen.build(spec)
+
+    class Block(torch.nn.Module):
+        def forward(self, q, k, v, gates):
+            return op(q, k, v, gates).float().square().mean()
+
+    q, k, v, gates = _inputs(spec, 1024)
+    compiled = torch.compile(Block(), fullgraph=True)
+    loss = compiled(q, k, v, gates)
+    loss.backward()
+    grads = [t.grad.clone() for t in (q, k, v, gates)]
+    for t in (q, k, v, gates):
+        t.grad = None
+    Block()(q, k, v, gates).backward()
+    for a, b in zip(grads, (q.grad, k.grad, v.grad, gates.grad)):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3)
