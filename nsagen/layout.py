@@ -28,6 +28,7 @@ class Layout:
     n_cmp: int                  # Nc_total
     nbp: int                    # power of two >= the most selection blocks of any sequence
     tok_seq: torch.Tensor       # [Ntok] index of the token's sequence
+    tok_kbase: torch.Tensor     # [Ntok] key row holding position 0 of the token's sequence
     tok_seqlen: torch.Tensor    # [Ntok] length of the token's sequence
     _tiles: dict = field(default_factory=dict, repr=False)
     _ncs: list = field(default_factory=list, repr=False)  # Nc per sequence
@@ -135,12 +136,13 @@ def _build(spec: Spec, seqlens: tuple[int, ...], device: torch.device) -> Layout
     cmp_idx = torch.arange(int(ncs.sum())) - cmp_start[seq_of_cmp]
     cmp_src = tok_start[seq_of_cmp] + cmp_idx * spec.cmp_stride
     packed = torch.stack([tok_pos, cmp_start[seq_of_tok], ncs[seq_of_tok], seq_of_tok,
-                          lens[seq_of_tok]]).to(torch.int32)
+                          lens[seq_of_tok], tok_start[seq_of_tok]]).to(torch.int32)
     packed = packed.to(device)
     nb = max(spec.num_blocks(n) for n in seqlens)
     lay = Layout(
         seqlens=tuple(seqlens), device=device, tok_pos=packed[0], tok_cstart=packed[1],
         tok_ncmp=packed[2], cmp_src=cmp_src.to(torch.int32).to(device), n_cmp=int(ncs.sum()),
-        nbp=max(16, triton.next_power_of_2(nb)), tok_seq=packed[3], tok_seqlen=packed[4])
+        nbp=max(16, triton.next_power_of_2(nb)), tok_seq=packed[3], tok_seqlen=packed[4],
+        tok_kbase=packed[5])
     lay._ncs = [int(x) for x in ncs]
     return lay

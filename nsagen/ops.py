@@ -48,6 +48,12 @@ class NSAOp:
     def __repr__(self) -> str:
         return f"NSAOp({self.spec.name!r}, module={self.path})"
 
+    def new_cache(self, batch: int, max_len: int, device=None, dtype: torch.dtype = torch.bfloat16):
+        """An empty decode cache (nsagen.decode.DecodeCache) for this op."""
+        from .decode import DecodeCache
+
+        return DecodeCache(self, batch, max_len, device, dtype)
+
     def __call__(self, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
                  return_indices=False, k_win=None, v_win=None):
         """o [B, T, HQ, Dv] (and block indices [B, T, H, n] if return_indices); see ALGORITHM.md."""

@@ -1,0 +1,195 @@
+"""Decoding: a KV cache with an incremental compressed cache, and one-token steps.
+
+A step reuses the generated kernels through a decode layout: each sequence's new query is one
+"token" whose keys live in its row of the cache. Nothing in `append` or `step` reads device
+values on the host, so a step can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import reference
+from .ops import NSAOp, kernels_available
+
+
+@dataclass
+class DecodeLayout:
+    """Per-query tables of one decode step (the same fields the kernels read in a prefill)."""
+
+    tok_pos: torch.Tensor      # [B] position of the query = cache length - 1
+    tok_cstart: torch.Tensor   # [B] first compressed row of the sequence in the flat cache
+    tok_ncmp: torch.Tensor     # [B] compressed tokens visible so far
+    tok_kbase: torch.Tensor    # [B] first key row of the sequence in the flat cache
+    nbp: int                   # power of two >= the selection blocks of the longest cache
+
+    def tiles(self, bt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query per tile (every query is its own sequence)."""
+        n = self.tok_pos.shape[0]
+        return (torch.arange(n, dtype=torch.int32, device=self.tok_pos.device),
+                torch.ones(n, dtype=torch.int32, device=self.tok_pos.device))
+
+
+class DecodeCache:
+    """Raw and compressed K/V of a batch of sequences of different lengths, grown token by token.
+
+    The compressed cache gains token i of a sequence exactly when its length reaches
+    i*d + l (ALGORITHM.md section 5). With mean compression the cache computes it; with learned
+    compression the caller passes the new compressed k/v to `append` (see `emits`).
+    """
+
+    def __init__(self, op: NSAOp, batch: int, max_len: int, device=None,
+                 dtype: torch.dtype = torch.bfloat16):
+        spec = op.spec
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"batch and max_len must be >= 1, got {batch}, {max_len}")
+        self.op, self.spec = op, spec
+        self.batch, self.max_len = batch, max_len
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        H, Dk, Dv = spec.heads_kv, spec.dim_qk, spec.dim_v
+        self.k = torch.zeros(batch, max_len, H, Dk, dtype=dtype, device=dev)
+        self.v = torch.zeros(batch, max_len, H, Dv, dtype=dtype, device=dev)
+        nc = max(1, spec.num_cmp(max_len))
+        self.k_cmp = torch.zeros(batch, nc, H, Dk, dtype=dtype, device=dev)
+        self.v_cmp = torch.zeros(batch, nc, H, Dv, dtype=dtype, device=dev)
+        self.separate = spec.kv_per_branch == "separate" and spec.has("win")
+        if self.separate:
+            self.k_win = torch.zeros_like(self.k)
+            self.v_win = torch.zeros_like(self.v)
+        self.lens = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self._longest = 0  # host-side bound on the lengths, for capacity checks without a sync
+        rows = torch.arange(batch, device=dev, dtype=torch.int32)
+        self._kbase = rows * max_len
+        self._cbase = rows * nc
+        self._nbp = max(16, triton.next_power_of_2(spec.num_blocks(max_len)))
+
+    # ------------------------------------------------------------------ filling
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None = None,
+                k_cmp: torch.Tensor | None = None, v_cmp: torch.Tensor | None = None,
+                k_win: torch.Tensor | None = None, v_win: torch.Tensor | None = None) -> None:
+        """Fill the cache from prompts k, v [B, T, H, D]; `seqlens` [B] gives each row's length
+        (default T). Learned compression: k_cmp, v_cmp [B, Nc(T), H, D] for the prompts."""
+        spec = self.spec
+        B, T = k.shape[:2]
+        if B != self.batch or T > self.max_len:
+            raise ValueError(f"k: expected [B={self.batch}, T <= {self.max_len}, ...], got "
+                             f"{tuple(k.shape)}")
+        self.k[:, :T] = k
+        self.v[:, :T] = v
+        if self.separate:
+            if k_win is None or v_win is None:
+                raise ValueError("k_win, v_win: required because the spec has kv_per_branch: separate")
+            self.k_win[:, :T] = k_win
+            self.v_win[:, :T] = v_win
+        nc = spec.num_cmp(T)
+        if spec.learned_compression:
+            if nc and (k_cmp is None or v_cmp is None):
+                raise ValueError("k_cmp, v_cmp: required for a learned compression spec")
+            if nc:
+                self.k_cmp[:, :nc] = k_cmp[:, :nc]
+                self.v_cmp[:, :nc] = v_cmp[:, :nc]
+        elif nc:
+            self.k_cmp[:, :nc] = reference.mean_compress(k, spec)
+            self.v_cmp[:, :nc] = reference.mean_compress(v, spec)
+        if seqlens is None:
+            self.lens.fill_(T)
+        else:
+            self.lens.copy_(seqlens.to(self.lens))
+        self._longest = T
+
+    def emits(self) -> torch.Tensor:
+        """[B] bool: which rows gain a compressed token at the next append."""
+        n = self.lens + 1
+        return (n >= self.spec.cmp_block) & ((n - self.spec.cmp_block) % self.spec.cmp_stride == 0)
+
+    def append(self, k_t: torch.Tensor, v_t: torch.Tensor, k_cmp_t: torch.Tensor | None = None,
+               v_cmp_t: torch.Tensor | None = None, k_win_t: torch.Tensor | None = None,
+               v_win_t: torch.Tensor | None = None) -> None:
+        """Append one token per row: k_t, v_t [B, H, D]. With learned compression, k_cmp_t,
+        v_cmp_t [B, H, D] hold the new compressed token for the rows that `emits()` (others are
+        ignored)."""
+        spec = self.spec
+        if self._longest + 1 > self.max_len:
+            raise ValueError(f"cache full: max_len={self.max_len}")
+        rows = torch.arange(self.batch, device=self.k.device)
+        pos = self.lens.long()
+        self.k[rows, pos] = k_t
+        self.v[rows, pos] = v_t
+        if self.separate:
+            self.k_win[rows, pos] = k_win_t
+            self.v_win[rows, pos] = v_win_t
+        emit = self.emits()
+        n = self.lens.long() + 1
+        i = torch.clamp((n - spec.cmp_block) // spec.cmp_stride, min=0)
+        if spec.learned_compression:
+            if k_cmp_t is None or v_cmp_t is None:
+                raise ValueError("k_cmp_t, v_cmp_t: required for a learned compression spec")
+            new_k, new_v = k_cmp_t, v_cmp_t
+        else:
+            window = torch.clamp(n[:, None] - spec.cmp_block, min=0) + torch.arange(
+                spec.cmp_block, device=n.device)
+            new_k = self.k[rows[:, None], window].float().mean(1).to(self.k.dtype)
+            new_v = self.v[rows[:, None], window].float().mean(1).to(self.v.dtype)
+        old_k, old_v = self.k_cmp[rows, i], self.v_cmp[rows, i]
+        self.k_cmp[rows, i] = torch.where(emit[:, None, None], new_k, old_k)
+        self.v_cmp[rows, i] = torch.where(emit[:, None, None], new_v, old_v)
+        self.lens += 1
+        self._longest += 1
+
+    # ------------------------------------------------------------------ attention
+    def layout(self) -> DecodeLayout:
+        spec = self.spec
+        n = self.lens
+        ncmp = torch.where(n >= spec.cmp_block, (n - spec.cmp_block) // spec.cmp_stride + 1, 0)
+        return DecodeLayout(tok_pos=n - 1, tok_cstart=self._cbase, tok_ncmp=ncmp.to(torch.int32),
+                            tok_kbase=self._kbase, nbp=self._nbp)
+
+    def step(self, q: torch.Tensor, gates: torch.Tensor | None = None,
+             return_indices: bool = False):
+        """Attention of q [B, HQ, Dk] at position len - 1 of each row: o [B, HQ, Dv], equal to
+        that row of the prefill over the cached tokens."""
+        spec = self.spec
+        if q.shape != (self.batch, spec.heads_q, spec.dim_qk):
+            raise ValueError(f"q: expected [B={self.batch}, HQ={spec.heads_q}, "
+                             f"Dk={spec.dim_qk}], got {tuple(q.shape)}")
+        if gates is not None and gates.shape != (self.batch, spec.heads_q, 3):
+            raise ValueError(f"gates: expected [B, HQ, 3], got {tuple(gates.shape)}")
+        kw = self.k_win if self.separate else None
+        vw = self.v_win if self.separate else None
+        if not kernels_available(q.device):
+            kc = self.k_cmp if spec.has("cmp") or spec.has("slc") else None
+            vc = self.v_cmp if kc is not None else None
+            return reference.nsa_decode_step(
+                q, self.k, self.v, gates, spec, kc, vc, cache_seqlens=self.lens,
+                return_indices=return_indices, k_win=kw, v_win=vw)
+
+        def flat(t):
+            return None if t is None else t.reshape(-1, *t.shape[2:])
+
+        o, idx, _ = self.op.module.forward(
+            q.contiguous(), flat(self.k), flat(self.v),
+            None if gates is None else gates.contiguous(), flat(self.k_cmp), flat(self.v_cmp),
+            self.layout(), flat(kw), flat(vw), configs=self.op.configs)
+        if return_indices:
+            if idx is None:
+                idx = torch.full((self.batch, spec.heads_kv, spec.slc_count), -1,
+                                 dtype=torch.int32, device=q.device)
+            return o, idx
+        return o
+
+    def decode(self, q: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
+               gates: torch.Tensor | None = None, **compressed) -> torch.Tensor:
+        """Append the new token's k, v, then attend with its q: one decoding step."""
+        self.append(k_t, v_t, **compressed)
+        return self.step(q, gates)
+
+
+def new_cache(op: NSAOp, batch: int, max_len: int, device=None,
+              dtype: torch.dtype = torch.bfloat16) -> DecodeCache:
+    """An empty decode cache for `op`'s spec."""
+    return DecodeCache(op, batch, max_len, device, dtype)
+
+
+__all__ = ["DecodeCache", "DecodeLayout", "new_cache"]
