@@ -244,17 +244,116 @@ def _fla_row(fla, spec: Spec, q, k, v, gates, backward: bool = False) -> float |
         return None
 
 
+def bench_decode(spec: Spec, cache_lens: list[int], batches: list[int], baselines: bool = True,
+                 progress=print, device: str = "cuda") -> dict:
+    """One-token decode steps: eager and CUDA-graph replay, beside SDPA decoding (GQA) and fla.
+
+    Reports microseconds and the rate on the bytes NSA must read (cost model) against the
+    measured copy bandwidth.
+    """
+    dev, dt = device, torch.bfloat16
+    op = build(spec)
+    ceil = ceilings(dev) if dev == "cuda" else {"copy_TBps": float("nan"), "mm_TFLOPs": float("nan")}
+    fla = _fla() if baselines else None
+    HQ, H, Dk, Dv = spec.heads_q, spec.heads_kv, spec.dim_qk, spec.dim_v
+    bytes_expr = symbolic.decode_bytes(spec)
+    rows = []
+    for B in batches:
+        for L in cache_lens:
+            progress(f"decode B={B} cache={L}")
+            torch.manual_seed(L + B)
+            cache = op.new_cache(B, L, device=dev, dtype=dt)
+            k = torch.randn(B, L - 1, H, Dk, dtype=dt, device=dev)
+            v = torch.randn(B, L - 1, H, Dv, dtype=dt, device=dev)
+            extra = {}
+            if spec.learned_compression:
+                nc = spec.num_cmp(L - 1)
+                extra = dict(k_cmp=torch.randn(B, nc, H, Dk, dtype=dt, device=dev),
+                             v_cmp=torch.randn(B, nc, H, Dv, dtype=dt, device=dev))
+            if cache.separate:
+                extra.update(k_win=torch.randn_like(k), v_win=torch.randn_like(v))
+            cache.prefill(k, v, **extra)
+            step_extra = {}
+            if spec.learned_compression:
+                step_extra = dict(k_cmp_t=torch.randn(B, H, Dk, dtype=dt, device=dev),
+                                  v_cmp_t=torch.randn(B, H, Dv, dtype=dt, device=dev))
+            if cache.separate:
+                step_extra.update(k_win_t=torch.randn(B, H, Dk, dtype=dt, device=dev),
+                                  v_win_t=torch.randn(B, H, Dv, dtype=dt, device=dev))
+            cache.append(torch.randn(B, H, Dk, dtype=dt, device=dev),
+                         torch.randn(B, H, Dv, dtype=dt, device=dev), **step_extra)
+            q = torch.randn(B, HQ, Dk, dtype=dt, device=dev)
+            gates = torch.rand(B, HQ, 3, dtype=dt, device=dev)
+            row: dict = {"B": B, "T": L}
+            f = lambda: cache.step(q, gates)  # noqa: E731
+            f()
+            _sync(dev)
+            row["nsagen_us"] = _bench(f) * 1e3
+            if dev == "cuda":
+                try:
+                    graph = torch.cuda.CUDAGraph()
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):
+                        f()
+                    torch.cuda.current_stream().wait_stream(s)
+                    with torch.cuda.graph(graph):
+                        f()
+                    row["nsagen_graph_us"] = _bench(graph.replay) * 1e3
+                except Exception as err:
+                    log.info("nsagen bench: graph capture failed: %s", str(err)[:160])
+            nbytes = float(symbolic.evaluate(bytes_expr, T=L, B=B))
+            best = min(x for x in (row.get("nsagen_us"), row.get("nsagen_graph_us")) if x)
+            row["nsa_bytes"] = nbytes
+            row["TBps"] = nbytes / (best * 1e-6) / 1e12
+            row["copy_frac"] = row["TBps"] / ceil["copy_TBps"]
+            if baselines:
+                qs = q[:, :, None, :]
+                ks = torch.randn(B, H, L, Dk, dtype=dt, device=dev)
+                vs = torch.randn(B, H, L, Dv, dtype=dt, device=dev)
+                try:
+                    row["sdpa_us"] = _bench(lambda: F.scaled_dot_product_attention(
+                        qs, ks, vs, enable_gqa=True)) * 1e3
+                    row["speedup_vs_sdpa"] = row["sdpa_us"] / best
+                except Exception as err:
+                    log.info("nsagen bench: sdpa decode failed: %s", str(err)[:120])
+                if fla is not None:
+                    try:
+                        qn, kn, vn = qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2)
+                        g = torch.rand(B, 1, HQ, dtype=dt, device=dev)
+                        row["fla_us"] = _bench(lambda: fla(
+                            qn.contiguous(), kn.contiguous(), vn.contiguous(), g_cmp=g, g_slc=g,
+                            block_counts=spec.slc_count, block_size=spec.slc_block)) * 1e3
+                    except Exception as err:
+                        log.info("nsagen bench: fla decode failed: %s", str(err)[:120])
+                del ks, vs
+            rows.append(row)
+            progress("   " + ", ".join(f"{a}={b:.3f}" if isinstance(b, float) else f"{a}={b}"
+                                       for a, b in row.items()))
+            del cache
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    return {"spec": spec.to_dict(), "uri": op.name, "mode": "decode", "env": environment(),
+            "ceilings": ceil, "rows": rows}
+
+
 def format_table(doc: dict) -> str:
     """A Markdown table of a results document."""
     env = doc["env"]
     head = (f"{doc['spec']['name']} {doc['mode']}, B={doc['rows'][0]['B'] if doc['rows'] else '?'}, "
             f"{env.get('gpu', 'cpu')}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
-    cols = [("T", "T", "{:d}"), ("nsagen ms", "nsagen_ms", "{:.3f}"),
-            ("FA2 ms", "flash_ms", "{:.3f}"), ("cuDNN ms", "cudnn_ms", "{:.3f}"),
-            ("fla NSA ms", "fla_ms", "{:.3f}"), ("Flex win ms", "flex_window_ms", "{:.3f}"),
-            ("x FA2", "speedup_vs_flash", "{:.2f}"), ("x cuDNN", "speedup_vs_cudnn", "{:.2f}"),
-            ("x fla", "speedup_vs_fla", "{:.2f}"), ("TFLOP/s", "nsagen_TFLOPs", "{:.0f}"),
-            ("of floor", "floor_frac", "{:.0%}")]
+    if doc["mode"] == "decode":
+        cols = [("B", "B", "{:d}"), ("cache", "T", "{:d}"), ("nsagen us", "nsagen_us", "{:.1f}"),
+                ("graph us", "nsagen_graph_us", "{:.1f}"), ("SDPA us", "sdpa_us", "{:.1f}"),
+                ("fla us", "fla_us", "{:.1f}"), ("x SDPA", "speedup_vs_sdpa", "{:.2f}"),
+                ("TB/s on NSA bytes", "TBps", "{:.2f}"), ("of copy", "copy_frac", "{:.0%}")]
+    else:
+        cols = [("T", "T", "{:d}"), ("nsagen ms", "nsagen_ms", "{:.3f}"),
+                ("FA2 ms", "flash_ms", "{:.3f}"), ("cuDNN ms", "cudnn_ms", "{:.3f}"),
+                ("fla NSA ms", "fla_ms", "{:.3f}"), ("Flex win ms", "flex_window_ms", "{:.3f}"),
+                ("x FA2", "speedup_vs_flash", "{:.2f}"), ("x cuDNN", "speedup_vs_cudnn", "{:.2f}"),
+                ("x fla", "speedup_vs_fla", "{:.2f}"), ("TFLOP/s", "nsagen_TFLOPs", "{:.0f}"),
+                ("of floor", "floor_frac", "{:.0%}")]
     present = [c for c in cols if any(r.get(c[1]) is not None for r in doc["rows"])]
     lines = [head, "", "| " + " | ".join(c[0] for c in present) + " |",
              "|" + "---|" * len(present)]

@@ -196,6 +196,21 @@ def _run_bench(spec: Spec, seq_lens: list[int], json_path: str | None, baselines
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Time the generated forward side by side with the dense and sparse baselines."""
     spec = load_spec(args.spec)
+    if args.decode:
+        from pathlib import Path
+
+        from . import bench
+
+        bench.require_gpu()
+        doc = bench.bench_decode(spec, args.seq_len or [8192, 16384, 32768, 65536, 131072],
+                                 args.batch or [1, 8, 64], baselines=not args.no_baselines,
+                                 progress=lambda m: print(m, flush=True))
+        print()
+        print(bench.format_table(doc))
+        path = Path(args.json) if args.json else Path("bench-results") / f"{spec.name}-decode.json"
+        bench.write_results(doc, path)
+        print(f"results written to {path}")
+        return 0
     return _run_bench(spec, args.seq_len or [8192, 16384, 32768, 65536], args.json,
                       baselines=not args.no_baselines, breakdown=args.breakdown,
                       backward=args.backward)
@@ -253,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--breakdown", action="store_true", help="also report time per kernel")
     p.add_argument("--backward", action="store_true",
                    help="time forward+backward (all baselines likewise)")
+    p.add_argument("--decode", action="store_true",
+                   help="time one-token decode steps (eager and CUDA graph) at cache lengths "
+                        "--seq-len (default 8k..128k) and batches --batch (default 1 8 64)")
+    p.add_argument("--batch", type=_positive_int, nargs="+", action="extend", metavar="B",
+                   help="batch sizes for --decode")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -232,13 +232,14 @@ def nsa_decode_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     gates: torch.Tensor | None, spec: Spec, k_cmp: torch.Tensor | None = None,
                     v_cmp: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
                     return_indices: bool = False,
-                    k_win: torch.Tensor | None = None, v_win: torch.Tensor | None = None):
+                    k_win: torch.Tensor | None = None, v_win: torch.Tensor | None = None,
+                    block_indices: torch.Tensor | None = None):
     """One decode step: q [B, HQ, Dk] at position t = len - 1 over the cache holding tokens 0..t.
 
     k_cache/v_cache are [B, L, H, D]; cache_seqlens [B] (int) gives each row's length (default L),
     so one batch can hold sequences of different lengths. k_cmp/v_cmp [B, Nc(L), H, D] hold each
     row's compressed tokens (rows beyond Nc(len) are ignored). Returns o [B, HQ, Dv], equal to row t
-    of the prefill of that sequence.
+    of the prefill of that sequence. `block_indices` [B, H, n] replaces the top-n choice.
     """
     if q.dim() != 3 or q.shape[1:] != (spec.heads_q, spec.dim_qk):
         raise ValueError(f"q: expected [B, HQ={spec.heads_q}, Dk={spec.dim_qk}], got {tuple(q.shape)}")
@@ -275,7 +276,8 @@ def nsa_decode_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                      None, kc, vc, None, kw, vw)
         pos = torch.tensor([n - 1], device=q.device)
         o, idx, _ = _nsa_core(spec, q[b:b + 1, None], pos, k_cache[sl], v_cache[sl],
-                           None if gates is None else gates[b:b + 1, None], kc, vc, kw, vw)
+                              None if gates is None else gates[b:b + 1, None], kc, vc, kw, vw,
+                              None if block_indices is None else block_indices[b:b + 1, None])
         outs.append(o[:, 0])
         idxs.append(idx[:, 0] if idx is not None else
                     q.new_full((1, spec.heads_kv, spec.slc_count), -1, dtype=torch.int32))
