@@ -40,12 +40,7 @@ class Layout:
     def tiles(self, bt: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Query tiles of at most `bt` tokens that never cross a sequence: (first token, length)."""
         if bt not in self._tiles:
-            lens = torch.tensor(self.seqlens, dtype=torch.int64)
-            per_seq = (lens + bt - 1) // bt
-            seq = torch.repeat_interleave(torch.arange(len(lens)), per_seq)
-            k = torch.arange(int(per_seq.sum())) - (torch.cumsum(per_seq, 0) - per_seq)[seq]
-            start = (torch.cumsum(lens, 0) - lens)[seq] + k * bt
-            length = torch.clamp(lens[seq] - k * bt, max=bt)
+            _, _, start, length, _ = _chunks(self.seqlens, bt)
             t = torch.stack([start, length]).to(torch.int32).to(self.device)
             self._tiles[bt] = (t[0], t[1])
         return self._tiles[bt]
@@ -56,32 +51,23 @@ class Layout:
         length, rows in the tile)."""
         key = ("cmp", bc)
         if key not in self._tiles:
-            rows = []
-            row = tok = 0
-            for n, nc in zip(self.seqlens, self._ncs):
-                for c0 in range(0, nc, bc):
-                    rows.append((row + c0, c0, tok, n, min(bc, nc - c0)))
-                row += nc
-                tok += n
-            t = torch.tensor(rows, dtype=torch.int32).reshape(-1, 5).T.contiguous().to(self.device)
+            seq, j, row0, nrows, _ = _chunks(self._ncs, bc)
+            lens = torch.tensor(self.seqlens, dtype=torch.int64)
+            tok0 = torch.cumsum(lens, 0) - lens
+            t = torch.stack([row0, j * bc, tok0[seq], lens[seq], nrows]).to(torch.int32)
+            t = t.to(self.device)
             self._tiles[key] = tuple(t[i] for i in range(5))
         return self._tiles[key]
 
     def blocks(self, lb: int) -> tuple[torch.Tensor, ...]:
         """Every selection block of every sequence: (first packed token, keys inside the
-        sequence, position of the first key, first global block of the token's sequence per
-        token). Global block ids count blocks across the packed sequences."""
+        sequence, position of the first key, first global block of each sequence). Global block
+        ids count blocks across the packed sequences."""
         key = ("blocks", lb)
         if key not in self._tiles:
-            lens = torch.tensor(self.seqlens, dtype=torch.int64)
-            nb = (lens + lb - 1) // lb
-            seq = torch.repeat_interleave(torch.arange(len(lens)), nb)
-            j = torch.arange(int(nb.sum())) - (torch.cumsum(nb, 0) - nb)[seq]
-            tok0 = (torch.cumsum(lens, 0) - lens)[seq] + j * lb
-            nkeys = torch.clamp(lens[seq] - j * lb, max=lb)
-            first = (torch.cumsum(nb, 0) - nb)
+            _, j, tok0, nkeys, nb = _chunks(self.seqlens, lb)
             t = torch.stack([tok0, nkeys, j * lb]).to(torch.int32).to(self.device)
-            self._tiles[key] = (t[0], t[1], t[2], first.to(self.device))
+            self._tiles[key] = (t[0], t[1], t[2], (torch.cumsum(nb, 0) - nb).to(self.device))
         return self._tiles[key]
 
     def inverse_blocks(self, idx: torch.Tensor, lb: int) -> dict:
@@ -104,6 +90,21 @@ class Layout:
         offsets = torch.cumsum(counts, 0) - counts
         return dict(n_blocks=n_blocks, blk_tok0=blk_tok0, blk_nkeys=blk_nkeys, blk_pos0=blk_pos0,
                     tokens=tokens, counts=counts.to(torch.int32), offsets=offsets.to(torch.int32))
+
+
+def _chunks(lens, size: int):
+    """Split each of the packed sequences of `lens` into chunks of at most `size` rows.
+
+    Returns, per chunk, (sequence, chunk index in it, first packed row, rows), and the chunks
+    per sequence.
+    """
+    lens = torch.tensor(list(lens), dtype=torch.int64)
+    per_seq = (lens + size - 1) // size
+    seq = torch.repeat_interleave(torch.arange(len(lens)), per_seq)
+    j = torch.arange(int(per_seq.sum())) - (torch.cumsum(per_seq, 0) - per_seq)[seq]
+    start = (torch.cumsum(lens, 0) - lens)[seq] + j * size
+    length = torch.clamp(lens[seq] - j * size, max=size)
+    return seq, j, start, length, per_seq
 
 
 _CACHE: "OrderedDict[tuple, Layout]" = OrderedDict()
