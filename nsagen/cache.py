@@ -5,11 +5,14 @@ lines and the imported module, so what ran can always be found on disk.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -62,16 +65,73 @@ def import_file(name: str, path: Path) -> ModuleType:
     return mod
 
 
+@contextlib.contextmanager
+def uri_lock(name: str, timeout: float = 600.0):
+    """An exclusive lock per URI (<cache>/locks/<name>.lock) across processes.
+
+    It is an flock on an open file: the kernel drops it when the holder exits or is killed, so a
+    dead process never leaves a lock behind that blocks the next run.
+    """
+    d = cache_dir() / "locks"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{name}.lock"
+    with open(path, "a+") as f:
+        deadline = time.monotonic() + timeout
+        waited = False
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    log.info("nsagen: waiting for another process building %s", name)
+                    waited = True
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path}: still locked after {timeout:.0f} s") from None
+                time.sleep(0.05)
+        try:
+            yield path
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def load_module(name: str, source: str) -> tuple[ModuleType, Path, bool]:
     """Write `source` as <cache>/modules/<name>.py unless an identical file is there; import it.
 
-    Returns (module, path, reused).
+    Writing happens under the URI's lock and atomically, so concurrent builds of one spec never
+    see a half-written module. Returns (module, path, reused).
     """
     path = modules_dir() / f"{name}.py"
-    reused = path.is_file() and path.read_text() == source
-    if not reused:
-        atomic_write(path, source)
-        log.info("nsagen: generated %s -> %s", name, path)
-    else:
-        log.debug("nsagen: reusing %s", path)
+    with uri_lock(name):
+        reused = path.is_file() and path.read_text() == source
+        if not reused:
+            atomic_write(path, source)
+            log.info("nsagen: generated %s -> %s", name, path)
+        else:
+            log.debug("nsagen: reusing %s", path)
     return import_file(name, path), path, reused
+
+
+def entries() -> list[dict]:
+    """What the user cache holds: generated modules and tuned tables, with sizes."""
+    out = []
+    for p in sorted(modules_dir().glob("*.py")):
+        out.append(dict(kind="module", name=p.stem, path=str(p), bytes=p.stat().st_size))
+    tables = cache_dir() / "autotune"
+    if tables.is_dir():
+        for p in sorted(tables.glob("*/*.json")):
+            out.append(dict(kind="tuned", name=p.stem, gpu=p.parent.name, path=str(p),
+                            bytes=p.stat().st_size))
+    return out
+
+
+def clear(uri_prefix: str | None = None) -> list[Path]:
+    """Delete cached modules and tuned tables (all, or those whose name starts with the prefix)."""
+    removed = []
+    for e in entries():
+        if uri_prefix is None or e["name"].startswith(uri_prefix):
+            p = Path(e["path"])
+            with uri_lock(e["name"]):
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

@@ -216,6 +216,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       backward=args.backward)
 
 
+# ---------------------------------------------------------------------------- cache
+def _cmd_cache(args: argparse.Namespace) -> int:
+    """List or clear the user cache (generated modules, tuned tables)."""
+    from . import cache
+
+    if args.action == "list":
+        rows = cache.entries()
+        print(f"cache: {cache.cache_dir()}")
+        if not rows:
+            print("  (empty)")
+        for e in rows:
+            where = f" [{e['gpu']}]" if "gpu" in e else ""
+            print(f"  {e['kind']:6s} {e['bytes'] / 1024:8.1f} KB  {e['name']}{where}")
+        return 0
+    prefix = load_spec(args.spec).uri if args.spec else None
+    removed = cache.clear(prefix)
+    print(f"removed {len(removed)} file(s) from {cache.cache_dir()}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; each subcommand sets ``func`` to its ``_cmd_<name>``."""
@@ -274,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, nargs="+", action="extend", metavar="B",
                    help="batch sizes for --decode")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("cache", help="list or clear the user cache",
+                       description="List what the user cache ($NSAGEN_CACHE_DIR or "
+                                   "~/.cache/nsagen) holds, or clear it (all, or one spec's "
+                                   "modules and tables).")
+    p.add_argument("action", choices=["list", "clear"])
+    p.add_argument("--spec", metavar="SPEC", help="with clear: only this spec's files")
+    p.set_defaults(func=_cmd_cache)
     return parser
 
 
