@@ -171,7 +171,8 @@ class DecodeCache:
         o, idx, _ = self.op.module.forward(
             q.contiguous(), flat(self.k), flat(self.v),
             None if gates is None else gates.contiguous(), flat(self.k_cmp), flat(self.v_cmp),
-            self.layout(), flat(kw), flat(vw), configs=self.op.configs)
+            self.layout(), flat(kw), flat(vw),
+            configs=self.op.configs_for(q.device, self.max_len))
         if return_indices:
             if idx is None:
                 idx = torch.full((self.batch, spec.heads_kv, spec.slc_count), -1,

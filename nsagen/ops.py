@@ -41,12 +41,33 @@ class NSAOp:
         self.module = module
         self.path = path
         self.name = module.URI
-        self.configs: dict = {}
+        self.configs: dict = {}   # explicit per-kernel overrides (win over tuned tables)
+        self.module_name = module.__name__
+        self._tables: dict | None = None
+        self._tables_loaded = False
         self.op_name = f"nsagen::{module.__name__}".replace("-", "_")
         self._train_op = _register_training_op(self)
 
     def __repr__(self) -> str:
         return f"NSAOp({self.spec.name!r}, module={self.path})"
+
+    def configs_for(self, device: torch.device, seq_len: int) -> dict:
+        """Launch configs for one call: the tuned table's bucket on a matching GPU, then the
+        explicit overrides in `self.configs`; kernels missing from both use the IR defaults."""
+        if device.type == "cuda" and not self._tables_loaded:
+            from . import tables
+
+            self._tables = tables.load(self.module_name, tables.device_meta(device.index))
+            self._tables_loaded = True
+            log.info("nsagen: %s runs %s", self.module_name,
+                     "with a tuned table" if self._tables else "untuned (IR default configs)")
+        if self._tables is None:
+            return self.configs
+        from . import tables
+
+        cfg = tables.configs_for(self._tables, seq_len)
+        cfg.update(self.configs)
+        return cfg
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype: torch.dtype = torch.bfloat16):
         """An empty decode cache (nsagen.decode.DecodeCache) for this op."""
@@ -71,7 +92,8 @@ class NSAOp:
         else:
             o, idx, _ = self.module.forward(
                 _pack(q), _pack(k), _pack(v), _pack(gates), _pack(k_cmp), _pack(v_cmp), lay,
-                _pack(k_win), _pack(v_win), configs=self.configs)
+                _pack(k_win), _pack(v_win),
+                configs=self.configs_for(q.device, max(prob.seqlens)))
             o = o.view(B, T, spec.heads_q, spec.dim_v)
         if not return_indices:
             return o
@@ -120,7 +142,8 @@ def _register_training_op(nsa: NSAOp):
         lay = _layout(spec, q, cu_seqlens)
         o, idx, saved = mod.forward(
             _pack(q), _pack(k), _pack(v), _pack(gates), _pack(k_cmp), _pack(v_cmp), lay,
-            _pack(k_win), _pack(v_win), configs=nsa.configs, save=True)
+            _pack(k_win), _pack(v_win), configs=nsa.configs_for(q.device, max(lay.seqlens)),
+            save=True)
         # compressed k/v computed here (mean) are outputs; the caller's own are never returned
         mine = k_cmp is None and saved["k_cmp"] is not None
         kc = saved["k_cmp"] if mine else q.new_empty(0)
@@ -143,7 +166,7 @@ def _register_training_op(nsa: NSAOp):
                      v_cmp=vc if vc.dim() == 3 else None)
         g = mod.backward(_pack(do), _pack(q), _pack(k), _pack(v), _pack(gates),
                          idx if idx.numel() else None, saved, lay, _pack(k_win), _pack(v_win),
-                         configs=nsa.configs)
+                         configs=nsa.configs_for(q.device, max(lay.seqlens)))
         dk, dv = g["dk"], g["dv"]
         dk_cmp, dv_cmp = q.new_empty(0), q.new_empty(0)  # outputs may not alias each other
         if "dk_cmp" in g:

@@ -1,0 +1,96 @@
+"""Tuned launch-config tables: JSON per GPU model and module, keyed on everything that matters.
+
+A table is used only when its metadata matches this machine exactly (GPU name, compute
+capability, SM count, Triton, torch and nsagen versions, module name); otherwise the kernels run
+with the IR's default configs. Lookup goes by a shape bucket of the sequence length, so one
+table covers short and long inputs. Shipped tables live in `autotune/<gpu>/`, the user's own in
+`<cache>/autotune/<gpu>/`; the user's win.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+import triton
+
+from . import __version__
+from .cache import atomic_write, cache_dir
+from .resources import data_dir
+
+log = logging.getLogger("nsagen")
+
+BUCKETS = (1024, 4096, 16384, 65536, 262144)
+
+
+def bucket(seq_len: int) -> str:
+    """The shape bucket of a sequence length: the smallest listed bound that holds it."""
+    for b in BUCKETS:
+        if seq_len <= b:
+            return f"T<={b}"
+    return f"T>{BUCKETS[-1]}"
+
+
+def device_meta(device: int | None = None) -> dict:
+    """What a table must match: GPU model, compute capability, SM count, software versions."""
+    meta = {"triton": triton.__version__, "torch": torch.__version__, "nsagen": __version__}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(device if device is not None else 0)
+        meta.update(gpu=p.name, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count)
+    else:
+        meta.update(gpu="cpu", capability="", sm_count=0)
+    return meta
+
+
+def gpu_slug(meta: dict) -> str:
+    """Folder name of a GPU model, e.g. 'nvidia-h200'."""
+    return re.sub(r"[^a-z0-9]+", "-", meta["gpu"].lower()).strip("-") or "unknown"
+
+
+def table_paths(module: str, meta: dict) -> list[Path]:
+    """Where a table for this module and GPU may live: the user's first, then the shipped one."""
+    slug = gpu_slug(meta)
+    paths = [cache_dir() / "autotune" / slug / f"{module}.json"]
+    try:
+        paths.append(data_dir("autotune") / slug / f"{module}.json")
+    except FileNotFoundError:
+        pass
+    return paths
+
+
+def save(module: str, meta: dict, buckets: dict[str, dict], path: Path | None = None) -> Path:
+    """Write a table atomically (readers see the old table or the new one, never half)."""
+    path = path or table_paths(module, meta)[0]
+    doc = {"meta": dict(meta, module=module), "buckets": buckets}
+    atomic_write(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    log.info("nsagen: tuned table for %s written to %s", module, path)
+    return path
+
+
+def load(module: str, meta: dict) -> dict[str, dict] | None:
+    """The buckets of the first table whose metadata matches exactly, else None (untuned)."""
+    want = dict(meta, module=module)
+    for path in table_paths(module, meta):
+        if not path.is_file():
+            continue
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            log.warning("nsagen: ignoring unreadable tuned table %s (%s)", path, err)
+            continue
+        got = doc.get("meta", {})
+        diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+        if diff:
+            log.info("nsagen: %s does not match this machine %s; running untuned", path, diff)
+            continue
+        return doc.get("buckets", {})
+    return None
+
+
+def configs_for(tables: dict[str, dict] | None, seq_len: int) -> dict:
+    """Kernel configs of the bucket holding `seq_len` ({} when untuned: defaults apply)."""
+    if not tables:
+        return {}
+    return dict(tables.get(bucket(seq_len), {}))
