@@ -59,18 +59,24 @@ def candidates(spec: Spec, kernel: str, default: dict, smem_limit: int = 227 * 1
     return uniq
 
 
-def search_forward(op, inputs: dict, kernels: list[str] | None = None, progress=print) -> dict:
+def _do_bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def search_forward(op, inputs: dict, kernels: list[str] | None = None, progress=print,
+                   timer=None) -> dict:
     """Coordinate search: for each kernel, time the whole forward with each candidate config.
 
     `inputs` holds q, k, v, gates (and k_cmp, v_cmp for learned compression). Returns
     {kernel: {"best": config, "best_ms": float, "default_ms": float}}.
     """
-    from triton.testing import do_bench
-
+    timer = timer or _do_bench
     mod = op.module
     best = {name: dict(cfg) for name, cfg in mod.CONFIGS.items()}
     report = {}
-    for name in kernels or list(mod.CONFIGS):
+    for name in kernels or forward_kernels(op):
         cands = candidates(op.spec, name, best[name])
         times = []
         for i, cfg in enumerate(cands):
@@ -79,8 +85,9 @@ def search_forward(op, inputs: dict, kernels: list[str] | None = None, progress=
                 with torch.no_grad():
                     f = lambda: op(**inputs)  # noqa: E731
                     f()
-                    torch.cuda.synchronize()
-                    ms = do_bench(f, warmup=10, rep=40, return_mode="median")
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    ms = timer(f)
             except Exception as err:  # a config the compiler rejects (e.g. out of resources)
                 log.info("nsagen tune: %s %s failed: %s", name, cfg, str(err)[:100])
                 ms = float("inf")
@@ -92,3 +99,84 @@ def search_forward(op, inputs: dict, kernels: list[str] | None = None, progress=
         progress(f"{name}: best {cands[j]} {times[j]:.3f} ms (default {times[0]:.3f} ms)")
     op.configs = best
     return report
+
+
+def forward_kernels(op) -> list[str]:
+    """The forward kernels of a module, in launch order (the ones a forward timing can rank)."""
+    return [name for name in op.module.CONFIGS if not name.endswith("_bwd")]
+
+
+def _inputs(spec: Spec, T: int, batch: int, device, dtype) -> dict:
+    """Realistic inputs: random data (never zeros); block choices then follow real importance."""
+    g = torch.Generator(device="cpu").manual_seed(T)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+    x = dict(q=rnd(batch, T, spec.heads_q, spec.dim_qk), k=rnd(batch, T, spec.heads_kv, spec.dim_qk),
+             v=rnd(batch, T, spec.heads_kv, spec.dim_v),
+             gates=torch.rand(batch, T, spec.heads_q, 3, generator=g).to(dtype).to(device))
+    if spec.learned_compression:
+        nc = spec.num_cmp(T)
+        x.update(k_cmp=rnd(batch, nc, spec.heads_kv, spec.dim_qk),
+                 v_cmp=rnd(batch, nc, spec.heads_kv, spec.dim_v))
+    if spec.kv_per_branch == "separate" and spec.has("win"):
+        x.update(k_win=rnd(batch, T, spec.heads_kv, spec.dim_qk),
+                 v_win=rnd(batch, T, spec.heads_kv, spec.dim_v))
+    return x
+
+
+def check_against_reference(op, spec: Spec, configs: dict, T: int, device, dtype,
+                            tol: float) -> float:
+    """Relative error of the op with `configs` against the float64 reference on fresh inputs,
+    on the blocks the op chose (a near-tie may flip in low precision)."""
+    from .reference import nsa
+
+    x = _inputs(spec, T, 1, device, dtype)
+    saved = op.configs
+    op.configs = configs
+    try:
+        with torch.no_grad():
+            o, idx = op(**x, return_indices=True)
+    finally:
+        op.configs = saved
+    xr = {k: v.double() for k, v in x.items()}
+    ref = nsa(xr.pop("q"), xr.pop("k"), xr.pop("v"), xr.pop("gates"), spec,
+              block_indices=idx if spec.has("slc") else None, **xr)
+    err = ((o.double() - ref).norm() / ref.norm()).item()
+    if not err < tol:
+        raise RuntimeError(f"tuned configs {configs} give relative error {err:.3g} >= {tol}")
+    return err
+
+
+def tune(spec: Spec, seq_lens: list[int], batch: int = 1, kernels: list[str] | None = None,
+         progress=print, timer=None, device: str = "cuda", dtype=torch.bfloat16,
+         check_len: int = 2048):
+    """Search every forward kernel's config per shape bucket, check the winners against the
+    reference, and save the table for this GPU. Returns (path, summary rows)."""
+    from . import tables
+    from .ops import build
+
+    op = build(spec)
+    meta = tables.device_meta()
+    buckets: dict[str, dict] = {}
+    summary = []
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    saved = op.configs
+    try:
+        for T in seq_lens:
+            progress(f"nsagen tune: {op.module_name} T={T} B={batch}")
+            x = _inputs(spec, T, batch, device, dtype)
+            op.configs = {}
+            report = search_forward(op, x, kernels=kernels, progress=progress, timer=timer)
+            best = {k: r["best"] for k, r in report.items()}
+            check_against_reference(op, spec, best, min(T, check_len), device, dtype, tol)
+            buckets[tables.bucket(T)] = best
+            for k, r in report.items():
+                summary.append(dict(T=T, kernel=k, default_ms=r["default_ms"],
+                                    best_ms=r["best_ms"], config=r["best"]))
+    finally:
+        op.configs = saved
+    path = tables.save(op.module_name, meta, buckets)
+    op._tables_loaded = False  # pick the new table up on the next call
+    return path, summary

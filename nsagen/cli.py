@@ -216,6 +216,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       backward=args.backward)
 
 
+# ---------------------------------------------------------------------------- tune
+def _cmd_tune(args: argparse.Namespace) -> int:
+    """Search launch configs per shape bucket on this GPU and save the tuned table."""
+    import time
+
+    from . import autotune, bench
+
+    bench.require_gpu()
+    spec = load_spec(args.spec)
+    t0 = time.perf_counter()
+    path, rows = autotune.tune(spec, args.seq_len or [4096, 16384, 65536], batch=args.batch,
+                               progress=lambda m: print(m, flush=True))
+    print()
+    print("| T | kernel | default ms | best ms | speedup | config |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['T']} | {r['kernel']} | {r['default_ms']:.3f} | {r['best_ms']:.3f} | "
+              f"{r['default_ms'] / r['best_ms']:.2f} | {r['config']} |")
+    print(f"\ntuned table written to {path} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
 # ---------------------------------------------------------------------------- cache
 def _cmd_cache(args: argparse.Namespace) -> int:
     """List or clear the user cache (generated modules, tuned tables)."""
@@ -294,6 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, nargs="+", action="extend", metavar="B",
                    help="batch sizes for --decode")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("tune", help="tune launch configs on this GPU and save them",
+                       description="Time candidate configs of every forward kernel on random "
+                                   "inputs per sequence-length bucket, check the winners against "
+                                   "the reference, and save the table in the user cache.")
+    p.add_argument("spec", metavar="SPEC", help=_SPEC_HELP)
+    p.add_argument("--seq-len", type=_positive_int, nargs="+", action="extend", metavar="N",
+                   help="sequence lengths to tune at (default 4096 16384 65536)")
+    p.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="batch (default 1)")
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("cache", help="list or clear the user cache",
                        description="List what the user cache ($NSAGEN_CACHE_DIR or "

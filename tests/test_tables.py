@@ -61,3 +61,28 @@ def test_unreadable_table_is_ignored():
     path = tables.save("mod_abc", META, BUCKETS)
     path.write_text("{not json")
     assert tables.load("mod_abc", META) is None
+
+
+def test_tune_plumbing_on_cpu(monkeypatch):
+    """The search, the reference check and the saved table, with timing stubbed (CPU)."""
+    import os
+
+    import torch
+
+    import nsagen
+    from nsagen import autotune
+
+    from kernel_checks import scaled
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU plumbing check")
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    costs = iter(range(100, 0, -1))  # later candidates "faster": the search must pick the last
+    path, rows = autotune.tune(spec, [20], kernels=["select_blocks"], device="cpu",
+                               dtype=torch.float32, timer=lambda f: float(next(costs)),
+                               progress=lambda m: None, check_len=20)
+    cands = autotune.candidates(spec, "select_blocks", nsagen.build(spec).module.CONFIGS["select_blocks"])
+    assert rows[0]["config"] == cands[-1] and rows[0]["best_ms"] < rows[0]["default_ms"]
+    doc = json.loads(path.read_text())
+    assert doc["buckets"]["T<=1024"]["select_blocks"] == cands[-1]
+    assert doc["meta"]["module"] == nsagen.build(spec).module_name
