@@ -2,7 +2,12 @@
 
 Every generated kernel works on packed sequences: a [B, T] batch is viewed as B sequences of
 length T laid end to end, exactly like a `cu_seqlens` batch. This module turns the per-sequence
-lengths into the small int32 tables the kernels index with (built once per call, on the host).
+lengths into the small int32 tables the kernels index with.
+
+A batch of equal lengths (no `cu_seqlens`) gets its tables from `arange` arithmetic on the
+device, using nothing but the shape: that path is traceable by torch.compile (also with
+symbolic lengths) and costs no host-to-device copy. Ragged batches are built on the host from
+the lengths and copied once (cached by lengths).
 """
 from __future__ import annotations
 
@@ -10,16 +15,17 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-import triton
 
 from .spec import Spec
+
+I32 = torch.int32
 
 
 @dataclass
 class Layout:
     """Per-token and per-tile tables for one packed batch."""
 
-    seqlens: tuple[int, ...]
+    seqlens: tuple              # length of each sequence (ints, or SymInts while tracing)
     device: torch.device
     tok_pos: torch.Tensor       # [Ntok] position of each token inside its sequence
     tok_cstart: torch.Tensor    # [Ntok] first packed compressed row of the token's sequence
@@ -30,19 +36,26 @@ class Layout:
     tok_seq: torch.Tensor       # [Ntok] index of the token's sequence
     tok_kbase: torch.Tensor     # [Ntok] key row holding position 0 of the token's sequence
     tok_seqlen: torch.Tensor    # [Ntok] length of the token's sequence
+    ncs: tuple = ()             # Nc per sequence
+    uniform: bool = False       # every sequence has the same length (tables from the shape)
     _tiles: dict = field(default_factory=dict, repr=False)
-    _ncs: list = field(default_factory=list, repr=False)  # Nc per sequence
 
     @property
     def n_tok(self) -> int:
-        return int(self.tok_pos.shape[0])
+        return self.tok_pos.shape[0]
+
+    def _chunks(self, lens: tuple, size: int) -> tuple[torch.Tensor, ...]:
+        """(sequence, chunk index in it, first packed row, rows, chunks per sequence) of every
+        chunk of at most `size` rows, on the device."""
+        if self.uniform:
+            return _chunks_uniform(len(lens), lens[0], size, self.device)
+        return tuple(t.to(self.device) for t in _chunks_host(lens, size))
 
     def tiles(self, bt: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Query tiles of at most `bt` tokens that never cross a sequence: (first token, length)."""
         if bt not in self._tiles:
-            _, _, start, length, _ = _chunks(self.seqlens, bt)
-            t = torch.stack([start, length]).to(torch.int32).to(self.device)
-            self._tiles[bt] = (t[0], t[1])
+            _, _, start, length, _ = self._chunks(self.seqlens, bt)
+            self._tiles[bt] = (start.to(I32), length.to(I32))
         return self._tiles[bt]
 
     def cmp_tiles(self, bc: int) -> tuple[torch.Tensor, ...]:
@@ -51,12 +64,13 @@ class Layout:
         length, rows in the tile)."""
         key = ("cmp", bc)
         if key not in self._tiles:
-            seq, j, row0, nrows, _ = _chunks(self._ncs, bc)
-            lens = torch.tensor(self.seqlens, dtype=torch.int64)
-            tok0 = torch.cumsum(lens, 0) - lens
-            t = torch.stack([row0, j * bc, tok0[seq], lens[seq], nrows]).to(torch.int32)
-            t = t.to(self.device)
-            self._tiles[key] = tuple(t[i] for i in range(5))
+            seq, j, row0, nrows, _ = self._chunks(self.ncs, bc)
+            if self.uniform:
+                tok0, lens = seq * self.seqlens[0], torch.full_like(seq, self.seqlens[0])
+            else:
+                lens = torch.tensor(self.seqlens, dtype=torch.int64, device=self.device)
+                tok0, lens = (torch.cumsum(lens, 0) - lens)[seq], lens[seq]
+            self._tiles[key] = tuple(t.to(I32) for t in (row0, j * bc, tok0, lens, nrows))
         return self._tiles[key]
 
     def blocks(self, lb: int) -> tuple[torch.Tensor, ...]:
@@ -65,19 +79,23 @@ class Layout:
         ids count blocks across the packed sequences."""
         key = ("blocks", lb)
         if key not in self._tiles:
-            _, j, tok0, nkeys, nb = _chunks(self.seqlens, lb)
-            t = torch.stack([tok0, nkeys, j * lb]).to(torch.int32).to(self.device)
-            self._tiles[key] = (t[0], t[1], t[2], (torch.cumsum(nb, 0) - nb).to(self.device))
+            _, j, tok0, nkeys, nb = self._chunks(self.seqlens, lb)
+            self._tiles[key] = (tok0.to(I32), nkeys.to(I32), (j * lb).to(I32),
+                                torch.cumsum(nb, 0) - nb)
         return self._tiles[key]
 
-    def inverse_blocks(self, idx: torch.Tensor, lb: int) -> dict:
+    def inverse_blocks(self, idx: torch.Tensor, lb: int, chunk: int = 1 << 30) -> dict:
         """Key block -> the tokens that chose it, per KV head, from indices [Ntok, H, n].
 
-        Built with device sorts (no host sync): `tokens` lists token ids grouped by
-        (head, global block), `offsets`/`counts` [H * n_blocks] locate each group.
+        Built with device sorts and shape-static sizes (no host sync, traceable):
+        `tokens` lists token ids grouped by (head, global block), `offsets`/`counts`
+        [H * n_blocks] locate each group. The groups are cut into chunks of at most `chunk`
+        tokens: chunk c covers group `chunk_hb[c]` from its token `chunk_i0[c]`; there are at
+        most H * n_blocks + Ntok * H * n / chunk of them, and the unused tail has
+        chunk_hb = H * n_blocks.
         """
         blk_tok0, blk_nkeys, blk_pos0, seq_first = self.blocks(lb)
-        n_blocks = int(blk_tok0.numel())
+        n_blocks = blk_tok0.shape[0]
         n_tok, H, n = idx.shape
         valid = idx >= 0
         gblk = seq_first[self.tok_seq.long()][:, None, None] + idx.long()
@@ -85,39 +103,64 @@ class Layout:
         key = torch.where(valid, head * n_blocks + gblk, torch.full_like(gblk, H * n_blocks))
         key = key.flatten()
         order = torch.sort(key, stable=True).indices
-        tokens = (order // (H * n)).to(torch.int32)
-        counts = torch.bincount(key, minlength=H * n_blocks + 1)[:H * n_blocks]
+        tokens = (order // (H * n)).to(I32)
+        counts = torch.zeros(H * n_blocks + 1, dtype=torch.int64, device=idx.device)
+        counts = counts.scatter_add(0, key, torch.ones_like(key))[:H * n_blocks]
         offsets = torch.cumsum(counts, 0) - counts
+        per = (counts + chunk - 1) // chunk
+        end = torch.cumsum(per, 0)
+        ids = torch.arange(H * n_blocks + (n_tok * H * n + chunk - 1) // chunk, device=idx.device)
+        hb = torch.searchsorted(end, ids, right=True)
+        first = (end - per)[hb.clamp(max=H * n_blocks - 1)]
         return dict(n_blocks=n_blocks, blk_tok0=blk_tok0, blk_nkeys=blk_nkeys, blk_pos0=blk_pos0,
-                    tokens=tokens, counts=counts.to(torch.int32), offsets=offsets.to(torch.int32))
+                    tokens=tokens, counts=counts.to(I32), offsets=offsets.to(I32),
+                    chunk_hb=hb.to(I32), chunk_i0=((ids - first) * chunk).to(I32))
 
 
-def _chunks(lens, size: int):
-    """Split each of the packed sequences of `lens` into chunks of at most `size` rows.
-
-    Returns, per chunk, (sequence, chunk index in it, first packed row, rows), and the chunks
-    per sequence.
-    """
+def _chunks_host(lens, size: int) -> tuple[torch.Tensor, ...]:
+    """`Layout._chunks` for sequences of any lengths (ints), on the host."""
     lens = torch.tensor(list(lens), dtype=torch.int64)
     per_seq = (lens + size - 1) // size
-    seq = torch.repeat_interleave(torch.arange(len(lens)), per_seq)
-    j = torch.arange(int(per_seq.sum())) - (torch.cumsum(per_seq, 0) - per_seq)[seq]
+    n = sum(-(-int(x) // size) for x in lens)
+    seq = torch.repeat_interleave(torch.arange(len(lens)), per_seq, output_size=n)
+    j = torch.arange(n) - (torch.cumsum(per_seq, 0) - per_seq)[seq]
     start = (torch.cumsum(lens, 0) - lens)[seq] + j * size
     length = torch.clamp(lens[seq] - j * size, max=size)
     return seq, j, start, length, per_seq
+
+
+def _chunks_uniform(B, T, size: int, device) -> tuple[torch.Tensor, ...]:
+    """`Layout._chunks` for B sequences of length T, from the shape alone."""
+    per = (T + size - 1) // size
+    c = torch.arange(B * per, device=device)
+    seq = c // per
+    j = c - seq * per
+    return (seq, j, seq * T + j * size, torch.clamp(T - j * size, max=size),
+            torch.full((B,), per, dtype=torch.int64, device=device))
+
+
+def _pow2_at_least(n, lo: int = 16) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
 
 
 _CACHE: "OrderedDict[tuple, Layout]" = OrderedDict()
 _CACHE_SIZE = 16
 
 
-def build_layout(spec: Spec, seqlens: tuple[int, ...], device: torch.device) -> Layout:
-    """Tables for sequences of the given lengths, packed in order (cached: a training loop calls
-    with the same lengths every step, and the tables cost a host-to-device copy)."""
+def build_layout(spec: Spec, seqlens: tuple, device: torch.device) -> Layout:
+    """Tables for sequences of the given lengths, packed in order. Concrete lengths are cached (a
+    training loop calls with the same lengths every step); while tracing, nothing is cached."""
+    device = torch.device(device)
+    concrete = all(type(n) is int for n in seqlens) and not _tracing()
+    if not concrete:
+        return _build(spec, tuple(seqlens), device)
     key = (spec.cmp_block, spec.cmp_stride, spec.slc_block, tuple(seqlens), str(device))
     lay = _CACHE.get(key)
     if lay is None:
-        lay = _build(spec, tuple(seqlens), torch.device(device))
+        lay = _build(spec, tuple(seqlens), device)
         _CACHE[key] = lay
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
@@ -126,24 +169,44 @@ def build_layout(spec: Spec, seqlens: tuple[int, ...], device: torch.device) -> 
     return lay
 
 
-def _build(spec: Spec, seqlens: tuple[int, ...], device: torch.device) -> Layout:
+def _tracing() -> bool:
+    """Inside torch.compile / fake-tensor tracing (tables then must not outlive the trace)."""
+    from torch._guards import detect_fake_mode
+
+    return torch.compiler.is_compiling() or detect_fake_mode() is not None
+
+
+def _build(spec: Spec, seqlens: tuple, device: torch.device,
+           from_shape: bool | None = None) -> Layout:
+    """The tables; `from_shape` (default: when all lengths are equal) picks the shape-only path."""
+    B = len(seqlens)
+    ncs = tuple(spec.num_cmp(n) for n in seqlens)
+    nbp = _pow2_at_least(max(spec.num_blocks(n) for n in seqlens))
+    if from_shape is None:
+        from_shape = all(n is seqlens[0] or n == seqlens[0] for n in seqlens)
+    if from_shape:
+        T, nc = seqlens[0], ncs[0]
+        tok = torch.arange(B * T, device=device)
+        seq = tok // T
+        cmp = torch.arange(B * nc, device=device)
+        cseq = cmp // nc if nc else cmp
+        tables = dict(tok_pos=tok - seq * T, tok_cstart=seq * nc, tok_ncmp=torch.full_like(tok, nc),
+                      tok_seq=seq, tok_seqlen=torch.full_like(tok, T), tok_kbase=seq * T,
+                      cmp_src=cseq * T + (cmp - cseq * nc) * spec.cmp_stride)
+        tables = {k: t.to(I32) for k, t in tables.items()}
+        return Layout(seqlens=tuple(seqlens), device=device, n_cmp=B * nc, nbp=nbp, ncs=ncs,
+                      uniform=True, **tables)
     lens = torch.tensor(seqlens, dtype=torch.int64)
-    ncs = torch.tensor([spec.num_cmp(n) for n in seqlens], dtype=torch.int64)
+    nct = torch.tensor(ncs, dtype=torch.int64)
     tok_start = torch.cumsum(lens, 0) - lens
-    cmp_start = torch.cumsum(ncs, 0) - ncs
-    seq_of_tok = torch.repeat_interleave(torch.arange(len(seqlens)), lens)
-    tok_pos = torch.arange(int(lens.sum())) - tok_start[seq_of_tok]
-    seq_of_cmp = torch.repeat_interleave(torch.arange(len(seqlens)), ncs)
-    cmp_idx = torch.arange(int(ncs.sum())) - cmp_start[seq_of_cmp]
+    cmp_start = torch.cumsum(nct, 0) - nct
+    seq_of_tok = torch.repeat_interleave(torch.arange(B), lens, output_size=sum(seqlens))
+    tok_pos = torch.arange(sum(seqlens)) - tok_start[seq_of_tok]
+    seq_of_cmp = torch.repeat_interleave(torch.arange(B), nct, output_size=sum(ncs))
+    cmp_idx = torch.arange(sum(ncs)) - cmp_start[seq_of_cmp]
     cmp_src = tok_start[seq_of_cmp] + cmp_idx * spec.cmp_stride
-    packed = torch.stack([tok_pos, cmp_start[seq_of_tok], ncs[seq_of_tok], seq_of_tok,
-                          lens[seq_of_tok], tok_start[seq_of_tok]]).to(torch.int32)
-    packed = packed.to(device)
-    nb = max(spec.num_blocks(n) for n in seqlens)
-    lay = Layout(
-        seqlens=tuple(seqlens), device=device, tok_pos=packed[0], tok_cstart=packed[1],
-        tok_ncmp=packed[2], cmp_src=cmp_src.to(torch.int32).to(device), n_cmp=int(ncs.sum()),
-        nbp=max(16, triton.next_power_of_2(nb)), tok_seq=packed[3], tok_seqlen=packed[4],
-        tok_kbase=packed[5])
-    lay._ncs = [int(x) for x in ncs]
-    return lay
+    packed = torch.stack([tok_pos, cmp_start[seq_of_tok], nct[seq_of_tok], seq_of_tok,
+                          lens[seq_of_tok], tok_start[seq_of_tok]]).to(I32).to(device)
+    return Layout(seqlens=tuple(seqlens), device=device, tok_pos=packed[0], tok_cstart=packed[1],
+                  tok_ncmp=packed[2], cmp_src=cmp_src.to(I32).to(device), n_cmp=sum(ncs),
+                  nbp=nbp, tok_seq=packed[3], tok_seqlen=packed[4], tok_kbase=packed[5], ncs=ncs)

@@ -85,11 +85,11 @@ class NSAOp:
             return reference.nsa(q, k, v, gates, spec, k_cmp, v_cmp, cu_seqlens, return_indices,
                                  k_win=k_win, v_win=v_win)
         B, T = prob.batch, prob.seq_len
-        lay = build_layout(spec, prob.seqlens, q.device)
         if torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (q, k, v, gates, k_cmp, v_cmp, k_win, v_win)):
             o, idx, *_ = self._train_op(q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu_seqlens)
         else:
+            lay = build_layout(spec, prob.seqlens, q.device)
             o, idx, _ = self.module.forward(
                 _pack(q), _pack(k), _pack(v), _pack(gates), _pack(k_cmp), _pack(v_cmp), lay,
                 _pack(k_win), _pack(v_win),
@@ -120,6 +120,8 @@ def mean_compress_backward(dk_cmp: torch.Tensor, lay, spec: Spec, n_tok: int) ->
 
 
 def _layout(spec: Spec, q: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    """The layout inside the registered ops: from the shape alone when there is no cu_seqlens
+    (traceable by torch.compile), else from the lengths read on the host."""
     if cu_seqlens is None:
         lens = (q.shape[1],) * q.shape[0]
     else:

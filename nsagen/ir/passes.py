@@ -178,9 +178,11 @@ def _backward(spec: Spec, why: list[str]) -> list[KernelPlan]:
         gps = max(16, gp)
         out.append(KernelPlan("slc_attention_bwd", "slc_attention_bwd.py.jinja", ("slc_attn",),
                               config=dict(GP=gps, BK=min(spec.slc_block, 64),
-                                          BT_BWD=max(1, 64 // gps), num_warps=4)))
+                                          BT_BWD=max(1, 64 // gps), CHUNK_ITERS=64, num_warps=4)))
         why.append("backward slc: dk/dv per (block, KV head) over an inverse map of the tokens "
-                   "that chose it, so the cost follows the selected pairs")
+                   "that chose it, so the cost follows the selected pairs; each block's tokens "
+                   "in chunks of 64 tiles, added atomically (the initial block is chosen by every "
+                   "token and would otherwise serialise the launch)")
     if spec.has("win"):
         out.append(KernelPlan("win_attention_bwd", "win_attention_bwd.py.jinja", ("win_attn",),
                               config=dict(BT=max(1, 64 // gp), GP=gp, BK=64, num_warps=4)))
