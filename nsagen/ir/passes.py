@@ -168,7 +168,10 @@ def _tiles(spec: Spec, kernels: list[KernelPlan], why: list[str]) -> None:
 def _backward(spec: Spec, why: list[str]) -> list[KernelPlan]:
     """Backward kernels, one template per branch (dq and dk/dv kernels in each)."""
     gp = triton.next_power_of_2(spec.group)
-    out = []
+    out = [KernelPlan("gate_delta", "gate_delta.py.jinja", ("combine",),
+                      config=dict(BR=max(1, 4096 // triton.next_power_of_2(spec.dim_v)),
+                                  num_warps=4))]
+    why.append("backward prologue: gate gradients and every branch's delta in one pass over dO")
     if spec.has("cmp"):
         out.append(KernelPlan("cmp_attention_bwd", "cmp_attention_bwd.py.jinja", ("cmp_attn",),
                               config=dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4)))
