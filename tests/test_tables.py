@@ -86,3 +86,34 @@ def test_tune_plumbing_on_cpu(monkeypatch):
     doc = json.loads(path.read_text())
     assert doc["buckets"]["T<=1024"]["select_blocks"] == cands[-1]
     assert doc["meta"]["module"] == nsagen.build(spec).module_name
+
+
+def test_tune_backward_kernel_plumbing(monkeypatch):
+    """A backward kernel is searched on forward+backward timings and its winner's gradients are
+    checked against the reference before the table is saved."""
+    import os
+
+    import torch
+
+    import nsagen
+    from nsagen import autotune
+
+    from kernel_checks import scaled
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU plumbing check")
+    spec = scaled(nsagen.load_spec("nsa-fla"))
+    full = autotune.candidates
+    assert len(full(spec, "gate_delta", nsagen.build(spec).module.CONFIGS["gate_delta"])) > 2
+    # two candidates keep the interpreter run short
+    monkeypatch.setattr(autotune, "candidates", lambda *a, **kw: full(*a, **kw)[:2])
+    costs = iter(range(100, 0, -1))
+    path, rows = autotune.tune(spec, [20], kernels=["gate_delta"], device="cpu",
+                               dtype=torch.float32, timer=lambda f: float(next(costs)),
+                               progress=lambda m: None, check_len=20)
+    op = nsagen.build(spec)
+    cands = autotune.candidates(spec, "gate_delta", op.module.CONFIGS["gate_delta"])
+    assert len(cands) > 1 and [r["kernel"] for r in rows] == ["gate_delta"]
+    assert rows[0]["config"] == cands[-1]
+    doc = json.loads(path.read_text())
+    assert doc["buckets"]["T<=1024"]["gate_delta"] == cands[-1]
