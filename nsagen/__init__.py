@@ -6,5 +6,7 @@ __version__ = "0.1.0"
 from . import reference  # noqa: E402
 from .spec import Spec, SpecError, load_spec  # noqa: E402
 from .ops import NSAOp, build  # noqa: E402
+from .nn import SparseAttention  # noqa: E402
 
-__all__ = ["Spec", "SpecError", "load_spec", "build", "NSAOp", "reference", "__version__"]
+__all__ = ["Spec", "SpecError", "load_spec", "build", "NSAOp", "SparseAttention", "reference",
+           "__version__"]

@@ -1,0 +1,373 @@
+#!/usr/bin/env python
+"""Long-context retrieval from scratch: the nsagen SparseAttention layer against full attention.
+
+Two small decoder-only models that differ only in their attention layer (nsagen's NSA layer, or
+causal full attention through PyTorch's SDPA with the same heads, GQA grouping and RoPE) are
+trained from scratch with the same budget (steps, tokens, schedule, seed, data) on multi-query
+associative recall in a haystack, then evaluated at every context length:
+
+    filler ... k1 v1 ... filler ... k2 v2 ... filler ... | k7 ? k2 ? k13 ? ...
+
+A sequence of length T is filler tokens with P key/value pairs at random places; its last 2P
+tokens ask for every key once, in a random order, and the model must predict each key's value
+(the loss and the accuracy count only these answers; chance is 1 / values). Training steps cycle
+through the context lengths (4k, 8k, 16k by default) with a constant number of tokens per step.
+
+The script prints, and writes to a JSON file, the answer accuracy per context length and the
+training tokens per second of both models (after a warm-up step per length that also compiles
+the Triton kernels; the warm-up time is reported on its own).
+
+    python examples/retrieval.py results/retrieval.json              # GPU defaults, ~3-4 min on an H200
+    python examples/retrieval.py /tmp/smoke.json --smoke             # tiny CPU run, a few seconds
+
+On CUDA the models train under bf16 autocast (fp32 master weights); on the CPU in float32. On the
+CPU the NSA op runs nsagen's PyTorch reference (or the kernels under TRITON_INTERPRET=1, slowly).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nsagen
+from nsagen.nn import SparseAttention, apply_rope
+
+IGNORE = -100
+
+
+# ------------------------------------------------------------------------------------ task
+class Task:
+    """Token layout: [0, filler) filler, then keys, then values."""
+
+    def __init__(self, filler: int, keys: int, values: int, pairs: int):
+        if pairs > keys:
+            raise ValueError(f"--pairs {pairs} needs at least as many keys (--keys {keys})")
+        self.filler, self.keys, self.values, self.pairs = filler, keys, values, pairs
+        self.key0, self.val0 = filler, filler + keys
+        self.vocab = filler + keys + values
+
+    def batch(self, n: int, T: int, gen: torch.Generator,
+              device) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [n, T] and targets [n, T] (IGNORE except at the query keys, whose target is
+        the value that followed the key in the context)."""
+        P = self.pairs
+        ctx = T - 2 * P
+        if ctx < 2 * P:
+            raise ValueError(f"context {T} too short for {P} pairs")
+        tok = torch.randint(0, self.filler, (n, T), generator=gen)
+        slot = torch.rand(n, ctx // 2, generator=gen).argsort(1)[:, :P] * 2     # pair starts
+        key = torch.rand(n, self.keys, generator=gen).argsort(1)[:, :P] + self.key0
+        val = torch.randint(0, self.values, (n, P), generator=gen) + self.val0
+        tok.scatter_(1, slot, key)
+        tok.scatter_(1, slot + 1, val)
+        order = torch.rand(n, P, generator=gen).argsort(1)
+        tok[:, ctx::2] = key.gather(1, order)
+        tok[:, ctx + 1::2] = val.gather(1, order)
+        tgt = torch.full((n, T), IGNORE, dtype=torch.long)
+        tgt[:, ctx::2] = val.gather(1, order)
+        return tok.to(device), tgt.to(device)
+
+
+# ------------------------------------------------------------------------------------ model
+class FullAttention(nn.Module):
+    """Causal full attention (SDPA) with the same projections, GQA heads and RoPE as the NSA
+    layer (its compression, gates and sparsity aside)."""
+
+    def __init__(self, hidden: int, heads_q: int, heads_kv: int, dim: int, rope_theta: float):
+        super().__init__()
+        self.hq, self.hkv, self.dim, self.theta = heads_q, heads_kv, dim, rope_theta
+        self.q_proj = nn.Linear(hidden, heads_q * dim, bias=False)
+        self.k_proj = nn.Linear(hidden, heads_kv * dim, bias=False)
+        self.v_proj = nn.Linear(hidden, heads_kv * dim, bias=False)
+        self.o_proj = nn.Linear(heads_q * dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        pos = torch.arange(T, device=x.device)
+        q = apply_rope(self.q_proj(x).unflatten(-1, (self.hq, self.dim)), pos, self.theta)
+        k = apply_rope(self.k_proj(x).unflatten(-1, (self.hkv, self.dim)), pos, self.theta)
+        v = self.v_proj(x).unflatten(-1, (self.hkv, self.dim))
+        g = self.hq // self.hkv
+        k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)    # GQA heads expanded
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True)
+        return self.o_proj(o.transpose(1, 2).flatten(-2))
+
+
+class TokenShift(nn.Module):
+    """h_t + w * h_{t-1} per channel (a causal depthwise convolution of width 2): every position
+    also carries its predecessor, so associative recall needs one attention hop, not two."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(hidden))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + F.pad(h, (0, 0, 1, 0))[:, :-1] * self.w
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int, attn: nn.Module):
+        super().__init__()
+        self.norm1, self.shift, self.attn = nn.RMSNorm(hidden), TokenShift(hidden), attn
+        self.norm2 = nn.RMSNorm(hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden, bias=False), nn.GELU(),
+                                 nn.Linear(4 * hidden, hidden, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.shift(self.norm1(x)))
+        return x + self.mlp(self.norm2(x))
+
+
+class Model(nn.Module):
+    def __init__(self, vocab: int, hidden: int, layers: int, make_attn):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList(Block(hidden, make_attn()) for _ in range(layers))
+        self.norm = nn.RMSNorm(hidden)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        for b in self.blocks:   # residual branches start small
+            nn.init.normal_(b.mlp[2].weight, std=0.02 / math.sqrt(2 * layers))
+            nn.init.normal_(b.attn.o_proj.weight, std=0.02 / math.sqrt(2 * layers))
+
+    def forward(self, tok: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy, number of correct answers) over the positions with a target."""
+        x = self.embed(tok)
+        for b in self.blocks:
+            x = b(x)
+        sel = tgt != IGNORE
+        logits = self.head(self.norm(x[sel])).float()
+        y = tgt[sel]
+        return F.cross_entropy(logits, y), (logits.argmax(-1) == y).sum()
+
+
+def nsa_spec(a) -> nsagen.Spec:
+    """The NSA layer of the experiment: paper block sizes unless --smoke."""
+    d = dict(name="retrieval", heads={"q": a.heads, "kv": a.kv_heads},
+             head_dim={"qk": a.hidden // a.heads, "v": a.hidden // a.heads}, dtype="bfloat16",
+             compression={"block": a.cmp_block, "stride": a.cmp_stride, "kind": a.cmp_kind},
+             selection={"block": a.slc_block, "count": a.slc_count, "initial": 1, "local": 2},
+             window=a.window, kv_per_branch=a.kv_per_branch)
+    return nsagen.Spec.from_dict(d)
+
+
+def build_model(kind: str, a, vocab: int, device) -> Model:
+    dim = a.hidden // a.heads
+    if kind == "nsagen":
+        spec = nsa_spec(a)
+
+        def make():
+            return SparseAttention(spec, a.hidden, rope_theta=a.rope_theta)
+    else:
+        def make():
+            return FullAttention(a.hidden, a.heads, a.kv_heads, dim, a.rope_theta)
+    torch.manual_seed(a.seed)
+    return Model(vocab, a.hidden, a.layers, make).to(device)
+
+
+# ------------------------------------------------------------------------------------ loop
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _autocast(device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def schedule(step: int, total: int, warmup: int, lr: float) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def length_at(step: int, a) -> int:
+    """The context length of a training step: the curriculum's stages first (each
+    `curriculum_steps` long), then the evaluated lengths in turn."""
+    stage = step // a.curriculum_steps if a.curriculum_steps else len(a.curriculum)
+    if stage < len(a.curriculum):
+        return a.curriculum[stage]
+    rest = step - len(a.curriculum) * a.curriculum_steps
+    return a.lengths[rest % len(a.lengths)]
+
+
+def run_model(kind: str, a, task: Task, device, steps: int, time_limit: float | None) -> dict:
+    """Warm up (compile), train `steps` steps (stopping early at `time_limit` seconds), eval."""
+    model = build_model(kind, a, task.vocab, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.95))
+    lengths = a.lengths
+
+    def batch_of(T):
+        return max(1, a.tokens_per_step // T)
+
+    # warm-up: one forward/backward per length (Triton compiles here), no update
+    t0 = time.perf_counter()
+    wgen = torch.Generator().manual_seed(a.seed + 999)
+    for T in sorted(set(a.curriculum + lengths)):
+        tok, tgt = task.batch(batch_of(T), T, wgen, device)
+        with _autocast(device):
+            loss, _ = model(tok, tgt)
+        loss.backward()
+    opt.zero_grad(set_to_none=True)
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
+
+    gen = torch.Generator().manual_seed(a.seed)    # the same data for both models
+    model.train()
+    curve, tokens, done = [], 0, 0
+    t0 = time.perf_counter()
+    for step in range(steps):
+        T = length_at(step, a)
+        tok, tgt = task.batch(batch_of(T), T, gen, device)
+        for g in opt.param_groups:
+            g["lr"] = schedule(step, steps, a.warmup_steps, a.lr)
+        with _autocast(device):
+            loss, correct = model(tok, tgt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += tok.numel()
+        done = step + 1
+        if step % a.log_every == 0 or step == steps - 1:
+            acc = correct.item() / (tgt != IGNORE).sum().item()
+            curve.append({"step": step, "T": T, "loss": round(loss.item(), 4),
+                          "acc": round(acc, 4)})
+            print(f"  [{kind}] step {step:4d}  T={T:5d}  loss {loss.item():.3f}  "
+                  f"acc {acc:.3f}  {time.perf_counter() - t0:6.1f}s", flush=True)
+        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            print(f"  [{kind}] time limit {time_limit:.0f}s reached after {done} steps", flush=True)
+            break
+    _sync(device)
+    train_s = time.perf_counter() - t0
+
+    model.eval()
+    egen = torch.Generator().manual_seed(a.seed + 12345)   # held-out data, same for both
+    evals = {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for T in lengths:
+            right = total = 0
+            left = a.eval_seqs
+            while left > 0:
+                n = min(left, batch_of(T))
+                tok, tgt = task.batch(n, T, egen, device)
+                with _autocast(device):
+                    _, c = model(tok, tgt)
+                right += c.item()
+                total += (tgt != IGNORE).sum().item()
+                left -= n
+            evals[str(T)] = {"accuracy": right / total, "answers": total}
+    _sync(device)
+    return {"params": n_params, "steps": done, "tokens": tokens, "warmup_s": round(warmup_s, 2),
+            "train_s": round(train_s, 2), "train_tokens_per_s": tokens / train_s,
+            "eval_s": round(time.perf_counter() - t0, 2), "eval": evals, "curve": curve}
+
+
+# ------------------------------------------------------------------------------------ main
+GPU_DEFAULTS = dict(hidden=512, layers=4, heads=8, kv_heads=1, lengths="4096,8192,16384",
+                    curriculum="256,512,1024,2048", curriculum_steps=25,
+                    tokens_per_step=65536, steps=300, eval_seqs=32, pairs=32, keys=256, values=64,
+                    filler=16, lr=2e-3, warmup_steps=30, time_limit=70.0, cmp_block=32,
+                    cmp_stride=16, slc_block=64, slc_count=16, window=512, log_every=25)
+SMOKE = dict(hidden=64, layers=2, heads=4, kv_heads=1, lengths="128", curriculum="64",
+             curriculum_steps=1, tokens_per_step=256,
+             steps=3, eval_seqs=2, pairs=4, keys=8, values=8, filler=8, lr=1e-3, warmup_steps=1,
+             time_limit=None, cmp_block=16, cmp_stride=8, slc_block=16, slc_count=4, window=32,
+             log_every=1)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="path of the JSON results file")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny CPU configuration (context 128, 3 steps, float32)")
+    p.add_argument("--models", default="nsagen,full",
+                   help="comma list of nsagen, full (default both; the first sets the step count)")
+    p.add_argument("--device", default=None, help="default: cuda if available (cpu with --smoke)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cmp-kind", default="mlp", choices=["mean", "linear", "mlp"])
+    p.add_argument("--kv-per-branch", default="shared", choices=["shared", "separate"])
+    p.add_argument("--rope-theta", type=float, default=100000.0)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    for k, v in GPU_DEFAULTS.items():
+        flag = "--" + k.replace("_", "-")
+        if k in ("lengths", "curriculum"):
+            typ = str
+        else:
+            typ = float if isinstance(v, float) or v is None else int
+        p.add_argument(flag, type=typ, default=None, help=f"default {v} (smoke: {SMOKE[k]})")
+    a = p.parse_args(argv)
+    base = SMOKE if a.smoke else GPU_DEFAULTS
+    for k, v in base.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.time_limit is not None and a.time_limit <= 0:
+        a.time_limit = None
+    a.lengths = [int(x) for x in str(a.lengths).split(",")]
+    a.curriculum = [int(x) for x in str(a.curriculum).split(",") if x.strip()]
+    a.models = [m.strip() for m in a.models.split(",") if m.strip()]
+    for m in a.models:
+        if m not in ("nsagen", "full"):
+            p.error(f"--models: unknown model {m!r} (nsagen, full)")
+    if a.hidden % a.heads:
+        p.error(f"--hidden {a.hidden} must be a multiple of --heads {a.heads}")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() and not a.smoke
+                                       else "cpu"))
+    task = Task(a.filler, a.keys, a.values, a.pairs)
+    t_start = time.perf_counter()
+    print(f"retrieval: {', '.join(a.models)} on {device}; hidden {a.hidden}, {a.layers} layers, "
+          f"heads {a.heads}/{a.kv_heads}; lengths {a.lengths}; {a.steps} steps x "
+          f"{a.tokens_per_step} tokens; {a.pairs} pairs per sequence, chance "
+          f"{1 / a.values:.3f}", flush=True)
+    results, steps = {}, a.steps
+    for i, kind in enumerate(a.models):
+        print(f"{kind}:", flush=True)
+        r = run_model(kind, a, task, device, steps, a.time_limit)
+        if i == 0:
+            steps = r["steps"]    # the next model trains exactly as many steps (same budget)
+        results[kind] = r
+        accs = ", ".join(f"{T}: {e['accuracy']:.3f}" for T, e in r["eval"].items())
+        print(f"{kind}: {r['steps']} steps, {r['train_tokens_per_s']:,.0f} train tokens/s "
+              f"(warm-up {r['warmup_s']:.1f}s); accuracy {accs}", flush=True)
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+           platform.processor() or "cpu", "torch": torch.__version__,
+           "nsagen": nsagen.__version__, "python": platform.python_version(),
+           "date": time.strftime("%Y-%m-%d")}
+    cfg = {k: v for k, v in vars(a).items() if k != "out"}
+    cfg["spec"] = nsa_spec(a).to_dict()
+    out = {"task": "multi-query associative recall in a haystack", "chance": 1 / a.values,
+           "config": cfg, "environment": env, "models": results,
+           "wall_s": round(time.perf_counter() - t_start, 1)}
+    path = Path(a.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path} ({out['wall_s']}s)", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

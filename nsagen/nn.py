@@ -1,0 +1,461 @@
+"""The NSA layer a model uses: projections, learned compression, gates and rotary embeddings
+around the generated op, for training (`forward(x)`) and decoding (`forward(x, cache=...)`).
+
+Placement of the rotary embedding (RoPE) relative to compression, fixed here and in
+docs/layer.md:
+
+- Queries, and the keys of the selection and window branches, are rotated at their own
+  positions (positions restart at every sequence of a `cu_seqlens` batch).
+- Learned compression (`linear`, `mlp`) sees un-rotated keys: phi maps the l raw keys of window
+  i to one key, which is then rotated at the window's last position `i*d + l - 1`, the first
+  position whose query can see it. The intra-block position encoding of `mlp` therefore carries
+  the order inside a window, and RoPE carries the distance between query and window.
+- `mean` compression is computed by the op itself from the keys it is given, i.e. from rotated
+  keys (so the fused compression kernel and the decode cache's own compression are used).
+- Values are never rotated.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference
+from .spec import Spec, load_spec
+
+__all__ = ["SparseAttention", "SparseAttentionCache", "Compression", "reference_op",
+           "apply_rope"]
+
+
+# ---------------------------------------------------------------------------------- RoPE
+def _rope_tables(pos: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [*pos.shape, dim/2] for positions `pos` (any integer or float tensor); angles in
+    float32 (float64 for float64 inputs), then cast to `dtype`."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    inv = theta ** (-torch.arange(0, dim, 2, device=pos.device, dtype=work) / dim)
+    ang = pos.to(work)[..., None] * inv
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotate x [..., N, H, D] at positions pos [..., N] (rotate-half pairing: dim i with i + D/2).
+
+    `pos` broadcasts against x's leading dims (e.g. [T] for a [B, T, H, D] batch, [B] for one
+    decode token per row [B, H, D])."""
+    d = x.shape[-1]
+    cos, sin = _rope_tables(pos, d, theta, x.dtype)
+    cos, sin = cos[..., None, :], sin[..., None, :]          # broadcast over heads
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+# ---------------------------------------------------------------------------------- phi
+class Compression(nn.Module):
+    """phi: the l keys (or values) of a compression window -> one compressed token.
+
+    Shared by all KV heads. Kinds (the spec's `compression.kind`):
+
+    - `mean`: the average of the window (no parameters).
+    - `linear`: one linear map of the flattened window [l*D] -> [D]; initialised to the mean.
+    - `mlp`: the paper's MLP with an intra-block position encoding: a learned [l, D] encoding is
+      added to the window, which is flattened and passed through Linear -> SiLU -> Linear; the
+      result is added to the window mean. The output layer starts at zero, so phi starts as the
+      mean and learns a correction.
+    """
+
+    def __init__(self, kind: str, block: int, stride: int, dim: int, hidden: int | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.kind, self.block, self.stride, self.dim = kind, block, stride, dim
+        fk = dict(device=device, dtype=dtype)
+        if kind == "linear":
+            self.proj = nn.Linear(block * dim, dim, **fk)
+        elif kind == "mlp":
+            hidden = 2 * dim if hidden is None else hidden
+            self.pos = nn.Parameter(torch.empty(block, dim, **fk))
+            self.fc1 = nn.Linear(block * dim, hidden, **fk)
+            self.fc2 = nn.Linear(hidden, dim, **fk)
+        elif kind != "mean":
+            raise ValueError(f"compression.kind: {kind!r}: choose from mean, linear, mlp")
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Linear: exactly the mean. MLP: mean plus a zero correction, small position encoding."""
+        with torch.no_grad():
+            if self.kind == "linear":
+                eye = torch.eye(self.dim, device=self.proj.weight.device)
+                self.proj.weight.copy_(eye.repeat(1, self.block) / self.block)
+                self.proj.bias.zero_()
+            elif self.kind == "mlp":
+                nn.init.normal_(self.pos, std=0.02)
+                self.fc1.reset_parameters()
+                self.fc2.weight.zero_()
+                self.fc2.bias.zero_()
+
+    def reduce(self, w: torch.Tensor) -> torch.Tensor:
+        """Windows [..., l, D] -> compressed tokens [..., D]."""
+        if self.kind == "linear":
+            return self.proj(w.flatten(-2))
+        mean = w.mean(-2)
+        if self.kind == "mean":
+            return mean
+        h = F.silu(self.fc1((w + self.pos.to(w.dtype)).flatten(-2)))
+        return mean + self.fc2(h)
+
+    def forward(self, x: torch.Tensor, seqlens: Optional[list[int]] = None) -> torch.Tensor:
+        """x [B, T, H, D] -> [B, Nc(T), H, D]; with `seqlens` (a packed B == 1 batch) every
+        sequence is compressed on its own and the results are packed in order."""
+        if seqlens is None:
+            return self._one(x)
+        parts, t0 = [], 0
+        for n in seqlens:
+            parts.append(self._one(x[:, t0:t0 + n]))
+            t0 += n
+        return torch.cat(parts, 1)
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, H, D = x.shape
+        if T < self.block:
+            return x.new_zeros(B, 0, H, D) + 0 * x[:, :0].sum()  # keeps x in the graph
+        w = x.unfold(1, self.block, self.stride).transpose(-1, -2)   # [B, Nc, H, l, D]
+        return self.reduce(w)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, block={self.block}, stride={self.stride}, dim={self.dim}"
+
+
+# ---------------------------------------------------------------------------------- the op
+def reference_op(spec: Spec) -> Callable:
+    """A callable with the op's signature that runs nsagen.reference.nsa: wire it into
+    SparseAttention(op=...) to check or debug the layer against the PyTorch oracle."""
+
+    def run(q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
+            return_indices=False, k_win=None, v_win=None):
+        return reference.nsa(q, k, v, gates, spec, k_cmp, v_cmp, cu_seqlens, return_indices,
+                             k_win=k_win, v_win=v_win)
+
+    run.spec = spec
+    return run
+
+
+def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: {value!r}: must be a positive integer")
+
+
+# ---------------------------------------------------------------------------------- layer
+class SparseAttention(nn.Module):
+    """Native Sparse Attention layer: x [B, T, hidden_size] -> [B, T, hidden_size].
+
+    Args:
+        spec: the layer's Spec (or a path / shipped spec name).
+        hidden_size: model width. With `match_width` (default) it must equal
+            heads.q * head_dim.v, as in a usual transformer block; pass `match_width=False` to
+            project between different widths (e.g. the paper's Dk=192, Dv=128 heads).
+        rope: rotate queries and keys (see the module docstring for the placement);
+            `rope_theta` is the base.
+        gate_hidden: width of the gate MLP (Linear -> SiLU -> Linear -> sigmoid), default
+            max(16, hidden_size // 8); one gate per query head and branch.
+        cmp_hidden: hidden width of the `mlp` compression (default 2 * head dim).
+        bias: bias in the q/k/v/o projections.
+        op: the attention op; default `nsagen.build(spec)`. Any callable with the op's
+            signature works (e.g. `reference_op(spec)`); decoding needs `op.new_cache`.
+
+    With `kv_per_branch: separate` the selection branch uses k_proj/v_proj, the window branch
+    k_win_proj/v_win_proj and a learned compression k_cmp_proj/v_cmp_proj; with `mean`
+    compression the compressed tokens are the op's mean of the selection keys.
+    """
+
+    def __init__(self, spec: Spec | str | os.PathLike, hidden_size: int, *, rope: bool = True,
+                 rope_theta: float = 10000.0, gate_hidden: int | None = None,
+                 cmp_hidden: int | None = None, bias: bool = False, match_width: bool = True,
+                 op=None, device=None, dtype=None):
+        super().__init__()
+        if isinstance(spec, (str, os.PathLike)):
+            spec = load_spec(spec)
+        if not isinstance(spec, Spec):
+            raise TypeError(f"spec: expected an nsagen.Spec, a spec path or a shipped spec name, "
+                            f"got {type(spec).__name__}")
+        _check_positive_int("hidden_size", hidden_size)
+        HQ, H, Dk, Dv = spec.heads_q, spec.heads_kv, spec.dim_qk, spec.dim_v
+        if match_width:
+            if hidden_size % HQ:
+                raise ValueError(
+                    f"hidden_size: {hidden_size}: not divisible by the spec's heads.q ({HQ}); "
+                    f"with match_width=True it must equal heads.q * head_dim.v = {HQ * Dv}")
+            if hidden_size != HQ * Dv:
+                raise ValueError(
+                    f"hidden_size: {hidden_size}: does not match the spec's heads.q * head_dim.v "
+                    f"= {HQ} * {Dv} = {HQ * Dv} (use a spec with head_dim.v = "
+                    f"{hidden_size // HQ}, or pass match_width=False to project between widths)")
+        if rope:
+            if Dk % 2:
+                raise ValueError(f"head_dim.qk: {Dk}: rotary embeddings need an even head dim "
+                                 f"(or pass rope=False)")
+            if not (isinstance(rope_theta, (int, float)) and rope_theta > 0):
+                raise ValueError(f"rope_theta: {rope_theta!r}: must be a positive number")
+        _check_positive_int("gate_hidden", gate_hidden, allow_none=True)
+        _check_positive_int("cmp_hidden", cmp_hidden, allow_none=True)
+
+        self.spec, self.hidden_size = spec, hidden_size
+        self.rope, self.rope_theta = rope, float(rope_theta)
+        self.op = op
+        fk = dict(device=device, dtype=dtype)
+        self.uses_cmp = spec.has("cmp") or spec.has("slc")
+        self.learned = self.uses_cmp and spec.learned_compression
+        self.separate = spec.kv_per_branch == "separate"
+        self.q_proj = nn.Linear(hidden_size, HQ * Dk, bias=bias, **fk)
+        self.k_proj = nn.Linear(hidden_size, H * Dk, bias=bias, **fk)
+        self.v_proj = nn.Linear(hidden_size, H * Dv, bias=bias, **fk)
+        if self.separate and self.learned:
+            self.k_cmp_proj = nn.Linear(hidden_size, H * Dk, bias=bias, **fk)
+            self.v_cmp_proj = nn.Linear(hidden_size, H * Dv, bias=bias, **fk)
+        if self.separate and spec.has("win"):
+            self.k_win_proj = nn.Linear(hidden_size, H * Dk, bias=bias, **fk)
+            self.v_win_proj = nn.Linear(hidden_size, H * Dv, bias=bias, **fk)
+        self.o_proj = nn.Linear(HQ * Dv, hidden_size, bias=bias, **fk)
+        if self.learned:
+            kw = dict(kind=spec.cmp_kind, block=spec.cmp_block, stride=spec.cmp_stride,
+                      hidden=cmp_hidden, **fk)
+            self.phi_k = Compression(dim=Dk, **kw)
+            self.phi_v = Compression(dim=Dv, **kw)
+        self.gate_cols = [i for i, b in enumerate(("cmp", "slc", "win")) if spec.has(b)]
+        gh = max(16, hidden_size // 8) if gate_hidden is None else gate_hidden
+        self.gate = nn.Sequential(nn.Linear(hidden_size, gh, **fk), nn.SiLU(),
+                                  nn.Linear(gh, HQ * len(self.gate_cols), **fk))
+        with torch.no_grad():  # gates start at sigmoid(0) = 0.5 for every head and branch
+            self.gate[2].weight.zero_()
+            self.gate[2].bias.zero_()
+
+    # ------------------------------------------------------------------ pieces
+    def _op(self):
+        if self.op is None:
+            from .ops import build
+
+            self.op = build(self.spec)
+        return self.op
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"spec={s.name!r}, hidden_size={self.hidden_size}, heads={s.heads_q}/"
+                f"{s.heads_kv}, dims={s.dim_qk}/{s.dim_v}, compression={s.cmp_kind}, "
+                f"branches={'+'.join(s.branches)}, kv_per_branch={s.kv_per_branch}, "
+                f"rope={self.rope}")
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Sigmoid gates [..., HQ, 3] (cmp, slc, win) from x [..., hidden]; absent branches 0."""
+        g = torch.sigmoid(self.gate(x)).unflatten(-1, (self.spec.heads_q, len(self.gate_cols)))
+        if len(self.gate_cols) == 3:
+            return g
+        cols = [g.new_zeros(g.shape[:-1])] * 3
+        for j, c in enumerate(self.gate_cols):
+            cols[c] = g[..., j]
+        return torch.stack(cols, -1)
+
+    def _rot(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return apply_rope(x, pos, self.rope_theta) if self.rope else x
+
+    def _heads(self, lin: nn.Linear, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return lin(x).unflatten(-1, (-1, dim))
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        """o [..., HQ, Dv] -> o_proj; casts to the weights' dtype unless autocast does it."""
+        if not torch.is_autocast_enabled(o.device.type):
+            o = o.to(self.o_proj.weight.dtype)
+        return self.o_proj(o.flatten(-2))
+
+    def _check_x(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected [B, T, hidden_size={self.hidden_size}], got {shape}")
+        if x.shape[1] < 1:
+            raise ValueError(f"x: sequence length must be >= 1, got shape {tuple(x.shape)}")
+
+    def project(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> dict:
+        """The op's inputs for x [B, T, hidden]: q, k, v, gates, k_cmp, v_cmp, k_win, v_win
+        (rotated as described in the module docstring), plus the un-rotated keys/values the
+        learned compression read (`k_src`, `v_src`), which decoding keeps."""
+        s = self.spec
+        B, T, _ = x.shape
+        if cu_seqlens is None:
+            lens = None
+            pos = torch.arange(T, device=x.device)
+        else:
+            if B != 1:
+                raise ValueError(f"cu_seqlens: requires batch size 1 (packed sequences), got B={B}")
+            offs = [int(c) for c in cu_seqlens.tolist()]
+            lens = [b - a for a, b in zip(offs[:-1], offs[1:])]
+            if offs[0] != 0 or offs[-1] != T or any(n <= 0 for n in lens):
+                raise ValueError(f"cu_seqlens: expected increasing offsets from 0 to T={T}, "
+                                 f"got {offs}")
+            pos = torch.cat([torch.arange(n, device=x.device) for n in lens])
+        q = self._heads(self.q_proj, x, s.dim_qk)
+        k = self._heads(self.k_proj, x, s.dim_qk)
+        v = self._heads(self.v_proj, x, s.dim_v)
+        out = dict(gates=self.gates(x), k_cmp=None, v_cmp=None, k_win=None, v_win=None,
+                   k_src=None, v_src=None)
+        if self.learned:
+            if self.separate:
+                ks = self._heads(self.k_cmp_proj, x, s.dim_qk)
+                vs = self._heads(self.v_cmp_proj, x, s.dim_v)
+            else:
+                ks, vs = k, v
+            kc, vc = self.phi_k(ks, lens), self.phi_v(vs, lens)
+            ends = _window_ends(s, [T] if lens is None else lens, x.device)
+            out.update(k_cmp=self._rot(kc, ends), v_cmp=vc, k_src=ks, v_src=vs)
+        if self.separate and s.has("win"):
+            out["k_win"] = self._rot(self._heads(self.k_win_proj, x, s.dim_qk), pos)
+            out["v_win"] = self._heads(self.v_win_proj, x, s.dim_v)
+        out.update(q=self._rot(q, pos), k=self._rot(k, pos), v=v)
+        # the op wants one dtype; under autocast the pieces may differ (e.g. fp32 sigmoid)
+        dt = out["q"].dtype
+        for name in ("k", "v", "gates", "k_cmp", "v_cmp", "k_win", "v_win"):
+            if out[name] is not None and out[name].dtype != dt:
+                out[name] = out[name].to(dt)
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                cache: "SparseAttentionCache | None" = None) -> torch.Tensor:
+        """Training / prefill: x [B, T, hidden] -> [B, T, hidden] (`cu_seqlens` packs
+        variable-length sequences into B == 1, as FlashAttention does).
+
+        Decoding: with `cache` (from `new_cache`), x holds the next tokens of every row: an empty
+        cache is prefilled with all of x (the output is the training forward's); otherwise the
+        tokens are decoded one at a time, appending to the cache."""
+        self._check_x(x)
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens: not supported with a decode cache (rows are the "
+                                 "batch)")
+            return self._decode(x, cache)
+        p = self.project(x, cu_seqlens)
+        o = self._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
+                       cu_seqlens=cu_seqlens, k_win=p["k_win"], v_win=p["v_win"])
+        return self._out(o)
+
+    # ------------------------------------------------------------------ decoding
+    def new_cache(self, batch: int, max_len: int, device=None,
+                  dtype: torch.dtype | None = None) -> "SparseAttentionCache":
+        """Decode state for `batch` rows of up to `max_len` tokens (dtype defaults to the
+        layer's parameter dtype; use the dtype the attention runs in, e.g. bfloat16)."""
+        op = self._op()
+        if not hasattr(op, "new_cache"):
+            raise TypeError("op: decoding needs an op with new_cache (an nsagen.NSAOp)")
+        p = next(self.parameters())
+        return SparseAttentionCache(self, batch, max_len, p.device if device is None else device,
+                                    p.dtype if dtype is None else dtype)
+
+    def _decode(self, x: torch.Tensor, cache: "SparseAttentionCache") -> torch.Tensor:
+        if cache.layer is not self:
+            raise ValueError("cache: was made by another layer (each layer needs its own)")
+        B, T, _ = x.shape
+        if B != cache.batch:
+            raise ValueError(f"x: batch {B} does not match the cache's {cache.batch}")
+        if cache.length + T > cache.max_len:
+            raise ValueError(f"cache full: {cache.length} + {T} tokens > max_len={cache.max_len}")
+        if cache.length == 0 and T > 1:
+            return self._prefill(x, cache)
+        return torch.cat([self._step(x[:, t], cache) for t in range(T)], 1)
+
+    def _prefill(self, x: torch.Tensor, cache: "SparseAttentionCache") -> torch.Tensor:
+        p = self.project(x)
+        o = self._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
+                       k_win=p["k_win"], v_win=p["v_win"])
+        dt = cache.dtype
+        c = lambda t: None if t is None else t.to(dt)  # noqa: E731
+        T = x.shape[1]
+        kc, vc = c(p["k_cmp"]), c(p["v_cmp"])
+        if kc is None and self.spec.learned_compression:  # unread, but the cache wants them
+            kc, vc = _blank_cmp(self.spec, (x.shape[0], self.spec.num_cmp(T)), x.device, dt)
+        cache.kv.prefill(c(p["k"]), c(p["v"]), k_cmp=kc, v_cmp=vc,
+                         k_win=c(p["k_win"]), v_win=c(p["v_win"]))
+        if self.learned:
+            l = self.spec.cmp_block
+            keep = torch.arange(max(0, T - l), T, device=x.device)
+            cache.ring_k[:, keep % l] = p["k_src"][:, keep].to(dt)
+            cache.ring_v[:, keep % l] = p["v_src"][:, keep].to(dt)
+        cache.length = T
+        return self._out(o)
+
+    def _step(self, x_t: torch.Tensor, cache: "SparseAttentionCache") -> torch.Tensor:
+        """One token per row: x_t [B, hidden] -> [B, 1, hidden]. Reads no device value on the
+        host, so the step can be captured in a CUDA graph."""
+        s, dt = self.spec, cache.dtype
+        B = x_t.shape[0]
+        pos = cache.kv.lens.long()                 # position of the new token, per row
+        rows = torch.arange(B, device=x_t.device)
+        q = self._rot(self._heads(self.q_proj, x_t, s.dim_qk), pos)
+        k_raw = self._heads(self.k_proj, x_t, s.dim_qk)
+        v = self._heads(self.v_proj, x_t, s.dim_v)
+        gates = self.gates(x_t)
+        extra = {}
+        if self.learned:
+            l = s.cmp_block
+            if self.separate:
+                ks = self._heads(self.k_cmp_proj, x_t, s.dim_qk)
+                vs = self._heads(self.v_cmp_proj, x_t, s.dim_v)
+            else:
+                ks, vs = k_raw, v
+            cache.ring_k[rows, pos % l] = ks.to(dt)
+            cache.ring_v[rows, pos % l] = vs.to(dt)
+            # the window that ends at this token (used only by the rows that emit now)
+            slots = (pos[:, None] - l + 1 + torch.arange(l, device=pos.device)) % l
+            wk = cache.ring_k[rows[:, None], slots].transpose(1, 2)      # [B, H, l, Dk]
+            wv = cache.ring_v[rows[:, None], slots].transpose(1, 2)
+            kc = self._rot(self.phi_k.reduce(wk.to(ks.dtype)), pos)
+            vc = self.phi_v.reduce(wv.to(vs.dtype))
+            extra.update(k_cmp_t=kc.to(dt), v_cmp_t=vc.to(dt))
+        elif s.learned_compression:  # learned kind, but neither cmp nor slc reads the tokens
+            kc, vc = _blank_cmp(s, (B,), x_t.device, dt)
+            extra.update(k_cmp_t=kc, v_cmp_t=vc)
+        if self.separate and s.has("win"):
+            extra.update(k_win_t=self._rot(self._heads(self.k_win_proj, x_t, s.dim_qk),
+                                           pos).to(dt),
+                         v_win_t=self._heads(self.v_win_proj, x_t, s.dim_v).to(dt))
+        cache.kv.append(self._rot(k_raw, pos).to(dt), v.to(dt), **extra)
+        o = cache.kv.step(q.to(dt), gates.to(dt))
+        cache.length += 1
+        return self._out(o)[:, None]
+
+
+def _blank_cmp(spec: Spec, lead: tuple, device, dtype):
+    """Zero compressed tokens [*lead, H, D] for a cache whose spec never reads them."""
+    z = dict(device=device, dtype=dtype)
+    return (torch.zeros(*lead, spec.heads_kv, spec.dim_qk, **z),
+            torch.zeros(*lead, spec.heads_kv, spec.dim_v, **z))
+
+
+def _window_ends(spec: Spec, lens: list[int], device) -> torch.Tensor:
+    """Position of the last token of every compression window, packed over sequences."""
+    ends = [torch.arange(spec.num_cmp(n), device=device) * spec.cmp_stride + spec.cmp_block - 1
+            for n in lens]
+    return torch.cat(ends)
+
+
+class SparseAttentionCache:
+    """Decode state of one SparseAttention layer: the op's DecodeCache (rotated keys, values,
+    compressed tokens) plus, for learned compression, the last l un-rotated keys/values of every
+    row in a ring buffer, from which phi makes each new compressed token."""
+
+    def __init__(self, layer: SparseAttention, batch: int, max_len: int, device, dtype):
+        _check_positive_int("batch", batch)
+        _check_positive_int("max_len", max_len)
+        s = layer.spec
+        self.layer, self.batch, self.max_len, self.dtype = layer, batch, max_len, dtype
+        self.kv = layer._op().new_cache(batch, max_len, device=device, dtype=dtype)
+        self.length = 0   # tokens held per row (host-side; every row has the same length)
+        if layer.learned:
+            self.ring_k = torch.zeros(batch, s.cmp_block, s.heads_kv, s.dim_qk, device=device,
+                                      dtype=dtype)
+            self.ring_v = torch.zeros(batch, s.cmp_block, s.heads_kv, s.dim_v, device=device,
+                                      dtype=dtype)
+
+    def __repr__(self) -> str:
+        return (f"SparseAttentionCache(batch={self.batch}, length={self.length}, "
+                f"max_len={self.max_len}, dtype={self.dtype})")

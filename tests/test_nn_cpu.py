@@ -1,0 +1,332 @@
+"""The SparseAttention layer on the CPU: forward and parameter gradients through the generated
+kernels (TRITON_INTERPRET=1) against the same layer wired to the float64 reference op, decoding
+with the cache against the training forward, varlen, RoPE placement, gates, state_dict, refused
+configurations, and the retrieval example's --smoke run."""
+import importlib.util
+import io
+import math
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import nsagen
+from nsagen.nn import SparseAttention, reference_op
+
+ROOT = Path(__file__).resolve().parent.parent
+INTERP = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+needs_interp = pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only "
+                                                     "machines")
+
+
+def small_spec(kind="mlp", kv="shared", heads=(2, 1), **kw):
+    """A shrunken paper layer: l=8, d=4, l'=8, n=3 (1 initial, 1 local), w=8, Dk=12 != Dv=8."""
+    return nsagen.load_spec("nsa-paper").replace(
+        name=f"nn-{kind}-{kv}", heads_q=heads[0], heads_kv=heads[1], dim_qk=12, dim_v=8,
+        cmp_block=8, cmp_stride=4, slc_block=8, slc_count=3, slc_initial=1, slc_local=1,
+        window=8, cmp_kind=kind, kv_per_branch=kv, **kw)
+
+
+def randomize(layer, seed):
+    """Fresh random parameters everywhere (the zero-initialised gate and phi output layers
+    included, so every path carries a gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.4)
+    return layer
+
+
+def pair(spec, seed=0, **kw):
+    """The layer on the generated op (float32) and a float64 copy on the reference op."""
+    hidden = spec.heads_q * spec.dim_v
+    a = randomize(SparseAttention(spec, hidden, **kw), seed)
+    b = SparseAttention(spec, hidden, op=reference_op(spec), **kw).double()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_against_reference(spec, B, T, seed, cu_seqlens=None):
+    a, b = pair(spec, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(B, T, a.hidden_size, generator=g)
+    xa, xb = x.clone().requires_grad_(), x.double().requires_grad_()
+    ya, yb = a(xa, cu_seqlens=cu_seqlens), b(xb, cu_seqlens=cu_seqlens)
+    assert torch.isfinite(ya).all()
+    assert rel(ya, yb) < 1e-4, rel(ya, yb)
+    dy = torch.randn(ya.shape, generator=g)
+    ya.backward(dy)
+    yb.backward(dy.double())
+    assert rel(xa.grad, xb.grad) < 1e-4
+    grads_b = {n: p.grad for n, p in b.named_parameters()}
+    scale = max(gb.norm().item() for gb in grads_b.values() if gb is not None)
+    for n, p in a.named_parameters():
+        gb = grads_b[n]
+        if gb is None:   # e.g. phi of a sequence shorter than l: no window, no gradient
+            assert p.grad is None or p.grad.abs().max() == 0, n
+            continue
+        assert p.grad is not None, f"no gradient for {n}"
+        assert torch.isfinite(p.grad).all(), n
+        err = (p.grad.double() - gb).norm().item()
+        assert err <= 1e-4 * gb.norm().item() + 1e-6 * scale, f"d{n}: {err:.3g} vs {gb.norm():.3g}"
+    if spec.num_cmp(T) >= 2 and spec.learned_compression:
+        # the compression path is live: phi's parameters get a real gradient (with a single
+        # visible compressed token its softmax is constant and phi_k rightly gets none)
+        for n in ("phi_k.", "phi_v."):
+            assert any(v.abs().max() > 0 for k, v in grads_b.items() if k.startswith(n)), n
+
+
+# ------------------------------------------------------------------ forward / backward
+@needs_interp
+@pytest.mark.parametrize("kind,kv,T", [
+    ("mean", "shared", 1), ("mean", "shared", 37), ("linear", "shared", 23),
+    ("mlp", "shared", 1), ("mlp", "shared", 100), ("mlp", "separate", 29),
+    ("linear", "separate", 1),
+])
+def test_layer_matches_reference_layer(kind, kv, T):
+    check_against_reference(small_spec(kind, kv), B=1, T=T, seed=T + len(kind))
+
+
+@needs_interp
+def test_layer_matches_reference_gqa():
+    """Two KV heads of two query heads each."""
+    check_against_reference(small_spec("mlp", heads=(4, 2)), B=1, T=13, seed=5)
+
+
+@needs_interp
+def test_layer_varlen_kernels():
+    cu = torch.tensor([0, 3, 17], dtype=torch.int32)
+    check_against_reference(small_spec("linear"), B=1, T=17, seed=6, cu_seqlens=cu)
+
+
+def test_varlen_equals_per_sequence_loop():
+    """Positions, compression windows and RoPE restart at every packed sequence."""
+    spec = small_spec("mlp", "separate")
+    layer = randomize(SparseAttention(spec, 16, op=reference_op(spec)).double(), 7)
+    lens = [13, 1, 22, 9]
+    x = torch.randn(1, sum(lens), 16, dtype=torch.float64)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    packed = layer(x, cu_seqlens=cu)
+    loop = torch.cat([layer(s) for s in x.split(lens, 1)], 1)
+    assert rel(packed, loop) < 1e-12
+
+
+# ------------------------------------------------------------------ decoding
+def _poison(cache):
+    """NaN everywhere the cache has not written yet: reading an unwritten slot fails."""
+    for name in ("k", "v", "k_cmp", "v_cmp", "k_win", "v_win"):
+        t = getattr(cache.kv, name, None)
+        if t is not None:
+            t.fill_(float("nan"))
+    for name in ("ring_k", "ring_v"):
+        if hasattr(cache, name):
+            getattr(cache, name).fill_(float("nan"))
+
+
+def _decode_equals_forward(spec, B, T, prompt, seed, dtype=torch.float32):
+    layer = randomize(SparseAttention(spec, spec.heads_q * spec.dim_v), seed).to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(B, T, layer.hidden_size, generator=g, dtype=dtype)
+    with torch.no_grad():
+        want = layer(x)
+        cache = layer.new_cache(B, T)
+        _poison(cache)
+        got = [layer(x[:, :prompt], cache=cache)]
+        for t in range(prompt, T):
+            got.append(layer(x[:, t:t + 1], cache=cache))
+    got = torch.cat(got, 1)
+    assert cache.length == T and cache.kv.lens.tolist() == [T] * B
+    assert torch.isfinite(got).all()
+    for t in range(T):   # every row of every step
+        assert rel(got[:, t], want[:, t]) < 1e-5, (t, rel(got[:, t], want[:, t]))
+
+
+@needs_interp
+def test_decode_equals_training_forward_learned_separate():
+    # prompt shorter than l: the ring buffer holds a partial window; emissions at t = 7, 11, 15
+    _decode_equals_forward(small_spec("mlp", "separate"), B=1, T=16, prompt=5, seed=8)
+
+
+@needs_interp
+def test_decode_equals_training_forward_mean():
+    _decode_equals_forward(small_spec("mean"), B=1, T=14, prompt=9, seed=9)
+
+
+def test_decode_reference_fallback_from_first_token(monkeypatch):
+    """Without kernels the op and the cache fall back to the reference: decoding from an empty
+    cache (T=1 prompt) through many emissions, float64, GQA."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _decode_equals_forward(small_spec("linear", heads=(4, 2)), B=2, T=30, prompt=1,
+                               seed=10, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------ RoPE, gates
+def _rotate_complex(x, pos, theta):
+    """Independent RoPE: dims (j, j + D/2) as a complex number, turned by pos * theta^(-2j/D)."""
+    D = x.shape[-1]
+    z = torch.complex(x[..., : D // 2].double(), x[..., D // 2:].double())
+    freq = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    z = z * torch.polar(torch.ones_like(freq), pos.double()[:, None, None] * freq)
+    return torch.cat([z.real, z.imag], -1)
+
+
+def test_rope_placement():
+    """Queries and keys rotate at their positions; a compressed key is phi of the un-rotated
+    window (linear phi starts as the mean) rotated at the window's last position; values never
+    rotate."""
+    spec = small_spec("linear")
+    layer = SparseAttention(spec, 16, op=reference_op(spec), rope_theta=500.0).double()
+    T = 23
+    x = torch.randn(1, T, 16, dtype=torch.float64)
+    p = layer.project(x)
+    k = layer.k_proj(x).view(1, T, 1, 12)
+    v = layer.v_proj(x).view(1, T, 1, 8)
+    pos = torch.arange(T)
+    assert torch.allclose(p["k"][0], _rotate_complex(k[0], pos, 500.0), atol=1e-12)
+    assert torch.allclose(p["v"], v)
+    nc = spec.num_cmp(T)
+    ends = torch.arange(nc) * spec.cmp_stride + spec.cmp_block - 1
+    mean_k = torch.stack([k[0, i * 4:i * 4 + 8].mean(0) for i in range(nc)])
+    mean_v = torch.stack([v[0, i * 4:i * 4 + 8].mean(0) for i in range(nc)])
+    assert torch.allclose(p["k_cmp"][0], _rotate_complex(mean_k, ends, 500.0), atol=1e-12)
+    assert torch.allclose(p["v_cmp"][0], mean_v, atol=1e-12)
+    q = layer.q_proj(x).view(1, T, 2, 12)
+    assert torch.allclose(p["q"][0], _rotate_complex(q[0], pos, 500.0), atol=1e-12)
+
+
+def test_gates_one_per_head_and_present_branch():
+    spec = small_spec("mlp").replace(branches=("cmp", "slc"), window=None)
+    layer = randomize(SparseAttention(spec, 16, op=reference_op(spec)), 11)
+    assert layer.gate[-1].out_features == spec.heads_q * 2
+    x = torch.randn(2, 5, 16)
+    g = layer.gates(x)
+    assert g.shape == (2, 5, spec.heads_q, 3)
+    assert (g[..., 2] == 0).all() and (g[..., :2] > 0).all() and (g[..., :2] < 1).all()
+    fresh = SparseAttention(spec, 16, op=reference_op(spec))
+    assert torch.equal(fresh.gates(x), torch.full((2, 5, spec.heads_q, 3), 0.5).index_fill(
+        -1, torch.tensor([2]), 0.0))   # gates start at sigmoid(0) = 0.5
+
+
+# ------------------------------------------------------------------ state_dict
+def test_state_dict_round_trip():
+    spec = small_spec("mlp", "separate")
+    a = randomize(SparseAttention(spec, 16, op=reference_op(spec)), 12)
+    keys = set(a.state_dict())
+    for want in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                 "k_cmp_proj.weight", "v_cmp_proj.weight", "k_win_proj.weight",
+                 "v_win_proj.weight", "phi_k.pos", "phi_k.fc1.weight", "phi_k.fc2.weight",
+                 "phi_v.pos", "gate.0.weight", "gate.2.bias"):
+        assert want in keys, want
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    b = SparseAttention(spec, 16, op=reference_op(spec))
+    x = torch.randn(2, 19, 16)
+    assert rel(b(x), a(x)) > 1e-2          # different before loading
+    buf.seek(0)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(b(x), a(x))
+    for (n, p), (m, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert n == m and torch.equal(p, q)
+    other = SparseAttention(small_spec("linear", "shared"), 16, op=reference_op(spec))
+    with pytest.raises(RuntimeError, match="phi_k"):
+        other.load_state_dict(a.state_dict())
+
+
+def test_mean_compression_has_no_phi_parameters():
+    spec = small_spec("mean")
+    names = [n for n, _ in SparseAttention(spec, 16, op=reference_op(spec)).named_parameters()]
+    assert not any(n.startswith(("phi_", "k_cmp_proj", "v_cmp_proj")) for n in names)
+
+
+# ------------------------------------------------------------------ refusals
+@pytest.mark.parametrize("hidden,match", [
+    (15, r"hidden_size: 15: not divisible by the spec's heads\.q \(2\)"),
+    (32, r"hidden_size: 32: does not match the spec's heads\.q \* head_dim\.v = 2 \* 8 = 16"),
+    (0, r"hidden_size: 0: must be a positive integer"),
+    (16.0, r"hidden_size: 16\.0: must be a positive integer"),
+])
+def test_bad_hidden_size(hidden, match):
+    spec = small_spec()
+    with pytest.raises(ValueError, match=match):
+        SparseAttention(spec, hidden)
+
+
+def test_other_refusals():
+    spec = small_spec()
+    op = reference_op(spec)
+    # an explicit width change is allowed when asked for
+    wide = SparseAttention(spec, 32, match_width=False, op=op)
+    assert wide(torch.randn(1, 4, 32)).shape == (1, 4, 32)
+    with pytest.raises(TypeError, match="spec: expected an nsagen.Spec"):
+        SparseAttention({"name": "x"}, 16)
+    odd = spec.replace(dim_qk=9)
+    with pytest.raises(ValueError, match=r"head_dim\.qk: 9: rotary embeddings need an even"):
+        SparseAttention(odd, 16)
+    SparseAttention(odd, 16, rope=False, op=reference_op(odd))   # fine without RoPE
+    with pytest.raises(ValueError, match="gate_hidden: 0: must be a positive integer"):
+        SparseAttention(spec, 16, gate_hidden=0)
+    with pytest.raises(ValueError, match="rope_theta"):
+        SparseAttention(spec, 16, rope_theta=-1.0)
+    layer = SparseAttention(spec, 16, op=op)
+    with pytest.raises(ValueError, match=r"x: expected \[B, T, hidden_size=16\], got \(1, 4, 8\)"):
+        layer(torch.randn(1, 4, 8))
+    with pytest.raises(ValueError, match="cu_seqlens: requires batch size 1"):
+        layer(torch.randn(2, 4, 16), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+    with pytest.raises(TypeError, match="op: decoding needs an op with new_cache"):
+        layer.new_cache(1, 8)
+
+
+def test_cache_refusals(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = small_spec("mean")
+    a, b = SparseAttention(spec, 16), SparseAttention(spec, 16)
+    cache = a.new_cache(2, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match="cache: was made by another layer"):
+            b(torch.randn(2, 1, 16), cache=cache)
+        with pytest.raises(ValueError, match="x: batch 1 does not match the cache's 2"):
+            a(torch.randn(1, 1, 16), cache=cache)
+        a(torch.randn(2, 4, 16), cache=cache)
+        with pytest.raises(ValueError, match=r"cache full: 4 \+ 3 tokens > max_len=6"):
+            a(torch.randn(2, 3, 16), cache=cache)
+        with pytest.raises(ValueError, match="cu_seqlens: not supported with a decode cache"):
+            a(torch.randn(1, 2, 16), cache=cache,
+              cu_seqlens=torch.tensor([0, 2], dtype=torch.int32))
+
+
+# ------------------------------------------------------------------ the example
+def test_retrieval_example_smoke(tmp_path, monkeypatch):
+    """examples/retrieval.py --smoke end to end (the op runs the reference on the CPU)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    path = ROOT / "examples" / "retrieval.py"
+    mod_spec = importlib.util.spec_from_file_location("retrieval_example", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    out = tmp_path / "res" / "retrieval.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = mod.main([str(out), "--smoke"])
+    import json
+
+    saved = json.loads(out.read_text())
+    assert saved["models"].keys() == {"nsagen", "full"} == res["models"].keys()
+    nsa, full = saved["models"]["nsagen"], saved["models"]["full"]
+    for r in (nsa, full):
+        assert r["steps"] == 3 and r["tokens"] == 3 * 256
+        assert r["train_tokens_per_s"] > 0
+        assert set(r["eval"]) == {"128"}
+        e = r["eval"]["128"]
+        assert 0.0 <= e["accuracy"] <= 1.0 and e["answers"] == 2 * 4
+        assert all(math.isfinite(c["loss"]) for c in r["curve"])
+    assert nsa["params"] > full["params"]   # gates and learned compression
+    assert saved["config"]["spec"]["compression"]["kind"] == "mlp"
