@@ -15,6 +15,7 @@ import triton
 
 from . import __version__
 from .ir import Plan, lower
+from .ir.passes import lower_decode
 from .resources import data_dir
 from .spec import Spec
 
@@ -57,9 +58,11 @@ def render(spec: Spec, plan: Plan | None = None) -> str:
     """The module source for a spec; raises SyntaxError if the template produced invalid Python."""
     plan = plan or lower(spec)
     configs = {k.name: dict(k.config) for k in plan.kernels + plan.backward}
+    decode = plan.decode or lower_decode(spec)
     src = _env().get_template(MODULE_TEMPLATE).render(
         spec=spec, plan=plan, uri=spec.uri, version=__version__, source_hash=source_hash(spec),
-        configs=configs)
+        configs=configs, decode=decode,
+        decode_configs={k.name: dict(k.config) for k in decode.kernels})
     # collapse the blank-line runs that template structure leaves behind
     lines, blank = [], 0
     for line in src.splitlines():
@@ -82,6 +85,15 @@ def explain(spec: Spec) -> str:
     out += [f"  - {d}" for d in plan.decisions]
     out += ["", "kernels (launch order):"]
     for k in plan.kernels:
+        flags = ", ".join(f"{a}={b}" for a, b in k.params.items())
+        out.append(f"  {k.name} <- templates/{k.template} [{'+'.join(k.nodes)}] {flags}")
+        out.append(f"      default config {k.config}")
+    dec = plan.decode or lower_decode(spec)
+    out += ["", "decode step (one query per sequence), graph node -> kernel:", describe(dec.graph),
+            "", "decode decisions:"]
+    out += [f"  - {d}" for d in dec.decisions]
+    out += ["", "decode kernels (launch order):"]
+    for k in dec.kernels:
         flags = ", ".join(f"{a}={b}" for a, b in k.params.items())
         out.append(f"  {k.name} <- templates/{k.template} [{'+'.join(k.nodes)}] {flags}")
         out.append(f"      default config {k.config}")

@@ -1,35 +1,16 @@
 """Decoding: a KV cache with an incremental compressed cache, and one-token steps.
 
-A step reuses the generated kernels through a decode layout: each sequence's new query is one
-"token" whose keys live in its row of the cache. Nothing in `append` or `step` reads device
-values on the host, so a step can be captured in a CUDA graph.
+A step runs the module's decode kernels (flash-decoding style: the keys each sequence reads are
+split across programs, partials merged at the end; see nsagen.ir.passes.lower_decode). Nothing
+in `append` or `step` reads device values on the host, so a step can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import triton
 
 from . import reference
+from .ir.passes import DEFAULT_SM_COUNT, decode_splits
 from .ops import NSAOp, kernels_available
-
-
-@dataclass
-class DecodeLayout:
-    """Per-query tables of one decode step (the same fields the kernels read in a prefill)."""
-
-    tok_pos: torch.Tensor      # [B] position of the query = cache length - 1
-    tok_cstart: torch.Tensor   # [B] first compressed row of the sequence in the flat cache
-    tok_ncmp: torch.Tensor     # [B] compressed tokens visible so far
-    tok_kbase: torch.Tensor    # [B] first key row of the sequence in the flat cache
-    nbp: int                   # power of two >= the selection blocks of the longest cache
-
-    def tiles(self, bt: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One query per tile (every query is its own sequence)."""
-        n = self.tok_pos.shape[0]
-        return (torch.arange(n, dtype=torch.int32, device=self.tok_pos.device),
-                torch.ones(n, dtype=torch.int32, device=self.tok_pos.device))
 
 
 class DecodeCache:
@@ -41,7 +22,11 @@ class DecodeCache:
     """
 
     def __init__(self, op: NSAOp, batch: int, max_len: int, device=None,
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, splits: dict[str, int] | None = None,
+                 configs: dict[str, dict] | None = None):
+        """`splits` overrides entries of the IR's split choice (nsagen.ir.passes.decode_splits)
+        and `configs` the decode kernels' launch configs (both e.g. to force several small
+        chunks and tiles on small shapes); the op's own overrides apply otherwise."""
         spec = op.spec
         if batch < 1 or max_len < 1:
             raise ValueError(f"batch and max_len must be >= 1, got {batch}, {max_len}")
@@ -60,10 +45,14 @@ class DecodeCache:
             self.v_win = torch.zeros_like(self.v)
         self.lens = torch.zeros(batch, dtype=torch.int32, device=dev)
         self._longest = 0  # host-side bound on the lengths, for capacity checks without a sync
-        rows = torch.arange(batch, device=dev, dtype=torch.int32)
-        self._kbase = rows * max_len
-        self._cbase = rows * nc
-        self._nbp = max(16, triton.next_power_of_2(spec.num_blocks(max_len)))
+        sms = (torch.cuda.get_device_properties(dev).multi_processor_count
+               if dev.type == "cuda" else DEFAULT_SM_COUNT)
+        self.splits = decode_splits(spec, batch, max_len, sms)
+        self.splits.update(splits or {})
+        self.configs = configs
+        # split partials live here for the cache's lifetime: a step allocates only its outputs
+        self._work = (op.module.decode_workspace(batch, max_len, self.splits, dev)
+                      if kernels_available(dev) else None)
 
     # ------------------------------------------------------------------ filling
     def prefill(self, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None = None,
@@ -139,13 +128,6 @@ class DecodeCache:
         self._longest += 1
 
     # ------------------------------------------------------------------ attention
-    def layout(self) -> DecodeLayout:
-        spec = self.spec
-        n = self.lens
-        ncmp = torch.where(n >= spec.cmp_block, (n - spec.cmp_block) // spec.cmp_stride + 1, 0)
-        return DecodeLayout(tok_pos=n - 1, tok_cstart=self._cbase, tok_ncmp=ncmp.to(torch.int32),
-                            tok_kbase=self._kbase, nbp=self._nbp)
-
     def step(self, q: torch.Tensor, gates: torch.Tensor | None = None,
              return_indices: bool = False):
         """Attention of q [B, HQ, Dk] at position len - 1 of each row: o [B, HQ, Dv], equal to
@@ -165,14 +147,13 @@ class DecodeCache:
                 q, self.k, self.v, gates, spec, kc, vc, cache_seqlens=self.lens,
                 return_indices=return_indices, k_win=kw, v_win=vw)
 
-        def flat(t):
-            return None if t is None else t.reshape(-1, *t.shape[2:])
-
-        o, idx, _ = self.op.module.forward(
-            q.contiguous(), flat(self.k), flat(self.v),
-            None if gates is None else gates.contiguous(), flat(self.k_cmp), flat(self.v_cmp),
-            self.layout(), flat(kw), flat(vw),
-            configs=self.op.configs_for(q.device, self.max_len))
+        if self._work is None:
+            self._work = self.op.module.decode_workspace(self.batch, self.max_len, self.splits,
+                                                         q.device)
+        o, idx = self.op.module.decode_step(
+            q.contiguous(), None if gates is None else gates.contiguous(), self.k, self.v,
+            self.k_cmp, self.v_cmp, self.lens, self.splits, self._work, kw, vw,
+            configs=self.op.configs if self.configs is None else self.configs)
         if return_indices:
             if idx is None:
                 idx = torch.full((self.batch, spec.heads_kv, spec.slc_count), -1,
@@ -193,4 +174,4 @@ def new_cache(op: NSAOp, batch: int, max_len: int, device=None,
     return DecodeCache(op, batch, max_len, device, dtype)
 
 
-__all__ = ["DecodeCache", "DecodeLayout", "new_cache"]
+__all__ = ["DecodeCache", "new_cache"]

@@ -1,18 +1,49 @@
 """Decoding on a CUDA GPU in bfloat16: token-by-token steps equal the prefill rows, ragged
-lengths, a cache grown past 64k, and a step captured in a CUDA graph. Skipped without a GPU."""
+lengths, several splits per (sequence, KV head), small groups, caches grown past 64k, and steps
+captured in a CUDA graph and replayed while the cache grows. Skipped without a GPU."""
 import pytest
 import torch
 
 import nsagen
+from nsagen import reference
+from nsagen.decode import DecodeCache
 
-from kernel_checks import rel_err
+from kernel_checks import SCORE_TOL, rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 BF16 = torch.bfloat16
 
 
-def _run(spec, prompt_lens, T, steps, seed=0):
+def _ref_row(spec, q_t, k, v, g_t, t, idx=None):
+    """float64 reference of one decode query at position t of one sequence: (o [HQ, Dv],
+    chosen blocks [H, n], block scores [H, NB]); `idx` [H, n] replaces the top-n choice."""
+    d = torch.float64
+    o, ref_idx, score = reference._nsa_core(
+        spec, q_t[None, None].to(d), torch.tensor([t], device=q_t.device), k[None, :t + 1].to(d),
+        v[None, :t + 1].to(d), g_t[None, None].to(d), None, None, None, None,
+        None if idx is None else idx[None, None])
+    return o[0, 0], None if ref_idx is None else ref_idx[0, 0], None if score is None else score[0, 0]
+
+
+def _check_step(spec, o_b, idx_b, q_t, k, v, g_t, t):
+    """One row of a step: the chosen blocks score like the reference's (a near-tie may flip in
+    bf16), and the output equals the reference on the blocks the kernels chose."""
+    if spec.has("slc"):
+        _, ref_idx, score = _ref_row(spec, q_t, k, v, g_t, t)
+
+        def total(ix):
+            return torch.where(ix >= 0, score.gather(-1, ix.clamp(min=0).long()), 0.0).sum(-1)
+
+        best = total(ref_idx)
+        assert (total(idx_b) >= best - SCORE_TOL[BF16] * best.clamp_min(1e-6)).all(), (t, idx_b, ref_idx)
+        assert ((idx_b >= 0).sum(-1) == min(spec.slc_count, t // spec.slc_block + 1)).all()
+    want, _, _ = _ref_row(spec, q_t, k, v, g_t, t, idx_b if spec.has("slc") else None)
+    err = rel_err(o_b, want)
+    assert err < 2e-2, (t, err)
+
+
+def _run(spec, prompt_lens, T, steps, seed=0, splits=None, configs=None):
     torch.manual_seed(seed)
     B = len(prompt_lens)
     H, HQ, Dk, Dv = spec.heads_kv, spec.heads_q, spec.dim_qk, spec.dim_v
@@ -21,54 +52,87 @@ def _run(spec, prompt_lens, T, steps, seed=0):
     v = torch.randn(B, T, H, Dv, device="cuda", dtype=BF16)
     gates = torch.rand(B, T, HQ, 3, device="cuda", dtype=BF16)
     op = nsagen.build(spec)
-    cache = op.new_cache(B, T, device="cuda", dtype=BF16)
+    cache = DecodeCache(op, B, T, device="cuda", dtype=BF16, splits=splits, configs=configs)
     P = max(prompt_lens)
     cache.prefill(k[:, :P], v[:, :P], torch.tensor(prompt_lens, dtype=torch.int32, device="cuda"))
-    pos = torch.tensor(prompt_lens, device="cuda")
+    pos = list(prompt_lens)
     rows = torch.arange(B, device="cuda")
     for _ in range(steps):
-        cache.append(k[rows, pos], v[rows, pos])
-        o, idx = cache.step(q[rows, pos], gates[rows, pos], return_indices=True)
-        for b in range(B):
-            t = int(pos[b])
-            want = nsagen.reference.nsa_decode_step(
-                q[b:b + 1, t].double(), k[b:b + 1].double(), v[b:b + 1].double(),
-                gates[b:b + 1, t].double(), spec, cache_seqlens=torch.tensor([t + 1]),
-                block_indices=idx[b:b + 1])  # near-ties may flip in bf16: check on its blocks
-            err = rel_err(o[b:b + 1], want)
-            assert err < 2e-2, (b, t, err)
-        pos += 1
+        t = torch.tensor(pos, device="cuda")
+        cache.append(k[rows, t], v[rows, t])
+        o, idx = cache.step(q[rows, t], gates[rows, t], return_indices=True)
+        assert torch.isfinite(o).all()
+        for b, tb in enumerate(pos):
+            _check_step(spec, o[b], idx[b], q[b, tb], k[b], v[b], gates[b, tb], tb)
+        pos = [p + 1 for p in pos]
+    return cache
 
 
 def test_decode_equals_prefill_ragged():
-    _run(nsagen.load_spec("nsa-d128"), [1000, 1517], T=1600, steps=40)
+    # crosses emission points and selection-block edges; one row starts below l
+    _run(nsagen.load_spec("nsa-d128"), [20, 1000, 1517], T=1600, steps=40)
+
+
+@pytest.mark.parametrize("name", ["nsa-g1", "nsa-g2", "nsa-fla"])
+def test_decode_small_groups_and_identity_map(name):
+    _run(nsagen.load_spec(name), [700, 2049], T=2100, steps=20, seed=3)
+
+
+def test_decode_forced_small_splits():
+    """Many short chunks (chunk edges everywhere), three selected blocks per program, window
+    chunks of 64 keys: the same results as the IR's choice."""
+    _run(nsagen.load_spec("nsa-d128"), [333, 4100], T=4200, steps=20, seed=4,
+         splits=dict(cmp=13, cmp_quantum=16, slc_blocks=3, win_keys=64))
 
 
 def test_decode_past_64k():
     _run(nsagen.load_spec("nsa-d128"), [65530], T=65600, steps=12, seed=1)
 
 
+def test_decode_batch8_64k_ragged():
+    """The benchmark shape: B=8, caches around 64k, ragged."""
+    _run(nsagen.load_spec("nsa-d128"), [65536 - 97 * b for b in range(8)], T=65560, steps=3,
+         seed=2)
+
+
 def test_step_captured_in_cuda_graph():
+    """A step captured once replays correctly while the cache grows (lengths and compressed
+    tokens change on the device only), and an eager step never synchronises with the host."""
     spec = nsagen.load_spec("nsa-d128")
     op = nsagen.build(spec)
-    B, L = 8, 8192
-    cache = op.new_cache(B, L, device="cuda", dtype=BF16)
-    cache.prefill(torch.randn(B, L - 1, 4, 128, device="cuda", dtype=BF16),
-                  torch.randn(B, L - 1, 4, 128, device="cuda", dtype=BF16))
+    B, P, extra = 8, 8190, 40
+    cache = op.new_cache(B, P + extra, device="cuda", dtype=BF16)
+    cache.prefill(torch.randn(B, P, 4, 128, device="cuda", dtype=BF16),
+                  torch.randn(B, P, 4, 128, device="cuda", dtype=BF16),
+                  torch.tensor([P - 13 * b for b in range(B)], dtype=torch.int32, device="cuda"))
     cache.append(torch.randn(B, 4, 128, device="cuda", dtype=BF16),
                  torch.randn(B, 4, 128, device="cuda", dtype=BF16))
     q = torch.randn(B, 64, 128, device="cuda", dtype=BF16)
-    eager = cache.step(q)
+    gates = torch.rand(B, 64, 3, device="cuda", dtype=BF16)
+    cache.step(q, gates)         # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager = cache.step(q, gates)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     out = torch.empty_like(eager)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        out.copy_(cache.step(q))
+        out.copy_(cache.step(q, gates))
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out.copy_(cache.step(q))
+        out.copy_(cache.step(q, gates))
     out.zero_()
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+    for _ in range(extra - 1):   # crosses emission points (every 16 tokens) and block edges
+        cache.append(torch.randn(B, 4, 128, device="cuda", dtype=BF16),
+                     torch.randn(B, 4, 128, device="cuda", dtype=BF16))
+        q.normal_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, cache.step(q, gates))

@@ -43,6 +43,7 @@ class Plan:
     kernels: list[KernelPlan]
     decisions: list[str]
     backward: list[KernelPlan] = field(default_factory=list)
+    decode: "DecodePlan | None" = None
 
     def kernel(self, name: str) -> KernelPlan:
         return next(k for k in self.kernels if k.name == name)
@@ -200,4 +201,194 @@ def lower(spec: Spec) -> Plan:
     _lower_importance(spec, kernels, why)
     _tiles(spec, kernels, why)
     backward = _backward(spec, why)
-    return Plan(spec=spec, graph=g, kernels=kernels, decisions=why, backward=backward)
+    return Plan(spec=spec, graph=g, kernels=kernels, decisions=why, backward=backward,
+                decode=lower_decode(spec))
+
+
+# ---------------------------------------------------------------------------- decoding
+DEFAULT_SM_COUNT = 132       # an H200; the decode cache passes the real count of its GPU
+SM_SHARED = 228 * 1024       # shared memory per SM on Hopper (programs resident at once)
+PROGRAM_OVERHEAD_KEYS = 64   # a program's fixed cost (q, partial writes, prologue) in keys read
+
+
+@dataclass
+class DecodePlan:
+    """The lowered decode step of a spec: kernels in launch order, the graph annotated with them,
+    and the reasons. Split counts depend on the batch and the cache capacity, so the plan keeps
+    the rule (`splits`) rather than numbers."""
+
+    spec: Spec
+    graph: nx.DiGraph
+    kernels: list[KernelPlan]
+    decisions: list[str]
+    sm_count: int = DEFAULT_SM_COUNT
+
+    def kernel(self, name: str) -> KernelPlan:
+        return next(k for k in self.kernels if k.name == name)
+
+    def splits(self, batch: int, max_len: int) -> dict[str, int]:
+        return decode_splits(self.spec, batch, max_len, self.sm_count)
+
+
+def _decode_smem(rows: int, keys: int, bdk: int, bdv: int, stages: int, loops: int = 1) -> int:
+    """Shared memory of a pipelined decode loop (Triton keeps stages - 1 K/V tiles in flight per
+    loop) plus the query tile and scratch."""
+    return loops * max(1, stages - 1) * keys * (bdk + bdv) * 2 + rows * bdk * 2 + 4096
+
+
+def _decode_tiles(spec: Spec) -> dict[str, int]:
+    """Tile sizes of the decode kernels (independent of the batch) and how many programs of the
+    two streaming kernels fit on one SM."""
+    gp = max(16, triton.next_power_of_2(spec.group))
+    r2 = spec.slc_block // spec.cmp_stride
+    bdk = triton.next_power_of_2(spec.dim_qk)
+    bdv = triton.next_power_of_2(spec.dim_v)
+    bc, stages = max(64, r2), 3     # 64 compressed keys (whole selection blocks) per step
+    # the compressed pass is a stream over K/V: keep three programs per SM resident
+    while SM_SHARED // _decode_smem(gp, bc, bdk, bdv, stages) < 3 and stages > 2:
+        stages -= 1
+    bk = min(spec.slc_block, 64)
+    loops = int(spec.has("slc")) + int(spec.has("win"))
+    return dict(GP=gp, BC=bc, BJ=bc // r2, stages=stages, BK=bk, BDVC=min(bdv, 32),
+                cmp_resident=max(1, SM_SHARED // _decode_smem(gp, bc, bdk, bdv, stages)),
+                slc_resident=max(1, SM_SHARED // _decode_smem(gp, bk, bdk, bdv, 2, max(1, loops))))
+
+
+def _cheapest(cands: list[tuple], rows: int, slots: int):
+    """The candidate (value, programs per row, keys per program) whose launch takes the fewest
+    waves x keys per program (a program's fixed cost included); ties go to fewer programs."""
+    def cost(c):
+        _, per_row, keys = c
+        waves = -(-rows * per_row // slots)
+        return waves * (keys + PROGRAM_OVERHEAD_KEYS), per_row
+    return min(cands, key=cost)[0]
+
+
+def decode_splits(spec: Spec, batch: int, max_len: int,
+                  sm_count: int = DEFAULT_SM_COUNT) -> dict[str, int]:
+    """How a decode step of `batch` sequences (cache capacity `max_len`) splits its keys.
+
+    cmp: programs per (sequence, KV head) over the visible compressed keys; each takes a chunk
+    of whole selection blocks, a multiple of cmp_quantum blocks (the chunk size follows each
+    sequence's length on the device, so the grid is fixed and a step can be graph-captured).
+    slc_blocks: selected blocks per program; win_keys: window keys per program.
+    Each is the cheapest by a small cost model at full length: waves of resident programs
+    (B*H*splits over SMs x programs per SM) times the keys each program reads, so small batches
+    split finely and large ones hardly at all.
+    """
+    t = _decode_tiles(spec)
+    rows = max(1, batch * spec.heads_kv)
+    r2 = spec.slc_block // spec.cmp_stride
+    out = dict(cmp=1, cmp_quantum=t["BJ"], slc_blocks=spec.slc_count, win_keys=t["BK"])
+    if spec.has("cmp") or spec.has("slc"):
+        nbo = max(1, -(-spec.num_cmp(max_len) // r2))          # blocks holding compressed keys
+        cands = []
+        for n in range(1, -(-nbo // t["BJ"]) + 1):
+            cb = -(-(-(-nbo // n)) // t["BJ"]) * t["BJ"]        # blocks per chunk (whole tiles)
+            cands.append((n, -(-nbo // cb), cb * r2))
+        out["cmp"] = _cheapest(cands, rows, sm_count * t["cmp_resident"])
+    if spec.has("slc") or spec.has("win"):
+        w_pad = -(-(spec.window or 0) // t["BK"]) * t["BK"]
+        cands = []
+        for spb in range(1, spec.slc_count + 1):
+            n_slc = -(-spec.slc_count // spb) if spec.has("slc") else 0
+            spb = -(-spec.slc_count // max(1, n_slc))           # balanced: counts differ by <= 1
+            wk = min(w_pad, -(-spb * spec.slc_block // t["BK"]) * t["BK"])
+            n_win = -(-spec.window // wk) if spec.has("win") else 0
+            keys = max(spb * spec.slc_block if n_slc else 0, wk if n_win else 0)
+            cands.append(((spb, wk), n_slc + n_win, keys))
+        if not spec.has("slc"):     # window only: chunks of BK .. w keys
+            cands = [((spec.slc_count, wk), -(-spec.window // wk), wk)
+                     for wk in range(t["BK"], w_pad + 1, t["BK"])]
+        out["slc_blocks"], wk = _cheapest(cands, rows, sm_count * t["slc_resident"])
+        if spec.has("win"):
+            out["win_keys"] = wk
+    return out
+
+
+def decode_programs(spec: Spec, batch: int, splits: dict[str, int]) -> dict[str, int]:
+    """Programs each decode kernel launches for `splits` (for --explain and the bench)."""
+    rows = batch * spec.heads_kv
+    n_slc = -(-spec.slc_count // splits["slc_blocks"]) if spec.has("slc") else 0
+    n_win = -(-spec.window // splits["win_keys"]) if spec.has("win") else 0
+    out = {}
+    if spec.has("cmp") or spec.has("slc"):
+        out["decode_cmp"] = rows * splits["cmp"]
+    if spec.has("slc"):
+        out["decode_select"] = rows
+    if n_slc + n_win:
+        out["decode_slc"] = rows * (n_slc + n_win)
+    out["decode_combine"] = rows * -(-triton.next_power_of_2(spec.dim_v)
+                                     // _decode_tiles(spec)["BDVC"])
+    return out
+
+
+def lower_decode(spec: Spec, sm_count: int = DEFAULT_SM_COUNT) -> DecodePlan:
+    """Lower a one-token decode step: flash-decoding style kernels split over the keys read."""
+    g = build_graph(spec)
+    g.graph["direction"] = "decode"
+    why: list[str] = []
+    t = _decode_tiles(spec)
+    G, gp = spec.group, t["GP"]
+    r1 = spec.cmp_block // spec.cmp_stride
+    r2 = spec.slc_block // spec.cmp_stride
+    kernels: list[KernelPlan] = []
+    why.append(f"decode: one query per sequence, so a program takes the G={G} query heads of one "
+               f"(sequence, KV head) as rows ({gp} rows{', padded for tensor-core tiles' if gp > G else ''}) "
+               "and the keys are split across programs (flash-decoding); partials are float32")
+    if spec.has("cmp") or spec.has("slc"):
+        nodes = ["cmp_attn"] + (["importance"] if spec.has("slc") else [])
+        imap = "identity" if r1 == 1 and r2 == 1 else "overlap"
+        parts = 1 + (r1 + r2 - 2) // r2   # blocks one window reaches: its own and the next ones
+        kernels.append(KernelPlan(
+            "decode_cmp", "decode_cmp.py.jinja", tuple(nodes),
+            params=dict(with_output=spec.has("cmp"), with_importance=spec.has("slc"),
+                        importance_map=imap, spill=parts > 1, parts=parts),
+            config=dict(BC=t["BC"], num_warps=4, num_stages=t["stages"])))
+        why.append(f"decode_cmp: each program takes a chunk of whole selection blocks of the "
+                   f"visible compressed keys, {t['BC']} keys ({t['BJ']} blocks) per step, "
+                   f"{t['stages']} stages; it writes a partial (max, sum"
+                   + (", P@V" if spec.has("cmp") else "") + ") per chunk")
+        if spec.has("slc"):
+            why.append("decode_cmp: block importance in the same pass, per head against the "
+                       "tile's running max (stored with it), so once the LSE is known the scores "
+                       "need no second read of the compressed keys"
+                       + (f"; the keys of a block write {parts} parts (own block and the "
+                          f"{parts - 1} after it, where windows reach) and decode_select adds "
+                          "them, so chunk edges need no halo and no two programs write a value"
+                          if parts > 1 else "")
+                       + ("; weights per key offset (a reshape and a sum): a [keys, blocks] "
+                          "tensor-core map costs twice the registers" if imap == "overlap" else ""))
+    if spec.has("slc"):
+        kernels.append(KernelPlan("decode_select", "decode_select.py.jinja",
+                                  ("importance", "topk"), config=dict(num_warps=4)))
+        why.append("decode_select: one program per (sequence, KV head) merges the split maxima "
+                   "and sums into each head's LSE, normalises and group-sums the importance, "
+                   "then picks the top-n with the forced blocks (one 64-bit max per pick: score "
+                   "bits above, reversed block index below, so ties go to the lower block)")
+    if spec.has("slc") or spec.has("win"):
+        nodes = tuple(n for n in ("slc_attn", "win_attn") if n in g)
+        kernels.append(KernelPlan(
+            "decode_slc", "decode_slc.py.jinja", nodes,
+            params=dict(with_slc=spec.has("slc"), with_win=spec.has("win")),
+            config=dict(BK=t["BK"], num_warps=4, num_stages=2)))
+        parts = (["groups of selected blocks"] if spec.has("slc") else []) + (
+            [f"chunks of the {spec.window}-key window"] if spec.has("win") else [])
+        why.append(f"decode_slc: one launch over {' and '.join(parts)}, {t['BK']}-key steps; "
+                   "each program writes a partial (max, sum, P@V) of its own branch")
+    kernels.append(KernelPlan("decode_combine", "decode_combine.py.jinja", ("combine",),
+                              params=dict(branches=tuple(spec.branches)),
+                              config=dict(BDVC=t["BDVC"], num_warps=2)))
+    why.append(f"decode_combine: merges each branch's partials (separate softmaxes) and folds "
+               f"them with the gates into o; {t['BDVC']} of the Dv columns per program")
+    for k in kernels:
+        for n in k.nodes:
+            g.nodes[n]["kernel"] = k.name
+    if "compress" in g:
+        g.nodes["compress"]["kernel"] = "DecodeCache.append (one new window per emission)"
+    for batch in (1, 8, 64):
+        sp = decode_splits(spec, batch, 65536, sm_count)
+        progs = decode_programs(spec, batch, sp)
+        why.append(f"splits at B={batch}, 64k cache, {sm_count} SMs: {sp} -> programs "
+                   + ", ".join(f"{k} {v}" for k, v in progs.items()))
+    return DecodePlan(spec=spec, graph=g, kernels=kernels, decisions=why, sm_count=sm_count)
