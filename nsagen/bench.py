@@ -245,11 +245,12 @@ def _fla_row(fla, spec: Spec, q, k, v, gates, backward: bool = False) -> float |
 
 
 def bench_decode(spec: Spec, cache_lens: list[int], batches: list[int], baselines: bool = True,
-                 progress=print, device: str = "cuda") -> dict:
+                 progress=print, device: str = "cuda", breakdown: bool = False) -> dict:
     """One-token decode steps: eager and CUDA-graph replay, beside SDPA decoding (GQA) and fla.
 
     Reports microseconds and the rate on the bytes NSA must read (cost model) against the
-    measured copy bandwidth.
+    measured copy bandwidth, and the split counts the IR chose for each batch; `breakdown`
+    adds the time of each decode kernel.
     """
     dev, dt = device, torch.bfloat16
     op = build(spec)
@@ -284,11 +285,13 @@ def bench_decode(spec: Spec, cache_lens: list[int], batches: list[int], baseline
                          torch.randn(B, H, Dv, dtype=dt, device=dev), **step_extra)
             q = torch.randn(B, HQ, Dk, dtype=dt, device=dev)
             gates = torch.rand(B, HQ, 3, dtype=dt, device=dev)
-            row: dict = {"B": B, "T": L}
+            row: dict = {"B": B, "T": L, "splits": dict(cache.splits)}
             f = lambda: cache.step(q, gates)  # noqa: E731
             f()
             _sync(dev)
             row["nsagen_us"] = _bench(f) * 1e3
+            if breakdown and dev == "cuda":
+                row["kernels_us"] = {k_: ms * 1e3 for k_, ms in kernel_breakdown(f).items()}
             if dev == "cuda":
                 try:
                     graph = torch.cuda.CUDAGraph()
@@ -329,7 +332,9 @@ def bench_decode(spec: Spec, cache_lens: list[int], batches: list[int], baseline
                 del ks, vs
             rows.append(row)
             progress("   " + ", ".join(f"{a}={b:.3f}" if isinstance(b, float) else f"{a}={b}"
-                                       for a, b in row.items()))
+                                       for a, b in row.items() if a != "kernels_us"))
+            for name, us in list(row.get("kernels_us", {}).items())[:8]:
+                progress(f"      {us:8.2f} us  {name[:100]}")
             del cache
             if dev == "cuda":
                 torch.cuda.empty_cache()

@@ -204,7 +204,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         bench.require_gpu()
         doc = bench.bench_decode(spec, args.seq_len or [8192, 16384, 32768, 65536, 131072],
                                  args.batch or [1, 8, 64], baselines=not args.no_baselines,
-                                 progress=lambda m: print(m, flush=True))
+                                 progress=lambda m: print(m, flush=True),
+                                 breakdown=args.breakdown)
         print()
         print(bench.format_table(doc))
         path = Path(args.json) if args.json else Path("bench-results") / f"{spec.name}-decode.json"
@@ -307,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH",
                    help="where to write results (default bench-results/<spec>-forward.json)")
     p.add_argument("--no-baselines", action="store_true", help="time nsagen only")
-    p.add_argument("--breakdown", action="store_true", help="also report time per kernel")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also report time per kernel (forward or --decode)")
     p.add_argument("--backward", action="store_true",
                    help="time forward+backward (all baselines likewise)")
     p.add_argument("--decode", action="store_true",
