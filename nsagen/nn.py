@@ -384,8 +384,8 @@ class SparseAttention(nn.Module):
         return self._out(o)
 
     def _step(self, x_t: torch.Tensor, cache: "SparseAttentionCache") -> torch.Tensor:
-        """One token per row: x_t [B, hidden] -> [B, 1, hidden]. Reads no device value on the
-        host, so the step can be captured in a CUDA graph."""
+        """One token per row: x_t [B, hidden] -> [B, 1, hidden]. Positions, ring slots and
+        emissions come from the cache's device lengths: no device value is read on the host."""
         s, dt = self.spec, cache.dtype
         B = x_t.shape[0]
         pos = cache.kv.lens.long()                 # position of the new token, per row
