@@ -84,26 +84,17 @@ def check_against_reference(spec, B, T, seed, cu_seqlens=None):
 
 
 # ------------------------------------------------------------------ forward / backward
-@needs_interp
-@pytest.mark.parametrize("kind,kv,T", [
-    ("mean", "shared", 1), ("mean", "shared", 37), ("linear", "shared", 23),
-    ("mlp", "shared", 1), ("mlp", "shared", 100), ("mlp", "separate", 29),
-    ("linear", "separate", 1),
-])
-def test_layer_matches_reference_layer(kind, kv, T):
-    check_against_reference(small_spec(kind, kv), B=1, T=T, seed=T + len(kind))
+CASES = [("mean", "shared", (2, 1), 1), ("mean", "shared", (2, 1), 37),
+         ("linear", "shared", (4, 2), 17),          # GQA: two KV heads of two query heads each
+         ("mlp", "shared", (2, 1), 1), ("mlp", "shared", (2, 1), 100),
+         ("mlp", "separate", (2, 1), 29)]
 
 
 @needs_interp
-def test_layer_matches_reference_gqa():
-    """Two KV heads of two query heads each."""
-    check_against_reference(small_spec("mlp", heads=(4, 2)), B=1, T=13, seed=5)
-
-
-@needs_interp
-def test_layer_varlen_kernels():
-    cu = torch.tensor([0, 3, 17], dtype=torch.int32)
-    check_against_reference(small_spec("linear"), B=1, T=17, seed=6, cu_seqlens=cu)
+@pytest.mark.parametrize("kind,kv,heads,T", CASES,
+                         ids=[f"{k}-{s}-h{h[0]}x{h[1]}-T{t}" for k, s, h, t in CASES])
+def test_layer_matches_reference_layer(kind, kv, heads, T):
+    check_against_reference(small_spec(kind, kv, heads), B=1, T=T, seed=T + len(kind))
 
 
 def test_varlen_equals_per_sequence_loop():
