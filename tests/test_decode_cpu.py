@@ -57,6 +57,9 @@ def _decode_vs_prefill(spec, prompt_lens, T, dtype=torch.float32, seed=0, splits
         d(q), d(k), d(v), d(gates), spec, d(kc_all), d(vc_all), return_indices=True,
         return_scores=True, k_win=d(kw), v_win=d(vw))
     cache = DecodeCache(op, B, T, device="cpu", dtype=dtype, splits=splits, configs=configs)
+    for buf in (cache._work or {}).values():   # scratch read before it is written shows as NaN
+        if isinstance(buf, torch.Tensor):
+            buf.fill_(float("nan"))
     P = max(prompt_lens)
     cache.prefill(k[:, :P], v[:, :P], torch.tensor(prompt_lens, dtype=torch.int32),
                   k_cmp=None if kc_all is None else kc_all[:, :spec.num_cmp(P)],
@@ -133,8 +136,10 @@ def test_cache_emission_rule_and_capacity():
 
 
 # small tiles so that chunks span several tiles on small shapes: 8 compressed keys (2 selection
-# blocks of the scaled specs) per step, 16-key steps over selected blocks and the window
-SMALL_TILES = {"decode_cmp": {"BC": 8}, "decode_slc": {"BK": 16}, "decode_combine": {"BDVC": 16}}
+# blocks of the scaled specs) per step, 16-key steps over selected blocks and the window, scores
+# in tiles of 4 blocks, partials merged 2 at a time
+SMALL_TILES = {"decode_cmp": {"BC": 8}, "decode_score": {"BNB": 4}, "decode_slc": {"BK": 16},
+               "decode_combine": {"BDVC": 16, "SB": 2}}
 
 
 @pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only machines")
@@ -152,7 +157,8 @@ def test_kernels_decode_split_keys(name, splits):
     l (no compressed key yet), lengths crossing emission points, chunks of several tiles (the
     running max moves between tiles) and windows reaching across chunk edges."""
     spec = scaled(nsagen.load_spec(name))
-    _decode_vs_prefill(spec, [2, 37, 70], T=76, seed=11, splits=splits, configs=SMALL_TILES)
+    # the longest row ends with 8 selection blocks: its free picks span two score tiles
+    _decode_vs_prefill(spec, [2, 37, 122], T=128, seed=11, splits=splits, configs=SMALL_TILES)
 
 
 @pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only machines")
@@ -182,7 +188,7 @@ def test_decode_splits_fill_the_gpu():
     spec = nsagen.load_spec("nsa-d128")
     small, big = decode_splits(spec, 8, 65536), decode_splits(spec, 64, 65536)
     assert small["cmp"] > big["cmp"] >= 1 and small["slc_blocks"] < big["slc_blocks"]
-    progs = decode_programs(spec, 8, small)
+    progs = decode_programs(spec, 8, 65536, small)
     assert progs["decode_cmp"] >= 2 * 132 and progs["decode_slc"] >= 2 * 132
     assert decode_splits(spec, 1, 256)["cmp"] == 1          # 4 blocks: one tile is enough
     assert decode_splits(spec, 8, 65536, sm_count=66)["cmp"] < small["cmp"]

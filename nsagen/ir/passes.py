@@ -306,15 +306,18 @@ def decode_splits(spec: Spec, batch: int, max_len: int,
     return out
 
 
-def decode_programs(spec: Spec, batch: int, splits: dict[str, int]) -> dict[str, int]:
-    """Programs each decode kernel launches for `splits` (for --explain and the bench)."""
+def decode_programs(spec: Spec, batch: int, max_len: int,
+                    splits: dict[str, int]) -> dict[str, int]:
+    """Programs each decode kernel launches for `splits` (for --explain and the tests)."""
     rows = batch * spec.heads_kv
+    nbp = max(16, triton.next_power_of_2(spec.num_blocks(max_len)))
     n_slc = -(-spec.slc_count // splits["slc_blocks"]) if spec.has("slc") else 0
     n_win = -(-spec.window // splits["win_keys"]) if spec.has("win") else 0
     out = {}
     if spec.has("cmp") or spec.has("slc"):
         out["decode_cmp"] = rows * splits["cmp"]
     if spec.has("slc"):
+        out["decode_score"] = rows * max(1, nbp // 128)
         out["decode_select"] = rows
     if n_slc + n_win:
         out["decode_slc"] = rows * (n_slc + n_win)
@@ -360,12 +363,18 @@ def lower_decode(spec: Spec, sm_count: int = DEFAULT_SM_COUNT) -> DecodePlan:
                        + ("; weights per key offset (a reshape and a sum): a [keys, blocks] "
                           "tensor-core map costs twice the registers" if imap == "overlap" else ""))
     if spec.has("slc"):
-        kernels.append(KernelPlan("decode_select", "decode_select.py.jinja",
-                                  ("importance", "topk"), config=dict(num_warps=4)))
-        why.append("decode_select: one program per (sequence, KV head) merges the split maxima "
-                   "and sums into each head's LSE, normalises and group-sums the importance, "
-                   "then picks the top-n with the forced blocks (one 64-bit max per pick: score "
-                   "bits above, reversed block index below, so ties go to the lower block)")
+        kernels.append(KernelPlan("decode_score", "decode_score.py.jinja", ("importance",),
+                                  config=dict(BNB=128, num_warps=4)))
+        why.append("decode_score: a grid over tiles of 128 selection blocks x KV heads x "
+                   "sequences merges the split maxima and sums into each head's LSE, normalises "
+                   "the importance parts and sums them over the group; all loads of a program "
+                   "are independent (one round trip), where a per-head loop in one program per "
+                   "(sequence, KV head) would chain G round trips")
+        kernels.append(KernelPlan("decode_select", "decode_select.py.jinja", ("topk",),
+                                  config=dict(num_warps=4)))
+        why.append("decode_select: one program per (sequence, KV head) picks the top-n with "
+                   "the forced blocks from the scores (one 64-bit max per pick: score bits "
+                   "above, reversed block index below, so ties go to the lower block)")
     if spec.has("slc") or spec.has("win"):
         nodes = tuple(n for n in ("slc_attn", "win_attn") if n in g)
         kernels.append(KernelPlan(
@@ -378,9 +387,10 @@ def lower_decode(spec: Spec, sm_count: int = DEFAULT_SM_COUNT) -> DecodePlan:
                    "each program writes a partial (max, sum, P@V) of its own branch")
     kernels.append(KernelPlan("decode_combine", "decode_combine.py.jinja", ("combine",),
                               params=dict(branches=tuple(spec.branches)),
-                              config=dict(BDVC=t["BDVC"], num_warps=2)))
+                              config=dict(BDVC=t["BDVC"], SB=8, num_warps=4)))
     why.append(f"decode_combine: merges each branch's partials (separate softmaxes) and folds "
-               f"them with the gates into o; {t['BDVC']} of the Dv columns per program")
+               f"them with the gates into o; {t['BDVC']} of the Dv columns per program, 8 "
+               "partials per load")
     for k in kernels:
         for n in k.nodes:
             g.nodes[n]["kernel"] = k.name
@@ -388,7 +398,7 @@ def lower_decode(spec: Spec, sm_count: int = DEFAULT_SM_COUNT) -> DecodePlan:
         g.nodes["compress"]["kernel"] = "DecodeCache.append (one new window per emission)"
     for batch in (1, 8, 64):
         sp = decode_splits(spec, batch, 65536, sm_count)
-        progs = decode_programs(spec, batch, sp)
+        progs = decode_programs(spec, batch, 65536, sp)
         why.append(f"splits at B={batch}, 64k cache, {sm_count} SMs: {sp} -> programs "
                    + ", ".join(f"{k} {v}" for k, v in progs.items()))
     return DecodePlan(spec=spec, graph=g, kernels=kernels, decisions=why, sm_count=sm_count)
