@@ -199,3 +199,5 @@ def test_decode_splits_fill_the_gpu():
         assert sp["win_keys"] % 64 == 0
     text = "\n".join(lower_decode(spec).decisions)
     assert "splits at B=8" in text and "decode_cmp" in text
+    explained = nsagen.codegen.explain(spec)                  # nsagen generate SPEC --explain
+    assert "decode decisions:" in explained and "decode_select <- templates/" in explained
