@@ -21,6 +21,15 @@ needs_interp = pytest.mark.skipif(not INTERP, reason="kernels under the interpre
                                                      "machines")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tensors here are tiny: one intra-op thread is faster, and steady on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_spec(kind="mlp", kv="shared", heads=(2, 1), **kw):
     """A shrunken paper layer: l=8, d=4, l'=8, n=3 (1 initial, 1 local), w=8, Dk=12 != Dv=8."""
     return nsagen.load_spec("nsa-paper").replace(
@@ -95,6 +104,13 @@ CASES = [("mean", "shared", (2, 1), 1), ("mean", "shared", (2, 1), 37),
                          ids=[f"{k}-{s}-h{h[0]}x{h[1]}-T{t}" for k, s, h, t in CASES])
 def test_layer_matches_reference_layer(kind, kv, heads, T):
     check_against_reference(small_spec(kind, kv, heads), B=1, T=T, seed=T + len(kind))
+
+
+@needs_interp
+def test_layer_varlen_matches_reference_layer():
+    """A packed batch (sequences of 3 and 14 tokens) through the kernels."""
+    cu = torch.tensor([0, 3, 17], dtype=torch.int32)
+    check_against_reference(small_spec("linear", "separate"), B=1, T=17, seed=6, cu_seqlens=cu)
 
 
 def test_varlen_equals_per_sequence_loop():
