@@ -312,7 +312,7 @@ class SparseAttention(nn.Module):
             out["k_win"] = self._rot(self._heads(self.k_win_proj, x, s.dim_qk), pos)
             out["v_win"] = self._heads(self.v_win_proj, x, s.dim_v)
         out.update(q=self._rot(q, pos), k=self._rot(k, pos), v=v)
-        # the op wants one dtype; under autocast the pieces may differ (e.g. fp32 sigmoid)
+        # the op takes one dtype for all inputs; under autocast a piece may come out in another
         dt = out["q"].dtype
         for name in ("k", "v", "gates", "k_cmp", "v_cmp", "k_win", "v_win"):
             if out[name] is not None and out[name].dtype != dt:
