@@ -10,7 +10,7 @@ import torch
 
 from . import reference
 from .ir.passes import DEFAULT_SM_COUNT, decode_splits
-from .ops import NSAOp, kernels_available
+from .ops import NSAOp, direct_launches, kernels_available
 
 
 class DecodeCache:
@@ -150,10 +150,11 @@ class DecodeCache:
         if self._work is None:
             self._work = self.op.module.decode_workspace(self.batch, self.max_len, self.splits,
                                                          q.device)
-        o, idx = self.op.module.decode_step(
-            q.contiguous(), None if gates is None else gates.contiguous(), self.k, self.v,
-            self.k_cmp, self.v_cmp, self.lens, self.splits, self._work, kw, vw,
-            configs=self.op.configs if self.configs is None else self.configs)
+        with direct_launches():
+            o, idx = self.op.module.decode_step(
+                q.contiguous(), None if gates is None else gates.contiguous(), self.k, self.v,
+                self.k_cmp, self.v_cmp, self.lens, self.splits, self._work, kw, vw,
+                configs=self.op.configs if self.configs is None else self.configs)
         if return_indices:
             if idx is None:
                 idx = torch.full((self.batch, spec.heads_kv, spec.slc_count), -1,

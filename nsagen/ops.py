@@ -6,6 +6,7 @@ says so once.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -26,6 +27,20 @@ from .spec import Spec, load_spec
 
 log = logging.getLogger("nsagen")
 _warned_fallback = False
+
+
+def direct_launches():
+    """Context for launches outside the registered ops (inference, decode steps): kernels go
+    straight to Triton. wrap_triton otherwise dispatches each launch through a higher-order op,
+    which costs hundreds of microseconds per kernel in eager mode (the registered ops turn it
+    off themselves when they run eagerly). Under torch.compile the launches stay traceable."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:
+        return contextlib.nullcontext()
+    return set_wrap_triton_enabled(False)
 
 
 def kernels_available(device: torch.device) -> bool:
@@ -90,10 +105,11 @@ class NSAOp:
             o, idx, *_ = self._train_op(q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu_seqlens)
         else:
             lay = build_layout(spec, prob.seqlens, q.device)
-            o, idx, _ = self.module.forward(
-                _pack(q), _pack(k), _pack(v), _pack(gates), _pack(k_cmp), _pack(v_cmp), lay,
-                _pack(k_win), _pack(v_win),
-                configs=self.configs_for(q.device, max(prob.seqlens)))
+            with direct_launches():
+                o, idx, _ = self.module.forward(
+                    _pack(q), _pack(k), _pack(v), _pack(gates), _pack(k_cmp), _pack(v_cmp), lay,
+                    _pack(k_win), _pack(v_win),
+                    configs=self.configs_for(q.device, max(prob.seqlens)))
             o = o.view(B, T, spec.heads_q, spec.dim_v)
         if not return_indices:
             return o

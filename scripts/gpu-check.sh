@@ -30,7 +30,7 @@ for s in ${BWD_SPECS:-}; do
     --json "$OUT/bench-$s-bwd.json" 2>&1 | grep -v Warn | tee "$OUT/bench-$s-bwd.log" | grep -v "^   T=\|^\["
 done
 for s in ${DECODE_SPECS:-}; do
-  timeout ${BENCH_TIMEOUT:-200} python3 -m nsagen.cli bench $s --decode --batch 1 8 64 \
+  timeout ${BENCH_TIMEOUT:-200} python3 -m nsagen.cli bench $s --decode --batch 1 8 64 --breakdown \
     --json "$OUT/bench-$s-decode.json" 2>&1 | grep -v Warn | tee "$OUT/bench-$s-decode.log" | grep "^|"
 done
 for s in ${EXTRA_SPECS:-}; do
