@@ -58,8 +58,10 @@ def _decode_vs_prefill(spec, prompt_lens, T, dtype=torch.float32, seed=0, splits
         return_scores=True, k_win=d(kw), v_win=d(vw))
     cache = DecodeCache(op, B, T, device="cpu", dtype=dtype, splits=splits, configs=configs)
     for buf in (cache._work or {}).values():   # scratch read before it is written shows as NaN
-        if isinstance(buf, torch.Tensor):
+        if isinstance(buf, torch.Tensor) and buf.is_floating_point():
             buf.fill_(float("nan"))
+        elif isinstance(buf, torch.Tensor) and buf.dtype == torch.int64:
+            buf.fill_(-7)                      # top-n candidates: written before they are read
     P = max(prompt_lens)
     cache.prefill(k[:, :P], v[:, :P], torch.tensor(prompt_lens, dtype=torch.int32),
                   k_cmp=None if kc_all is None else kc_all[:, :spec.num_cmp(P)],
@@ -136,10 +138,12 @@ def test_cache_emission_rule_and_capacity():
 
 
 # small tiles so that chunks span several tiles on small shapes: 8 compressed keys (2 selection
-# blocks of the scaled specs) per step, 16-key steps over selected blocks and the window, scores
-# in tiles of 4 blocks, partials merged 2 at a time
-SMALL_TILES = {"decode_cmp": {"BC": 8}, "decode_score": {"BNB": 4}, "decode_slc": {"BK": 16},
-               "decode_combine": {"BDVC": 16, "SB": 2}}
+# blocks of the scaled specs) per step, 16-key steps over the window and gathered selected keys,
+# scores and top-n candidates in tiles of 4 blocks (several tiles merged by the last one), two
+# heads x 16 columns per combine program, partials merged 2 at a time
+SMALL_TILES = {"decode_cmp": {"BC": 8, "BW": 16}, "decode_select": {"BNB": 4},
+               "decode_slc": {"BK": 16}, "decode_win": {"BK": 16},
+               "decode_combine": {"BDVC": 16, "RB": 2, "SB": 2}}
 
 
 @pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only machines")
@@ -189,7 +193,11 @@ def test_decode_splits_fill_the_gpu():
     small, big = decode_splits(spec, 8, 65536), decode_splits(spec, 64, 65536)
     assert small["cmp"] > big["cmp"] >= 1 and small["slc_blocks"] < big["slc_blocks"]
     progs = decode_programs(spec, 8, 65536, small)
-    assert progs["decode_cmp"] >= 2 * 132 and progs["decode_slc"] >= 2 * 132
+    # the window rides in the compressed pass's launch; the selected groups fill every SM
+    n_win = -(-spec.window // small["win_keys"])
+    assert progs["decode_cmp"] == 32 * (small["cmp"] + n_win) >= 2 * 132
+    assert progs["decode_slc"] >= 132 and "decode_win" not in progs
+    assert "decode_win" in decode_programs(spec.replace(branches=("win",)), 8, 65536, small)
     assert decode_splits(spec, 1, 256)["cmp"] == 1          # 4 blocks: one tile is enough
     assert decode_splits(spec, 8, 65536, sm_count=66)["cmp"] < small["cmp"]
     for b in (1, 3, 8, 64):
@@ -201,3 +209,4 @@ def test_decode_splits_fill_the_gpu():
     assert "splits at B=8" in text and "decode_cmp" in text
     explained = nsagen.codegen.explain(spec)                  # nsagen generate SPEC --explain
     assert "decode decisions:" in explained and "decode_select <- templates/" in explained
+    assert "decode_score" not in explained                    # scores and top-n: one launch

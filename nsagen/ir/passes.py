@@ -247,11 +247,13 @@ def _decode_tiles(spec: Spec) -> dict[str, int]:
     # the compressed pass is a stream over K/V: keep three programs per SM resident
     while SM_SHARED // _decode_smem(gp, bc, bdk, bdv, stages) < 3 and stages > 2:
         stages -= 1
-    bk = min(spec.slc_block, 64)
-    loops = int(spec.has("slc")) + int(spec.has("win"))
-    return dict(GP=gp, BC=bc, BJ=bc // r2, stages=stages, BK=bk, BDVC=min(bdv, 32),
+    # selected blocks: 128 gathered keys per step (two 64-token blocks in one round trip) while
+    # a K+V tile stays within 64 KiB
+    bks = 128 if bdk + bdv <= 256 else 64
+    return dict(GP=gp, BC=bc, BJ=bc // r2, stages=stages, BW=64, BKS=bks,
+                BDVC=min(bdv, 32), RB=min(4, triton.next_power_of_2(spec.group)),
                 cmp_resident=max(1, SM_SHARED // _decode_smem(gp, bc, bdk, bdv, stages)),
-                slc_resident=max(1, SM_SHARED // _decode_smem(gp, bk, bdk, bdv, 2, max(1, loops))))
+                slc_resident=max(1, SM_SHARED // _decode_smem(gp, bks, bdk, bdv, 2)))
 
 
 def _cheapest(cands: list[tuple], rows: int, slots: int):
@@ -264,6 +266,12 @@ def _cheapest(cands: list[tuple], rows: int, slots: int):
     return min(cands, key=cost)[0]
 
 
+def _window_in_cmp(spec: Spec) -> bool:
+    """The window's chunks ride in the compressed pass's launch whenever there is one: the window
+    does not depend on the selection, so it leaves the path after the top-n."""
+    return spec.has("win") and (spec.has("cmp") or spec.has("slc"))
+
+
 def decode_splits(spec: Spec, batch: int, max_len: int,
                   sm_count: int = DEFAULT_SM_COUNT) -> dict[str, int]:
     """How a decode step of `batch` sequences (cache capacity `max_len`) splits its keys.
@@ -271,7 +279,8 @@ def decode_splits(spec: Spec, batch: int, max_len: int,
     cmp: programs per (sequence, KV head) over the visible compressed keys; each takes a chunk
     of whole selection blocks, a multiple of cmp_quantum blocks (the chunk size follows each
     sequence's length on the device, so the grid is fixed and a step can be graph-captured).
-    slc_blocks: selected blocks per program; win_keys: window keys per program.
+    win_keys: window keys per program (in the compressed pass's launch when there is one, so
+    cmp and win_keys are chosen together); slc_blocks: selected blocks per program.
     Each is the cheapest by a small cost model at full length: waves of resident programs
     (B*H*splits over SMs x programs per SM) times the keys each program reads, so small batches
     split finely and large ones hardly at all.
@@ -279,50 +288,56 @@ def decode_splits(spec: Spec, batch: int, max_len: int,
     t = _decode_tiles(spec)
     rows = max(1, batch * spec.heads_kv)
     r2 = spec.slc_block // spec.cmp_stride
-    out = dict(cmp=1, cmp_quantum=t["BJ"], slc_blocks=spec.slc_count, win_keys=t["BK"])
+    out = dict(cmp=1, cmp_quantum=t["BJ"], slc_blocks=spec.slc_count, win_keys=t["BW"])
+    w_pad = -(-(spec.window or 0) // t["BW"]) * t["BW"]
+    wks = list(range(t["BW"], w_pad + 1, t["BW"])) if spec.has("win") else [t["BW"]]
+
+    def n_win(wk):
+        return -(-spec.window // wk) if spec.has("win") else 0
+
     if spec.has("cmp") or spec.has("slc"):
         nbo = max(1, -(-spec.num_cmp(max_len) // r2))          # blocks holding compressed keys
         cands = []
         for n in range(1, -(-nbo // t["BJ"]) + 1):
             cb = -(-(-(-nbo // n)) // t["BJ"]) * t["BJ"]        # blocks per chunk (whole tiles)
-            cands.append((n, -(-nbo // cb), cb * r2))
-        out["cmp"] = _cheapest(cands, rows, sm_count * t["cmp_resident"])
-    if spec.has("slc") or spec.has("win"):
-        w_pad = -(-(spec.window or 0) // t["BK"]) * t["BK"]
+            for wk in (wks if _window_in_cmp(spec) else [t["BW"]]):
+                nw = n_win(wk) if _window_in_cmp(spec) else 0
+                keys = max(cb * r2, wk if nw else 0)
+                cands.append(((n, wk), -(-nbo // cb) + nw, keys))
+        out["cmp"], wk = _cheapest(cands, rows, sm_count * t["cmp_resident"])
+        if _window_in_cmp(spec):
+            out["win_keys"] = wk
+    if spec.has("slc"):
         cands = []
         for spb in range(1, spec.slc_count + 1):
-            n_slc = -(-spec.slc_count // spb) if spec.has("slc") else 0
-            spb = -(-spec.slc_count // max(1, n_slc))           # balanced: counts differ by <= 1
-            wk = min(w_pad, -(-spb * spec.slc_block // t["BK"]) * t["BK"])
-            n_win = -(-spec.window // wk) if spec.has("win") else 0
-            keys = max(spb * spec.slc_block if n_slc else 0, wk if n_win else 0)
-            cands.append(((spb, wk), n_slc + n_win, keys))
-        if not spec.has("slc"):     # window only: chunks of BK .. w keys
-            cands = [((spec.slc_count, wk), -(-spec.window // wk), wk)
-                     for wk in range(t["BK"], w_pad + 1, t["BK"])]
-        out["slc_blocks"], wk = _cheapest(cands, rows, sm_count * t["slc_resident"])
-        if spec.has("win"):
-            out["win_keys"] = wk
+            n_slc = -(-spec.slc_count // spb)
+            spb = -(-spec.slc_count // n_slc)                   # balanced: counts differ by <= 1
+            cands.append((spb, n_slc, spb * spec.slc_block))
+        out["slc_blocks"] = _cheapest(cands, rows, sm_count * t["slc_resident"])
+    elif spec.has("win") and not _window_in_cmp(spec):         # window only: chunks of BW .. w
+        out["win_keys"] = _cheapest([(wk, n_win(wk), wk) for wk in wks], rows,
+                                    sm_count * t["slc_resident"])
     return out
 
 
 def decode_programs(spec: Spec, batch: int, max_len: int,
                     splits: dict[str, int]) -> dict[str, int]:
     """Programs each decode kernel launches for `splits` (for --explain and the tests)."""
+    t = _decode_tiles(spec)
     rows = batch * spec.heads_kv
     nbp = max(16, triton.next_power_of_2(spec.num_blocks(max_len)))
     n_slc = -(-spec.slc_count // splits["slc_blocks"]) if spec.has("slc") else 0
     n_win = -(-spec.window // splits["win_keys"]) if spec.has("win") else 0
     out = {}
     if spec.has("cmp") or spec.has("slc"):
-        out["decode_cmp"] = rows * splits["cmp"]
+        out["decode_cmp"] = rows * (splits["cmp"] + n_win)
     if spec.has("slc"):
-        out["decode_score"] = rows * max(1, nbp // 128)
-        out["decode_select"] = rows
-    if n_slc + n_win:
-        out["decode_slc"] = rows * (n_slc + n_win)
-    out["decode_combine"] = rows * -(-triton.next_power_of_2(spec.dim_v)
-                                     // _decode_tiles(spec)["BDVC"])
+        out["decode_select"] = rows * max(1, nbp // 128)
+        out["decode_slc"] = rows * n_slc
+    elif spec.has("win") and not _window_in_cmp(spec):
+        out["decode_win"] = rows * n_win
+    out["decode_combine"] = rows * (-(-spec.group // t["RB"])) * (
+        -(-triton.next_power_of_2(spec.dim_v) // t["BDVC"]))
     return out
 
 
@@ -335,23 +350,32 @@ def lower_decode(spec: Spec, sm_count: int = DEFAULT_SM_COUNT) -> DecodePlan:
     G, gp = spec.group, t["GP"]
     r1 = spec.cmp_block // spec.cmp_stride
     r2 = spec.slc_block // spec.cmp_stride
+    win_in_cmp = _window_in_cmp(spec)
     kernels: list[KernelPlan] = []
     why.append(f"decode: one query per sequence, so a program takes the G={G} query heads of one "
                f"(sequence, KV head) as rows ({gp} rows{', padded for tensor-core tiles' if gp > G else ''}) "
-               "and the keys are split across programs (flash-decoding); partials are float32")
+               "and the keys are split across programs (flash-decoding); every split writes a "
+               "float32 partial (max, sum, P@V) into one buffer per (sequence, KV head): "
+               "compressed chunks, then window chunks, then selected-block groups")
     if spec.has("cmp") or spec.has("slc"):
-        nodes = ["cmp_attn"] + (["importance"] if spec.has("slc") else [])
+        nodes = ["cmp_attn"] + (["importance"] if spec.has("slc") else []) + (
+            ["win_attn"] if win_in_cmp else [])
         imap = "identity" if r1 == 1 and r2 == 1 else "overlap"
         parts = 1 + (r1 + r2 - 2) // r2   # blocks one window reaches: its own and the next ones
         kernels.append(KernelPlan(
             "decode_cmp", "decode_cmp.py.jinja", tuple(nodes),
             params=dict(with_output=spec.has("cmp"), with_importance=spec.has("slc"),
-                        importance_map=imap, spill=parts > 1, parts=parts),
-            config=dict(BC=t["BC"], num_warps=4, num_stages=t["stages"])))
+                        with_win=win_in_cmp, importance_map=imap, spill=parts > 1, parts=parts),
+            config=dict(BC=t["BC"], BW=t["BW"], num_warps=4, num_stages=t["stages"])))
         why.append(f"decode_cmp: each program takes a chunk of whole selection blocks of the "
                    f"visible compressed keys, {t['BC']} keys ({t['BJ']} blocks) per step, "
                    f"{t['stages']} stages; it writes a partial (max, sum"
                    + (", P@V" if spec.has("cmp") else "") + ") per chunk")
+        if win_in_cmp:
+            why.append("decode_cmp: the window's chunks are extra programs of the same launch "
+                       "(the window does not depend on the selection): one stream over "
+                       "compressed and window keys fills the GPU, and only the selected blocks "
+                       "are read after the top-n")
         if spec.has("slc"):
             why.append("decode_cmp: block importance in the same pass, per head against the "
                        "tile's running max (stored with it), so once the LSE is known the scores "
@@ -363,34 +387,37 @@ def lower_decode(spec: Spec, sm_count: int = DEFAULT_SM_COUNT) -> DecodePlan:
                        + ("; weights per key offset (a reshape and a sum): a [keys, blocks] "
                           "tensor-core map costs twice the registers" if imap == "overlap" else ""))
     if spec.has("slc"):
-        kernels.append(KernelPlan("decode_score", "decode_score.py.jinja", ("importance",),
-                                  config=dict(BNB=128, num_warps=4)))
-        why.append("decode_score: a grid over tiles of 128 selection blocks x KV heads x "
+        kernels.append(KernelPlan("decode_select", "decode_select.py.jinja",
+                                  ("importance", "topk"), config=dict(BNB=128, num_warps=4)))
+        why.append("decode_select: a grid over tiles of 128 selection blocks x KV heads x "
                    "sequences merges the split maxima and sums into each head's LSE, normalises "
-                   "the importance parts and sums them over the group; all loads of a program "
-                   "are independent (one round trip), where a per-head loop in one program per "
-                   "(sequence, KV head) would chain G round trips")
-        kernels.append(KernelPlan("decode_select", "decode_select.py.jinja", ("topk",),
-                                  config=dict(num_warps=4)))
-        why.append("decode_select: one program per (sequence, KV head) picks the top-n with "
-                   "the forced blocks from the scores (one 64-bit max per pick: score bits "
-                   "above, reversed block index below, so ties go to the lower block)")
-    if spec.has("slc") or spec.has("win"):
-        nodes = tuple(n for n in ("slc_attn", "win_attn") if n in g)
+                   "the importance parts, sums them over the group and keeps the tile's best "
+                   "free candidates (one 64-bit max per pick: score bits above, reversed block "
+                   "index below, so ties go to the lower block); the last tile program of a "
+                   "(sequence, KV head) to finish (an atomic counter) merges the tiles' "
+                   "candidates with the forced blocks: one launch, and the sequential picks run "
+                   "over tiles x n candidates instead of every block")
         kernels.append(KernelPlan(
-            "decode_slc", "decode_slc.py.jinja", nodes,
-            params=dict(with_slc=spec.has("slc"), with_win=spec.has("win")),
-            config=dict(BK=t["BK"], num_warps=4, num_stages=2)))
-        parts = (["groups of selected blocks"] if spec.has("slc") else []) + (
-            [f"chunks of the {spec.window}-key window"] if spec.has("win") else [])
-        why.append(f"decode_slc: one launch over {' and '.join(parts)}, {t['BK']}-key steps; "
-                   "each program writes a partial (max, sum, P@V) of its own branch")
+            "decode_slc", "decode_slc.py.jinja", ("slc_attn",),
+            params=dict(with_slc=True, with_win=False),
+            config=dict(BK=t["BKS"], num_warps=4, num_stages=2)))
+        why.append(f"decode_slc: each program takes a group of selected blocks and gathers "
+                   f"their keys {t['BKS']} at a time (block index per key), so a group's "
+                   "blocks are in flight together; it writes a partial (max, sum, P@V)")
+    elif spec.has("win") and not win_in_cmp:
+        kernels.append(KernelPlan(
+            "decode_win", "decode_slc.py.jinja", ("win_attn",),
+            params=dict(with_slc=False, with_win=True),
+            config=dict(BK=t["BW"], num_warps=4, num_stages=2)))
+        why.append(f"decode_win: chunks of the {spec.window}-key window, {t['BW']}-key steps; "
+                   "each program writes a partial (max, sum, P@V)")
     kernels.append(KernelPlan("decode_combine", "decode_combine.py.jinja", ("combine",),
                               params=dict(branches=tuple(spec.branches)),
-                              config=dict(BDVC=t["BDVC"], SB=8, num_warps=4)))
+                              config=dict(BDVC=t["BDVC"], RB=t["RB"], SB=64, num_warps=4)))
     why.append(f"decode_combine: merges each branch's partials (separate softmaxes) and folds "
-               f"them with the gates into o; {t['BDVC']} of the Dv columns per program, 8 "
-               "partials per load")
+               f"them with the gates into o; a program takes {t['RB']} heads x {t['BDVC']} of "
+               "the Dv columns and loads the partials of every branch at once (up to 64), so "
+               "one round trip to memory serves the whole merge")
     for k in kernels:
         for n in k.nodes:
             g.nodes[n]["kernel"] = k.name
