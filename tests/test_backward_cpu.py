@@ -80,3 +80,29 @@ def test_selected_dkdv_in_many_chunks():
         check_backward(spec, B=2, T=29, dtype=torch.float32, device="cpu", seed=12)
     finally:
         op.configs = {}
+
+
+def test_compressed_dkdv_in_uneven_query_chunks():
+    """The compressed dk/dv split over query chunks of 3 positions (chunk edges fall inside the
+    partly visible head of each tile and across varlen sequences), added atomically."""
+    spec = scaled(nsagen.load_spec("nsa-paper"))
+    op = nsagen.build(spec)
+    op.configs = {"cmp_attention_bwd": dict(op.module.CONFIGS["cmp_attention_bwd"], QC=3)}
+    try:
+        check_backward(spec, B=1, T=0, dtype=torch.float32, device="cpu", seed=17,
+                       varlen_lens=[7, 40, 18])
+    finally:
+        op.configs = {}
+
+
+def test_window_dkdv_across_key_tiles():
+    """Key tiles of 16 under a window of 24 at T=70: each tile's queries pass through the causal
+    edge, the fully visible middle and the window edge (the three loops of the dk/dv kernel)."""
+    spec = scaled(nsagen.load_spec("nsa-d128")).replace(branches=("win",), window=24)
+    op = nsagen.build(spec)
+    op.configs = {"win_attention_bwd": dict(op.module.CONFIGS["win_attention_bwd"], BK_KV=16,
+                                            BT_KV=1)}
+    try:
+        check_backward(spec, B=1, T=70, dtype=torch.float32, device="cpu", seed=18)
+    finally:
+        op.configs = {}

@@ -175,9 +175,12 @@ def _backward(spec: Spec, why: list[str]) -> list[KernelPlan]:
     why.append("backward prologue: gate gradients and every branch's delta in one pass over dO")
     if spec.has("cmp"):
         out.append(KernelPlan("cmp_attention_bwd", "cmp_attention_bwd.py.jinja", ("cmp_attn",),
-                              config=dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4)))
+                              config=dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4,
+                                          BT_KV=max(1, 32 // gp), BC_KV=64, QC=2048,
+                                          WARPS_KV=8, STAGES_KV=3)))
         why.append("backward cmp: recompute P from the saved LSE; dq per token tile, dk_cmp/dv_cmp "
-                   "per compressed tile over the queries that see it; no gradient through importance")
+                   "per (compressed tile, chunk of at most QC queries that see it), added "
+                   "atomically; no gradient through importance")
     if spec.has("slc"):
         gps = max(16, gp)
         out.append(KernelPlan("slc_attention_bwd", "slc_attention_bwd.py.jinja", ("slc_attn",),
@@ -189,7 +192,11 @@ def _backward(spec: Spec, why: list[str]) -> list[KernelPlan]:
                    "token and would otherwise serialise the launch)")
     if spec.has("win"):
         out.append(KernelPlan("win_attention_bwd", "win_attention_bwd.py.jinja", ("win_attn",),
-                              config=dict(BT=max(1, 64 // gp), GP=gp, BK=64, num_warps=4)))
+                              config=dict(BT=max(1, 64 // gp), GP=gp, BK=64, num_warps=4,
+                                          BT_KV=max(1, 32 // gp), BK_KV=64, WARPS_KV=8,
+                                          STAGES_KV=2)))
+        why.append("backward win: dq per token tile; dk/dv per key tile over the queries whose "
+                   "window holds it, unmasked where the whole tile is visible")
     return out
 
 
