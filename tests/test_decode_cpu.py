@@ -139,11 +139,11 @@ def test_cache_emission_rule_and_capacity():
 
 # small tiles so that chunks span several tiles on small shapes: 8 compressed keys (2 selection
 # blocks of the scaled specs) per step, 16-key steps over the window and gathered selected keys,
-# scores and top-n candidates in tiles of 4 blocks (several tiles merged by the last one), two
-# heads x 16 columns per combine program, partials merged 2 at a time
+# scores and top-n candidates in tiles of 4 blocks (several tiles merged by the last one), 8
+# heads x 16 columns per combine program, partials merged 4 at a time
 SMALL_TILES = {"decode_cmp": {"BC": 8, "BW": 16}, "decode_select": {"BNB": 4},
                "decode_slc": {"BK": 16}, "decode_win": {"BK": 16},
-               "decode_combine": {"BDVC": 16, "RB": 2, "SB": 2}}
+               "decode_combine": {"BDVC": 16, "RB": 8, "SB": 4}}
 
 
 @pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only machines")
