@@ -218,24 +218,72 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- tune
+DEFAULT_TUNE_LENS = (16384, 65536)
+DEFAULT_DECODE_BATCHES = (1, 8, 64)
+
+
+def format_tune_table(rows: list[dict]) -> str:
+    """The tuning summary: per bucket and kernel, default and best times and the speedup."""
+    out = ["| T | B | kernel | default ms | best ms | speedup | config |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d, b = r["default_ms"], r["best_ms"]
+        speed = f"{d / b:.2f}" if b and b == b and b != float("inf") and d != float("inf") else "-"
+        out.append(f"| {r['T']} | {r.get('B') or ''} | {r['kernel']} | {d:.4f} | {b:.4f} | "
+                   f"{speed} | {r['config']} |")
+    return "\n".join(out)
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     """Search launch configs per shape bucket on this GPU and save the tuned table."""
+    import logging
     import time
 
     from . import autotune, bench
 
     bench.require_gpu()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     spec = load_spec(args.spec)
     t0 = time.perf_counter()
-    path, rows = autotune.tune(spec, args.seq_len or [4096, 16384, 65536], batch=args.batch,
-                               progress=lambda m: print(m, flush=True))
+    path, rows = autotune.tune(
+        spec, args.seq_len or list(DEFAULT_TUNE_LENS), batch=args.batch,
+        progress=lambda m: print(m, flush=True),
+        decode_batches=[] if args.no_decode else (args.decode_batch or list(DEFAULT_DECODE_BATCHES)),
+        decode_len=args.decode_len, budget=args.budget, out_dir=args.out_dir,
+        backward=not args.no_backward, kernels=args.kernel)
     print()
-    print("| T | kernel | default ms | best ms | speedup | config |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['T']} | {r['kernel']} | {r['default_ms']:.3f} | {r['best_ms']:.3f} | "
-              f"{r['default_ms'] / r['best_ms']:.2f} | {r['config']} |")
+    print(format_tune_table(rows))
     print(f"\ntuned table written to {path} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+# ---------------------------------------------------------------------------- build
+def _cmd_build(args: argparse.Namespace) -> int:
+    """Generate (or reuse) the module and compile its kernels for the configs it launches with."""
+    import logging
+    import time
+
+    import torch
+
+    from .ops import build
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    spec = load_spec(args.spec)
+    t0 = time.perf_counter()
+    op = build(spec)
+    t1 = time.perf_counter()
+    print(f"{spec.name}: module {op.path} ({t1 - t0:.2f} s)", flush=True)
+    if args.no_compile or not torch.cuda.is_available():
+        if not args.no_compile:
+            print("no CUDA GPU here: kernels compile at their first launch")
+        return 0
+    from . import autotune
+
+    n = autotune.warm_build(op, seq_len=args.seq_len)
+    t2 = time.perf_counter()
+    tuned = "tuned table" if op._tables else "IR default configs (untuned)"
+    print(f"{spec.name}: compiled {n} kernel variants (forward, backward, decode at T="
+          f"{args.seq_len}, {tuned}) in {t2 - t1:.1f} s; total {t2 - t0:.1f} s")
     return 0
 
 
@@ -320,14 +368,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("tune", help="tune launch configs on this GPU and save them",
-                       description="Time candidate configs of every forward kernel on random "
-                                   "inputs per sequence-length bucket, check the winners against "
-                                   "the reference, and save the table in the user cache.")
+                       description="Time candidate configs of every forward and backward kernel "
+                                   "per sequence-length bucket and of the decode kernels and "
+                                   "split counts per batch bucket, check the winners against the "
+                                   "reference, and save the table (user cache, or --out-dir).")
     p.add_argument("spec", metavar="SPEC", help=_SPEC_HELP)
     p.add_argument("--seq-len", type=_positive_int, nargs="+", action="extend", metavar="N",
-                   help="sequence lengths to tune at (default 4096 16384 65536)")
+                   help="sequence lengths to tune at, one bucket each (default "
+                        f"{' '.join(map(str, DEFAULT_TUNE_LENS))})")
     p.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="batch (default 1)")
+    p.add_argument("--decode-batch", type=_positive_int, nargs="+", action="extend", metavar="B",
+                   help="decode batch sizes, one bucket each (default "
+                        f"{' '.join(map(str, DEFAULT_DECODE_BATCHES))})")
+    p.add_argument("--decode-len", type=_positive_int, default=65536, metavar="N",
+                   help="decode cache capacity to tune at (default 65536)")
+    p.add_argument("--no-decode", action="store_true", help="skip the decode kernels")
+    p.add_argument("--no-backward", action="store_true", help="skip the backward kernels")
+    p.add_argument("--kernel", nargs="+", action="extend", metavar="NAME",
+                   help="tune only these kernels (others keep their defaults)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="stop searching after this long, keeping the best found so far")
+    p.add_argument("--out-dir", metavar="DIR",
+                   help="write the table to DIR/<gpu>/<module>.json (e.g. autotune) instead of "
+                        "the user cache")
     p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("build", help="generate a spec's module and compile its kernels",
+                       description="Generate (or reuse) the module of a spec and, on a GPU, "
+                                   "compile its forward, backward and decode kernels in parallel "
+                                   "for the configs they launch with (tuned table or defaults).")
+    p.add_argument("spec", metavar="SPEC", help=_SPEC_HELP)
+    p.add_argument("--seq-len", type=_positive_int, default=4096, metavar="N",
+                   help="the shape to compile for (default 4096)")
+    p.add_argument("--no-compile", action="store_true", help="only generate and import")
+    p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("cache", help="list or clear the user cache",
                        description="List what the user cache ($NSAGEN_CACHE_DIR or "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import reference, tables
 from .ir.passes import DEFAULT_SM_COUNT, decode_splits
 from .ops import NSAOp, direct_launches, kernels_available
 
@@ -26,7 +26,9 @@ class DecodeCache:
                  configs: dict[str, dict] | None = None):
         """`splits` overrides entries of the IR's split choice (nsagen.ir.passes.decode_splits)
         and `configs` the decode kernels' launch configs (both e.g. to force several small
-        chunks and tiles on small shapes); the op's own overrides apply otherwise."""
+        chunks and tiles on small shapes). Without either, a tuned table matching this GPU
+        supplies both for the batch and capacity bucket (read once, here), under the op's own
+        overrides; otherwise the IR's rule and default configs apply."""
         spec = op.spec
         if batch < 1 or max_len < 1:
             raise ValueError(f"batch and max_len must be >= 1, got {batch}, {max_len}")
@@ -47,9 +49,16 @@ class DecodeCache:
         self._longest = 0  # host-side bound on the lengths, for capacity checks without a sync
         sms = (torch.cuda.get_device_properties(dev).multi_processor_count
                if dev.type == "cuda" else DEFAULT_SM_COUNT)
+        tuned_cfg, tuned_splits = {}, {}
+        if splits is None and configs is None:
+            if dev.type == "cuda":
+                op.configs_for(dev, max_len)   # loads the op's tuned table once
+            tuned_cfg, tuned_splits = tables.decode_configs_for(op._tables, batch, max_len)
         self.splits = decode_splits(spec, batch, max_len, sms)
+        self.splits.update(tuned_splits)
         self.splits.update(splits or {})
         self.configs = configs
+        self._tuned = tuned_cfg
         # split partials live here for the cache's lifetime: a step allocates only its outputs
         self._work = (op.module.decode_workspace(batch, max_len, self.splits, dev)
                       if kernels_available(dev) else None)
@@ -154,13 +163,24 @@ class DecodeCache:
             o, idx = self.op.module.decode_step(
                 q.contiguous(), None if gates is None else gates.contiguous(), self.k, self.v,
                 self.k_cmp, self.v_cmp, self.lens, self.splits, self._work, kw, vw,
-                configs=self.op.configs if self.configs is None else self.configs)
+                configs=self._launch_configs())
         if return_indices:
             if idx is None:
                 idx = torch.full((self.batch, spec.heads_kv, spec.slc_count), -1,
                                  dtype=torch.int32, device=q.device)
             return o, idx
         return o
+
+    def _launch_configs(self) -> dict:
+        """The decode kernels' configs of a step: explicit `configs`, else the tuned ones under
+        the op's overrides (host dicts only: no device reads)."""
+        if self.configs is not None:
+            return self.configs
+        if not self._tuned:
+            return self.op.configs
+        cfg = dict(self._tuned)
+        cfg.update(self.op.configs)
+        return cfg
 
     def decode(self, q: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
                gates: torch.Tensor | None = None, **compressed) -> torch.Tensor:

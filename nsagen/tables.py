@@ -3,8 +3,10 @@
 A table is used only when its metadata matches this machine exactly (GPU name, compute
 capability, SM count, Triton, torch and nsagen versions, module name); otherwise the kernels run
 with the IR's default configs. Lookup goes by a shape bucket of the sequence length, so one
-table covers short and long inputs. Shipped tables live in `autotune/<gpu>/`, the user's own in
-`<cache>/autotune/<gpu>/`; the user's win.
+table covers short and long inputs; decode entries go by a bucket of the batch and one of the
+cache capacity (`decode B<=8 T<=65536`) and hold the decode kernels' configs and the split
+counts. Shipped tables live in `autotune/<gpu>/`, the user's own in `<cache>/autotune/<gpu>/`;
+the user's win.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from .resources import data_dir
 log = logging.getLogger("nsagen")
 
 BUCKETS = (1024, 4096, 16384, 65536, 262144)
+BATCH_BUCKETS = (1, 8, 64, 512)
+DECODE_SPLITS = "splits"   # the key of a decode entry holding split counts, not a kernel
 
 
 def bucket(seq_len: int) -> str:
@@ -31,6 +35,20 @@ def bucket(seq_len: int) -> str:
         if seq_len <= b:
             return f"T<={b}"
     return f"T>{BUCKETS[-1]}"
+
+
+def batch_bucket(batch: int) -> str:
+    """The bucket of a decode batch size, e.g. 'B<=8'."""
+    for b in BATCH_BUCKETS:
+        if batch <= b:
+            return f"B<={b}"
+    return f"B>{BATCH_BUCKETS[-1]}"
+
+
+def decode_bucket(batch: int, max_len: int) -> str:
+    """The key of a decode entry: batch bucket and cache-capacity bucket, e.g.
+    'decode B<=8 T<=65536'. Never equal to a sequence-length bucket."""
+    return f"decode {batch_bucket(batch)} {bucket(max_len)}"
 
 
 def device_meta(device: int | None = None) -> dict:
@@ -58,6 +76,11 @@ def table_paths(module: str, meta: dict) -> list[Path]:
     except FileNotFoundError:
         pass
     return paths
+
+
+def table_path_under(root: Path, module: str, meta: dict) -> Path:
+    """Where a table goes under a tree laid out like `autotune/`: <root>/<gpu>/<module>.json."""
+    return Path(root) / gpu_slug(meta) / f"{module}.json"
 
 
 def save(module: str, meta: dict, buckets: dict[str, dict], path: Path | None = None) -> Path:
@@ -94,3 +117,14 @@ def configs_for(tables: dict[str, dict] | None, seq_len: int) -> dict:
     if not tables:
         return {}
     return dict(tables.get(bucket(seq_len), {}))
+
+
+def decode_configs_for(tables: dict[str, dict] | None, batch: int,
+                       max_len: int) -> tuple[dict, dict]:
+    """(decode kernel configs, split counts) of the decode entry for this batch and cache
+    capacity; ({}, {}) when untuned: the IR's defaults and split rule apply."""
+    if not tables:
+        return {}, {}
+    entry = tables.get(decode_bucket(batch, max_len)) or {}
+    configs = {k: dict(v) for k, v in entry.items() if k != DECODE_SPLITS}
+    return configs, dict(entry.get(DECODE_SPLITS, {}))

@@ -1,5 +1,8 @@
-"""Tuned tables: keying on GPU and versions, shape buckets, atomic replacement, the fallback."""
+"""Tuned tables: keying on GPU and versions, shape buckets, atomic replacement, the fallback;
+the tuner's plumbing on the CPU (timing stubbed): forward, backward and decode searches, the
+budget, the margin rule, and tuned decode configs reaching DecodeCache."""
 import json
+import os
 
 import pytest
 
@@ -63,10 +66,125 @@ def test_unreadable_table_is_ignored():
     assert tables.load("mod_abc", META) is None
 
 
-def test_tune_plumbing_on_cpu(monkeypatch):
-    """The search, the reference check and the saved table, with timing stubbed (CPU)."""
-    import os
+def test_decode_buckets():
+    assert tables.batch_bucket(1) == "B<=1" and tables.batch_bucket(5) == "B<=8"
+    assert tables.batch_bucket(64) == "B<=64" and tables.batch_bucket(1000) == "B>512"
+    key = tables.decode_bucket(8, 65536)
+    assert key == "decode B<=8 T<=65536" and key != tables.bucket(65536)
+    entry = {"decode_combine": {"num_warps": 2}, tables.DECODE_SPLITS: {"cmp": 3}}
+    buckets = dict(BUCKETS, **{key: entry})
+    assert tables.decode_configs_for(buckets, 6, 40000) == ({"decode_combine": {"num_warps": 2}},
+                                                            {"cmp": 3})
+    assert tables.decode_configs_for(buckets, 64, 40000) == ({}, {})   # other batch bucket
+    assert tables.decode_configs_for(None, 8, 65536) == ({}, {})
+    assert tables.configs_for(buckets, 40000) == {}                    # never a forward bucket
 
+
+# ---------------------------------------------------------------------------- the search
+def _fake(times_by_round):
+    """make_run and timer stubs: round i of the sweep reports times_by_round[i] per kernel."""
+    calls = []
+
+    def make_run(cfg):
+        def run():
+            return cfg
+        run.cfg = cfg
+        return run
+
+    def timer(run):
+        calls.append(run.cfg)
+        return times_by_round[len(calls) - 1]
+    return make_run, timer, calls
+
+
+def test_margin_rule_keeps_the_default_unless_clearly_beaten():
+    from nsagen import autotune
+
+    cands = {"a": [{"x": 0}, {"x": 1}, {"x": 2}], "b": [{"y": 0}, {"y": 1}]}
+    # a: candidate 2 is 2% faster (inside the margin); b: candidate 1 is 10% faster
+    rounds = [{"a": 1.0, "b": 1.0}, {"a": 0.99, "b": 0.9}, {"a": 0.98, "b": 1.0},
+              {"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 0.9}]      # then the confirming pair
+    make_run, timer, calls = _fake(rounds)
+    rep = autotune.sweep(make_run, ["a", "b"], cands, {}, timer=timer, progress=lambda m: None,
+                         on_gpu=False)
+    assert rep["a"]["best"] == {"x": 0} and rep["a"]["best_ms"] == 1.0
+    assert rep["b"]["best"] == {"y": 1} and rep["b"]["best_ms"] == 0.9
+    assert calls[3] == {"a": {"x": 0}, "b": {"y": 0}}             # defaults ...
+    assert calls[4] == {"a": {"x": 0}, "b": {"y": 1}}             # ... against the winners
+
+
+def test_unconfirmed_winner_is_dropped():
+    from nsagen import autotune
+
+    cands = {"a": [{"x": 0}, {"x": 1}]}
+    rounds = [{"a": 1.0}, {"a": 0.5}, {"a": 1.0}, {"a": 1.2}]  # the confirming run disagrees
+    make_run, timer, _ = _fake(rounds)
+    rep = autotune.sweep(make_run, ["a"], cands, {}, timer=timer, progress=lambda m: None,
+                         on_gpu=False)
+    assert rep["a"]["best"] == {"x": 0}
+
+
+def test_budget_stops_the_search_and_keeps_the_best_so_far():
+    from nsagen import autotune
+
+    msgs = []
+    clock = autotune.Budget(3600, msgs.append)
+    cands = {"a": [{"x": i} for i in range(6)]}
+    seen = []
+
+    def make_run(cfg):
+        return lambda: cfg
+
+    def timer(run):
+        seen.append(run())
+        if len(seen) == 2:
+            clock.deadline = clock.start - 1      # the budget runs out after the second round
+        return {"a": 1.0 / len(seen)}
+
+    rep = autotune.sweep(make_run, ["a"], cands, {}, timer=timer, budget=clock,
+                         progress=msgs.append, label="forward T=1", on_gpu=False)
+    assert len(seen) == 2 and rep["a"]["tried"] == 2
+    assert rep["a"]["best"] == {"x": 1}           # best found so far, unconfirmed (no time left)
+    assert sum("budget" in m for m in msgs) == 1 and "forward T=1" in msgs[0]
+
+
+def test_candidates_are_pruned_ordered_and_capped():
+    import nsagen
+    from nsagen import autotune
+
+    spec = nsagen.load_spec("nsa-paper")
+    op_cfg = nsagen.build(spec).module.CONFIGS
+    for name in ("cmp_attention", "slc_attention", "win_attention", "select_blocks",
+                 "cmp_attention_bwd", "slc_attention_bwd", "win_attention_bwd", "gate_delta"):
+        c = autotune.candidates(spec, name, op_cfg[name])
+        assert c[0] == op_cfg[name] and 1 < len(c) <= 8
+        assert len({tuple(sorted(x.items())) for x in c}) == len(c)
+        dist = [sum(x[k] != v for k, v in op_cfg[name].items()) for x in c]
+        assert dist == sorted(dist)
+    for x in autotune.candidates(spec, "cmp_attention", op_cfg["cmp_attention"], limit=None)[1:]:
+        assert x["BC"] % 4 == 0 and autotune._regs(x["BT"] * 16, x["BC"], 256, 128,
+                                                   x["num_warps"]) <= autotune.REG_LIMIT
+
+
+def _interp():
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU plumbing check")
+
+
+def _halving():
+    """A stub timer whose every call is twice as fast as the last: later candidates win."""
+    state = {"t": 100.0}
+
+    def timer(f):
+        state["t"] /= 2
+        return state["t"]
+    return timer
+
+
+def test_tune_plumbing_on_cpu():
+    """The search, the reference check and the saved table, with timing stubbed (CPU)."""
     import torch
 
     import nsagen
@@ -74,12 +192,10 @@ def test_tune_plumbing_on_cpu(monkeypatch):
 
     from kernel_checks import scaled
 
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("CPU plumbing check")
+    _interp()
     spec = scaled(nsagen.load_spec("nsa-d128"))
-    costs = iter(range(100, 0, -1))  # later candidates "faster": the search must pick the last
     path, rows = autotune.tune(spec, [20], kernels=["select_blocks"], device="cpu",
-                               dtype=torch.float32, timer=lambda f: float(next(costs)),
+                               dtype=torch.float32, timer=_halving(),
                                progress=lambda m: None, check_len=20)
     cands = autotune.candidates(spec, "select_blocks", nsagen.build(spec).module.CONFIGS["select_blocks"])
     assert rows[0]["config"] == cands[-1] and rows[0]["best_ms"] < rows[0]["default_ms"]
@@ -89,10 +205,8 @@ def test_tune_plumbing_on_cpu(monkeypatch):
 
 
 def test_tune_backward_kernel_plumbing(monkeypatch):
-    """A backward kernel is searched on forward+backward timings and its winner's gradients are
+    """A backward kernel is searched on the backward's timings and its winner's gradients are
     checked against the reference before the table is saved."""
-    import os
-
     import torch
 
     import nsagen
@@ -100,16 +214,14 @@ def test_tune_backward_kernel_plumbing(monkeypatch):
 
     from kernel_checks import scaled
 
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("CPU plumbing check")
+    _interp()
     spec = scaled(nsagen.load_spec("nsa-fla"))
     full = autotune.candidates
     assert len(full(spec, "gate_delta", nsagen.build(spec).module.CONFIGS["gate_delta"])) > 2
     # two candidates keep the interpreter run short
     monkeypatch.setattr(autotune, "candidates", lambda *a, **kw: full(*a, **kw)[:2])
-    costs = iter(range(100, 0, -1))
     path, rows = autotune.tune(spec, [20], kernels=["gate_delta"], device="cpu",
-                               dtype=torch.float32, timer=lambda f: float(next(costs)),
+                               dtype=torch.float32, timer=_halving(),
                                progress=lambda m: None, check_len=20)
     op = nsagen.build(spec)
     cands = autotune.candidates(spec, "gate_delta", op.module.CONFIGS["gate_delta"])
@@ -117,3 +229,112 @@ def test_tune_backward_kernel_plumbing(monkeypatch):
     assert rows[0]["config"] == cands[-1]
     doc = json.loads(path.read_text())
     assert doc["buckets"]["T<=1024"]["gate_delta"] == cands[-1]
+
+
+def test_tune_decode_plumbing(monkeypatch, tmp_path):
+    """Decode kernels and split counts are searched per batch bucket, the winners run token by
+    token against the reference, and the entry lands in the table (under --out-dir)."""
+    import torch
+
+    import nsagen
+    from nsagen import autotune
+
+    from kernel_checks import scaled
+
+    _interp()
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    op = nsagen.build(spec)
+    names = autotune.decode_kernel_names(op)
+    assert names and set(names) <= set(op.module.DECODE_CONFIGS)
+    last = names[-1]
+    full_c, full_s = autotune.decode_candidates, autotune.split_candidates
+    monkeypatch.setattr(autotune, "decode_candidates", lambda *a, **kw: full_c(*a, **kw)[:2])
+    monkeypatch.setattr(autotune, "split_candidates", lambda *a, **kw: full_s(*a, **kw)[:2])
+    msgs = []
+    path, rows = autotune.tune(spec, [], kernels=[last], device="cpu", dtype=torch.float32,
+                               timer=_halving(), progress=msgs.append, decode_batches=[2],
+                               decode_len=40, out_dir=tmp_path / "autotune")
+    assert path.parent.parent == tmp_path / "autotune" and path.name == op.module_name + ".json"
+    doc = json.loads(path.read_text())
+    key = nsagen.tables.decode_bucket(2, 40)
+    entry = doc["buckets"][key]
+    want = autotune.decode_candidates(spec, last, op.module.DECODE_CONFIGS[last])[-1]
+    assert entry[last] == want and set(entry) == {last, "splits"}
+    from nsagen.ir.passes import decode_splits
+
+    base = decode_splits(spec, 2, 40)
+    variant = autotune.split_candidates(spec, base)[-1]
+    assert entry["splits"] == {k: v for k, v in variant.items() if base[k] != v} != {}
+    assert [r["kernel"] for r in rows] == [last, "step (splits)"]
+    assert any("compiled" in m or "decode B=2" in m for m in msgs)
+
+
+def test_tune_budget_zero_saves_defaults():
+    import torch
+
+    import nsagen
+    from nsagen import autotune
+
+    from kernel_checks import scaled
+
+    _interp()
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    msgs = []
+    path, rows = autotune.tune(spec, [20], kernels=["select_blocks"], device="cpu",
+                               dtype=torch.float32, timer=_halving(), progress=msgs.append,
+                               check_len=20, budget=0)
+    assert rows == [] and any("budget of 0 s reached" in m for m in msgs)
+    doc = json.loads(path.read_text())
+    assert doc["buckets"]["T<=1024"]["select_blocks"] == \
+        nsagen.build(spec).module.CONFIGS["select_blocks"]
+
+
+def test_tuned_decode_configs_reach_decode_cache(monkeypatch):
+    """A matching table's decode entry sets the cache's splits and the configs each step
+    launches with; explicit splits/configs replace it."""
+    import torch
+
+    import nsagen
+    from nsagen.decode import DecodeCache
+    from nsagen.ir.passes import decode_splits
+
+    from kernel_checks import scaled
+
+    _interp()
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    op = nsagen.build(spec)
+    name = list(op.module.DECODE_CONFIGS)[-1]
+    tuned = dict(op.module.DECODE_CONFIGS[name], num_warps=2)
+    table = {tables.decode_bucket(2, 40): {name: tuned, "splits": {"cmp": 3}}}
+    monkeypatch.setattr(op, "_tables", table)
+    monkeypatch.setattr(op, "_tables_loaded", True)
+    seen = {}
+    real = op.module.decode_step
+
+    def spy(*a, configs=None, **kw):
+        seen["configs"], seen["splits"] = configs, a[7]
+        return real(*a, configs=configs, **kw)
+
+    monkeypatch.setattr(op.module, "decode_step", spy)
+    cache = DecodeCache(op, 2, 40, device="cpu", dtype=torch.float32)
+    assert cache.splits == dict(decode_splits(spec, 2, 40), cmp=3)
+    k = torch.randn(2, 30, spec.heads_kv, spec.dim_qk)
+    cache.prefill(k, torch.randn(2, 30, spec.heads_kv, spec.dim_v))
+    q = torch.randn(2, spec.heads_q, spec.dim_qk)
+    cache.step(q, torch.rand(2, spec.heads_q, 3))
+    assert seen["configs"][name] == tuned and seen["splits"]["cmp"] == 3
+    other = DecodeCache(op, 64, 40, device="cpu", dtype=torch.float32)     # other bucket
+    assert other.splits == decode_splits(spec, 64, 40) and other._launch_configs() == op.configs
+    forced = DecodeCache(op, 2, 40, device="cpu", dtype=torch.float32, splits={"cmp": 1})
+    assert forced.splits["cmp"] == 1 and forced._launch_configs() == op.configs
+
+
+def test_cli_tune_and_build_arguments(capsys):
+    from nsagen.cli import build_parser, main
+
+    a = build_parser().parse_args(["tune", "nsa-g4", "--budget", "40", "--decode-batch", "1", "8",
+                                   "--out-dir", "autotune", "--no-backward"])
+    assert a.budget == 40 and a.decode_batch == [1, 8] and a.out_dir == "autotune"
+    assert a.no_backward and not a.no_decode and a.seq_len is None
+    assert main(["build", "nsa-g4", "--no-compile"]) == 0
+    assert "nsa-g4: module" in capsys.readouterr().out

@@ -1,5 +1,6 @@
-"""Tuning a small spec end to end on a CUDA GPU: search, reference check, saved table used by the
-next build. Skipped without a GPU."""
+"""Tuning a small spec end to end on a CUDA GPU: forward, backward and decode searches with
+parallel compilation and profiler timings, reference checks, a saved table that the next op and
+DecodeCache launch with. Skipped without a GPU."""
 import pytest
 import torch
 
@@ -13,11 +14,35 @@ pytestmark = [pytest.mark.gpu,
 def test_tune_small_spec_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("NSAGEN_CACHE_DIR", str(tmp_path))
     spec = nsagen.load_spec("nsa-g4").replace(name="tune-small", window=256)
-    path, rows = autotune.tune(spec, [2048], kernels=["select_blocks", "win_attention"],
-                               progress=lambda m: None)
-    assert path.is_file() and rows
     op = nsagen.build(spec)
+    dec = autotune.decode_kernel_names(op)
+    assert dec
+    msgs = []
+    path, rows = autotune.tune(spec, [2048], kernels=["select_blocks", "win_attention",
+                                                      "gate_delta", dec[-1]],
+                               decode_batches=[4], decode_len=4096, progress=msgs.append,
+                               budget=120)
+    assert path.is_file() and rows
+    assert {r["kernel"] for r in rows} >= {"select_blocks", "win_attention", "gate_delta", dec[-1]}
+    assert all(r["best_ms"] <= r["default_ms"] for r in rows)
+    assert any("compiled" in m for m in msgs)
     op._tables_loaded = False
     cfg = op.configs_for(torch.device("cuda"), 2000)
-    assert cfg == tables.load(op.module_name, tables.device_meta())[tables.bucket(2000)]
-    assert {r["kernel"] for r in rows} == {"select_blocks", "win_attention"}
+    table = tables.load(op.module_name, tables.device_meta())
+    assert cfg == table[tables.bucket(2000)]
+    entry = table[tables.decode_bucket(4, 4096)]
+    cache = op.new_cache(4, 4096, device="cuda")
+    assert cache._launch_configs()[dec[-1]] == entry[dec[-1]]
+    assert all(cache.splits[k] == v for k, v in entry["splits"].items())
+
+
+def test_profiler_attributes_kernel_times():
+    """Per-kernel GPU times of one forward come back under the plan's kernel names."""
+    spec = nsagen.load_spec("nsa-g4")
+    op = nsagen.build(spec)
+    fwd, _ = autotune.kernel_names(op)
+    x = autotune._inputs(spec, 4096, 1, "cuda", torch.bfloat16)
+    run = autotune._forward_pass(op, x)(dict(op.module.CONFIGS))
+    run()
+    t = autotune.kernel_times(run, fwd, iters=2)
+    assert set(t) == set(fwd) and all(v > 0 for v in t.values())
