@@ -20,7 +20,9 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+import queue
+import threading
+from concurrent.futures import Future, wait
 
 import torch
 import triton
@@ -296,14 +298,27 @@ def _variant_key(fn, args, kwargs) -> tuple:
 
 
 class Compiler:
-    """Compiles recorded kernel variants in a thread pool, ahead of the timing rounds."""
+    """Compiles recorded kernel variants on worker threads, ahead of the timing rounds. The
+    workers are daemon threads: a process that is done never waits for compiles it dropped."""
 
     def __init__(self, workers: int | None = None):
         self.workers = workers or max(2, min(16, os.cpu_count() or 2))
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nsagen-compile")
+        self.queue: queue.Queue = queue.Queue()
+        for i in range(self.workers):
+            threading.Thread(target=self._work, name=f"nsagen-compile-{i}", daemon=True).start()
         self.seen: set = set()
         self.futures = []
         self.failed = 0
+
+    def _work(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            fut, job = item
+            if fut.set_running_or_notify_cancel():
+                self._compile(*job)
+                fut.set_result(None)
 
     def record(self, passes) -> int:
         """Run each callable in `passes` with launches recorded; submit the new variants."""
@@ -320,7 +335,9 @@ class Compiler:
             if key in self.seen:
                 continue
             self.seen.add(key)
-            self.futures.append(self.pool.submit(self._compile, fn, args, grid, kwargs))
+            fut: Future = Future()
+            self.queue.put((fut, (fn, args, grid, kwargs)))
+            self.futures.append(fut)
             n += 1
         return n
 
@@ -346,7 +363,8 @@ class Compiler:
 
     def close(self) -> None:
         self.cancel()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for _ in range(self.workers):
+            self.queue.put(None)
 
 
 # ---------------------------------------------------------------------------- the search

@@ -6,8 +6,8 @@
 #   $OUT/tune-summary.md                the summary tables (default vs best, per kernel)
 #   $OUT/tune-<spec>.log                each run's full output
 # Knobs: SPECS="nsa-g4 ..." (default: all shipped), BUDGET (search seconds per spec, default
-# 30), TOTAL (seconds for the whole run, default 400: later specs get less if earlier ones ran
-# long), TUNE_ARGS (extra `nsagen tune` arguments).
+# 20), TOTAL (seconds for the whole run, default 420: later specs get less if earlier ones ran
+# long), TUNE_ARGS (extra `nsagen tune` arguments). Each command runs under `timeout`.
 set -u
 OUT=${OUT:-tune-results}
 mkdir -p "$OUT/autotune"
@@ -15,8 +15,8 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 SPECS=${SPECS:-$(for f in specs/*.yaml; do basename "$f" .yaml; done)}
-BUDGET=${BUDGET:-30}
-TOTAL=${TOTAL:-400}
+BUDGET=${BUDGET:-20}
+TOTAL=${TOTAL:-420}
 WORK=$(mktemp -d /tmp/nsagen-tune.XXXXXX)
 export TRITON_CACHE_DIR=$WORK/triton
 start=$(date +%s)
@@ -30,11 +30,15 @@ n_left=$(echo $SPECS | wc -w)
 for s in $SPECS; do
   now=$(date +%s)
   left=$((TOTAL - (now - start)))
-  # share what is left among the remaining specs (about 20 s of each goes to start-up, the
+  # share what is left among the remaining specs (about 45 s of each goes to start-up, the
   # reference checks and the cold build)
-  share=$((left / n_left - 20))
+  share=$((left / n_left - 45))
   b=$BUDGET; [ "$share" -lt "$b" ] && b=$share; [ "$b" -lt 5 ] && b=5
-  lim=$((b + 45))
+  lim=$((b + 40)); [ "$lim" -gt $((left - 20)) ] && lim=$((left - 20))
+  if [ "$lim" -lt 20 ]; then
+    echo "$s skipped: the run's $TOTAL s are spent" | tee -a "$OUT/tune-times.txt"
+    n_left=$((n_left - 1)); continue
+  fi
   t0=$(date +%s.%N)
   NSAGEN_CACHE_DIR=$WORK/cache timeout -k 5 $lim python3 -m nsagen.cli tune "$s" --budget "$b" \
     --out-dir "$OUT/autotune" ${TUNE_ARGS:-} > "$OUT/tune-$s.log" 2>&1
@@ -44,7 +48,7 @@ for s in $SPECS; do
   cold=$WORK/cold-$s
   mkdir -p "$cold/autotune"
   cp -r "$OUT"/autotune/*/ "$cold/autotune/" 2>/dev/null
-  NSAGEN_CACHE_DIR=$cold TRITON_CACHE_DIR=$cold/triton timeout -k 5 90 \
+  NSAGEN_CACHE_DIR=$cold TRITON_CACHE_DIR=$cold/triton timeout -k 5 60 \
     python3 -m nsagen.cli build "$s" >> "$OUT/tune-$s.log" 2>&1
   brc=$?
   t2=$(date +%s.%N)
