@@ -27,7 +27,7 @@ from concurrent.futures import Future, wait
 import torch
 import triton
 
-from .ir.passes import smem_bytes as _smem_bytes
+from .ir.passes import dkdv_smem_bytes, smem_bytes as _smem_bytes
 from .spec import Spec
 
 log = logging.getLogger("nsagen")
@@ -42,6 +42,31 @@ SMEM_LIMIT = 227 * 1024
 def _regs(rows: int, keys: int, bdk: int, bdv: int, num_warps: int) -> float:
     """Registers per thread of an attention tile: fp32 scores and output accumulator, bf16 q."""
     return (rows * keys + rows * bdv) / (32 * num_warps) + rows * bdk / (64 * num_warps)
+
+
+def _dkdv_candidates(spec: Spec, default: dict, gp: int, keys_name: str,
+                     smem_limit: int) -> list[dict]:
+    """The dk/dv half of a backward kernel: 64- or 128-row steps, warps, stages, key tile
+    (on the H200, 128-row steps with 8 warps and 2 stages were the fastest measured)."""
+    out = []
+    for rows, keys, nw, ns in itertools.product([64, 128], [32, 64], [4, 8], [1, 2]):
+        if rows >= gp and dkdv_smem_bytes(spec, rows, keys, ns) <= smem_limit:
+            out.append(dict(default, BT_KV=rows // gp, **{keys_name: keys}, WARPS_KV=nw,
+                            STAGES_KV=ns))
+    return _nearest(out, default)
+
+
+def _nearest(cands: list[dict], default: dict) -> list[dict]:
+    """Candidates ordered by how many parameters differ from the default (stable)."""
+    return sorted(cands, key=lambda c: sum(c.get(k) != v for k, v in default.items()))
+
+
+def _interleave(a: list, b: list) -> list:
+    """a[0], b[0], a[1], b[1], ...: both halves of a kernel get candidates under a cap."""
+    out = []
+    for i in range(max(len(a), len(b))):
+        out += a[i:i + 1] + b[i:i + 1]
+    return out
 
 
 def _order(cands: list[dict], default: dict, limit: int | None) -> list[dict]:
@@ -104,6 +129,8 @@ def candidates(spec: Spec, kernel: str, default: dict, smem_limit: int = SMEM_LI
             if (_smem_bytes(bt * gp, bc, dk, dv, 2) <= smem_limit
                     and _regs(bt * gp, bc, dk, dv, nw) <= REG_LIMIT):
                 out.append(dict(default, BT=bt, BC=bc, num_warps=nw))
+        out = _interleave(_dkdv_candidates(spec, default, gp, "BC_KV", smem_limit),
+                          _nearest(out, default))
     elif kernel == "slc_attention_bwd":
         gps = default["GP"]
         for bt, it, nw in itertools.product(_rows(gps, 32, 64, 128), [16, 64], [4, 8]):
@@ -115,6 +142,8 @@ def candidates(spec: Spec, kernel: str, default: dict, smem_limit: int = SMEM_LI
             if (_smem_bytes(bt * gp, bk, dk, dv, 2) <= smem_limit
                     and _regs(bt * gp, bk, dk, dv, nw) <= REG_LIMIT):
                 out.append(dict(default, BT=bt, BK=bk, num_warps=nw))
+        out = _interleave(_dkdv_candidates(spec, default, gp, "BK_KV", smem_limit),
+                          _nearest(out, default))
     if limit == -1:
         limit = MAX_CANDIDATES["backward" if kernel.endswith("_bwd") or kernel == "gate_delta"
                                else "forward"]

@@ -166,6 +166,29 @@ def _tiles(spec: Spec, kernels: list[KernelPlan], why: list[str]) -> None:
             why.append(f"win_attention tile: {bt} token(s) x {gp} head rows, 32-key steps")
 
 
+# dynamic shared memory per program on sm_90 (H100/H200); the dk/dv tile pass stays inside it
+SMEM_SM90 = 232448
+
+
+def _dkdv_rows(spec: Spec, gp: int, keys: int = 64, stages: int = 2) -> int:
+    """Tokens per step of a dk/dv kernel: 128 query rows (two warpgroups of tensor-core rows; on
+    the H200 64-row steps ran the compressed dk/dv 1.8x and the window dk/dv 2x slower), fewer
+    when the pipelined q/dO tiles, the key tile and the P/dS staging would not fit in shared
+    memory (large head dims)."""
+    rows = 128
+    while rows > 16 and dkdv_smem_bytes(spec, rows, keys, stages) > SMEM_SM90:
+        rows //= 2
+    return max(1, rows // gp)
+
+
+def dkdv_smem_bytes(spec: Spec, rows: int, keys: int, stages: int) -> int:
+    """Shared memory of a dk/dv step (16-bit inputs): `stages` buffers of the q and dO row
+    tiles, the key/value tile, and the fp32 P/dS staging (an upper bound on sm_90: 64 keys x 128
+    rows x D=128 at 3 stages estimates 262 KB where Triton 3.6 asked for 248 KB)."""
+    bd = triton.next_power_of_2(spec.dim_qk) + triton.next_power_of_2(spec.dim_v)
+    return stages * rows * bd * 2 + keys * bd * 2 + rows * keys * 4
+
+
 def _backward(spec: Spec, why: list[str]) -> list[KernelPlan]:
     """Backward kernels, one template per branch (dq and dk/dv kernels in each)."""
     gp = triton.next_power_of_2(spec.group)
@@ -176,8 +199,8 @@ def _backward(spec: Spec, why: list[str]) -> list[KernelPlan]:
     if spec.has("cmp"):
         out.append(KernelPlan("cmp_attention_bwd", "cmp_attention_bwd.py.jinja", ("cmp_attn",),
                               config=dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4,
-                                          BT_KV=max(1, 32 // gp), BC_KV=64, QC=2048,
-                                          WARPS_KV=8, STAGES_KV=3)))
+                                          BT_KV=_dkdv_rows(spec, gp), BC_KV=64, QC=2048,
+                                          WARPS_KV=8, STAGES_KV=2)))
         why.append("backward cmp: recompute P from the saved LSE; dq per token tile, dk_cmp/dv_cmp "
                    "per (compressed tile, chunk of at most QC queries that see it), added "
                    "atomically; no gradient through importance")
@@ -193,7 +216,7 @@ def _backward(spec: Spec, why: list[str]) -> list[KernelPlan]:
     if spec.has("win"):
         out.append(KernelPlan("win_attention_bwd", "win_attention_bwd.py.jinja", ("win_attn",),
                               config=dict(BT=max(1, 64 // gp), GP=gp, BK=64, num_warps=4,
-                                          BT_KV=max(1, 32 // gp), BK_KV=64, WARPS_KV=8,
+                                          BT_KV=_dkdv_rows(spec, gp), BK_KV=64, WARPS_KV=8,
                                           STAGES_KV=2)))
         why.append("backward win: dq per token tile; dk/dv per key tile over the queries whose "
                    "window holds it, unmasked where the whole tile is visible")
