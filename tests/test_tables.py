@@ -150,40 +150,40 @@ def test_budget_stops_the_search_and_keeps_the_best_so_far():
 
 def test_candidates_are_pruned_ordered_and_capped():
     import nsagen
-    from nsagen import autotune
+    from nsagen import configspace
 
     spec = nsagen.load_spec("nsa-paper")
     op_cfg = nsagen.build(spec).module.CONFIGS
     for name in ("cmp_attention", "slc_attention", "win_attention", "select_blocks",
                  "cmp_attention_bwd", "slc_attention_bwd", "win_attention_bwd", "gate_delta"):
-        c = autotune.candidates(spec, name, op_cfg[name])
+        c = configspace.candidates(spec, name, op_cfg[name])
         assert c[0] == op_cfg[name] and 1 < len(c) <= 8
         assert len({tuple(sorted(x.items())) for x in c}) == len(c)
         dist = [sum(x[k] != v for k, v in op_cfg[name].items()) for x in c]
         assert dist == sorted(dist)
-    for x in autotune.candidates(spec, "cmp_attention", op_cfg["cmp_attention"], limit=None)[1:]:
-        assert x["BC"] % 4 == 0 and autotune._regs(x["BT"] * 16, x["BC"], 256, 128,
-                                                   x["num_warps"]) <= autotune.REG_LIMIT
+    for x in configspace.candidates(spec, "cmp_attention", op_cfg["cmp_attention"], limit=None)[1:]:
+        assert x["BC"] % 4 == 0 and configspace._regs(x["BT"] * 16, x["BC"], 256, 128,
+                                                      x["num_warps"]) <= configspace.REG_LIMIT
 
 
 def test_backward_candidates_cover_the_dkdv_steps():
     """Both halves of a backward kernel get candidates, inside shared memory; the selected dk/dv
     tries 128-row, 8-warp steps right after the default, then the nearest ones."""
     import nsagen
-    from nsagen import autotune
+    from nsagen import configspace
     from nsagen.ir.passes import SMEM_SM90, dkdv_smem_bytes
 
     spec = nsagen.load_spec("nsa-d128")
     cfg = nsagen.build(spec).module.CONFIGS
     for name, keys in (("cmp_attention_bwd", "BC_KV"), ("win_attention_bwd", "BK_KV")):
-        c = autotune.candidates(spec, name, cfg[name])
+        c = configspace.candidates(spec, name, cfg[name])
         kv = [x for x in c[1:] if any(x[k] != cfg[name][k]
                                       for k in ("BT_KV", keys, "WARPS_KV", "STAGES_KV"))]
         assert kv and len(kv) < len(c) - 1       # dk/dv variants and dq variants
-        for x in autotune.candidates(spec, name, cfg[name], limit=None):
+        for x in configspace.candidates(spec, name, cfg[name], limit=None):
             assert dkdv_smem_bytes(spec, x["BT_KV"] * x["GP"], x[keys],
                                    x["STAGES_KV"]) <= SMEM_SM90
-    c = autotune.candidates(spec, "slc_attention_bwd", cfg["slc_attention_bwd"])
+    c = configspace.candidates(spec, "slc_attention_bwd", cfg["slc_attention_bwd"])
     assert c[0] == cfg["slc_attention_bwd"]
     assert (c[1]["BT_BWD"] * c[1]["GP"], c[1]["num_warps"]) == (128, 8)
     dist = [sum(x[k] != v for k, v in c[0].items()) for x in c[2:]]
