@@ -80,21 +80,13 @@ def _plan_kernel(name: str, kernels: list[str]) -> str | None:
 def kernel_times(run, kernels: list[str], iters: int = 3) -> dict[str, float]:
     """GPU time (ms per call of `run`) of each plan kernel, from the torch profiler: each
     kernel's own time, whatever the host overhead between launches."""
-    from torch.profiler import ProfilerActivity, profile
+    from .bench import profile_kernels
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            run()
-        torch.cuda.synchronize()
     out: dict[str, float] = {}
-    for ev in prof.key_averages():
-        k = _plan_kernel(ev.key, kernels)
-        if k is None:
-            continue
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = getattr(ev, "cuda_time_total", 0.0)
-        out[k] = out.get(k, 0.0) + t / 1e3 / iters
+    for name, ms in profile_kernels(run, iters).items():
+        k = _plan_kernel(name, kernels)
+        if k is not None:
+            out[k] = out.get(k, 0.0) + ms
     return out
 
 

@@ -86,10 +86,16 @@ def _flex():
 
 def kernel_breakdown(fn, iters: int = 5) -> dict[str, float]:
     """Mean GPU time per kernel name (ms) over `iters` calls, from the torch profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
     fn()
     torch.cuda.synchronize()
+    return profile_kernels(fn, iters)
+
+
+def profile_kernels(fn, iters: int) -> dict[str, float]:
+    """Mean GPU time per kernel name (ms) over `iters` calls of `fn` (no warm-up call), each
+    kernel's own time whatever the host does between launches; longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             fn()
