@@ -47,6 +47,10 @@ def test_paper_learned_compression_bf16():
     check_backward(nsagen.load_spec("nsa-paper"), B=1, T=4096, dtype=BF16, device="cuda", seed=2)
 
 
+def test_paper_learned_compression_bf16_16k():
+    check_backward(_long("nsa-paper"), B=1, T=16384, dtype=BF16, device="cuda", seed=5)
+
+
 @pytest.mark.parametrize("name", ["nsa-g1", "nsa-g4"])
 def test_small_groups_bf16(name):
     spec = nsagen.load_spec(name)
