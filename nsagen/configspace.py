@@ -141,7 +141,8 @@ def decode_candidates(spec: Spec, kernel: str, default: dict,
                       limit: int | None = -1) -> list[dict]:
     """Configs to try for one decode kernel, from the parameters its default config has (the
     decode kernels' set may change; only parameters whose meaning is known are varied: warps,
-    pipeline stages, the combine's column tile and merge width)."""
+    pipeline stages, the merge's column tile and width, where the merge runs, how the top-n
+    picks)."""
     bdv = triton.next_power_of_2(spec.dim_v)
     axes: list[tuple[str, list]] = []
     if "num_warps" in default:
@@ -152,6 +153,10 @@ def decode_candidates(spec: Spec, kernel: str, default: dict,
         axes.append(("BDVC", [c for c in (16, 32, 64) if c <= bdv and bdv % c == 0]))
     if "SB" in default:
         axes.append(("SB", [4, 8, 16]))
+    if "MERGE" in default:          # decode_slc's last programs merge, or decode_combine does
+        axes.append(("MERGE", [0, 1]))
+    if "RANK_MAX" in default:       # decode_select: rank picks, or sequential maxima
+        axes.append(("RANK_MAX", [0, 128]))
     out = [dict(default, **{name: v}) for name, vals in axes for v in vals]      # one change
     for (a, va), (b, vb) in itertools.combinations(axes, 2):                     # then two
         out += [dict(default, **{a: x, b: y}) for x in va for y in vb]

@@ -140,7 +140,8 @@ def test_cache_emission_rule_and_capacity():
 # small tiles so that chunks span several tiles on small shapes: 8 compressed keys (2 selection
 # blocks of the scaled specs) per step, 16-key steps over the window and gathered selected keys,
 # scores and top-n candidates in tiles of 4 blocks (several tiles merged by the last one), 8
-# heads x 16 columns per combine program, partials merged 4 at a time
+# heads x 16 columns per combine program (and 16-column steps of the merge in decode_slc),
+# partials merged 4 at a time
 SMALL_TILES = {"decode_cmp": {"BC": 8, "BW": 16}, "decode_select": {"BNB": 4},
                "decode_slc": {"BK": 16}, "decode_win": {"BK": 16},
                "decode_combine": {"BDVC": 16, "RB": 8, "SB": 4}}
@@ -163,6 +164,29 @@ def test_kernels_decode_split_keys(name, splits):
     spec = scaled(nsagen.load_spec(name))
     # the longest row ends with 8 selection blocks: its free picks span two score tiles
     _decode_vs_prefill(spec, [2, 37, 122], T=128, seed=11, splits=splits, configs=SMALL_TILES)
+
+
+@pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only machines")
+@pytest.mark.parametrize("knobs", [
+    # the merge in decode_slc's last program, 2 partials per load and 8-column steps (several
+    # rounds of both), with the top-n picked by sequential maxima
+    {"decode_slc": {"MERGE": 1, "SB": 2, "BDVC": 8}, "decode_select": {"RANK_MAX": 0}},
+    # the merge in decode_slc's last program with every partial in one tile; the top-n
+    # picked by rank
+    {"decode_slc": {"MERGE": 1, "SB": 64, "BDVC": 16}, "decode_select": {"RANK_MAX": 128}},
+    # the merge in its own launch (decode_combine), every partial in one tile
+    {"decode_slc": {"MERGE": 0}, "decode_combine": {"SB": 64, "RB": 8, "BDVC": 16}},
+])
+def test_kernels_decode_merge_and_pick_variants(knobs):
+    """Where the branches' partials are merged and how the top-n is picked are launch configs:
+    every choice decodes the same rows. The longest row holds more blocks than the top-n, so
+    every selected-block group (the last one included) has keys to merge."""
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    configs = {name: dict(SMALL_TILES.get(name, {}), **c) for name, c in knobs.items()}
+    configs = dict(SMALL_TILES, **configs)
+    _decode_vs_prefill(spec, [5, 70, 280], T=292, seed=21,
+                       splits=dict(cmp=3, cmp_quantum=2, slc_blocks=3, win_keys=16),
+                       configs=configs)
 
 
 @pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only machines")

@@ -282,6 +282,9 @@ def _decode_tiles(spec: Spec) -> dict[str, int]:
     bks = 128 if bdk + bdv <= 256 else 64
     return dict(GP=gp, BC=bc, BJ=bc // r2, stages=stages, BW=64, BKS=bks,
                 BDVC=min(bdv, 32), RB=min(4, triton.next_power_of_2(spec.group)),
+                # the merge in decode_slc's last program takes all GP heads: 16 columns a step
+                # keeps its [partials, heads, columns] tile (up to 32 partials) in registers
+                BDVC_MERGE=min(bdv, 16),
                 cmp_resident=max(1, SM_SHARED // _decode_smem(gp, bc, bdk, bdv, stages)),
                 slc_resident=max(1, SM_SHARED // _decode_smem(gp, bks, bdk, bdv, 2)))
 
@@ -367,7 +370,7 @@ def decode_programs(spec: Spec, batch: int, max_len: int,
     elif spec.has("win") and not _window_in_cmp(spec):
         out["decode_win"] = rows * n_win
     out["decode_combine"] = rows * (-(-spec.group // t["RB"])) * (
-        -(-triton.next_power_of_2(spec.dim_v) // t["BDVC"]))
+        -(-triton.next_power_of_2(spec.dim_v) // t["BDVC"]))      # unless decode_slc merges
     return out
 
 
@@ -418,26 +421,34 @@ def lower_decode(spec: Spec, sm_count: int = DEFAULT_SM_COUNT) -> DecodePlan:
                           "tensor-core map costs twice the registers" if imap == "overlap" else ""))
     if spec.has("slc"):
         kernels.append(KernelPlan("decode_select", "decode_select.py.jinja",
-                                  ("importance", "topk"), config=dict(BNB=128, num_warps=4)))
+                                  ("importance", "topk"),
+                                  config=dict(BNB=128, RANK_MAX=128, num_warps=4)))
         why.append("decode_select: a grid over tiles of 128 selection blocks x KV heads x "
                    "sequences merges the split maxima and sums into each head's LSE, normalises "
                    "the importance parts, sums them over the group and keeps the tile's best "
-                   "free candidates (one 64-bit max per pick: score bits above, reversed block "
-                   "index below, so ties go to the lower block); the last tile program of a "
+                   "free candidates (a 64-bit key per block: score bits above, reversed block "
+                   "index below, so ties go to the lower block; up to RANK_MAX=128 keys, each "
+                   "key's rank from one all-pairs comparison instead of n sequential maxima); "
+                   "the last tile program of a "
                    "(sequence, KV head) to finish (an atomic counter) merges the tiles' "
                    "candidates with the forced blocks: one launch, and the sequential picks run "
                    "over tiles x n candidates instead of every block")
         kernels.append(KernelPlan(
             "decode_slc", "decode_slc.py.jinja", ("slc_attn",),
-            params=dict(with_slc=True, with_win=False),
-            config=dict(BK=t["BKS"], num_warps=4, num_stages=2)))
+            params=dict(with_slc=True, with_win=False, merge=True, branches=tuple(spec.branches)),
+            config=dict(BK=t["BKS"], num_warps=4, num_stages=2, MERGE=0, BDVC=t["BDVC_MERGE"],
+                        SB=32)))
         why.append(f"decode_slc: each program takes a group of selected blocks and gathers "
                    f"their keys {t['BKS']} at a time (block index per key), so a group's "
-                   "blocks are in flight together; it writes a partial (max, sum, P@V)")
+                   "blocks are in flight together; it writes a partial (max, sum, P@V). With "
+                   "MERGE=1 the last program of a (sequence, KV head) to finish (an atomic "
+                   "counter) merges every branch's partials into o, saving decode_combine's "
+                   "launch; off by default: on the H200 that serial merge cost more than the "
+                   "launch (B=8, 64k: 53 us for decode_slc against 8 us plus 12 us)")
     elif spec.has("win") and not win_in_cmp:
         kernels.append(KernelPlan(
             "decode_win", "decode_slc.py.jinja", ("win_attn",),
-            params=dict(with_slc=False, with_win=True),
+            params=dict(with_slc=False, with_win=True, merge=False),
             config=dict(BK=t["BW"], num_warps=4, num_stages=2)))
         why.append(f"decode_win: chunks of the {spec.window}-key window, {t['BW']}-key steps; "
                    "each program writes a partial (max, sum, P@V)")
@@ -445,9 +456,11 @@ def lower_decode(spec: Spec, sm_count: int = DEFAULT_SM_COUNT) -> DecodePlan:
                               params=dict(branches=tuple(spec.branches)),
                               config=dict(BDVC=t["BDVC"], RB=t["RB"], SB=64, num_warps=4)))
     why.append(f"decode_combine: merges each branch's partials (separate softmaxes) and folds "
-               f"them with the gates into o; a program takes {t['RB']} heads x {t['BDVC']} of "
-               "the Dv columns and loads the partials of every branch at once (up to 64), so "
-               "one round trip to memory serves the whole merge")
+               "them with the gates into o: the branch maxima, sums and gates become one weight "
+               f"per partial and head, so o is one weighted sum; a program takes {t['RB']} "
+               f"heads x {t['BDVC']} of the Dv columns and loads the partials of every branch "
+               "at once (up to 64)" + ("; skipped when decode_slc's MERGE is on"
+                                       if spec.has("slc") else ""))
     for k in kernels:
         for n in k.nodes:
             g.nodes[n]["kernel"] = k.name
