@@ -367,7 +367,8 @@ def _packed(op, x: dict):
     return args, lay, _pack(x.get("k_win")), _pack(x.get("v_win"))
 
 
-def _forward_pass(op, x: dict):
+def _forward_pass(op, x: dict, save: bool = False):
+    """The forward with any configs: inference, or (`save`) keeping what the backward needs."""
     from .ops import direct_launches
 
     args, lay, kw, vw = _packed(op, x)
@@ -375,7 +376,7 @@ def _forward_pass(op, x: dict):
     def make(cfg):
         def run():
             with torch.no_grad(), direct_launches():
-                return op.module.forward(*args, lay, kw, vw, configs=cfg)
+                return op.module.forward(*args, lay, kw, vw, configs=cfg, save=save)
         return run
     return make
 
@@ -447,6 +448,46 @@ class _DecodeSetup:
 
 
 # ---------------------------------------------------------------------------- reference checks
+def precompile_check(compiler: "Compiler | None", op, configs: dict, T: int, device, dtype,
+                     backward: bool = True, progress=print) -> None:
+    """Compile, in parallel, the kernels check_against_reference (and, with `backward`,
+    check_backward_against_reference) at T will launch with `configs`; otherwise each compiles
+    at its first launch, one after another. Not bound by the search budget: the checks run
+    whatever it left."""
+    if compiler is None:
+        return
+    t0 = time.monotonic()
+    x = _inputs(op.spec, T, 1, device, dtype)
+    n = compiler.record([_forward_pass(op, x)(configs), _forward_pass(op, x, save=True)(configs)])
+    compiler.wait()
+    if backward:
+        n += compiler.record([_backward_pass(op, x, configs)(configs)])
+        compiler.wait()
+    if n:
+        progress(f"  compiled {n} kernel variants for the reference check "
+                 f"({time.monotonic() - t0:.1f} s)")
+
+
+def precompile_decode_check(compiler: "Compiler | None", op, configs: dict, splits: dict,
+                            max_len: int, device, dtype, progress=print) -> None:
+    """Compile, in parallel, the decode kernels check_decode_against_reference at `max_len`
+    will launch with `configs` and the split overrides `splits`."""
+    if compiler is None:
+        return
+    from .ir.passes import DEFAULT_SM_COUNT, decode_splits
+
+    t0 = time.monotonic()
+    dev = torch.device(device)
+    sms = (torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda"
+           else DEFAULT_SM_COUNT)
+    full = dict(decode_splits(op.spec, 2, max_len, sms), **splits)
+    n = compiler.record([_DecodeSetup(op, 2, max_len, dev, dtype).make(full)(configs)])
+    compiler.wait()
+    if n:
+        progress(f"  compiled {n} decode kernel variants for the reference check "
+                 f"({time.monotonic() - t0:.1f} s)")
+
+
 def check_against_reference(op, spec: Spec, configs: dict, T: int, device, dtype,
                             tol: float) -> float:
     """Relative error of the op with `configs` against the float64 reference on fresh inputs,
@@ -655,6 +696,8 @@ def tune(spec: Spec, seq_lens: list[int], batch: int = 1, kernels: list[str] | N
                 best.update({k: r["best"] for k, r in report.items()})
                 rows_of(report, T)
             del x
+            precompile_check(compiler, op, best, min(T, check_len), device, dtype, bool(bwd),
+                             progress)
             chosen = _checked(op, spec, best, defaults, fwd, bwd, min(T, check_len), device,
                               dtype, tol, progress, T)
             if chosen:
@@ -668,9 +711,11 @@ def tune(spec: Spec, seq_lens: list[int], batch: int = 1, kernels: list[str] | N
                 entry = _tune_decode(op, spec, B, decode_len, dec, timer, clock, progress,
                                      device, dtype, on_gpu, precompile, precompile_runs, summary)
                 configs = {k: v for k, v in entry.items() if k != tables.DECODE_SPLITS}
+                check_len_d = min(decode_len, check_decode_len)
+                precompile_decode_check(compiler, op, configs, entry[tables.DECODE_SPLITS],
+                                        check_len_d, device, dtype, progress)
                 check_decode_against_reference(op, spec, configs, entry[tables.DECODE_SPLITS],
-                                               min(decode_len, check_decode_len), device, dtype,
-                                               2 * tol)
+                                               check_len_d, device, dtype, 2 * tol)
             except Exception as err:   # never save what failed or the reference rejects
                 msg = f"nsagen tune: decode B={B}: {str(err)[:300]}; {key} stays untuned"
                 log.warning(msg)

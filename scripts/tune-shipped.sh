@@ -7,7 +7,8 @@
 #   $OUT/tune-<spec>.log                each run's full output
 # Knobs: SPECS="nsa-g4 ..." (default: all shipped), BUDGET (search seconds per spec, default
 # 20), TOTAL (seconds for the whole run, default 420: later specs get less if earlier ones ran
-# long), TUNE_ARGS (extra `nsagen tune` arguments). Each command runs under `timeout`.
+# long), TUNE_ARGS (extra `nsagen tune` arguments), COLD=0 (skip the cold builds). Each command
+# runs under `timeout`.
 set -u
 OUT=${OUT:-tune-results}
 mkdir -p "$OUT/autotune"
@@ -45,12 +46,15 @@ for s in $SPECS; do
   rc=$?
   t1=$(date +%s.%N)
   # cold build: empty module cache and Triton cache, the new tables installed as shipped ones
-  cold=$WORK/cold-$s
-  mkdir -p "$cold/autotune"
-  cp -r "$OUT"/autotune/*/ "$cold/autotune/" 2>/dev/null
-  NSAGEN_CACHE_DIR=$cold TRITON_CACHE_DIR=$cold/triton timeout -k 5 60 \
-    python3 -m nsagen.cli build "$s" >> "$OUT/tune-$s.log" 2>&1
-  brc=$?
+  brc=skipped
+  if [ "${COLD:-1}" != 0 ]; then
+    cold=$WORK/cold-$s
+    mkdir -p "$cold/autotune"
+    cp -r "$OUT"/autotune/*/ "$cold/autotune/" 2>/dev/null
+    NSAGEN_CACHE_DIR=$cold TRITON_CACHE_DIR=$cold/triton timeout -k 5 60 \
+      python3 -m nsagen.cli build "$s" >> "$OUT/tune-$s.log" 2>&1
+    brc=$?
+  fi
   t2=$(date +%s.%N)
   dt=$(awk -v a="$t1" -v b="$t0" 'BEGIN { printf "%.1f", a - b }')
   db=$(awk -v a="$t2" -v b="$t1" 'BEGIN { printf "%.1f", a - b }')

@@ -293,6 +293,61 @@ def test_tune_decode_plumbing(monkeypatch, tmp_path):
     assert any("compiled" in m or "decode B=2" in m for m in msgs)
 
 
+class _PassRecorder:
+    """Stands in for autotune.Compiler: keeps the passes it is asked to compile."""
+
+    def __init__(self):
+        self.passes = []
+
+    def record(self, passes):
+        self.passes += list(passes)
+        return len(passes)
+
+    def wait(self, budget=None):
+        pass
+
+
+def test_reference_checks_are_compiled_ahead(monkeypatch):
+    """Before each reference check the tuner hands the passes that check will launch (forward,
+    forward keeping the backward's tensors, backward; a decode step at the check's cache
+    length) to the parallel compiler, with the configs being checked; each pass runs."""
+    import torch
+
+    import nsagen
+    from nsagen import autotune
+
+    from kernel_checks import scaled
+
+    _interp()
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    op = nsagen.build(spec)
+    calls = []
+    real_f, real_d = autotune.precompile_check, autotune.precompile_decode_check
+    monkeypatch.setattr(autotune, "precompile_check",
+                        lambda *a, **kw: calls.append(("fwd", a[2], a[3], a[6])))
+    monkeypatch.setattr(autotune, "precompile_decode_check",
+                        lambda *a, **kw: calls.append(("dec", a[2], a[3], a[4])))
+    autotune.tune(spec, [20], kernels=["select_blocks", "gate_delta", "decode_combine"],
+                  device="cpu", dtype=torch.float32, timer=_halving(), progress=lambda m: None,
+                  check_len=16, decode_batches=[2], decode_len=40, check_decode_len=24,
+                  budget=0)
+    (kind, cfg, T, bwd), (kind_d, cfg_d, splits, L) = calls
+    assert (kind, T, bwd, kind_d, L) == ("fwd", 16, True, "dec", 24)
+    assert cfg == op.module.CONFIGS and cfg_d == {} and splits == {}
+
+    rec = _PassRecorder()
+    real_f(rec, op, dict(op.module.CONFIGS), 16, "cpu", torch.float32, progress=lambda m: None)
+    real_d(rec, op, {}, {}, 24, "cpu", torch.float32, progress=lambda m: None)
+    assert len(rec.passes) == 4
+    o, idx = rec.passes[0]()[:2]
+    assert o.shape[0] == 16 and torch.isfinite(o).all()
+    assert rec.passes[1]()[2] is not None          # the saved tensors of the backward
+    grads = rec.passes[2]()
+    assert any(g is not None for g in grads)
+    o_dec, _ = rec.passes[3]()
+    assert o_dec.shape == (2, spec.heads_q, spec.dim_v) and torch.isfinite(o_dec).all()
+
+
 def test_tune_budget_zero_saves_defaults():
     import torch
 
