@@ -273,6 +273,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
     op = build(spec)
     t1 = time.perf_counter()
     print(f"{spec.name}: module {op.path} ({t1 - t0:.2f} s)", flush=True)
+    if args.arch is not None:
+        from .crosscompile import compile_for
+
+        done = compile_for(op, arch=args.arch, seq_len=min(args.seq_len, 1024))
+        t2 = time.perf_counter()
+        print(f"{spec.name}: {len(done)} kernel variants compile for sm_{args.arch} (default "
+              f"configs, nothing run) in {t2 - t1:.1f} s")
+        return 0
     if args.no_compile or not torch.cuda.is_available():
         if not args.no_compile:
             print("no CUDA GPU here: kernels compile at their first launch")
@@ -401,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive_int, default=4096, metavar="N",
                    help="the shape to compile for (default 4096)")
     p.add_argument("--no-compile", action="store_true", help="only generate and import")
+    p.add_argument("--arch", type=_positive_int, metavar="SM",
+                   help="instead, compile every kernel for sm_SM (e.g. 90) on this machine, "
+                        "with no GPU needed and nothing run: checks the kernels compile with "
+                        "this Triton (run with TRITON_INTERPRET unset)")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("cache", help="list or clear the user cache",

@@ -1,0 +1,126 @@
+"""Compile a module's kernels for a CUDA architecture on a machine without that GPU.
+
+The forward, the backward and a decode step run on CPU tensors with every Triton launch recorded
+instead of executed (nothing is computed); each distinct launch is then compiled by the installed
+Triton for the target (its bundled ptxas included). This checks, before any GPU time is spent,
+that every kernel a spec generates compiles with the configs it launches with, on this Triton.
+Needs Triton's NVIDIA backend and a process where TRITON_INTERPRET is off.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+_PTR_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+              torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64",
+              torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+
+
+@dataclass
+class Compiled:
+    """One compiled launch variant: the kernel, its constexprs and the compile time."""
+
+    kernel: str
+    constexprs: dict
+    seconds: float
+
+
+def record_launches(op, seq_len: int = 300, dtype=torch.bfloat16, decode_batch: int = 2,
+                    decode_len: int = 1000, configs: dict | None = None) -> list[tuple]:
+    """The distinct (kernel, args, kwargs) launches of a forward, a backward and a decode step
+    at `seq_len` on CPU tensors, with `configs` (default: the module's defaults)."""
+    from .autotune import _DecodeSetup, _inputs, _packed, _recording, _variant_key
+    from .ir.passes import decode_splits
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("cross-compiling needs TRITON_INTERPRET off: under the interpreter "
+                           "kernels are not compiled")
+    spec = op.spec
+    cfg = dict(op.module.CONFIGS, **(configs or {}))
+    x = _inputs(spec, seq_len, 1, "cpu", dtype)
+    calls: list = []
+    with _recording(calls), torch.no_grad():
+        args, lay, kw, vw = _packed(op, x)
+        op.module.forward(*args, lay, kw, vw, configs=cfg)
+        o, idx, saved = op.module.forward(*args, lay, kw, vw, configs=cfg, save=True)
+        if idx is not None:
+            # recorded launches compute nothing: give the backward's host side (the inverse map
+            # of the block choice) a valid choice, the first blocks up to each token's own
+            t = torch.arange(idx.shape[0])[:, None, None]
+            i = torch.arange(idx.shape[2])[None, None, :]
+            idx = torch.where(i <= t // spec.slc_block, i, -1).to(idx.dtype).expand_as(idx)
+            idx = idx.contiguous()
+        op.module.backward(torch.randn_like(o), *args[:4], idx, saved, lay, kw, vw, configs=cfg)
+        if hasattr(op.module, "decode_step"):
+            splits = decode_splits(spec, decode_batch, decode_len)
+            _DecodeSetup(op, decode_batch, decode_len, "cpu", dtype).make(splits)(configs or {})()
+    seen: dict = {}
+    for fn, a, _grid, kwargs in calls:
+        seen.setdefault(_variant_key(fn, a, kwargs), (fn, a, kwargs))
+    return list(seen.values())
+
+
+def _signature(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
+    """Triton's (signature, constexprs, options) of one recorded launch."""
+    names = fn.arg_names
+    values = dict(zip(names, args))
+    options = {}
+    for k, v in kwargs.items():
+        if k in names:
+            values[k] = v
+        else:
+            options[k] = v          # num_warps, num_stages, ...
+    sig, consts = {}, {}
+    for i, (name, param) in enumerate(zip(names, fn.params)):
+        v = values.get(name, param.default)
+        if param.is_constexpr or v is None:
+            sig[name] = "constexpr"
+            consts[(i,)] = v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = "*" + _PTR_TYPES[v.dtype]
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            sig[name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {name} of type {type(v).__name__}")
+    return sig, consts, options
+
+
+def compile_for(op, arch: int = 90, seq_len: int = 300, dtype=torch.bfloat16,
+                workers: int | None = None, progress=print) -> list[Compiled]:
+    """Compile every launch variant of `op` (see record_launches) for sm_`arch`, in parallel
+    threads. Raises on the first kernel that does not compile, naming it and its constexprs."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    launches = record_launches(op, seq_len, dtype)
+    progress(f"{op.spec.name}: {len(launches)} kernel variants to compile for sm_{arch} "
+             f"(Triton {triton.__version__})")
+
+    def one(launch):
+        fn, args, kwargs = launch
+        sig, consts, options = _signature(fn, args, kwargs)
+        named = {fn.arg_names[i[0]]: v for i, v in consts.items() if v is not None}
+        t0 = time.perf_counter()
+        try:
+            triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=options)
+        except Exception as err:
+            raise RuntimeError(f"{fn.__name__} {named} does not compile for sm_{arch}: "
+                               f"{str(err)[:2000]}") from err
+        return Compiled(fn.__name__, named, time.perf_counter() - t0)
+
+    out = []
+    with ThreadPoolExecutor(workers or max(1, min(8, os.cpu_count() or 1))) as pool:
+        for done in pool.map(one, launches):    # in launch order, as they finish
+            progress(f"  {done.kernel}: {done.seconds:.1f} s")
+            out.append(done)
+    return out
