@@ -14,13 +14,13 @@ tokens ask for every key once, in a random order, and the model must predict eac
 
 Both models put a width-2 causal token shift before attention (every position also sees its
 predecessor, as in many recall baselines), so recall needs one attention hop instead of an
-induction circuit. Recall is still learned abruptly: the loss stays at chance (ln values) for a
-few hundred steps at 256 tokens before it drops, and does not leave chance within such a budget
-when training starts at 4k+ tokens. So training starts with a curriculum (by default 300 steps at
-256 tokens, then 300 at 1024) and then cycles through the evaluated lengths (4k, 8k, 16k) with a
-constant number of tokens per step (1800 steps of 32768 tokens in all). The plateau also grows
-with the learning rate, and the largest rate that leaves it shrinks about as 1 / --hidden: 5e-4
-at hidden 512 (2e-3 there keeps both models at chance; about 2e-3 suits hidden 128).
+induction circuit. Recall is still learned abruptly: the loss stays at chance (ln values) for up to
+a few hundred steps at 256 tokens before it drops, and far longer when training starts at 4k+
+tokens. So training starts with a curriculum (by default 300 steps at 256 tokens, then 300 at 1024)
+and then cycles through the evaluated lengths (4k, 8k, 16k) with a constant number of tokens per
+step (1800 steps of 32768 tokens in all). The plateau also lengthens once the learning rate passes
+a value that shrinks about as 1 / --hidden (about 2e-3 at hidden 128, 5e-4 at the default 512,
+where 2e-3 keeps the model at chance).
 
 The script prints, and writes to a JSON file, the answer accuracy per context length and the
 training tokens per second of both models (overall and per length; measured after a warm-up pass
