@@ -23,6 +23,7 @@ from concurrent.futures import Future, wait
 
 import torch
 
+from . import occupancy
 from .configspace import candidates, decode_candidates, split_candidates
 from .spec import Spec
 
@@ -784,8 +785,10 @@ def _tune_decode(op, spec, B, L, names, timer, clock, progress, device, dtype, o
     defaults = {k: dict(v) for k, v in op.module.DECODE_CONFIGS.items()}
     dev = torch.device(device)
     if dev.type == "cuda":
-        base_splits = decode_splits(spec, B, L, torch.cuda.get_device_properties(dev)
-                                    .multi_processor_count)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        base_splits = decode_splits(spec, B, L, sms)
+        resident = occupancy.decode_residency(op, B, L, base_splits, defaults, dev, dtype)
+        base_splits = decode_splits(spec, B, L, sms, resident)
     else:
         base_splits = decode_splits(spec, B, L)
     setup = _DecodeSetup(op, B, L, device, dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference, tables
+from . import occupancy, reference, tables
 from .ir.passes import DEFAULT_SM_COUNT, decode_splits
 from .ops import NSAOp, direct_launches, kernels_available
 
@@ -54,11 +54,16 @@ class DecodeCache:
             if dev.type == "cuda":
                 op.configs_for(dev, max_len)   # loads the op's tuned table once
             tuned_cfg, tuned_splits = tables.decode_configs_for(op._tables, batch, max_len)
-        self.splits = decode_splits(spec, batch, max_len, sms)
-        self.splits.update(tuned_splits)
-        self.splits.update(splits or {})
         self.configs = configs
         self._tuned = tuned_cfg
+        self.splits = decode_splits(spec, batch, max_len, sms)
+        if dev.type == "cuda" and not tuned_splits and not splits:
+            # count waves with what the compiled kernels leave room for on an SM
+            resident = occupancy.decode_residency(op, batch, max_len, self.splits,
+                                                  self._launch_configs(), dev, dtype)
+            self.splits = decode_splits(spec, batch, max_len, sms, resident)
+        self.splits.update(tuned_splits)
+        self.splits.update(splits or {})
         # split partials live here for the cache's lifetime: a step allocates only its outputs
         self._work = (op.module.decode_workspace(batch, max_len, self.splits, dev)
                       if kernels_available(dev) else None)

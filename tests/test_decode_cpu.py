@@ -229,8 +229,25 @@ def test_decode_splits_fill_the_gpu():
         n_prog = -(-spec.slc_count // sp["slc_blocks"])
         assert n_prog * sp["slc_blocks"] - spec.slc_count < sp["slc_blocks"]
         assert sp["win_keys"] % 64 == 0
+    # two programs per SM instead of the shared-memory estimate: B=8, 64k takes one wave
+    two = decode_splits(spec, 8, 65536, resident={"cmp": 2, "slc": 2})
+    n_win2 = -(-spec.window // two["win_keys"])
+    assert two["cmp"] < small["cmp"] and 32 * (two["cmp"] + n_win2) <= 2 * 132
     text = "\n".join(lower_decode(spec).decisions)
     assert "splits at B=8" in text and "decode_cmp" in text
     explained = nsagen.codegen.explain(spec)                  # nsagen generate SPEC --explain
     assert "decode decisions:" in explained and "decode_select <- templates/" in explained
     assert "decode_score" not in explained                    # scores and top-n: one launch
+
+
+def test_programs_per_sm_counts_registers_and_shared_memory():
+    """Residency of a compiled kernel: registers (allocated per warp in units of 256), shared
+    memory (plus the driver's 1 KiB a program), warp and program slots, never below one."""
+    from nsagen.occupancy import programs_per_sm
+
+    assert programs_per_sm(221, 4, 20000) == 2     # 224 x 32 x 4 = 28672 of 65536 registers
+    assert programs_per_sm(168, 4, 20000) == 3
+    assert programs_per_sm(128, 4, 100 * 1024) == 2  # shared memory binds first
+    assert programs_per_sm(32, 4, 0) == 16           # 64 warps an SM
+    assert programs_per_sm(16, 1, 0) == 32           # 32 programs an SM
+    assert programs_per_sm(255, 32, 0) == 1          # too big for one SM still runs one

@@ -95,6 +95,23 @@ def test_decode_batch8_64k_ragged():
          seed=2)
 
 
+def test_splits_follow_the_compiled_kernels_occupancy():
+    """An untuned cache counts waves with the programs per SM its compiled decode_cmp and
+    decode_slc leave room for (registers included), not the shared-memory estimate."""
+    from nsagen.ir.passes import decode_splits
+    from nsagen.occupancy import decode_residency
+
+    spec = nsagen.load_spec("nsa-d128")
+    op = nsagen.build(spec)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    base = decode_splits(spec, 8, 65536, sms)
+    resident = decode_residency(op, 8, 65536, base, op.configs, torch.device("cuda"), BF16)
+    assert set(resident) == {"cmp", "slc"} and all(1 <= n <= 32 for n in resident.values())
+    # explicit configs skip the tuned table, not the occupancy
+    cache = DecodeCache(op, 8, 65536, device="cuda", dtype=BF16, configs=op.configs)
+    assert cache.splits == decode_splits(spec, 8, 65536, sms, resident)
+
+
 def test_step_captured_in_cuda_graph():
     """A step captured once replays correctly while the cache grows (lengths and compressed
     tokens change on the device only), and an eager step never synchronises with the host."""

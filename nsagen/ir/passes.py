@@ -305,8 +305,8 @@ def _window_in_cmp(spec: Spec) -> bool:
     return spec.has("win") and (spec.has("cmp") or spec.has("slc"))
 
 
-def decode_splits(spec: Spec, batch: int, max_len: int,
-                  sm_count: int = DEFAULT_SM_COUNT) -> dict[str, int]:
+def decode_splits(spec: Spec, batch: int, max_len: int, sm_count: int = DEFAULT_SM_COUNT,
+                  resident: dict[str, int] | None = None) -> dict[str, int]:
     """How a decode step of `batch` sequences (cache capacity `max_len`) splits its keys.
 
     cmp: programs per (sequence, KV head) over the visible compressed keys; each takes a chunk
@@ -316,9 +316,12 @@ def decode_splits(spec: Spec, batch: int, max_len: int,
     cmp and win_keys are chosen together); slc_blocks: selected blocks per program.
     Each is the cheapest by a small cost model at full length: waves of resident programs
     (B*H*splits over SMs x programs per SM) times the keys each program reads, so small batches
-    split finely and large ones hardly at all.
+    split finely and large ones hardly at all. `resident` ({"cmp": n, "slc": n}, from the
+    compiled kernels: nsagen.occupancy) replaces the shared-memory estimate of programs per SM.
     """
-    t = _decode_tiles(spec)
+    t = dict(_decode_tiles(spec))
+    for branch, n in (resident or {}).items():
+        t[f"{branch}_resident"] = n
     rows = max(1, batch * spec.heads_kv)
     r2 = spec.slc_block // spec.cmp_stride
     out = dict(cmp=1, cmp_quantum=t["BJ"], slc_blocks=spec.slc_count, win_keys=t["BW"])
