@@ -159,14 +159,20 @@ def _variant_key(fn, args, kwargs) -> tuple:
 
 
 class Compiler:
-    """Compiles recorded kernel variants on worker threads, ahead of the timing rounds. The
-    workers are daemon threads: a process that is done never waits for compiles it dropped."""
+    """Compiles recorded kernel variants on worker threads, ahead of the timing rounds.
+    `close` drops the compiles not started and waits for the running ones (Triton cannot stop
+    them) and for the workers to exit."""
+
+    started = False     # set once any Compiler ran in this process (see nsagen.cli.run)
 
     def __init__(self, workers: int | None = None):
+        Compiler.started = True
         self.workers = workers or max(2, min(16, os.cpu_count() or 2))
         self.queue: queue.Queue = queue.Queue()
-        for i in range(self.workers):
-            threading.Thread(target=self._work, name=f"nsagen-compile-{i}", daemon=True).start()
+        self.threads = [threading.Thread(target=self._work, name=f"nsagen-compile-{i}",
+                                         daemon=True) for i in range(self.workers)]
+        for t in self.threads:
+            t.start()
         self.seen: set = set()
         self.futures = []
         self.failed = 0
@@ -222,10 +228,16 @@ class Compiler:
             f.cancel()
         self.futures = []
 
-    def close(self) -> None:
+    def close(self, timeout: float = 120.0) -> None:
+        """Stop the workers and wait (up to `timeout` s) for them to exit: a process whose
+        compile threads were still alive at exit has been seen to abort in the compiler's
+        native teardown."""
         self.cancel()
         for _ in range(self.workers):
             self.queue.put(None)
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 # ---------------------------------------------------------------------------- the search

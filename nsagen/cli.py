@@ -7,6 +7,8 @@ stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from typing import Sequence
 
@@ -436,5 +438,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The ``nsagen`` command: `main`, then exit. After kernels were compiled on worker threads
+    (build, tune) the process ends without the interpreter's native teardown, once its output
+    is flushed: on the H200 image (Triton 3.6) about half of such processes aborted there
+    ("terminate called without an active exception") after finishing their work."""
+    rc = main()
+    autotune = sys.modules.get("nsagen.autotune")
+    if autotune is not None and autotune.Compiler.started:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

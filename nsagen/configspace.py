@@ -14,7 +14,7 @@ import triton
 from .ir.passes import dkdv_smem_bytes, smem_bytes as _smem_bytes
 from .spec import Spec
 
-MAX_CANDIDATES = {"forward": 6, "backward": 4, "decode": 4}
+MAX_CANDIDATES = {"forward": 6, "backward": 4, "decode": 8}
 REG_LIMIT = 224        # estimated 32-bit registers per thread beyond which a tile spills
 SMEM_LIMIT = 227 * 1024
 
@@ -142,7 +142,7 @@ def decode_candidates(spec: Spec, kernel: str, default: dict,
     """Configs to try for one decode kernel, from the parameters its default config has (the
     decode kernels' set may change; only parameters whose meaning is known are varied: warps,
     pipeline stages, the merge's column tile and width, where the merge runs, how the top-n
-    picks)."""
+    picks and over how many blocks a top-n tile runs)."""
     bdv = triton.next_power_of_2(spec.dim_v)
     axes: list[tuple[str, list]] = []
     if "num_warps" in default:
@@ -157,6 +157,8 @@ def decode_candidates(spec: Spec, kernel: str, default: dict,
         axes.append(("MERGE", [0, 1]))
     if "RANK_MAX" in default:       # decode_select: rank picks, or sequential maxima
         axes.append(("RANK_MAX", [0, 128]))
+    if "BNB" in default:            # decode_select: blocks per tile (fewer tiles, shorter merge)
+        axes.append(("BNB", [64, 128, 256, 512]))
     out = [dict(default, **{name: v}) for name, vals in axes for v in vals]      # one change
     for (a, va), (b, vb) in itertools.combinations(axes, 2):                     # then two
         out += [dict(default, **{a: x, b: y}) for x in va for y in vb]

@@ -35,7 +35,7 @@ for s in $SPECS; do
   # reference checks and the cold build)
   share=$((left / n_left - 45))
   b=$BUDGET; [ "$share" -lt "$b" ] && b=$share; [ "$b" -lt 5 ] && b=5
-  lim=$((b + 40)); [ "$lim" -gt $((left - 20)) ] && lim=$((left - 20))
+  lim=$((b + 60)); [ "$lim" -gt $((left - 20)) ] && lim=$((left - 20))
   if [ "$lim" -lt 20 ]; then
     echo "$s skipped: the run's $TOTAL s are spent" | tee -a "$OUT/tune-times.txt"
     n_left=$((n_left - 1)); continue
@@ -51,7 +51,7 @@ for s in $SPECS; do
     cold=$WORK/cold-$s
     mkdir -p "$cold/autotune"
     cp -r "$OUT"/autotune/*/ "$cold/autotune/" 2>/dev/null
-    NSAGEN_CACHE_DIR=$cold TRITON_CACHE_DIR=$cold/triton timeout -k 5 60 \
+    NSAGEN_CACHE_DIR=$cold TRITON_CACHE_DIR=$cold/triton PYTHONFAULTHANDLER=1 timeout -k 5 60 \
       python3 -m nsagen.cli build "$s" >> "$OUT/tune-$s.log" 2>&1
     brc=$?
   fi

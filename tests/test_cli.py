@@ -124,3 +124,19 @@ def test_bench_without_gpu_exits_2(capsys):
         main(["bench", "nsa-d128"])
     assert exc.value.code == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec, rc", [("nsa-g4", 0), ("no-such-spec", 2)])
+def test_command_after_compile_threads_exits_with_mains_status(spec, rc):
+    """`nsagen` (cli.run) ends a process that ran compile threads without native teardown,
+    but only after its output is flushed, and with main's exit status."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom nsagen import autotune, cli\nautotune.Compiler(2).close()\n"
+            f"sys.argv = ['nsagen', 'validate', {spec!r}]\ncli.run()\n"
+            "print('not reached')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == rc, p.stderr
+    assert "not reached" not in p.stdout
+    assert ("ok nsa-g4" in p.stdout) if rc == 0 else ("no-such-spec" in p.stderr)
