@@ -186,7 +186,7 @@ def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bo
             torch.cuda.empty_cache()
     return {"spec": spec.to_dict(), "uri": op.name,
             "mode": "forward+backward" if backward else "forward", "env": environment(),
-            "ceilings": ceil, "rows": rows}
+            "tuned": bool(op._tables), "ceilings": ceil, "rows": rows}
 
 
 def _timed(fn, backward: bool, leaves):
@@ -348,14 +348,15 @@ def bench_decode(spec: Spec, cache_lens: list[int], batches: list[int], baseline
             if dev == "cuda":
                 torch.cuda.empty_cache()
     return {"spec": spec.to_dict(), "uri": op.name, "mode": "decode", "env": environment(),
-            "ceilings": ceil, "rows": rows}
+            "tuned": bool(op._tables), "ceilings": ceil, "rows": rows}
 
 
 def format_table(doc: dict) -> str:
     """A Markdown table of a results document."""
     env = doc["env"]
     head = (f"{doc['spec']['name']} {doc['mode']}, B={doc['rows'][0]['B'] if doc['rows'] else '?'}, "
-            f"{env.get('gpu', 'cpu')}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+            f"{env.get('gpu', 'cpu')}, torch {env['torch']}, triton {env['triton']}, {env['date']}"
+            + (", tuned table" if doc.get("tuned") else ", untuned"))
     if doc["mode"] == "decode":
         cols = [("B", "B", "{:d}"), ("cache", "T", "{:d}"), ("nsagen us", "nsagen_us", "{:.1f}"),
                 ("graph us", "nsagen_graph_us", "{:.1f}"), ("SDPA us", "sdpa_us", "{:.1f}"),

@@ -198,6 +198,10 @@ def _run_bench(spec: Spec, seq_lens: list[int], json_path: str | None, baselines
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Time the generated forward side by side with the dense and sparse baselines."""
     spec = load_spec(args.spec)
+    if args.untuned:
+        from .ops import build
+
+        build(spec).use_tuned_tables(False)
     if args.decode:
         from pathlib import Path
 
@@ -375,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--seq-len (default 8k..128k) and batches --batch (default 1 8 64)")
     p.add_argument("--batch", type=_positive_int, nargs="+", action="extend", metavar="B",
                    help="batch sizes for --decode")
+    p.add_argument("--untuned", action="store_true",
+                   help="ignore tuned tables: launch with the IR's default configs and splits")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("tune", help="tune launch configs on this GPU and save them",

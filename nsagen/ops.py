@@ -84,6 +84,11 @@ class NSAOp:
         cfg.update(self.configs)
         return cfg
 
+    def use_tuned_tables(self, enabled: bool = True) -> None:
+        """Launch with this GPU's tuned table (the default) or, disabled, with the IR's default
+        configs and split rule (e.g. to time tuned against untuned)."""
+        self._tables, self._tables_loaded = None, not enabled
+
     def new_cache(self, batch: int, max_len: int, device=None, dtype: torch.dtype = torch.bfloat16):
         """An empty decode cache (nsagen.decode.DecodeCache) for this op."""
         from .decode import DecodeCache

@@ -417,3 +417,27 @@ def test_cli_tune_and_build_arguments(capsys):
     assert a.no_backward and not a.no_decode and a.seq_len is None
     assert main(["build", "nsa-g4", "--no-compile"]) == 0
     assert "nsa-g4: module" in capsys.readouterr().out
+
+
+def test_use_tuned_tables_switches_between_table_and_defaults():
+    """`nsagen bench --untuned` turns the op's table off: configs come from the overrides and
+    IR defaults only; turning it back on reloads the table at the next call."""
+    import torch
+
+    import nsagen
+
+    op = nsagen.build(nsagen.load_spec("nsa-g4"))
+    saved = (op._tables, op._tables_loaded, dict(op.configs))
+    try:
+        op._tables = {tables.bucket(1000): {"win_attention": {"BK": 16}}}
+        op._tables_loaded = True
+        op.configs = {"cmp_attention": {"BC": 32}}
+        cuda = torch.device("cuda")          # only its type is read: nothing runs
+        assert op.configs_for(cuda, 1000) == {"win_attention": {"BK": 16},
+                                              "cmp_attention": {"BC": 32}}
+        op.use_tuned_tables(False)
+        assert op.configs_for(cuda, 1000) == {"cmp_attention": {"BC": 32}}
+        op.use_tuned_tables(True)
+        assert op._tables is None and not op._tables_loaded
+    finally:
+        op._tables, op._tables_loaded, op.configs = saved
