@@ -796,14 +796,14 @@ def _tune_decode(op, spec, B, L, names, timer, clock, progress, device, dtype, o
 
     defaults = {k: dict(v) for k, v in op.module.DECODE_CONFIGS.items()}
     dev = torch.device(device)
+    setup = _DecodeSetup(op, B, L, device, dtype)
     if dev.type == "cuda":
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         base_splits = decode_splits(spec, B, L, sms)
-        resident = occupancy.decode_residency(op, B, L, base_splits, defaults, dev, dtype)
+        resident = occupancy.decode_residency(setup.make(base_splits)(defaults))
         base_splits = decode_splits(spec, B, L, sms, resident)
     else:
         base_splits = decode_splits(spec, B, L)
-    setup = _DecodeSetup(op, B, L, device, dtype)
     cands = {k: decode_candidates(spec, k, defaults[k]) for k in names}
     make = setup.make(base_splits)
     precompile(make, defaults, names, cands)

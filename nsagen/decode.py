@@ -59,8 +59,10 @@ class DecodeCache:
         self.splits = decode_splits(spec, batch, max_len, sms)
         if dev.type == "cuda" and not tuned_splits and not splits:
             # count waves with what the compiled kernels leave room for on an SM
-            resident = occupancy.decode_residency(op, batch, max_len, self.splits,
-                                                  self._launch_configs(), dev, dtype)
+            self._work = op.module.decode_workspace(batch, max_len, self.splits, dev)
+            q = torch.empty(batch, spec.heads_q, Dk, dtype=dtype, device=dev)
+            gates = torch.empty(batch, spec.heads_q, 3, dtype=dtype, device=dev)
+            resident = occupancy.decode_residency(lambda: self.step(q, gates))
             self.splits = decode_splits(spec, batch, max_len, sms, resident)
         self.splits.update(tuned_splits)
         self.splits.update(splits or {})

@@ -1,14 +1,16 @@
 """How many programs of a compiled kernel an SM holds at once, from its registers and shared memory.
 
-The decode split model (nsagen.ir.passes.decode_splits) counts waves of resident programs. Shared
-memory alone overstates residency when a kernel keeps its K/V tiles in registers (decode_cmp at
-D=128 needs about 220 registers a thread, so two programs fit on an H200 SM, not three), and a
-third of a wave more changes the best split. On a GPU the decode cache therefore compiles its
-streaming kernels first and reads their register and shared-memory use.
+The decode split model (nsagen.ir.passes.decode_splits) counts waves of resident programs, and a
+third of a wave more can change the best split. Shared memory alone overstates residency when a
+kernel keeps tiles in registers, and the register count depends on the Triton version: at D=128,
+G=16 `decode_cmp` compiles to about 140 registers a thread with Triton 3.6 (3 programs per H200
+SM, as the shared-memory estimate says) and to 221 with Triton 3.9 (2 programs). On a GPU the
+decode cache therefore compiles its streaming kernels first and reads what they use.
 """
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -33,31 +35,18 @@ def programs_per_sm(n_regs: int, num_warps: int, shared: int,
     return max(1, min(by_regs, by_smem, MAX_WARPS_PER_SM // num_warps, MAX_PROGRAMS_PER_SM))
 
 
-def decode_residency(op, batch: int, max_len: int, splits: dict, configs: dict,
-                     device: torch.device, dtype: torch.dtype) -> dict[str, int]:
-    """{"cmp": programs per SM of decode_cmp, "slc": of decode_slc (or decode_win)} as compiled for `device`
-    with `configs` (the kernels a step of this batch and capacity launches). The step's launches
-    are recorded, not run; compiling them here is what the first step would do anyway. Returns
-    {} when a kernel cannot be inspected (the split model then keeps its shared-memory count)."""
+def decode_residency(step: Callable[[], object]) -> dict[str, int]:
+    """{"cmp": programs per SM of decode_cmp, "slc": of decode_slc (or decode_win)}, compiled
+    for the current GPU with the configs `step` (one decode step, on the cache's own tensors)
+    launches them with. The step's launches are recorded, not run; compiling them here is what
+    the first step would do anyway. Returns {} when a kernel cannot be inspected (the split model
+    then keeps its shared-memory count)."""
     from .autotune import _recording
-    from .ops import direct_launches
-
-    spec = op.spec
-    H, HQ, Dk, Dv = spec.heads_kv, spec.heads_q, spec.dim_qk, spec.dim_v
-    nc = max(1, spec.num_cmp(max_len))
-
-    def empty(*shape):      # never read: the launches are recorded, not run
-        return torch.empty(*shape, dtype=dtype, device=device)
 
     calls: list = []
     try:
-        work = op.module.decode_workspace(batch, max_len, splits, device)
-        with _recording(calls), direct_launches(), torch.no_grad():
-            op.module.decode_step(
-                empty(batch, HQ, Dk), empty(batch, HQ, 3), empty(batch, max_len, H, Dk),
-                empty(batch, max_len, H, Dv), empty(batch, nc, H, Dk), empty(batch, nc, H, Dv),
-                torch.zeros(batch, dtype=torch.int32, device=device), splits, work,
-                configs=configs)
+        with _recording(calls), torch.no_grad():
+            step()
         out = {}
         for fn, args, grid, kwargs in calls:
             branch = STREAMING_KERNELS.get(fn.__name__)

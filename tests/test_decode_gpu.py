@@ -104,11 +104,14 @@ def test_splits_follow_the_compiled_kernels_occupancy():
     spec = nsagen.load_spec("nsa-d128")
     op = nsagen.build(spec)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    base = decode_splits(spec, 8, 65536, sms)
-    resident = decode_residency(op, 8, 65536, base, op.configs, torch.device("cuda"), BF16)
-    assert set(resident) == {"cmp", "slc"} and all(1 <= n <= 32 for n in resident.values())
     # explicit configs skip the tuned table, not the occupancy
     cache = DecodeCache(op, 8, 65536, device="cuda", dtype=BF16, configs=op.configs)
+    base = decode_splits(spec, 8, 65536, sms)
+    q = torch.randn(8, spec.heads_q, spec.dim_qk, device="cuda", dtype=BF16)
+    gates = torch.rand(8, spec.heads_q, 3, device="cuda", dtype=BF16)
+    fixed = DecodeCache(op, 8, 65536, device="cuda", dtype=BF16, configs=op.configs, splits=base)
+    resident = decode_residency(lambda: fixed.step(q, gates))
+    assert set(resident) == {"cmp", "slc"} and all(1 <= n <= 32 for n in resident.values())
     assert cache.splits == decode_splits(spec, 8, 65536, sms, resident)
 
 
