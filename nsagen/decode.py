@@ -57,18 +57,21 @@ class DecodeCache:
         self.configs = configs
         self._tuned = tuned_cfg
         self.splits = decode_splits(spec, batch, max_len, sms)
+        self._work, probed = None, None
         if dev.type == "cuda" and not tuned_splits and not splits:
             # count waves with what the compiled kernels leave room for on an SM
             self._work = op.module.decode_workspace(batch, max_len, self.splits, dev)
             q = torch.empty(batch, spec.heads_q, Dk, dtype=dtype, device=dev)
             gates = torch.empty(batch, spec.heads_q, 3, dtype=dtype, device=dev)
             resident = occupancy.decode_residency(lambda: self.step(q, gates))
+            probed = dict(self.splits)
             self.splits = decode_splits(spec, batch, max_len, sms, resident)
         self.splits.update(tuned_splits)
         self.splits.update(splits or {})
         # split partials live here for the cache's lifetime: a step allocates only its outputs
-        self._work = (op.module.decode_workspace(batch, max_len, self.splits, dev)
-                      if kernels_available(dev) else None)
+        # (the probe's workspace is kept when the occupancy left the splits as they were)
+        if self.splits != probed and kernels_available(dev):
+            self._work = op.module.decode_workspace(batch, max_len, self.splits, dev)
 
     # ------------------------------------------------------------------ filling
     def prefill(self, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None = None,
