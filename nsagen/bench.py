@@ -254,15 +254,28 @@ def _fla_row(fla, spec: Spec, q, k, v, gates, backward: bool = False) -> float |
 
 
 def bench_decode(spec: Spec, cache_lens: list[int], batches: list[int], baselines: bool = True,
-                 progress=print, device: str = "cuda", breakdown: bool = False) -> dict:
+                 progress=print, device: str = "cuda", breakdown: bool = False,
+                 pdl: bool = True) -> dict:
     """One-token decode steps: eager and CUDA-graph replay, beside SDPA decoding (GQA) and fla.
 
     Reports microseconds and the rate on the bytes NSA must read (cost model) against the
     measured copy bandwidth, and the split counts the IR chose for each batch; `breakdown`
-    adds the time of each decode kernel.
+    adds the time of each decode kernel. `pdl=False` launches the decode kernels one after
+    another, without programmatic dependent launch (for A/B runs).
     """
-    dev, dt = device, torch.bfloat16
     op = build(spec)
+    pdl_before = op.module.DECODE_PDL
+    op.module.DECODE_PDL = pdl_before and pdl
+    try:
+        return _bench_decode(op, spec, cache_lens, batches, baselines, progress, device, breakdown)
+    finally:
+        op.module.DECODE_PDL = pdl_before
+
+
+def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], baselines: bool,
+                  progress, dev: str, breakdown: bool) -> dict:
+    """bench_decode's rows, with the module's launch mode already set."""
+    dt = torch.bfloat16
     ceil = ceilings(dev) if dev == "cuda" else {"copy_TBps": float("nan"), "mm_TFLOPs": float("nan")}
     fla = _fla() if baselines else None
     HQ, H, Dk, Dv = spec.heads_q, spec.heads_kv, spec.dim_qk, spec.dim_v
@@ -348,7 +361,8 @@ def bench_decode(spec: Spec, cache_lens: list[int], batches: list[int], baseline
             if dev == "cuda":
                 torch.cuda.empty_cache()
     return {"spec": spec.to_dict(), "uri": op.name, "mode": "decode", "env": environment(),
-            "tuned": bool(op._tables), "ceilings": ceil, "rows": rows}
+            "tuned": bool(op._tables), "pdl": bool(op.module.DECODE_PDL) and dev == "cuda",
+            "ceilings": ceil, "rows": rows}
 
 
 def format_table(doc: dict) -> str:
@@ -356,7 +370,8 @@ def format_table(doc: dict) -> str:
     env = doc["env"]
     head = (f"{doc['spec']['name']} {doc['mode']}, B={doc['rows'][0]['B'] if doc['rows'] else '?'}, "
             f"{env.get('gpu', 'cpu')}, torch {env['torch']}, triton {env['triton']}, {env['date']}"
-            + (", tuned table" if doc.get("tuned") else ", untuned"))
+            + (", tuned table" if doc.get("tuned") else ", untuned")
+            + (", dependent launches off" if doc.get("pdl") is False else ""))
     if doc["mode"] == "decode":
         cols = [("B", "B", "{:d}"), ("cache", "T", "{:d}"), ("nsagen us", "nsagen_us", "{:.1f}"),
                 ("graph us", "nsagen_graph_us", "{:.1f}"), ("SDPA us", "sdpa_us", "{:.1f}"),

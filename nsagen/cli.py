@@ -211,7 +211,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         doc = bench.bench_decode(spec, args.seq_len or [8192, 16384, 32768, 65536, 131072],
                                  args.batch or [1, 8, 64], baselines=not args.no_baselines,
                                  progress=lambda m: print(m, flush=True),
-                                 breakdown=args.breakdown)
+                                 breakdown=args.breakdown, pdl=not args.no_pdl)
         print()
         print(bench.format_table(doc))
         path = Path(args.json) if args.json else Path("bench-results") / f"{spec.name}-decode.json"
@@ -379,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--seq-len (default 8k..128k) and batches --batch (default 1 8 64)")
     p.add_argument("--batch", type=_positive_int, nargs="+", action="extend", metavar="B",
                    help="batch sizes for --decode")
+    p.add_argument("--no-pdl", action="store_true",
+                   help="--decode: launch the decode kernels without programmatic dependent "
+                        "launch (sm_90+), to compare")
     p.add_argument("--untuned", action="store_true",
                    help="ignore tuned tables: launch with the IR's default configs and splits")
     p.set_defaults(func=_cmd_bench)

@@ -108,6 +108,9 @@ def compile_for(op, arch: int = 90, seq_len: int = 300, dtype=torch.bfloat16,
 
     def one(launch):
         fn, args, kwargs = launch
+        if arch >= 90 and "PDL" in kwargs:
+            # recorded on the CPU; on the GPU the decode kernels chain with dependent launches
+            kwargs = dict(kwargs, PDL=True, launch_pdl=True)
         sig, consts, options = _signature(fn, args, kwargs)
         named = {fn.arg_names[i[0]]: v for i, v in consts.items() if v is not None}
         t0 = time.perf_counter()

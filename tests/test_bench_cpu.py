@@ -49,3 +49,21 @@ def test_bench_decode_rows_and_table(monkeypatch):
     r = doc["rows"][-1]
     assert r["B"] == 2 and r["T"] == 40 and r["nsagen_us"] == 10.0 and r["nsa_bytes"] > 0
     assert "| 2 | 40 | 10.0 |" in bench.format_table(doc)
+
+
+def test_bench_decode_pdl_switch_is_restored(monkeypatch):
+    """`nsagen bench --decode --no-pdl` turns the decode kernels' dependent launches off for the
+    run only; on a CPU device they are never on."""
+    monkeypatch.setattr(bench, "_bench", lambda fn, warmup=25, rep=100: (fn(), 0.01)[1])
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    mod = nsagen.build(spec).module
+    assert not mod._decode_pdl(torch.device("cpu"))
+    before = mod.DECODE_PDL
+    seen = []
+    real = mod.decode_step
+    monkeypatch.setattr(mod, "decode_step",
+                        lambda *a, **k: (seen.append(mod.DECODE_PDL), real(*a, **k))[1])
+    doc = bench.bench_decode(spec, [40], [1], baselines=False, device="cpu",
+                             progress=lambda m: None, pdl=False)
+    assert seen and not any(seen) and mod.DECODE_PDL == before
+    assert doc["pdl"] is False and "dependent launches off" in bench.format_table(doc)
