@@ -108,7 +108,7 @@ def compile_for(op, arch: int = 90, seq_len: int = 300, dtype=torch.bfloat16,
 
     def one(launch):
         fn, args, kwargs = launch
-        if arch >= 90 and "PDL" in kwargs:
+        if arch >= 90 and "PDL" in kwargs and op.module.DECODE_PDL:
             # recorded on the CPU; on the GPU the decode kernels chain with dependent launches
             kwargs = dict(kwargs, PDL=True, launch_pdl=True)
         sig, consts, options = _signature(fn, args, kwargs)

@@ -162,8 +162,9 @@ def test_step_captured_in_cuda_graph():
                     reason="programmatic dependent launch needs sm_90 or later")
 def test_dependent_launches_change_no_result():
     """The decode kernels chain with programmatic dependent launch on sm_90+: each waits for
-    the previous one before reading anything. A graph of B=8 steps at 64k replayed many times
-    gives, bit for bit, what the kernels launched one after another give."""
+    the previous one before reading anything and lets the next one launch after its main loop.
+    A graph of B=8 steps at 64k replayed many times gives,
+    bit for bit, what the kernels launched one after another give."""
     spec = nsagen.load_spec("nsa-d128")
     op = nsagen.build(spec)
     mod = op.module
@@ -178,31 +179,32 @@ def test_dependent_launches_change_no_result():
                  torch.randn(B, 4, 128, device="cuda", dtype=BF16))
     q = torch.randn(B, 64, 128, device="cuda", dtype=BF16)
     gates = torch.rand(B, 64, 3, device="cuda", dtype=BF16)
-    mod.DECODE_PDL = False
     try:
+        mod.DECODE_PDL = False
         serial, serial_idx = cache.step(q, gates, return_indices=True)
+        mod.DECODE_PDL = True
+        out = torch.full_like(serial, float("nan"))
+        idx = torch.full_like(serial_idx, -7)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            cache.step(q, gates)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            o_g, i_g = cache.step(q, gates, return_indices=True)
+            out.copy_(o_g)
+            idx.copy_(i_g)
+        for _ in range(50):
+            out.fill_(float("nan"))
+            idx.fill_(-7)
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(idx, serial_idx)
+            assert torch.equal(out, serial)
+        eager, eager_idx = cache.step(q, gates, return_indices=True)
     finally:
         mod.DECODE_PDL = True
-    out = torch.full_like(serial, float("nan"))
-    idx = torch.full_like(serial_idx, -7)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        cache.step(q, gates)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        o_g, i_g = cache.step(q, gates, return_indices=True)
-        out.copy_(o_g)
-        idx.copy_(i_g)
-    for _ in range(50):
-        out.fill_(float("nan"))
-        idx.fill_(-7)
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(idx, serial_idx)
-        assert torch.equal(out, serial)
-    eager, eager_idx = cache.step(q, gates, return_indices=True)
     assert torch.equal(eager, serial) and torch.equal(eager_idx, serial_idx)
     for b in (0, B - 1):
         t = int(cache.lens[b]) - 1
