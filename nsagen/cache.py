@@ -25,14 +25,33 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def modules_dir() -> Path:
+def modules_dir(create: bool = True) -> Path:
+    """Where generated modules live (created unless `create` is False)."""
     d = cache_dir() / "modules"
-    d.mkdir(parents=True, exist_ok=True)
+    if create:
+        d.mkdir(parents=True, exist_ok=True)
     return d
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write via a temp file in the same folder and os.replace: readers see old or new, never half."""
+    """Write via a temp file in the same folder and os.replace: readers see old or new, never half.
+
+    The file gets the permissions any new file of this process gets (0666 under the umask), so a
+    cache shared by a group stays readable; temp files are private only while being written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -41,6 +60,7 @@ def atomic_write(path: Path, data: str | bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -48,6 +68,19 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temp files that an interrupted atomic_write of `path` left behind. Call it only
+    while holding the lock that serialises writers of `path`."""
+    removed = []
+    for p in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def import_file(name: str, path: Path) -> ModuleType:
@@ -70,53 +103,85 @@ def uri_lock(name: str, timeout: float = 600.0):
     """An exclusive lock per URI (<cache>/locks/<name>.lock) across processes.
 
     It is an flock on an open file: the kernel drops it when the holder exits or is killed, so a
-    dead process never leaves a lock behind that blocks the next run.
+    dead process never leaves a lock that blocks the next run. The holder deletes the lock file
+    when it is done; a waiter that then holds the lock of a deleted file tries again, so two
+    processes never both hold the lock of one name, and lock files do not pile up.
     """
     d = cache_dir() / "locks"
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name}.lock"
-    with open(path, "a+") as f:
-        deadline = time.monotonic() + timeout
-        waited = False
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not waited:
-                    log.info("nsagen: waiting for another process building %s", name)
-                    waited = True
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{path}: still locked after {timeout:.0f} s") from None
-                time.sleep(0.05)
+    deadline = time.monotonic() + timeout
+    waited = False
+    while True:
+        f = open(path, "a+")
         try:
-            yield path
+            while True:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waited:
+                        log.info("nsagen: waiting for another process building %s", name)
+                        waited = True
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{path}: still locked after {timeout:.0f} s") from None
+                    time.sleep(0.05)
+            try:
+                same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:           # the previous holder removed this file: lock the new one
+                continue
+            try:
+                yield path
+            finally:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            f.close()
 
 
 def load_module(name: str, source: str) -> tuple[ModuleType, Path, bool]:
     """Write `source` as <cache>/modules/<name>.py unless an identical file is there; import it.
 
     Writing happens under the URI's lock and atomically, so concurrent builds of one spec never
-    see a half-written module. Returns (module, path, reused).
+    see a half-written module; temp files of a killed build are removed, and a module that fails
+    to import is deleted again, so the cache never keeps a broken file. Returns (module, path,
+    reused).
     """
     path = modules_dir() / f"{name}.py"
     with uri_lock(name):
+        remove_stale_temps(path)
         reused = path.is_file() and path.read_text() == source
         if not reused:
             atomic_write(path, source)
             log.info("nsagen: generated %s -> %s", name, path)
         else:
             log.debug("nsagen: reusing %s", path)
-    return import_file(name, path), path, reused
+        try:
+            return import_file(name, path), path, reused
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+
+
+def _module_uri(name: str) -> str:
+    """The URI part of a module name (everything before the content hash)."""
+    return name.rsplit("_", 1)[0]
 
 
 def entries() -> list[dict]:
-    """What the user cache holds: generated modules and tuned tables, with sizes."""
+    """What the user cache holds: generated modules and tuned tables, with sizes. Reading the
+    cache creates nothing (a read-only cache can be listed)."""
     out = []
-    for p in sorted(modules_dir().glob("*.py")):
-        out.append(dict(kind="module", name=p.stem, path=str(p), bytes=p.stat().st_size))
+    mods = modules_dir(create=False)
+    if mods.is_dir():
+        for p in sorted(mods.glob("*.py")):
+            out.append(dict(kind="module", name=p.stem, path=str(p), bytes=p.stat().st_size))
     tables = cache_dir() / "autotune"
     if tables.is_dir():
         for p in sorted(tables.glob("*/*.json")):
@@ -125,13 +190,21 @@ def entries() -> list[dict]:
     return out
 
 
-def clear(uri_prefix: str | None = None) -> list[Path]:
-    """Delete cached modules and tuned tables (all, or those whose name starts with the prefix)."""
+def clear(uri: str | None = None) -> list[Path]:
+    """Delete cached modules and tuned tables: all, or those of one layer URI exactly (every
+    content hash of it, never another URI that merely starts the same). Temp files left by
+    interrupted writes go too."""
     removed = []
     for e in entries():
-        if uri_prefix is None or e["name"].startswith(uri_prefix):
+        if uri is None or _module_uri(e["name"]) == uri:
             p = Path(e["path"])
             with uri_lock(e["name"]):
                 p.unlink(missing_ok=True)
             removed.append(p)
+    for folder in (modules_dir(create=False), *(cache_dir() / "autotune").glob("*")):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp"):
+                if uri is None or _module_uri(p.name[1:].split(".")[0]) == uri:
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
     return removed

@@ -1,17 +1,24 @@
 """Render a kernel plan into the source of one Python module (Triton kernels + launchers).
 
-Structure comes from the plan (which templates, which flags); sizes stay `tl.constexpr`. The
-result is parsed with `ast` before anyone writes or imports it.
+Structure comes from the plan (which templates, which flags); sizes stay `tl.constexpr`. Every
+value a template prints goes through one gate, :func:`_literal`: numbers print as Python literals,
+plain words as themselves, and anything else must have been made a literal by `pyrepr` (or be
+template-authored code marked `safe`), so no spec value can become code. The result is parsed
+with `ast` before anyone writes or imports it. A module's identity is a hash of its rendered text
+and the Triton release it targets: any change in what the compiler emits gives a new name.
 """
 from __future__ import annotations
 
 import ast
 import hashlib
+import math
+import re
 from functools import lru_cache
 from pathlib import Path
 
 import jinja2
 import triton
+from markupsafe import Markup
 
 from . import __version__
 from .ir import Plan, lower
@@ -20,6 +27,50 @@ from .resources import data_dir
 from .spec import Spec
 
 MODULE_TEMPLATE = "nsa_module.py.jinja"
+_WORDS = re.compile(r"[A-Za-z0-9_ ,.\-]*")
+
+
+class CodegenError(ValueError):
+    """A template tried to print a value that is not a safe literal."""
+
+
+def _check_finite(value) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CodegenError(f"cannot render the non-finite number {value!r} into a module")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(k)
+            _check_finite(v)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            _check_finite(v)
+
+
+def _pyrepr(value) -> Markup:
+    """A Python literal of `value` (numbers, strings, containers of them), safe to print."""
+    _check_finite(value)
+    text = repr(value)
+    try:
+        ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise CodegenError(f"{type(value).__name__} has no literal form to render") from None
+    return Markup(text)
+
+
+def _literal(value) -> Markup:
+    """The finalizer of every `{{ ... }}`: what may be printed into generated source as is."""
+    if isinstance(value, Markup):          # pyrepr output, macro output, template code marked safe
+        return value
+    if isinstance(value, bool) or isinstance(value, int):
+        return Markup(repr(value))
+    if isinstance(value, float):
+        return _pyrepr(value)
+    if isinstance(value, str) and _WORDS.fullmatch(value):
+        return Markup(value)
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise CodegenError(f"refusing to print {shown} into generated source: only numbers and "
+                       "plain words print as they are; use the pyrepr filter")
 
 
 @lru_cache(maxsize=1)
@@ -27,40 +78,54 @@ def _env() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-        keep_trailing_newline=True)
+        keep_trailing_newline=True, autoescape=True, finalize=_literal)
     env.filters["next_pow2"] = triton.next_power_of_2
-    env.filters["pyrepr"] = repr
+    env.filters["pyrepr"] = _pyrepr
     env.filters["branch_index"] = ("cmp", "slc", "win").index
     return env
 
 
-def template_digest() -> str:
-    """Hash of every template file: any template change yields new module names."""
-    h = hashlib.sha256()
-    for p in sorted(Path(data_dir("templates")).glob("*.jinja")):
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
+def triton_release(version: str | None = None) -> str:
+    """major.minor of a Triton version string (default: the installed Triton)."""
+    parts = (version or triton.__version__).split(".")
+    return ".".join(parts[:2])
 
 
-def source_hash(spec: Spec) -> str:
-    """Content key of a generated module: spec semantics + templates + nsagen version."""
-    h = hashlib.sha256(f"{spec.digest()}|{template_digest()}|{__version__}".encode())
+def source_hash(source: str, triton_version: str | None = None) -> str:
+    """The content key of a module: its rendered text and the Triton release it targets."""
+    h = hashlib.sha256(f"triton {triton_release(triton_version)}\n".encode())
+    h.update(source.encode())
     return h.hexdigest()[:8]
 
 
-def module_name(spec: Spec) -> str:
-    """The readable URI plus the content hash, e.g. nsa_bf16_qk128_..._w512_3fa9c2d1."""
-    return f"{spec.uri}_{source_hash(spec)}"
+def module_name(spec: Spec, triton_version: str | None = None) -> str:
+    """The readable URI plus the content hash, e.g. nsa_bf16_qk128_..._w512_3fa9c2d1.
+
+    Two specs that differ only in `name` render the same text and so share one module."""
+    return f"{spec.uri}_{source_hash(render(spec), triton_version)}"
 
 
 def render(spec: Spec, plan: Plan | None = None) -> str:
-    """The module source for a spec; raises SyntaxError if the template produced invalid Python."""
-    plan = plan or lower(spec)
+    """The module source for a spec; raises SyntaxError if the template produced invalid Python.
+
+    The spec's `name` does not reach the source (it does not change the kernels)."""
+    if plan is None:
+        return _render_default(spec.replace(name="layer") if spec.name != "layer" else spec)
+    return _render(spec, plan)
+
+
+@lru_cache(maxsize=64)
+def _render_default(spec: Spec) -> str:
+    return _render(spec, lower(spec))
+
+
+def _render(spec: Spec, plan: Plan) -> str:
     configs = {k.name: dict(k.config) for k in plan.kernels + plan.backward}
     decode = plan.decode or lower_decode(spec)
+    layer = spec.to_dict()
+    layer.pop("name")
     src = _env().get_template(MODULE_TEMPLATE).render(
-        spec=spec, plan=plan, uri=spec.uri, version=__version__, source_hash=source_hash(spec),
+        spec=spec, plan=plan, uri=spec.uri, version=__version__, layer=layer,
         configs=configs, decode=decode,
         decode_configs={k.name: dict(k.config) for k in decode.kernels})
     # collapse the blank-line runs that template structure leaves behind
@@ -70,7 +135,7 @@ def render(spec: Spec, plan: Plan | None = None) -> str:
         if blank <= 2:
             lines.append(line.rstrip())
     src = "\n".join(lines).rstrip() + "\n"
-    ast.parse(src, filename=module_name(spec))
+    ast.parse(src, filename=spec.uri)
     return src
 
 

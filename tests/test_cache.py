@@ -74,3 +74,83 @@ def test_cache_list_and_clear(tmp_path, monkeypatch, capsys):
     assert left == [codegen.module_name(specs[1])]
     assert main(["cache", "clear"]) == 0
     assert cache.entries() == []
+
+
+def test_clear_matches_the_exact_layer_not_a_prefix(tmp_path, monkeypatch):
+    """Clearing the window-32 layer must keep the window-320 layer's module and tuned table."""
+    from nsagen import tables
+
+    monkeypatch.setenv("NSAGEN_CACHE_DIR", str(tmp_path))
+    w32 = nsagen.load_spec("nsa-g4").replace(name="w32", window=32)
+    w320 = w32.replace(name="w320", window=320)
+    assert w320.uri.startswith(w32.uri)
+    meta = {"gpu": "NVIDIA H200", "capability": "9.0", "sm_count": 132, "triton": "3.6.0",
+            "torch": "2.11.0", "nsagen": "0.1.0"}
+    for s in (w32, w320):
+        name = codegen.module_name(s)
+        cache.load_module(name, codegen.render(s))
+        tables.save(name, meta, {"T<=1024": {}})
+    removed = cache.clear(w32.uri)
+    assert len(removed) == 2
+    left = sorted(e["name"] for e in cache.entries())
+    assert left == [codegen.module_name(w320)] * 2
+
+
+def test_cache_files_follow_the_umask(tmp_path, monkeypatch):
+    monkeypatch.setenv("NSAGEN_CACHE_DIR", str(tmp_path))
+    spec = nsagen.load_spec("nsa-g8").replace(name="modes", window=96)
+    old = os.umask(0o002)
+    try:
+        _, path, _ = cache.load_module(codegen.module_name(spec), codegen.render(spec))
+        cache.atomic_write(tmp_path / "t.json", "{}")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o664
+    assert (tmp_path / "t.json").stat().st_mode & 0o777 == 0o664
+
+
+def test_leftovers_of_killed_builds_are_cleaned(tmp_path, monkeypatch):
+    monkeypatch.setenv("NSAGEN_CACHE_DIR", str(tmp_path))
+    spec = nsagen.load_spec("nsa-g8").replace(name="leftovers", window=160)
+    name = codegen.module_name(spec)
+    mods = tmp_path / "modules"
+    mods.mkdir()
+    stale = mods / f".{name}.py.k1ll3d.tmp"
+    stale.write_text("half a module")
+    # a lock file whose holder was killed: unlocked, still on disk
+    child = subprocess.run([sys.executable, "-c",
+                            "import os, nsagen.cache as c\n"
+                            f"with c.uri_lock({name!r}):\n    os._exit(0)\n"],
+                           env={**os.environ, "NSAGEN_CACHE_DIR": str(tmp_path)})
+    assert child.returncode == 0 and (tmp_path / "locks" / f"{name}.lock").exists()
+    cache.load_module(name, codegen.render(spec))
+    assert sorted(p.name for p in mods.iterdir()) == [f"{name}.py"]
+    assert list((tmp_path / "locks").iterdir()) == []
+
+
+def test_a_module_that_fails_to_import_is_not_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("NSAGEN_CACHE_DIR", str(tmp_path))
+    with pytest.raises(NameError):
+        cache.load_module("broken_module_0000", "X = undefined_name\n")
+    assert list((tmp_path / "modules").iterdir()) == []
+    assert "broken_module_0000" not in sys.modules
+
+
+def test_listing_creates_nothing(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "absent"
+    monkeypatch.setenv("NSAGEN_CACHE_DIR", str(root))
+    assert cache.entries() == []
+    assert main(["cache", "list"]) == 0
+    assert not root.exists()
+    ro = tmp_path / "ro"
+    (ro / "modules").mkdir(parents=True)
+    (ro / "modules" / "nsa_x_00000000.py").write_text("X = 1\n")
+    os.chmod(ro / "modules", 0o555)
+    os.chmod(ro, 0o555)
+    try:
+        monkeypatch.setenv("NSAGEN_CACHE_DIR", str(ro))
+        assert main(["cache", "list"]) == 0
+        assert "nsa_x_00000000" in capsys.readouterr().out
+    finally:
+        os.chmod(ro, 0o755)
+        os.chmod(ro / "modules", 0o755)

@@ -79,8 +79,40 @@ def test_module_name_keys_on_content(monkeypatch):
     assert name.startswith(spec.uri + "_")
     assert codegen.module_name(spec.replace(name="renamed")) == name       # name is not semantic
     assert codegen.module_name(spec.replace(window=256)) != name
-    monkeypatch.setattr(codegen, "template_digest", lambda: "changed-templates")
-    assert codegen.module_name(spec) != name
+    assert codegen.module_name(spec, "3.6.0") != codegen.module_name(spec, "3.7.1")
+    assert codegen.module_name(spec, "3.6.0") == codegen.module_name(spec, "3.6.2")
+    real = codegen.render
+    monkeypatch.setattr(codegen, "render", lambda s, plan=None: real(s) + "# changed\n")
+    assert codegen.module_name(spec) != name                           # any change in the text
+
+
+def test_specs_differing_only_in_name_share_one_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("NSAGEN_CACHE_DIR", str(tmp_path))
+    a = nsagen.load_spec("nsa-g2").replace(name="layer-one", window=448)
+    b = a.replace(name="layer-two")
+    assert codegen.render(a) == codegen.render(b) and "layer-one" not in codegen.render(a)
+    _, path, _ = cache.load_module(codegen.module_name(a), codegen.render(a))
+    mtime = path.stat().st_mtime_ns
+    _, path_b, reused = cache.load_module(codegen.module_name(b), codegen.render(b))
+    assert reused and path_b == path and path.stat().st_mtime_ns == mtime
+    assert [p.name for p in (tmp_path / "modules").iterdir()] == [path.name]
+
+
+def test_templates_print_values_only_through_the_literal_gate():
+    env = codegen._env()
+    for hostile in ['x"""; import os; os.system("id") #', "a\nimport os", "f(1)", "'q'"]:
+        with pytest.raises(codegen.CodegenError):
+            env.from_string("NAME = {{ v }}").render(v=hostile)
+        src = env.from_string("NAME = {{ v | pyrepr }}").render(v=hostile)
+        assert ast.literal_eval(src.split(" = ", 1)[1]) == hostile
+        src = env.from_string('"""doc {{ v | pyrepr }}"""').render(v=hostile[:3])
+    for bad in [float("inf"), float("nan"), {"scale": float("inf")}, object()]:
+        with pytest.raises(codegen.CodegenError):
+            env.from_string("X = {{ v | pyrepr }}").render(v=bad)
+    with pytest.raises(codegen.CodegenError):
+        env.from_string("X = {{ v }}").render(v=float("inf"))
+    assert env.from_string("X = {{ v }}, {{ w }}, {{ n }}").render(v=3, w=0.5, n="slc_attention") \
+        == "X = 3, 0.5, slc_attention"
 
 
 def test_build_reuses_cached_module(tmp_path, monkeypatch):
