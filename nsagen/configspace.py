@@ -8,6 +8,7 @@ winners where the H200 showed them) and capped per phase.
 from __future__ import annotations
 
 import itertools
+from typing import Any, Mapping
 
 import triton
 
@@ -184,3 +185,80 @@ def split_candidates(spec: Spec, base: dict) -> list[dict]:
 def _rows(gp: int, *rows: int) -> list[int]:
     """Tokens per tile giving each of `rows` head rows (at least one token)."""
     return sorted({max(1, r // gp) for r in rows})
+
+
+# ---------------------------------------------------------------------------- validity
+_WARPS = (1, 2, 4, 8, 16, 32)
+_TILE_MAX = 1024          # a tile dimension (a `B*` parameter) is a power of two up to this
+_COUNT_MAX = 1 << 20      # loop counts and chunk lengths (QC, CHUNK_ITERS)
+SPLIT_KEYS = ("cmp", "cmp_quantum", "slc_blocks", "win_keys")
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _param_error(key: str, val: int, default: Mapping[str, int]) -> str | None:
+    """Why one launch parameter is out of range, or None."""
+    if key == "GP":
+        return None if val == default[key] else f"must be {default[key]} (set by the GQA group)"
+    if key in ("num_warps", "WARPS_KV"):
+        return None if val in _WARPS else f"must be one of {_WARPS}"
+    if key in ("num_stages", "STAGES_KV"):
+        return None if 1 <= val <= 8 else "must be in 1..8"
+    if key == "MERGE":
+        return None if val in (0, 1) else "must be 0 or 1"
+    if key == "RANK_MAX":
+        return None if val == 0 or (_pow2(val) and val <= _TILE_MAX) else \
+            f"must be 0 or a power of two up to {_TILE_MAX}"
+    if key.startswith("B"):
+        return None if _pow2(val) and val <= _TILE_MAX else \
+            f"must be a power of two in 1..{_TILE_MAX}"
+    return None if 1 <= val <= _COUNT_MAX else f"must be in 1..{_COUNT_MAX}"
+
+
+def config_error(cfg: Any, default: Mapping[str, int]) -> str | None:
+    """Why `cfg` cannot launch the kernel whose default config is `default` (None if it can):
+    exactly the default's parameters, each an integer in its range."""
+    if not isinstance(cfg, Mapping):
+        return "must be a mapping of parameter names to integers"
+    missing = [k for k in default if k not in cfg]
+    extra = [str(k)[:24] for k in cfg if k not in default]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if extra:
+        return f"unknown parameter(s) {', '.join(extra[:4])}"
+    for key in default:
+        val = cfg[key]
+        if isinstance(val, bool) or not isinstance(val, int):
+            return f"{key} must be an integer"
+        why = _param_error(key, val, default)
+        if why:
+            return f"{key}={val}: {why}"
+    return None
+
+
+def table_entry_error(spec: Spec, kernel: str, cfg: Any, default: Mapping[str, int],
+                      decode: bool) -> str | None:
+    """Why a tuned-table entry cannot be used (None if it can): it must be valid and one of the
+    configs the tuner could have chosen for this kernel (the default included)."""
+    why = config_error(cfg, default)
+    if why or dict(cfg) == dict(default):
+        return why
+    space = (decode_candidates(spec, kernel, dict(default), limit=None) if decode
+             else candidates(spec, kernel, dict(default), smem_limit=1 << 30, limit=None))
+    return None if dict(cfg) in space else "not in the kernel's config space"
+
+
+def splits_error(spec: Spec, splits: Any) -> str | None:
+    """Why a decode split override cannot be used (None if it can)."""
+    if not isinstance(splits, Mapping):
+        return "must be a mapping of split names to integers"
+    for key, val in splits.items():
+        if key not in SPLIT_KEYS:
+            return f"unknown split {str(key)[:24]!r} (one of {', '.join(SPLIT_KEYS)})"
+        if isinstance(val, bool) or not isinstance(val, int) or not 1 <= val <= 4096:
+            return f"{key} must be an integer in 1..4096"
+    if splits.get("slc_blocks", 1) > spec.slc_count:
+        return f"slc_blocks must be at most selection.count ({spec.slc_count})"
+    return None

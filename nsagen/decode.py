@@ -8,9 +8,24 @@ from __future__ import annotations
 
 import torch
 
-from . import occupancy, reference, tables
+from . import configspace, occupancy, reference, tables
 from .ir.passes import DEFAULT_SM_COUNT, decode_splits
-from .ops import NSAOp, direct_launches, kernels_available
+from .ops import ConfigOverrides, NSAOp, direct_launches, interpreted_in_float32, kernels_available
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _expect(name: str, t, shape: tuple, meaning: str, dtype: torch.dtype,
+            device: torch.device) -> None:
+    """Refuse a tensor whose type, shape, dtype or device does not fit the cache."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor {meaning}, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {meaning} = {shape}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the cache's), got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: on {t.device}, but the cache is on {device}")
 
 
 class DecodeCache:
@@ -22,7 +37,7 @@ class DecodeCache:
     """
 
     def __init__(self, op: NSAOp, batch: int, max_len: int, device=None,
-                 dtype: torch.dtype = torch.bfloat16, splits: dict[str, int] | None = None,
+                 dtype: torch.dtype | None = None, splits: dict[str, int] | None = None,
                  configs: dict[str, dict] | None = None):
         """`splits` overrides entries of the IR's split choice (nsagen.ir.passes.decode_splits)
         and `configs` the decode kernels' launch configs (both e.g. to force several small
@@ -30,8 +45,18 @@ class DecodeCache:
         supplies both for the batch and capacity bucket (read once, here), under the op's own
         overrides; otherwise the IR's rule and default configs apply."""
         spec = op.spec
-        if batch < 1 or max_len < 1:
-            raise ValueError(f"batch and max_len must be >= 1, got {batch}, {max_len}")
+        for name, val in (("batch", batch), ("max_len", max_len)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {str(val)[:40]}")
+        dtype = _DTYPES[spec.dtype] if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating-point torch.dtype, got {str(dtype)[:40]}")
+        if splits is not None:
+            why = configspace.splits_error(spec, splits)
+            if why:
+                raise ValueError(f"splits: {why}")
+        if configs is not None:
+            configs = ConfigOverrides(op._defaults, configs)
         self.op, self.spec = op, spec
         self.batch, self.max_len = batch, max_len
         dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -78,26 +103,50 @@ class DecodeCache:
                 k_cmp: torch.Tensor | None = None, v_cmp: torch.Tensor | None = None,
                 k_win: torch.Tensor | None = None, v_win: torch.Tensor | None = None) -> None:
         """Fill the cache from prompts k, v [B, T, H, D]; `seqlens` [B] gives each row's length
-        (default T). Learned compression: k_cmp, v_cmp [B, Nc(T), H, D] for the prompts."""
+        (0 <= seqlens <= T, default T). Learned compression: k_cmp, v_cmp [B, Nc(T), H, D] for
+        the prompts. Every argument is checked before anything is written."""
         spec = self.spec
-        B, T = k.shape[:2]
-        if B != self.batch or T > self.max_len:
-            raise ValueError(f"k: expected [B={self.batch}, T <= {self.max_len}, ...], got "
-                             f"{tuple(k.shape)}")
-        self.k[:, :T] = k
-        self.v[:, :T] = v
+        if not isinstance(k, torch.Tensor) or k.dim() != 4:
+            raise ValueError(f"k: expected a 4-d tensor [B, T, H, Dk], got "
+                             f"{tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__}")
+        T = k.shape[1]
+        if not 1 <= T <= self.max_len:
+            raise ValueError(f"k: expected 1 <= T <= max_len={self.max_len} prompt tokens, got T={T}")
+        B, H, dt, dev = self.batch, spec.heads_kv, self.k.dtype, self.k.device
+        _expect("k", k, (B, T, H, spec.dim_qk), "[B, T, H, Dk]", dt, dev)
+        _expect("v", v, (B, T, H, spec.dim_v), "[B, T, H, Dv]", dt, dev)
         if self.separate:
             if k_win is None or v_win is None:
                 raise ValueError("k_win, v_win: required because the spec has kv_per_branch: separate")
+            _expect("k_win", k_win, (B, T, H, spec.dim_qk), "[B, T, H, Dk]", dt, dev)
+            _expect("v_win", v_win, (B, T, H, spec.dim_v), "[B, T, H, Dv]", dt, dev)
+        elif k_win is not None or v_win is not None:
+            raise ValueError("k_win, v_win: only accepted when the spec has kv_per_branch: separate")
+        nc = spec.num_cmp(T)
+        if spec.learned_compression and nc:
+            if k_cmp is None or v_cmp is None:
+                raise ValueError("k_cmp, v_cmp: required for a learned compression spec")
+            _expect("k_cmp", k_cmp, (B, nc, H, spec.dim_qk), "[B, Nc(T), H, Dk]", dt, dev)
+            _expect("v_cmp", v_cmp, (B, nc, H, spec.dim_v), "[B, Nc(T), H, Dv]", dt, dev)
+        if seqlens is not None:
+            if not isinstance(seqlens, torch.Tensor) or seqlens.dtype.is_floating_point \
+                    or seqlens.dtype == torch.bool or tuple(seqlens.shape) != (B,):
+                raise ValueError(f"seqlens: expected an integer tensor of shape ({B},), got "
+                                 f"{_describe(seqlens)}")
+            lens = seqlens.tolist()
+            bad = [n for n in lens if not 0 <= n <= T]
+            if bad:
+                raise ValueError(f"seqlens: every length must be in 0..T={T} (the prompt's "
+                                 f"length), got {str(bad[:4])[:60]}")
+        # everything is checked: write
+        self.k[:, :T] = k
+        self.v[:, :T] = v
+        if self.separate:
             self.k_win[:, :T] = k_win
             self.v_win[:, :T] = v_win
-        nc = spec.num_cmp(T)
-        if spec.learned_compression:
-            if nc and (k_cmp is None or v_cmp is None):
-                raise ValueError("k_cmp, v_cmp: required for a learned compression spec")
-            if nc:
-                self.k_cmp[:, :nc] = k_cmp[:, :nc]
-                self.v_cmp[:, :nc] = v_cmp[:, :nc]
+        if nc and spec.learned_compression:
+            self.k_cmp[:, :nc] = k_cmp
+            self.v_cmp[:, :nc] = v_cmp
         elif nc:
             self.k_cmp[:, :nc] = reference.mean_compress(k, spec)
             self.v_cmp[:, :nc] = reference.mean_compress(v, spec)
@@ -117,10 +166,37 @@ class DecodeCache:
                v_win_t: torch.Tensor | None = None) -> None:
         """Append one token per row: k_t, v_t [B, H, D]. With learned compression, k_cmp_t,
         v_cmp_t [B, H, D] hold the new compressed token for the rows that `emits()` (others are
-        ignored)."""
+        ignored). Every argument is checked before anything is written."""
+        self._check_token(k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t)
+        self._append(k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t)
+
+    def _check_token(self, k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t) -> None:
         spec = self.spec
         if self._longest + 1 > self.max_len:
             raise ValueError(f"cache full: max_len={self.max_len}")
+        B, H, dt, dev = self.batch, spec.heads_kv, self.k.dtype, self.k.device
+        _expect("k_t", k_t, (B, H, spec.dim_qk), "[B, H, Dk]", dt, dev)
+        _expect("v_t", v_t, (B, H, spec.dim_v), "[B, H, Dv]", dt, dev)
+        if self.separate:
+            if k_win_t is None or v_win_t is None:
+                raise ValueError("k_win_t, v_win_t: required because the spec has "
+                                 "kv_per_branch: separate")
+            _expect("k_win_t", k_win_t, (B, H, spec.dim_qk), "[B, H, Dk]", dt, dev)
+            _expect("v_win_t", v_win_t, (B, H, spec.dim_v), "[B, H, Dv]", dt, dev)
+        elif k_win_t is not None or v_win_t is not None:
+            raise ValueError("k_win_t, v_win_t: only accepted when the spec has "
+                             "kv_per_branch: separate")
+        if spec.learned_compression:
+            if k_cmp_t is None or v_cmp_t is None:
+                raise ValueError("k_cmp_t, v_cmp_t: required for a learned compression spec")
+            _expect("k_cmp_t", k_cmp_t, (B, H, spec.dim_qk), "[B, H, Dk]", dt, dev)
+            _expect("v_cmp_t", v_cmp_t, (B, H, spec.dim_v), "[B, H, Dv]", dt, dev)
+        elif k_cmp_t is not None or v_cmp_t is not None:
+            raise ValueError("k_cmp_t, v_cmp_t: only accepted for a learned compression spec "
+                             "(mean compression is computed by the cache)")
+
+    def _append(self, k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t) -> None:
+        spec = self.spec
         rows = torch.arange(self.batch, device=self.k.device)
         pos = self.lens.long()
         self.k[rows, pos] = k_t
@@ -132,8 +208,6 @@ class DecodeCache:
         n = self.lens.long() + 1
         i = torch.clamp((n - spec.cmp_block) // spec.cmp_stride, min=0)
         if spec.learned_compression:
-            if k_cmp_t is None or v_cmp_t is None:
-                raise ValueError("k_cmp_t, v_cmp_t: required for a learned compression spec")
             new_k, new_v = k_cmp_t, v_cmp_t
         else:
             window = torch.clamp(n[:, None] - spec.cmp_block, min=0) + torch.arange(
@@ -151,12 +225,19 @@ class DecodeCache:
              return_indices: bool = False):
         """Attention of q [B, HQ, Dk] at position len - 1 of each row: o [B, HQ, Dv], equal to
         that row of the prefill over the cached tokens."""
+        self._check_query(q, gates)
+        return self._step(q, gates, return_indices)
+
+    def _check_query(self, q, gates) -> None:
         spec = self.spec
-        if q.shape != (self.batch, spec.heads_q, spec.dim_qk):
-            raise ValueError(f"q: expected [B={self.batch}, HQ={spec.heads_q}, "
-                             f"Dk={spec.dim_qk}], got {tuple(q.shape)}")
-        if gates is not None and gates.shape != (self.batch, spec.heads_q, 3):
-            raise ValueError(f"gates: expected [B, HQ, 3], got {tuple(gates.shape)}")
+        dt, dev = self.k.dtype, self.k.device
+        _expect("q", q, (self.batch, spec.heads_q, spec.dim_qk), "[B, HQ, Dk]", dt, dev)
+        if gates is not None:
+            _expect("gates", gates, (self.batch, spec.heads_q, 3), "[B, HQ, 3] (cmp, slc, win)",
+                    dt, dev)
+
+    def _step(self, q, gates, return_indices: bool = False):
+        spec = self.spec
         kw = self.k_win if self.separate else None
         vw = self.v_win if self.separate else None
         if not kernels_available(q.device):
@@ -169,11 +250,17 @@ class DecodeCache:
         if self._work is None:
             self._work = self.op.module.decode_workspace(self.batch, self.max_len, self.splits,
                                                          q.device)
+        k, v, kc, vc = self.k, self.v, self.k_cmp, self.v_cmp
+        dtype = q.dtype
+        if interpreted_in_float32(q):   # the interpreter's bfloat16 is wrong: compute in float32
+            q, gates, k, v, kc, vc, kw, vw = (None if t is None else t.float()
+                                              for t in (q, gates, k, v, kc, vc, kw, vw))
         with direct_launches():
             o, idx = self.op.module.decode_step(
-                q.contiguous(), None if gates is None else gates.contiguous(), self.k, self.v,
-                self.k_cmp, self.v_cmp, self.lens, self.splits, self._work, kw, vw,
+                q.contiguous(), None if gates is None else gates.contiguous(), k, v,
+                kc, vc, self.lens, self.splits, self._work, kw, vw,
                 configs=self._launch_configs())
+        o = o.to(dtype)
         if return_indices:
             if idx is None:
                 idx = torch.full((self.batch, spec.heads_kv, spec.slc_count), -1,
@@ -193,16 +280,22 @@ class DecodeCache:
         return cfg
 
     def decode(self, q: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
-               gates: torch.Tensor | None = None, **compressed) -> torch.Tensor:
-        """Append the new token's k, v, then attend with its q: one decoding step."""
-        self.append(k_t, v_t, **compressed)
-        return self.step(q, gates)
+               gates: torch.Tensor | None = None, k_cmp_t: torch.Tensor | None = None,
+               v_cmp_t: torch.Tensor | None = None, k_win_t: torch.Tensor | None = None,
+               v_win_t: torch.Tensor | None = None) -> torch.Tensor:
+        """Append the new token's k, v, then attend with its q: one decoding step. Every
+        argument is checked first, so a refused call leaves the cache as it was."""
+        self._check_token(k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t)
+        self._check_query(q, gates)
+        self._append(k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t)
+        return self._step(q, gates)
 
 
-def new_cache(op: NSAOp, batch: int, max_len: int, device=None,
-              dtype: torch.dtype = torch.bfloat16) -> DecodeCache:
-    """An empty decode cache for `op`'s spec."""
-    return DecodeCache(op, batch, max_len, device, dtype)
+def _describe(t) -> str:
+    """A short description of a tensor (or whatever was passed instead) for error messages."""
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} tensor of shape {tuple(t.shape)}"
+    return type(t).__name__
 
 
-__all__ = ["DecodeCache", "new_cache"]
+__all__ = ["DecodeCache"]

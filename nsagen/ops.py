@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor  # noqa: F401  (resolves the op signatures' string annotations)
 
-from . import reference
+from . import configspace, reference, tables
 from .cache import load_module
 from .checks import check_inputs
 from .codegen import module_name, render
@@ -48,6 +48,53 @@ def kernels_available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def interpreted_in_float32(t: torch.Tensor) -> bool:
+    """Whether the generated kernels must see this tensor as float32: Triton's interpreter
+    computes bfloat16 arithmetic and `tl.dot` wrongly, so on the CPU bfloat16 inputs run in
+    float32 and the results are rounded back to bfloat16."""
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
+
+
+def _float32(t):
+    return None if t is None else t.float()
+
+
+class ConfigOverrides(dict):
+    """Per-kernel launch configs that win over tuned tables: kernel name -> {parameter: int}.
+
+    An entry may name only the parameters it changes; it is completed from the kernel's default
+    config and checked (nsagen.configspace.config_error) when it is set, so an invalid override
+    fails at assignment with the kernel and parameter named, never as a wrong result."""
+
+    def __init__(self, defaults: dict[str, dict], items=None):
+        super().__init__()
+        self._defaults = defaults
+        self.update(items or {})
+
+    def __setitem__(self, kernel: str, cfg) -> None:
+        if kernel not in self._defaults:
+            shown = str(kernel)[:40]
+            raise ValueError(f"configs: unknown kernel {shown!r}; this module's kernels are "
+                             f"{', '.join(sorted(self._defaults))}")
+        if not isinstance(cfg, dict):
+            raise TypeError(f"configs[{kernel!r}]: expected a dict of launch parameters, got "
+                            f"{type(cfg).__name__}")
+        full = dict(self._defaults[kernel], **cfg)
+        why = configspace.config_error(full, self._defaults[kernel])
+        if why:
+            raise ValueError(f"configs[{kernel!r}]: {why}")
+        super().__setitem__(kernel, full)
+
+    def update(self, other=(), **kw) -> None:
+        for kernel, cfg in dict(other, **kw).items():
+            self[kernel] = cfg
+
+    def setdefault(self, kernel, cfg=None):
+        if kernel not in self:
+            self[kernel] = cfg if cfg is not None else {}
+        return self[kernel]
+
+
 class NSAOp:
     """Native Sparse Attention for one spec, backed by a generated, cached Triton module."""
 
@@ -56,7 +103,8 @@ class NSAOp:
         self.module = module
         self.path = path
         self.name = module.URI
-        self.configs: dict = {}   # explicit per-kernel overrides (win over tuned tables)
+        self._defaults = {**getattr(module, "DECODE_CONFIGS", {}), **module.CONFIGS}
+        self.configs = {}   # explicit per-kernel overrides (win over tuned tables)
         self.module_name = module.__name__
         self._tables: dict | None = None
         self._tables_loaded = False
@@ -66,20 +114,41 @@ class NSAOp:
     def __repr__(self) -> str:
         return f"NSAOp({self.spec.name!r}, module={self.path})"
 
+    @property
+    def configs(self) -> ConfigOverrides:
+        """Explicit per-kernel launch configs, checked when set; they win over tuned tables."""
+        return self._configs
+
+    @configs.setter
+    def configs(self, value: dict) -> None:
+        self._configs = ConfigOverrides(self._defaults, value)
+
+    @property
+    def tuned_tables(self) -> dict | None:
+        """The buckets of this GPU's tuned table in use (None: untuned, or not loaded yet)."""
+        return self._tables
+
+    def _table_entry_error(self, bucket: str, kernel: str, entry) -> str | None:
+        """Why an entry of a tuned table cannot launch this module's kernels (None if it can)."""
+        decode = bucket.startswith("decode ")
+        if decode and kernel == tables.DECODE_SPLITS:
+            return configspace.splits_error(self.spec, entry)
+        defaults = getattr(self.module, "DECODE_CONFIGS", {}) if decode else self.module.CONFIGS
+        if kernel not in defaults:
+            return f"not a {'decode' if decode else 'forward or backward'} kernel of this module"
+        return configspace.table_entry_error(self.spec, kernel, entry, defaults[kernel], decode)
+
     def configs_for(self, device: torch.device, seq_len: int) -> dict:
         """Launch configs for one call: the tuned table's bucket on a matching GPU, then the
         explicit overrides in `self.configs`; kernels missing from both use the IR defaults."""
         if device.type == "cuda" and not self._tables_loaded:
-            from . import tables
-
-            self._tables = tables.load(self.module_name, tables.device_meta(device.index))
+            self._tables = tables.load(self.module_name, tables.device_meta(device.index),
+                                       check=self._table_entry_error)
             self._tables_loaded = True
             log.info("nsagen: %s runs %s", self.module_name,
                      "with a tuned table" if self._tables else "untuned (IR default configs)")
         if self._tables is None:
             return self.configs
-        from . import tables
-
         cfg = tables.configs_for(self._tables, seq_len)
         cfg.update(self.configs)
         return cfg
@@ -89,8 +158,9 @@ class NSAOp:
         configs and split rule (e.g. to time tuned against untuned)."""
         self._tables, self._tables_loaded = None, not enabled
 
-    def new_cache(self, batch: int, max_len: int, device=None, dtype: torch.dtype = torch.bfloat16):
-        """An empty decode cache (nsagen.decode.DecodeCache) for this op."""
+    def new_cache(self, batch: int, max_len: int, device=None, dtype: torch.dtype | None = None):
+        """An empty decode cache (nsagen.decode.DecodeCache) for this op, in the spec's dtype
+        unless `dtype` says otherwise."""
         from .decode import DecodeCache
 
         return DecodeCache(self, batch, max_len, device, dtype)
@@ -100,6 +170,13 @@ class NSAOp:
         """o [B, T, HQ, Dv] (and block indices [B, T, H, n] if return_indices); see ALGORITHM.md."""
         spec = self.spec
         prob = check_inputs(spec, q, k, v, gates, k_cmp, v_cmp, cu_seqlens, k_win, v_win)
+        if kernels_available(q.device) and interpreted_in_float32(q):
+            out = self(q.float(), k.float(), v.float(), _float32(gates), _float32(k_cmp),
+                       _float32(v_cmp), cu_seqlens, return_indices, _float32(k_win),
+                       _float32(v_win))
+            if return_indices:
+                return out[0].to(q.dtype), out[1]
+            return out.to(q.dtype)
         if not kernels_available(q.device):
             _fallback_notice(q.device)
             return reference.nsa(q, k, v, gates, spec, k_cmp, v_cmp, cu_seqlens, return_indices,

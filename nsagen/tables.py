@@ -14,6 +14,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import triton
@@ -92,8 +93,13 @@ def save(module: str, meta: dict, buckets: dict[str, dict], path: Path | None = 
     return path
 
 
-def load(module: str, meta: dict) -> dict[str, dict] | None:
-    """The buckets of the first table whose metadata matches exactly, else None (untuned)."""
+def load(module: str, meta: dict,
+         check: Callable[[str, str, Any], str | None] | None = None) -> dict[str, dict] | None:
+    """The buckets of the first table whose metadata matches exactly, else None (untuned).
+
+    `check(bucket, kernel, entry)` says why an entry cannot be used (None when it can): such
+    entries are dropped, with one warning naming the file and the keys, and those kernels run
+    their defaults. A file that is not a table at all is ignored with a warning."""
     want = dict(meta, module=module)
     for path in table_paths(module, meta):
         if not path.is_file():
@@ -101,15 +107,50 @@ def load(module: str, meta: dict) -> dict[str, dict] | None:
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            log.warning("nsagen: ignoring unreadable tuned table %s (%s)", path, err)
+            log.warning("nsagen: ignoring unreadable tuned table %s (%s)", path, _cut(err))
             continue
-        got = doc.get("meta", {})
-        diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+        if not (isinstance(doc, dict) and isinstance(doc.get("meta"), dict)
+                and isinstance(doc.get("buckets"), dict)):
+            log.warning("nsagen: ignoring tuned table %s: expected an object with 'meta' and "
+                        "'buckets' objects", path)
+            continue
+        got = doc["meta"]
+        diff = {k: (_cut(got.get(k)), v) for k, v in want.items() if got.get(k) != v}
         if diff:
             log.info("nsagen: %s does not match this machine %s; running untuned", path, diff)
             continue
-        return doc.get("buckets", {})
+        return _usable(doc["buckets"], check, path)
     return None
+
+
+def _cut(value: Any, limit: int = 60) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _usable(buckets: dict, check: Callable[[str, str, Any], str | None] | None,
+            path: Path) -> dict[str, dict]:
+    """The entries of a table's buckets that `check` accepts; one warning lists the others."""
+    out: dict[str, dict] = {}
+    dropped: list[str] = []
+    for key, entry in buckets.items():
+        if not isinstance(entry, dict):
+            dropped.append(f"{_cut(key, 40)}: not an object")
+            continue
+        kept = {}
+        for kernel, cfg in entry.items():
+            why = check(key, kernel, cfg) if check else None
+            if why:
+                dropped.append(f"{_cut(key, 40)} / {_cut(kernel, 40)}: {why}")
+            else:
+                kept[kernel] = cfg
+        out[key] = kept
+    if dropped:
+        more = f" (and {len(dropped) - 8} more)" if len(dropped) > 8 else ""
+        log.warning("nsagen: tuned table %s: dropped %d invalid entr%s, whose kernels run their "
+                    "default configs: %s%s", path, len(dropped), "y" if len(dropped) == 1 else "ies",
+                    "; ".join(dropped[:8]), more)
+    return out
 
 
 def configs_for(tables: dict[str, dict] | None, seq_len: int) -> dict:

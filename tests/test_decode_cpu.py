@@ -56,6 +56,8 @@ def _decode_vs_prefill(spec, prompt_lens, T, dtype=torch.float32, seed=0, splits
     ref, ref_idx, ref_score = nsagen.reference.nsa(
         d(q), d(k), d(v), d(gates), spec, d(kc_all), d(vc_all), return_indices=True,
         return_scores=True, k_win=d(kw), v_win=d(vw))
+    if configs is not None:     # the shared small tiles of the kernels this spec has
+        configs = {name: cfg for name, cfg in configs.items() if name in op.module.DECODE_CONFIGS}
     cache = DecodeCache(op, B, T, device="cpu", dtype=dtype, splits=splits, configs=configs)
     for buf in (cache._work or {}).values():   # scratch read before it is written shows as NaN
         if isinstance(buf, torch.Tensor) and buf.is_floating_point():

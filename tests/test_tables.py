@@ -431,12 +431,13 @@ def test_use_tuned_tables_switches_between_table_and_defaults():
     try:
         op._tables = {tables.bucket(1000): {"win_attention": {"BK": 16}}}
         op._tables_loaded = True
-        op.configs = {"cmp_attention": {"BC": 32}}
+        op.configs = {"cmp_attention": {"BC": 32}}          # completed from the default
+        override = dict(op.module.CONFIGS["cmp_attention"], BC=32)
         cuda = torch.device("cuda")          # only its type is read: nothing runs
         assert op.configs_for(cuda, 1000) == {"win_attention": {"BK": 16},
-                                              "cmp_attention": {"BC": 32}}
+                                              "cmp_attention": override}
         op.use_tuned_tables(False)
-        assert op.configs_for(cuda, 1000) == {"cmp_attention": {"BC": 32}}
+        assert op.configs_for(cuda, 1000) == {"cmp_attention": override}
         op.use_tuned_tables(True)
         assert op._tables is None and not op._tables_loaded
     finally:
