@@ -1,4 +1,4 @@
-"""The PyTorch oracle: Native Sparse Attention exactly as ALGORITHM.md pins it.
+"""The PyTorch oracle: Native Sparse Attention exactly as docs/algorithm.md pins it.
 
 Vectorised over tokens (queries are processed in chunks only to bound memory), differentiable by
 autograd, in any floating dtype (tests use float64). Every generated kernel is checked against it.
@@ -182,7 +182,7 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor |
         block_indices: torch.Tensor | None = None, return_scores: bool = False):
     """NSA prefill: o [B, T, HQ, Dv] (and block indices [B, T, H, n] int32 if return_indices).
 
-    Shapes and semantics: ALGORITHM.md. Computed in the inputs' dtype; differentiable.
+    Shapes and semantics: docs/algorithm.md. Computed in the inputs' dtype; differentiable.
     `block_indices` [B, T, H, n] replaces the top-n choice (to check a kernel's output on the
     blocks it chose when a near-tie flipped one); `return_scores` also returns the group-summed
     block importance [B, T, H, NB] (per-sequence NB, padded with 0 for varlen).

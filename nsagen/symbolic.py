@@ -1,7 +1,7 @@
 """The cost model: NSA's index arithmetic, FLOPs and bytes as exact sympy expressions.
 
 Everything here is a function of the sequence length ``T`` and batch ``B`` (or of a query
-position ``t``), derived from ALGORITHM.md. The benchmark and the autotuner evaluate these
+position ``t``), derived from docs/algorithm.md. The benchmark and the autotuner evaluate these
 expressions to print achieved-vs-floor and to prune configurations; ``nsagen info`` prints them.
 
 Counting conventions:

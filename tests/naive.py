@@ -1,4 +1,4 @@
-"""A deliberately naive float64 NSA, written from ALGORITHM.md alone, to check nsagen.reference.
+"""A deliberately naive float64 NSA, written from docs/algorithm.md alone, to check nsagen.reference.
 
 One query at a time: for each batch row, token t and KV head, it computes the compression branch
 of every query head of the group, turns the probabilities into block importances by literally

@@ -1,4 +1,4 @@
-"""nsagen.reference against a naive float64 loop (tests/naive.py) and the invariants of ALGORITHM.md.
+"""nsagen.reference against a naive float64 loop (tests/naive.py) and the invariants of docs/algorithm.md.
 
 All checks run in float64 on tiny shapes with block sizes small enough that selection really
 excludes blocks. Relative errors must stay under 1e-10 and block choices must match exactly

@@ -1,6 +1,6 @@
 """The op graph of one NSA layer: typed nodes, edges carrying symbolic shapes.
 
-`build_graph(spec)` states *what* is computed (ALGORITHM.md), independent of how it is split
+`build_graph(spec)` states *what* is computed (docs/algorithm.md), independent of how it is split
 into kernels; the passes in `nsagen.ir.passes` decide that.
 """
 from __future__ import annotations
