@@ -402,7 +402,9 @@ def write_results(doc: dict, path: Path) -> None:
     path.write_text(json.dumps(doc, indent=1))
 
 
-def require_gpu() -> None:
+def require_gpu(command: str) -> None:
+    """Exit with status 2 and a one-line message naming `command` (e.g. 'nsagen tune') when no
+    CUDA GPU is present: timing needs one."""
     if not torch.cuda.is_available():
-        print("nsagen bench: needs a CUDA GPU (none found)", file=sys.stderr)
+        print(f"{command}: needs a CUDA GPU (none found)", file=sys.stderr)
         raise SystemExit(2)

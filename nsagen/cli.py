@@ -1,8 +1,8 @@
 """The ``nsagen`` command line: one ``_cmd_<name>`` function per subcommand.
 
 Subcommands register themselves in :func:`build_parser` and dispatch through
-``set_defaults(func=...)``. A spec or usage error exits with status 2 and a one-line message on
-stderr, never a traceback.
+``set_defaults(func=...)``. A spec, usage or file-system error exits with status 2 and a one-line
+message on stderr, never a traceback.
 """
 from __future__ import annotations
 
@@ -10,22 +10,25 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import yaml
 
 from . import symbolic
-from .spec import Spec, SpecError, load_spec
+from .spec import Spec, SpecError, load_spec, short_path, short_repr
 
 DEFAULT_SEQ_LENS = (8192, 65536)
 _SPEC_HELP = "a spec file, or the name of a shipped spec (e.g. nsa-paper)"
+# CUDA SM versions Triton's NVIDIA backend compiles for (`build --arch`); others abort in LLVM
+CUDA_ARCHS = (75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121)
 
 
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        raise argparse.ArgumentTypeError(f"{short_repr(text)} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
     return value
@@ -35,18 +38,44 @@ def _error(message: str) -> None:
     print(f"nsagen: error: {message}", file=sys.stderr)
 
 
+def _os_error(err: OSError) -> str:
+    """One line for a file-system error: the path and the reason, and for a path of the user
+    cache how to choose another one."""
+    from .cache import cache_dir
+
+    if not isinstance(err.filename, (str, bytes, os.PathLike)):
+        return str(err)[:200]
+    path = Path(os.path.abspath(os.fsdecode(err.filename)))
+    reason = err.strerror or type(err).__name__
+    cache = Path(os.path.abspath(cache_dir()))
+    if path == cache or cache in path.parents or path in cache.parents:
+        return (f"cannot write {short_path(path)}: {reason}; set NSAGEN_CACHE_DIR to choose "
+                "another cache directory")
+    return f"{short_path(path)}: {reason}"
+
+
+def _load_for_kernels(path: str) -> Spec:
+    """A spec to generate kernels for: valid, and within what the kernels support."""
+    spec = load_spec(path)
+    spec.check_kernels()
+    return spec
+
+
 # ---------------------------------------------------------------------------- validate
 def _cmd_validate(args: argparse.Namespace) -> int:
     """Load and validate every spec; report all failures, not just the first."""
     status = 0
     for path in args.specs:
         try:
-            spec = load_spec(path)
-        except (SpecError, FileNotFoundError) as err:
+            spec = _load_for_kernels(path)
+        except SpecError as err:
             _error(str(err))
-            status = 2
+        except OSError as err:
+            _error(_os_error(err))
+        else:
+            print(f"ok {path} {spec.uri}")
             continue
-        print(f"ok {path} {spec.uri}")
+        status = 2
     return status
 
 
@@ -129,10 +158,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "2 FLOPs per multiply-add, bytes in " + spec.dtype + "):",
     ]
     lines += [f"  {label} = {expr}" for label, expr in _expressions(spec)]
-    from .cache import modules_dir
+    from .cache import cache_dir
     from .codegen import module_name
 
-    lines += ["", f"module: {module_name(spec)} (cached at {modules_dir() / module_name(spec)}.py)"]
+    where = cache_dir() / "modules" / f"{module_name(spec)}.py"     # shown, not created
+    lines += ["", f"module: {module_name(spec)} (cached at {where})"]
     for seq_len in seq_lens:
         lines.append("")
         lines += _figures(spec, seq_len, args.batch)
@@ -152,14 +182,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.shipped:
-        specs = {name: load_spec(path) for name, path in shipped_specs().items()}
+        specs = {name: _load_for_kernels(path) for name, path in shipped_specs().items()}
         for path in write_generated(specs, data_dir("generated")):
             print(f"wrote {path}")
         return 0
     if not args.spec:
         _error("generate: give a SPEC or --shipped")
         return 2
-    spec = load_spec(args.spec)
+    spec = _load_for_kernels(args.spec)
     if args.explain:
         print(explain(spec))
         print()
@@ -172,18 +202,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             print("no CUDA GPU here: skipping the benchmark (kernels compile at first launch)")
             return 0
-        return _run_bench(spec, args.seq_len or [8192, 16384, 32768, 65536], None)
+        return _run_bench(spec, args.seq_len or [8192, 16384, 32768, 65536], None,
+                          command="nsagen generate --bench")
     return 0
 
 
 # ---------------------------------------------------------------------------- bench
 def _run_bench(spec: Spec, seq_lens: list[int], json_path: str | None, baselines: bool = True,
-               breakdown: bool = False, backward: bool = False) -> int:
-    from pathlib import Path
-
+               breakdown: bool = False, backward: bool = False,
+               command: str = "nsagen bench") -> int:
     from . import bench
 
-    bench.require_gpu()
+    bench.require_gpu(command)
     doc = bench.bench_forward(spec, seq_lens, baselines=baselines, breakdown=breakdown,
                               progress=lambda m: print(m, flush=True), backward=backward)
     print()
@@ -197,17 +227,15 @@ def _run_bench(spec: Spec, seq_lens: list[int], json_path: str | None, baselines
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Time the generated forward side by side with the dense and sparse baselines."""
-    spec = load_spec(args.spec)
+    from . import bench
+
+    bench.require_gpu("nsagen bench")
+    spec = _load_for_kernels(args.spec)
     if args.untuned:
         from .ops import build
 
         build(spec).use_tuned_tables(False)
     if args.decode:
-        from pathlib import Path
-
-        from . import bench
-
-        bench.require_gpu()
         doc = bench.bench_decode(spec, args.seq_len or [8192, 16384, 32768, 65536, 131072],
                                  args.batch or [1, 8, 64], baselines=not args.no_baselines,
                                  progress=lambda m: print(m, flush=True),
@@ -247,9 +275,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     from . import autotune, bench
 
-    bench.require_gpu()
+    bench.require_gpu("nsagen tune")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    spec = load_spec(args.spec)
+    spec = _load_for_kernels(args.spec)
     t0 = time.perf_counter()
     path, rows = autotune.tune(
         spec, args.seq_len or list(DEFAULT_TUNE_LENS), batch=args.batch,
@@ -264,6 +292,18 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- build
+def _arch_problem(arch: int) -> str | None:
+    """Why `build --arch` cannot compile for sm_`arch` here, or None. Checked before anything is
+    generated: Triton aborts inside LLVM on an architecture it does not know."""
+    if arch not in CUDA_ARCHS:
+        return (f"--arch {arch}: not a CUDA architecture Triton compiles for; choose from "
+                f"{', '.join(map(str, CUDA_ARCHS))}")
+    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on"):
+        return ("--arch needs TRITON_INTERPRET unset: under the interpreter kernels are not "
+                "compiled")
+    return None
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     """Generate (or reuse) the module and compile its kernels for the configs it launches with."""
     import logging
@@ -273,8 +313,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     from .ops import build
 
+    if args.arch is not None:
+        problem = _arch_problem(args.arch)
+        if problem:
+            _error(problem)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    spec = load_spec(args.spec)
+    spec = _load_for_kernels(args.spec)
     t0 = time.perf_counter()
     op = build(spec)
     t1 = time.perf_counter()
@@ -330,8 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("validate", help="check spec files",
-                       description="Load and validate specs; print 'ok PATH URI' for each valid "
-                                   "one. Exit status 2 if any is invalid.")
+                       description="Load and validate specs, and check that the generated "
+                                   "kernels support them; print 'ok PATH URI' for each valid "
+                                   "one and one error line for each other. Exit status 2 if any "
+                                   "is invalid.")
     p.add_argument("specs", nargs="+", metavar="SPEC", help=_SPEC_HELP)
     p.set_defaults(func=_cmd_validate)
 
@@ -442,9 +489,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, FileNotFoundError) as err:
+    except SpecError as err:
         _error(str(err))
-        return 2
+    except OSError as err:
+        _error(_os_error(err))
+    return 2
 
 
 def run() -> None:

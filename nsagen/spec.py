@@ -1,17 +1,25 @@
 """The spec language: load a YAML layer description, validate it, and freeze it.
 
 A :class:`Spec` is the single source of truth for one NSA layer. Every later stage (IR, codegen,
-cache keys, reference, cost model) reads it, so validation happens here, once, with errors that
-name the file, the key, the value and the rule that was broken.
+cache keys, reference, cost model) reads it, so validation happens here, whenever a Spec is built
+(constructor, from_dict, replace), with errors that name the file, the key, the value (cut short)
+and the rule that was broken. Every size is bounded by what the generated kernels support
+(`BOUNDS`); spec files are read by a YAML loader that refuses what a spec never needs.
 """
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import difflib
+import errno
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import re
+import reprlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import yaml
 
@@ -46,27 +54,141 @@ _DEFAULTS = {
     "kv_per_branch": "shared",
 }
 
+# Dataclass field -> (spec key, type). Every field of Spec except `source` is listed.
+_FIELDS: dict[str, tuple[str, type]] = {
+    "name": ("name", str), "heads_q": ("heads.q", int), "heads_kv": ("heads.kv", int),
+    "dim_qk": ("head_dim.qk", int), "dim_v": ("head_dim.v", int), "dtype": ("dtype", str),
+    "cmp_block": ("compression.block", int), "cmp_stride": ("compression.stride", int),
+    "cmp_kind": ("compression.kind", str), "slc_block": ("selection.block", int),
+    "slc_count": ("selection.count", int), "slc_initial": ("selection.initial", int),
+    "slc_local": ("selection.local", int), "window": ("window", int),
+    "branches": ("branches", tuple), "kv_per_branch": ("kv_per_branch", str),
+    "scale": ("scale", float),
+}
+_OPTIONAL = ("window", "scale")      # fields that may be None
+
+NAME_MAX = 64
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# A float literal as written in a spec: digits, an optional fraction, an optional exponent.
+_FLOAT_LITERAL = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+class Bound(NamedTuple):
+    """The range one size may take, and why: the generated kernels' limits.
+
+    `of` reads a derived quantity (written `what` in the error) instead of the key's own field;
+    `pow2`, when set, is why the kernels need a power of two (checked by Spec.check_kernels:
+    the reference takes any size, so the rule binds only where kernels are generated).
+    """
+
+    key: str
+    lo: int
+    hi: int
+    why: str
+    of: Callable[["Spec"], int] | None = None
+    what: str = ""
+    pow2: str = ""
+
+
+# Every size of a spec, its range and why (the generated kernels' limits). HQ % H, d | l, d | l'
+# and n_init + n_local <= n relate keys to each other and are checked after the plain ranges.
+BOUNDS: tuple[Bound, ...] = (
+    Bound("heads.q", 1, 256, "twice the widest attention layer in use (128 heads)"),
+    Bound("heads.kv", 1, 256, "at most heads.q"),
+    Bound("heads.q", 1, 128,
+          "a KV head's G query heads are one tile of rows, and the compressed-attention tile "
+          "fits shared memory up to 128 rows at head dims of 256",
+          of=lambda s: s.heads_q // s.heads_kv, what="heads.q / heads.kv (G)"),
+    Bound("head_dim.qk", 1, 256,
+          "q and k rows are register tiles padded to a power of two; pipelined K/V tiles fit "
+          "shared memory up to 256"),
+    Bound("head_dim.v", 1, 256,
+          "v rows are register tiles padded to a power of two; pipelined K/V tiles fit "
+          "shared memory up to 256"),
+    Bound("compression.block", 1, 256, "mean compression unrolls one load per token of a block"),
+    Bound("compression.stride", 1, 256, "it divides compression.block"),
+    Bound("compression.block", 1, 64,
+          "a window may spill only into the next compressed tile, which holds at least 64 keys",
+          of=lambda s: s.cmp_block // s.cmp_stride, what="compression.block / compression.stride"),
+    Bound("selection.block", 1, 256, "a selected block is one tile of keys in the backward",
+          pow2="a selected block, and its selection.block / compression.stride compressed "
+               "keys, are tl.arange tiles"),
+    Bound("selection.count", 1, 64,
+          "the top-n unrolls one pass over the block scores per pick and keeps next_pow2(n) "
+          "candidates per tile"),
+    Bound("selection.initial", 0, 64, "at most selection.count"),
+    Bound("selection.local", 0, 64, "at most selection.count"),
+    Bound("window", 1, 1048576,
+          "the window is a compile-time loop bound, and the decode split search visits each "
+          "of its 64-key chunks"),
+)
+_KEY_FIELD = {key: name for name, (key, _) in _FIELDS.items()}
+
 _DTYPE_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+SHOWN_CHARS = 60      # an error quotes at most this much of an offending value
+SHOWN_PATH = 120      # ... and of a file path (its end)
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 2 * SHOWN_CHARS
+
+
+def short_repr(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """repr(value) cut to `limit` characters plus '...': an error never echoes unbounded input."""
+    try:
+        if isinstance(value, (str, bytes)):
+            text = repr(value[:limit + 1])
+        elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+            return f"<an integer of {value.bit_length()} bits>"
+        else:
+            text = _REPR.repr(value)
+    except Exception:                          # a repr that fails must not hide the real error
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def short_path(path: Any, limit: int = SHOWN_PATH) -> str:
+    """A file path for a message, its start cut (the end names the file) when over `limit`."""
+    text = str(path)
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]
+
+
+def _short_text(text: str, limit: int = SHOWN_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class SpecError(ValueError):
-    """A spec broke a rule. The message names the source, the key, the value and the rule."""
+    """A spec broke a rule. The message names the source, the key, the value and the rule.
+
+    The value and the source are quoted cut short; `value` keeps the whole of it."""
 
     def __init__(self, source: str, key: str, value: Any, rule: str):
         self.source, self.key, self.value, self.rule = source, key, value, rule
-        super().__init__(f"{source}: {key}: {value!r}: {rule}")
+        shown = "" if value is None and key.startswith("<") else f" {short_repr(value)}:"
+        super().__init__(f"{short_path(source)}: {_short_text(str(key))}:{shown} {rule}")
 
 
 def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(word[:2 * SHOWN_CHARS], list(options), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(options)})"
+
+
+def _number(source: str, key: str, value: Any) -> float:
+    """A float key's value: a number, or a string holding a float literal (YAML 1.1 reads 1e-3,
+    without a dot, as a string)."""
+    if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(source, key, value, "must be a number: write a number such as 0.001")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _check_type(source: str, key: str, value: Any, want: type) -> Any:
     if want is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SpecError(source, key, value, "must be a number")
-        return float(value)
+        return _number(source, key, value)
     if want is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise SpecError(source, key, value, "must be an integer")
@@ -78,7 +200,12 @@ def _check_type(source: str, key: str, value: Any, want: type) -> Any:
 
 @dataclass(frozen=True)
 class Spec:
-    """One NSA layer: head counts and dims, block sizes, branches. Frozen and hashable."""
+    """One NSA layer: head counts and dims, block sizes, branches. Frozen and hashable.
+
+    Every way of building one (the constructor, from_dict, replace, dataclasses.replace)
+    validates it and puts it in canonical form: branches in cmp, slc, win order, no window
+    without the win branch, a float scale.
+    """
 
     name: str
     heads_q: int
@@ -99,6 +226,12 @@ class Spec:
     scale: float | None = None
     source: str = field(default="<dict>", compare=False, hash=False, repr=False)
 
+    def __post_init__(self) -> None:
+        """Validate every field and put the spec in canonical form; raises SpecError."""
+        object.__setattr__(self, "source", str(self.source))
+        self._check_types()
+        self._check_values()
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "<dict>") -> "Spec":
@@ -107,7 +240,8 @@ class Spec:
             raise SpecError(source, "<root>", d, "a spec must be a mapping of keys to values")
         for key in d:
             if key not in _SCHEMA:
-                raise SpecError(source, str(key), d[key], "unknown key" + _suggest(str(key), _SCHEMA))
+                name = key if isinstance(key, str) else short_repr(key)
+                raise SpecError(source, name, d[key], "unknown key" + _suggest(name, _SCHEMA))
         for key in _REQUIRED:
             if key not in d:
                 raise SpecError(source, key, None, "required key is missing")
@@ -122,8 +256,9 @@ class Spec:
                 defaults = _DEFAULTS.get(key, {})
                 for sub in raw:
                     if sub not in want:
-                        raise SpecError(source, f"{key}.{sub}", raw[sub],
-                                        "unknown key" + _suggest(str(sub), want))
+                        name = sub if isinstance(sub, str) else short_repr(sub)
+                        raise SpecError(source, f"{key}.{name}", raw[sub],
+                                        "unknown key" + _suggest(name, want))
                 for sub, subtype in want.items():
                     if sub in raw:
                         vals[f"{key}.{sub}"] = _check_type(source, f"{key}.{sub}", raw[sub], subtype)
@@ -141,60 +276,82 @@ class Spec:
             else:
                 vals[key] = None
 
-        branches = vals["branches"]
-        if not branches:
-            raise SpecError(source, "branches", branches, "must list at least one of cmp, slc, win")
-        for b in branches:
-            if b not in BRANCHES:
-                raise SpecError(source, "branches", b, f"unknown branch; choose from {', '.join(BRANCHES)}")
-        if len(set(branches)) != len(branches):
-            raise SpecError(source, "branches", branches, "a branch is listed twice")
-        branches = tuple(b for b in BRANCHES if b in branches)  # canonical order
-        if "win" in branches and "window" in d and d["window"] is None:
-            raise SpecError(source, "window", None, "'win' is a branch, so window must be a positive integer")
-        window = vals["window"] if "win" in branches else None
-
-        spec = cls(
+        return cls(
             name=vals["name"], heads_q=vals["heads.q"], heads_kv=vals["heads.kv"],
             dim_qk=vals["head_dim.qk"], dim_v=vals["head_dim.v"], dtype=vals["dtype"],
             cmp_block=vals["compression.block"], cmp_stride=vals["compression.stride"],
             cmp_kind=vals["compression.kind"], slc_block=vals["selection.block"],
             slc_count=vals["selection.count"], slc_initial=vals["selection.initial"],
-            slc_local=vals["selection.local"], window=window, branches=branches,
-            kv_per_branch=vals["kv_per_branch"], scale=vals["scale"], source=source,
+            slc_local=vals["selection.local"], window=vals["window"],
+            branches=tuple(vals["branches"]), kv_per_branch=vals["kv_per_branch"],
+            scale=vals["scale"], source=source,
         )
-        spec._validate()
-        return spec
 
-    def _validate(self) -> None:
+    def _check_types(self) -> None:
+        """Each field has its type (an int is never a bool); the scale becomes a float."""
         src = self.source
-        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
-            raise SpecError(src, "name", self.name, "must be non-empty letters, digits, '-', '_' or '.'")
-        positive = {
-            "heads.q": self.heads_q, "heads.kv": self.heads_kv, "head_dim.qk": self.dim_qk,
-            "head_dim.v": self.dim_v, "compression.block": self.cmp_block,
-            "compression.stride": self.cmp_stride, "selection.block": self.slc_block,
-            "selection.count": self.slc_count,
-        }
-        if self.window is not None:
-            positive["window"] = self.window
-        for key, val in positive.items():
-            if val <= 0:
-                raise SpecError(src, key, val, "must be a positive integer")
-        for key, val in {"selection.initial": self.slc_initial, "selection.local": self.slc_local}.items():
-            if val < 0:
-                raise SpecError(src, key, val, "must be a non-negative integer")
+        for name, (key, want) in _FIELDS.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            if want is int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise SpecError(src, key, value, "must be an integer")
+            elif want is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise SpecError(src, key, value,
+                                    "must be a number: write a number such as 0.001")
+                try:
+                    object.__setattr__(self, name, float(value))
+                except OverflowError:
+                    raise SpecError(src, key, value, "must be a positive finite number") from None
+            elif want is tuple:
+                if not isinstance(value, (tuple, list)):
+                    raise SpecError(src, key, value, "must be a tuple of branch names "
+                                                     f"({', '.join(BRANCHES)})")
+            elif not isinstance(value, want):
+                raise SpecError(src, key, value, f"must be a {want.__name__}")
+
+    def _check_values(self) -> None:
+        """Names, choices, branches, the bounds of every size, then the relations between keys."""
+        src = self.source
+        if not _NAME.fullmatch(self.name):
+            raise SpecError(src, "name", self.name,
+                            "must be non-empty ASCII letters, digits, '-', '_' or '.'")
+        if len(self.name) > NAME_MAX:
+            raise SpecError(src, "name", self.name, f"must be at most {NAME_MAX} characters")
+        for key, value, choices, what in (
+                ("dtype", self.dtype, DTYPES, "unknown dtype; "),
+                ("compression.kind", self.cmp_kind, COMPRESSION_KINDS,
+                 "unknown compression kind; "),
+                ("kv_per_branch", self.kv_per_branch, KV_MODES, "")):
+            if value not in choices:
+                raise SpecError(src, key, value, f"{what}choose from {', '.join(choices)}")
+
+        branches = self.branches
+        if not branches:
+            raise SpecError(src, "branches", list(branches),
+                            "must list at least one of cmp, slc, win")
+        for b in branches:
+            if not isinstance(b, str) or b not in BRANCHES:
+                raise SpecError(src, "branches", b,
+                                f"unknown branch; choose from {', '.join(BRANCHES)}")
+        if len(set(branches)) != len(branches):
+            raise SpecError(src, "branches", list(branches), "a branch is listed twice")
+        object.__setattr__(self, "branches", tuple(b for b in BRANCHES if b in branches))
+        if "win" not in self.branches:
+            object.__setattr__(self, "window", None)        # no window without the win branch
+        elif self.window is None:
+            raise SpecError(src, "window", None,
+                            "'win' is a branch, so window must be a positive integer")
+
+        for bound in BOUNDS:
+            value = getattr(self, _KEY_FIELD[bound.key])
+            if bound.of is None and value is not None and not bound.lo <= value <= bound.hi:
+                raise SpecError(src, bound.key, value, _bound_rule(bound, value))
         if self.heads_q % self.heads_kv:
             raise SpecError(src, "heads.q", self.heads_q,
                             f"must be a multiple of heads.kv ({self.heads_kv}): HQ % H == 0")
-        if self.dtype not in DTYPES:
-            raise SpecError(src, "dtype", self.dtype, f"unknown dtype; choose from {', '.join(DTYPES)}")
-        if self.cmp_kind not in COMPRESSION_KINDS:
-            raise SpecError(src, "compression.kind", self.cmp_kind,
-                            f"unknown compression kind; choose from {', '.join(COMPRESSION_KINDS)}")
-        if self.kv_per_branch not in KV_MODES:
-            raise SpecError(src, "kv_per_branch", self.kv_per_branch,
-                            f"choose from {', '.join(KV_MODES)}")
         if self.cmp_block % self.cmp_stride:
             raise SpecError(src, "compression.stride", self.cmp_stride,
                             f"must divide compression.block ({self.cmp_block}): d | l")
@@ -205,8 +362,21 @@ class Spec:
             raise SpecError(src, "selection.count", self.slc_count,
                             f"must be at least selection.initial + selection.local "
                             f"({self.slc_initial} + {self.slc_local}): n_init + n_local <= n")
-        if self.scale is not None and not self.scale > 0:
-            raise SpecError(src, "scale", self.scale, "must be a positive number")
+        for bound in BOUNDS:     # ratios, once the keys they divide are known to divide
+            if bound.of is not None and not bound.lo <= bound.of(self) <= bound.hi:
+                raise SpecError(src, bound.key, getattr(self, _KEY_FIELD[bound.key]),
+                                _bound_rule(bound, bound.of(self)))
+        if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
+            raise SpecError(src, "scale", self.scale, "must be a positive finite number")
+
+    def check_kernels(self) -> None:
+        """Raise SpecError if the generated kernels cannot run this layer (the reference can):
+        sizes that a template tiles with tl.arange must be powers of two."""
+        for bound in BOUNDS:
+            value = bound.of(self) if bound.of is not None else getattr(self, _KEY_FIELD[bound.key])
+            if bound.pow2 and value is not None and value & (value - 1):
+                raise SpecError(self.source, bound.key, getattr(self, _KEY_FIELD[bound.key]),
+                                f"must be a power of two for the generated kernels: {bound.pow2}")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -285,48 +455,150 @@ class Spec:
         return "_".join(parts)
 
     def replace(self, **changes: Any) -> "Spec":
-        """A copy with some fields changed, validated and normalised exactly like from_dict
-        (e.g. a scaled-down test spec)."""
-        d = asdict(self)
-        d.update(changes)
-        d["branches"] = tuple(d["branches"])
-        return Spec.from_dict(Spec(**d).to_dict(), source=self.source)
+        """A copy with some fields changed, validated and normalised like any Spec (e.g. a
+        scaled-down test spec)."""
+        return dataclasses.replace(self, **changes)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses a key given twice in one mapping (YAML would keep the last)."""
+def _bound_rule(bound: Bound, value: int) -> str:
+    """The message of a broken bound: the range, and why."""
+    if bound.of is not None:
+        return f"{bound.what} is {value}, must be at most {bound.hi}: {bound.why}"
+    kind = "positive" if bound.lo == 1 else "non-negative"
+    return f"must be a {kind} integer, at most {bound.hi}: {bound.why}"
+
+
+MAX_SPEC_BYTES = 64 * 1024     # a spec is a few hundred bytes; refuse anything this large unread
+MAX_YAML_DEPTH = 16            # a spec nests two levels (root, section); refuse deep documents
+MAX_INT_DIGITS = 64            # longer integer literals are refused before int() reads them
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """Well-formed YAML that a spec may not use (an alias, deep nesting, a key that is no name)."""
+
+    def __init__(self, problem: str, mark: yaml.Mark):
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """A safe loader for spec files: no anchors or aliases (an alias bomb expands a few hundred
+    bytes into billions of nodes), nesting at most MAX_YAML_DEPTH deep, keys that are names and
+    given once (YAML would keep the last of a duplicate), no integer literal too long to read."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused("anchors and aliases (&name, *name) are not allowed in a spec",
+                           event.start_mark)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise _Refused(f"the document is nested deeper than {MAX_YAML_DEPTH} levels",
+                           event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if isinstance(key_node, (yaml.SequenceNode, yaml.MappingNode)):
+                kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                raise _Refused(f"a {kind} key is not a name; keys are names such as 'window'",
+                               key_node.start_mark)
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                raise _Refused(f"key {short_repr(key)} is not a name; keys are names such as "
+                               "'window'", key_node.start_mark)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+                raise _Refused(f"key {short_repr(key)} is given twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        if len(node.value) > MAX_INT_DIGITS:
+            raise _Refused(f"an integer of {len(node.value)} characters is too long "
+                           f"(at most {MAX_INT_DIGITS})", node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_SpecLoader.add_constructor("tag:yaml.org,2002:int", _SpecLoader.construct_yaml_int)
 
 
 def _yaml_error(path: str, err: yaml.YAMLError) -> SpecError:
     mark = getattr(err, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
-    problem = getattr(err, "problem", None) or str(err)
-    return SpecError(path, f"<yaml {where}>", None, f"malformed YAML: {problem}")
+    if mark is not None:
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+    elif isinstance(err, yaml.reader.ReaderError):
+        where = f"character {err.position + 1}"
+    else:
+        where = "?"
+    if isinstance(err, yaml.reader.ReaderError):
+        problem = f"character {err.character!r} is not allowed in YAML"
+    else:
+        problem = _short_text(getattr(err, "problem", None) or str(err), 160)
+    rule = problem if isinstance(err, _Refused) else f"malformed YAML: {problem}"
+    return SpecError(path, f"<yaml {where}>", None, rule)
+
+
+_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+         (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def _read_spec_text(p: Path) -> str:
+    """The text of a spec file: at most MAX_SPEC_BYTES of UTF-8 (a UTF-8 byte-order mark is
+    dropped). Every way the file can be unreadable is a SpecError naming it."""
+    source = str(p)
+    if p.is_dir():
+        raise SpecError(source, "<file>", None, "is a directory, not a spec file")
+    try:
+        with p.open("rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as err:
+        raise SpecError(source, "<file>", None, f"cannot be read: {err.strerror or err}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(source, "<file>", None, f"is larger than {MAX_SPEC_BYTES // 1024} KiB; "
+                                                "a spec is a few lines of YAML")
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            raise SpecError(source, "<file>", None,
+                            f"is {encoding} text; save the spec as UTF-8")
+    if b"\0" in data:
+        raise SpecError(source, "<file>", None,
+                        "holds NUL bytes (binary data, or UTF-16 text); a spec is UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise SpecError(source, "<file>", None,
+                        f"is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+                        "save the spec as UTF-8") from None
 
 
 def load_spec(path: str | Path) -> Spec:
     """Load and validate a YAML spec file. Also accepts the name of a shipped spec (e.g. 'nsa-paper')."""
     p = Path(path)
-    if not p.exists():
+    try:
+        exists = p.exists()
+    except (OSError, ValueError) as err:       # ValueError: a NUL in the path
+        if getattr(err, "errno", None) != errno.ENAMETOOLONG:
+            reason = getattr(err, "strerror", None) or str(err)
+            raise SpecError(str(p), "<file>", None, f"cannot be read: {reason}") from None
+        exists = False                         # too long a name is no file: maybe a shipped one
+    if not exists:
         from .resources import shipped_spec_path
 
         shipped = shipped_spec_path(str(path))
         if shipped is None:
-            raise FileNotFoundError(f"spec file not found: {path}")
+            raise FileNotFoundError(f"spec file not found: {short_path(path)}")
         p = shipped
-    text = p.read_text()
+    text = _read_spec_text(p)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        data = yaml.load(text, Loader=_SpecLoader)
     except yaml.YAMLError as err:
         raise _yaml_error(str(p), err) from None
     if data is None:

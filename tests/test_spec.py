@@ -1,9 +1,12 @@
-"""The spec language: every validation rule of Spec.from_dict / load_spec, defaults, identity."""
+"""The spec language: every validation rule of Spec (constructor, from_dict, load_spec), the YAML
+loader's limits, the bounds of every size, defaults, identity."""
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
+import time
 
 import pytest
 
@@ -132,7 +135,7 @@ WRONG_TYPES = [
     ("dtype", 16, "str"),
     ("branches", "cmp", "list"),
     ("kv_per_branch", 1, "str"),
-    ("scale", "0.1", "number"),
+    ("scale", "fast", "number"),
     ("scale", True, "number"),
 ]
 
@@ -501,3 +504,283 @@ def test_duplicate_yaml_key_is_refused(tmp_path):
     p.write_text("name: dup\nheads: {q: 4, kv: 2}\nhead_dim: 8\nwindow: 8\nwindow: 16\n")
     with pytest.raises(SpecError, match=r"dup\.yaml.*line 5.*'window' is given twice"):
         load_spec(p)
+
+
+# --------------------------------------------------------------------------- the constructor
+FIELDS = dict(name="direct", heads_q=4, heads_kv=2, dim_qk=16, dim_v=16)
+
+
+def direct(**changes):
+    """Spec(...) built by the dataclass constructor from FIELDS with some fields changed."""
+    return Spec(**dict(FIELDS, **changes))
+
+
+def test_constructor_builds_the_same_spec_as_from_dict():
+    d = {"name": "direct", "heads": {"q": 4, "kv": 2}, "head_dim": 16}
+    assert direct() == Spec.from_dict(d) and hash(direct()) == hash(Spec.from_dict(d))
+
+
+CONSTRUCTOR_REFUSALS = [
+    ("name", 'x"""; import os', "name", "letters, digits"),
+    ("name", "", "name", "letters, digits"),
+    ("name", "a" * 65, "name", "64 characters"),
+    ("name", "caf\u00e9", "name", "letters, digits"),
+    ("name", 5, "name", "str"),
+    ("heads_q", "4", "heads.q", "integer"),
+    ("heads_q", True, "heads.q", "integer"),
+    ("heads_q", 4.0, "heads.q", "integer"),
+    ("heads_kv", 3, "heads.q", r"HQ % H == 0"),
+    ("dim_qk", 0, "head_dim.qk", "positive"),
+    ("dim_v", None, "head_dim.v", "integer"),
+    ("cmp_stride", 12, "compression.stride", r"d \| l\b"),
+    ("slc_count", 100000, "selection.count", "at most 64"),
+    ("window", 2 ** 40, "window", "at most 1048576"),
+    ("window", 8.0, "window", "integer"),
+    ("dtype", "fp16", "dtype", "unknown dtype"),
+    ("cmp_kind", "max", "compression.kind", "unknown compression kind"),
+    ("kv_per_branch", "split", "kv_per_branch", "shared, separate"),
+    ("branches", ("cmp", "sel"), "branches", "unknown branch"),
+    ("branches", (), "branches", "at least one"),
+    ("branches", "cmp", "branches", "tuple"),
+    ("branches", ("cmp", "cmp"), "branches", "twice"),
+    ("scale", float("nan"), "scale", "positive finite"),
+    ("scale", float("inf"), "scale", "positive finite"),
+    ("scale", "0.1", "scale", "number"),
+    ("scale", True, "scale", "number"),
+]
+
+
+@pytest.mark.parametrize("field,value,key,rule", CONSTRUCTOR_REFUSALS,
+                         ids=[f"{f}={v!r:.20}" for f, v, _, _ in CONSTRUCTOR_REFUSALS])
+def test_constructor_validates(field, value, key, rule):
+    with pytest.raises(SpecError) as info:
+        direct(**{field: value})
+    assert info.value.key == key, str(info.value)
+    assert re.search(rule, str(info.value)), str(info.value)
+
+
+def test_constructor_normalises_like_from_dict():
+    """Branch order, a window without the win branch and an integer scale come out canonical,
+    so a spec compares, hashes and digests the same whichever way it was built."""
+    a = direct(branches=["win", "cmp"], scale=1)
+    b = Spec.from_dict({"name": "direct", "heads": {"q": 4, "kv": 2}, "head_dim": 16,
+                        "branches": ["cmp", "win"], "scale": 1.0})
+    assert a.branches == ("cmp", "win") and isinstance(a.scale, float)
+    assert a == b and hash(a) == hash(b) and a.digest() == b.digest()
+    assert direct(branches=("cmp", "slc")).window is None
+    with pytest.raises(SpecError, match="'win' is a branch"):
+        direct(window=None)
+
+
+def test_dataclasses_replace_validates():
+    s = direct()
+    with pytest.raises(SpecError, match="heads.q"):
+        dataclasses.replace(s, heads_q=7)
+    with pytest.raises(SpecError, match="name"):
+        s.replace(name="a b")
+
+
+# -------------------------------------------------------------------------------- bounds
+UPPER_BOUNDS = [
+    ("heads.q", {"heads": {"q": 512, "kv": 4}}, "heads.q", r"at most 256"),
+    ("group", {"heads": {"q": 256, "kv": 1}}, "heads.q", r"heads\.q / heads\.kv.*at most 128"),
+    ("head_dim.qk", {"head_dim": {"qk": 512, "v": 32}}, "head_dim.qk", r"at most 256"),
+    ("head_dim.v", {"head_dim": {"qk": 64, "v": 320}}, "head_dim.v", r"at most 256"),
+    ("compression.block", {"compression": {"block": 512, "stride": 16, "kind": "mean"}},
+     "compression.block", r"at most 256"),
+    ("compression ratio", {"compression": {"block": 130, "stride": 2, "kind": "mean"}},
+     "compression.block", r"compression\.block / compression\.stride.*at most 64"),
+    ("selection.block", {"selection": {"block": 512, "count": 16, "initial": 1, "local": 2}},
+     "selection.block", r"at most 256"),
+    ("selection.count", {"selection": {"block": 64, "count": 65, "initial": 1, "local": 2}},
+     "selection.count", r"at most 64"),
+    ("window", {"window": 1048577}, "window", r"at most 1048576"),
+    ("huge window", {"window": 10 ** 5000}, "window", r"at most 1048576"),
+]
+
+
+@pytest.mark.parametrize("what,changes,key,rule", UPPER_BOUNDS, ids=[u[0] for u in UPPER_BOUNDS])
+def test_sizes_are_bounded(what, changes, key, rule):
+    msg = raises(base(**changes), key, rule=rule)
+    assert len(msg) < 300, msg
+
+
+def test_largest_sizes_are_valid():
+    s = Spec.from_dict(base(heads={"q": 256, "kv": 2}, head_dim={"qk": 256, "v": 256},
+                            compression={"block": 256, "stride": 4, "kind": "mlp"},
+                            selection={"block": 256, "count": 64, "initial": 1, "local": 2},
+                            window=1048576))
+    assert (s.group, s.cmp_block // s.cmp_stride, s.slc_count) == (128, 64, 64)
+    s.check_kernels()
+
+
+@pytest.mark.parametrize("block,stride", [(48, 16), (12, 4), (12, 3), (24, 8)])
+def test_kernels_need_a_power_of_two_selection_block(block, stride):
+    """The reference takes any l' that d divides; the kernels tile a selected block with one
+    tl.arange and need a power of two."""
+    s = Spec.from_dict(base(compression={"block": 2 * stride, "stride": stride, "kind": "mean"},
+                            selection={"block": block, "count": 4, "initial": 1, "local": 1}))
+    with pytest.raises(SpecError) as info:
+        s.check_kernels()
+    assert info.value.key == "selection.block" and info.value.value == block
+    assert "power of two" in str(info.value)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_specs_suit_the_kernels(name):
+    load_spec(name).check_kernels()
+
+
+# --------------------------------------------------------------------------------- scale
+@pytest.mark.parametrize("text", [".inf", "-.inf", "1.0e+400", ".nan", "0", "0.0", "-1.0", "-1",
+                                  '"1e400"'])
+def test_scale_must_be_positive_and_finite(tmp_path, text):
+    p = tmp_path / "s.yaml"
+    p.write_text(f"name: s\nheads: {{q: 4, kv: 2}}\nhead_dim: 8\nscale: {text}\n")
+    with pytest.raises(SpecError, match=r"scale: .*must be a positive finite number"):
+        load_spec(p)
+
+
+@pytest.mark.parametrize("text,want", [("1e-3", 0.001), ("2E-2", 0.02), ("0.125", 0.125),
+                                       ("3", 3.0), ('"0.5"', 0.5), ("+1.5e-1", 0.15)])
+def test_scale_accepts_numbers_yaml_reads_as_strings(tmp_path, text, want):
+    """YAML 1.1 reads 1e-3 (no dot) as a string: a float literal in a string is its number."""
+    p = tmp_path / "s.yaml"
+    p.write_text(f"name: s\nheads: {{q: 4, kv: 2}}\nhead_dim: 8\nscale: {text}\n")
+    s = load_spec(p)
+    assert isinstance(s.scale, float) and math.isclose(s.scale, want)
+
+
+@pytest.mark.parametrize("value", ["fast", "nan", "inf", "1e-3x", "0x10", "1_000", " ", ""])
+def test_scale_strings_that_are_not_numbers(value):
+    msg = raises(base(scale=value), "scale", value=value, rule="write a number such as 0.001")
+    assert len(msg) < 300
+
+
+# --------------------------------------------------------------------------- short messages
+@pytest.mark.parametrize("d", [base(name="x" * 10000), base(**{"k" * 10000: 1}),
+                               base(branches=["cmp", "z" * 10000]), base(dtype="f" * 10000),
+                               base(branches=["cmp"] * 10000), "y" * 10000],
+                         ids=["value", "key", "branch", "dtype", "long-list", "root"])
+def test_errors_quote_a_short_prefix_of_long_input(d):
+    with pytest.raises(SpecError) as info:
+        Spec.from_dict(d, source="spec.yaml")
+    msg = str(info.value)
+    assert len(msg) < 300, msg
+    assert "..." in msg and msg.count("\n") == 0
+    with pytest.raises(SpecError) as info:           # a long path is cut too, keeping its end
+        Spec.from_dict(d, source="/" + "d" * 10000 + "/spec.yaml")
+    msg = str(info.value)
+    assert len(msg) < 400 and msg.startswith("...ddd") and "d/spec.yaml: " in msg, msg
+
+
+def test_a_text_file_is_not_echoed(tmp_path):
+    """A file that parses as one long string (like /etc/passwd) is refused without printing it."""
+    p = tmp_path / "passwd"
+    p.write_text("".join(f"user{i}:x:{i}:{i}:User {i}:/home/user{i}:/bin/sh\n" for i in range(300)))
+    with pytest.raises(SpecError, match="mapping") as info:
+        load_spec(p)
+    assert len(str(info.value)) < 300 and "user299" not in str(info.value)
+
+
+def test_missing_file_message_is_short():
+    with pytest.raises(FileNotFoundError) as info:
+        load_spec("no-such-" + "x" * 10000)
+    assert len(str(info.value)) < 300
+
+
+# ------------------------------------------------------------------------ hostile YAML files
+GOOD_TEXT = "name: ok\nheads: {q: 4, kv: 2}\nhead_dim: 8\ndtype: float32\nwindow: 64\n"
+BILLION_LAUGHS = "\n".join(      # 9 ** 12 strings from 543 bytes
+    ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    + [f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]"
+       for p, c in zip("abcdefghijk", "bcdefghijkl")]) + "\n"
+
+
+def hostile(tmp_path, name, data):
+    p = tmp_path / name
+    if isinstance(data, bytes):
+        p.write_bytes(data)
+    else:
+        p.write_text(data)
+    return p
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path):
+    assert 500 < len(BILLION_LAUGHS) < 600
+    p = hostile(tmp_path, "bomb.yaml", BILLION_LAUGHS)
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError, match=r"bomb\.yaml: <yaml line 1, column \d+>: .*alias"):
+        load_spec(p)
+    assert time.perf_counter() - t0 < 2
+
+
+@pytest.mark.parametrize("text,line", [("name: &n x\nheads: {q: 4, kv: 2}\nhead_dim: 8\n", 1),
+                                       ("name: x\nheads: {q: 4, kv: 2}\nhead_dim: *d\n", 3)])
+def test_anchors_and_aliases_are_refused(tmp_path, text, line):
+    with pytest.raises(SpecError, match=rf"line {line}\b.*anchors and aliases"):
+        load_spec(hostile(tmp_path, "a.yaml", text))
+
+
+@pytest.mark.parametrize("depth", [17, 5000])
+def test_deep_nesting_is_refused(tmp_path, depth):
+    p = hostile(tmp_path, "deep.yaml", "name: x\nbranches: " + "[" * depth + "]" * depth + "\n")
+    with pytest.raises(SpecError, match=r"line 2\b.*nested deeper than 16"):
+        load_spec(p)
+
+
+def test_nesting_up_to_the_bound_is_parsed(tmp_path):
+    p = hostile(tmp_path, "deep.yaml", "name: x\nbranches: " + "[" * 15 + "]" * 15 + "\n")
+    with pytest.raises(SpecError, match="required key is missing"):     # parsed, then validated
+        load_spec(p)
+
+
+@pytest.mark.parametrize("text,line,kind", [
+    ("name: x\n[a, b]: 1\n", 2, "list"),
+    ("name: x\n? {a: 1}\n: 2\n", 2, "mapping"),
+    ("name: x\nheads: {q: 4, kv: 2}\n3: 1\n", 3, "3"),
+    ("name: x\nheads:\n  q: 4\n  [kv]: 2\n", 4, "list"),
+])
+def test_keys_must_be_strings(tmp_path, text, line, kind):
+    with pytest.raises(SpecError, match=rf"line {line}\b.*{kind}.* not a name") as info:
+        load_spec(hostile(tmp_path, "k.yaml", text))
+    assert len(str(info.value)) < 300
+
+
+def test_large_files_are_refused_before_parsing(tmp_path):
+    p = hostile(tmp_path, "big.yaml", GOOD_TEXT + "#" * (64 * 1024) + "\n")
+    with pytest.raises(SpecError, match=r"larger than 64 KiB"):
+        load_spec(p)
+    load_spec(hostile(tmp_path, "fits.yaml", GOOD_TEXT + "#" * (60 * 1024) + "\n"))
+
+
+@pytest.mark.parametrize("data,rule", [
+    (b"name: caf\xe9\nheads: {q: 4, kv: 2}\nhead_dim: 8\n", r"not UTF-8.*0xe9.*line 1"),
+    (GOOD_TEXT.encode("utf-16"), r"UTF-16"),
+    (GOOD_TEXT.encode("utf-16-le"), r"NUL"),
+    (GOOD_TEXT.encode("utf-32"), r"UTF-32"),
+    (b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)), r"NUL"),
+], ids=["latin-1", "utf-16", "utf-16-le-no-bom", "utf-32", "binary"])
+def test_files_that_are_not_utf8_text(tmp_path, data, rule):
+    with pytest.raises(SpecError, match=rule) as info:
+        load_spec(hostile(tmp_path, "enc.yaml", data))
+    assert len(str(info.value)) < 300
+
+
+def test_utf8_with_a_byte_order_mark_is_fine(tmp_path):
+    assert load_spec(hostile(tmp_path, "bom.yaml", ("\ufeff" + GOOD_TEXT).encode())).name == "ok"
+
+
+def test_a_directory_is_not_a_spec(tmp_path):
+    d = tmp_path / "specs.yaml"
+    d.mkdir()
+    with pytest.raises(SpecError, match=r"specs\.yaml: <file>: is a directory"):
+        load_spec(d)
+
+
+def test_an_integer_literal_too_long_to_read(tmp_path):
+    p = hostile(tmp_path, "int.yaml", "name: x\nheads: {q: 4, kv: 2}\nhead_dim: 8\nwindow: "
+                + "9" * 5000 + "\n")
+    with pytest.raises(SpecError, match=r"line 4\b.*integer") as info:
+        load_spec(p)
+    assert len(str(info.value)) < 300
