@@ -32,7 +32,7 @@ class DecodeCache:
     """Raw and compressed K/V of a batch of sequences of different lengths, grown token by token.
 
     The compressed cache gains token i of a sequence exactly when its length reaches
-    i*d + l (ALGORITHM.md section 5). With mean compression the cache computes it; with learned
+    i*d + l (docs/algorithm.md section 6). With mean compression the cache computes it; with learned
     compression the caller passes the new compressed k/v to `append` (see `emits`).
     """
 

@@ -167,7 +167,7 @@ class NSAOp:
 
     def __call__(self, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
                  return_indices=False, k_win=None, v_win=None):
-        """o [B, T, HQ, Dv] (and block indices [B, T, H, n] if return_indices); see ALGORITHM.md."""
+        """o [B, T, HQ, Dv] (and block indices [B, T, H, n] if return_indices); see docs/algorithm.md."""
         spec = self.spec
         prob = check_inputs(spec, q, k, v, gates, k_cmp, v_cmp, cu_seqlens, k_win, v_win)
         if kernels_available(q.device) and interpreted_in_float32(q):
@@ -326,6 +326,7 @@ def build(spec: Spec | str | os.PathLike) -> NSAOp:
     """Generate (or reuse from the cache) the module for a spec, import it, return the op."""
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
+    spec.check_kernels()
     name = module_name(spec)
     if name not in _BUILT:
         plan = lower(spec)
