@@ -4,7 +4,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import reference  # noqa: E402
-from .spec import Spec, SpecError, load_spec  # noqa: E402
+from .spec import Spec, SpecError  # noqa: E402
+from .specfile import load_spec  # noqa: E402
 from .ops import NSAOp, build  # noqa: E402
 from .nn import SparseAttention  # noqa: E402
 

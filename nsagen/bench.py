@@ -1,6 +1,6 @@
 """`nsagen bench`: time the generated op side by side with dense and sparse baselines on one GPU.
 
-Method (as ../PERFORMANCE.md): `triton.testing.do_bench` medians after warm-up, random inputs,
+Method: `triton.testing.do_bench` medians after warm-up, random inputs,
 block indices from real importance scores; full attention through SDPA's flash and cuDNN
 backends with the GQA heads expanded; FlexAttention for the window branch alone; fla-core's
 `parallel_nsa` when it is importable. Reports ms, speedups, TFLOP/s on the cost model's FLOPs and
@@ -18,18 +18,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from . import __version__, symbolic
 from .ops import build
 from .spec import Spec
+from .tune.timing import median_ms, profile_kernels
+from .tune.workloads import random_inputs
 
 log = logging.getLogger("nsagen")
-
-
-def _bench(fn, warmup: int = 25, rep: int = 100) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
 def _sync(device: str) -> None:
@@ -41,20 +38,18 @@ def ceilings(device: str = "cuda") -> dict:
     """Measured device-to-device copy bandwidth (TB/s, read + write) and bf16 matmul TFLOP/s."""
     x = torch.empty(2 ** 29, dtype=torch.bfloat16, device=device).normal_()
     y = torch.empty_like(x)
-    ms = _bench(lambda: y.copy_(x))
+    ms = median_ms(lambda: y.copy_(x))
     bw = 2 * x.numel() * 2 / (ms * 1e-3) / 1e12
     del x, y
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     b = torch.randn_like(a)
-    ms = _bench(lambda: a @ b)
+    ms = median_ms(lambda: a @ b)
     tf = 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
     return {"copy_TBps": bw, "mm_TFLOPs": tf}
 
 
 def environment() -> dict:
     """GPU, versions and date for the results file and the README table."""
-    import triton
-
     env = {"date": time.strftime("%Y-%m-%d"), "nsagen": __version__, "torch": torch.__version__,
            "triton": triton.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
@@ -91,25 +86,6 @@ def kernel_breakdown(fn, iters: int = 5) -> dict[str, float]:
     return profile_kernels(fn, iters)
 
 
-def profile_kernels(fn, iters: int) -> dict[str, float]:
-    """Mean GPU time per kernel name (ms) over `iters` calls of `fn` (no warm-up call), each
-    kernel's own time whatever the host does between launches; longest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    out: dict[str, float] = {}
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = getattr(ev, "cuda_time_total", 0.0)
-        if t:
-            out[ev.key] = out.get(ev.key, 0.0) + t / 1e3 / iters
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
-
-
 def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bool = True,
                   breakdown: bool = False, progress=print, backward: bool = False,
                   device: str = "cuda") -> dict:
@@ -123,39 +99,31 @@ def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bo
     progress(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, bf16 matmul {ceil['mm_TFLOPs']:.0f} TFLOP/s")
     fla = _fla() if baselines else None
     flex = _flex() if baselines and spec.has("win") else None
-    HQ, H, Dk, Dv, G = spec.heads_q, spec.heads_kv, spec.dim_qk, spec.dim_v, spec.group
+    HQ, Dv, G = spec.heads_q, spec.dim_v, spec.group
     flops_expr = symbolic.fwd_flops(spec)
     if backward:
         flops_expr = flops_expr + symbolic.bwd_flops(spec)
     rows = []
     for i, T in enumerate(seq_lens):
         progress(f"[{i + 1}/{len(seq_lens)}] T={T}")
-        torch.manual_seed(T)
-        q = torch.randn(batch, T, HQ, Dk, dtype=dt, device=dev)
-        k = torch.randn(batch, T, H, Dk, dtype=dt, device=dev)
-        v = torch.randn(batch, T, H, Dv, dtype=dt, device=dev)
-        gates = torch.rand(batch, T, HQ, 3, dtype=dt, device=dev)
-        kc = vc = None
-        if spec.learned_compression:
-            nc = spec.num_cmp(T)
-            kc = torch.randn(batch, nc, H, Dk, dtype=dt, device=dev)
-            vc = torch.randn(batch, nc, H, Dv, dtype=dt, device=dev)
+        x = random_inputs(spec, T, batch, dev, dt)
+        q, k, v, gates = x["q"], x["k"], x["v"], x["gates"]
         row: dict = {"T": T, "B": batch}
         flops = float(symbolic.evaluate(flops_expr, T=T, B=batch))
         if backward:
             do = torch.randn(batch, T, HQ, Dv, dtype=dt, device=dev)
-            leaves = [t.requires_grad_(True) for t in (q, k, v, gates, kc, vc) if t is not None]
+            leaves = [t.requires_grad_(True) for t in x.values()]
 
             def f():
-                o = op(q, k, v, gates, kc, vc)
+                o = op(**x)
                 torch.autograd.grad(o, leaves, do)
         else:
             def f():
                 with torch.no_grad():
-                    return op(q, k, v, gates, kc, vc)
+                    return op(**x)
         f()
         _sync(dev)
-        row["nsagen_ms"] = _bench(f)
+        row["nsagen_ms"] = median_ms(f)
         if breakdown:
             row["kernels_ms"] = kernel_breakdown(f)
             # what the GPU is busy for; the rest of the call's time is host work it waits on
@@ -181,19 +149,19 @@ def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bo
         if breakdown:
             for name, ms in list(row["kernels_ms"].items())[:16]:
                 progress(f"      {ms:8.3f} ms  {name[:100]}")
-        del q, k, v, gates, kc, vc
+        del q, k, v, gates, x
         if dev == "cuda":
             torch.cuda.empty_cache()
     return {"spec": spec.to_dict(), "uri": op.name,
             "mode": "forward+backward" if backward else "forward", "env": environment(),
-            "tuned": bool(op._tables), "ceilings": ceil, "rows": rows}
+            "tuned": bool(op.tuned_tables), "ceilings": ceil, "rows": rows}
 
 
 def _timed(fn, backward: bool, leaves):
     """Time fn() (forward) or fn() followed by its backward w.r.t. `leaves`."""
     if not backward:
         with torch.no_grad():
-            return _bench(fn)
+            return median_ms(fn)
     for t in leaves:
         t.requires_grad_(True)
     o = fn()
@@ -202,7 +170,7 @@ def _timed(fn, backward: bool, leaves):
     def fb():
         torch.autograd.grad(fn(), leaves, do)
 
-    return _bench(fb)
+    return median_ms(fb)
 
 
 def _dense_rows(row: dict, q, k, v, G: int, backward: bool = False) -> None:
@@ -311,7 +279,7 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
             f = lambda: cache.step(q, gates)  # noqa: E731
             f()
             _sync(dev)
-            row["nsagen_us"] = _bench(f) * 1e3
+            row["nsagen_us"] = median_ms(f) * 1e3
             if breakdown and dev == "cuda":
                 row["kernels_us"] = {k_: ms * 1e3 for k_, ms in kernel_breakdown(f).items()}
             if dev == "cuda":
@@ -324,7 +292,7 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
                     torch.cuda.current_stream().wait_stream(s)
                     with torch.cuda.graph(graph):
                         f()
-                    row["nsagen_graph_us"] = _bench(graph.replay) * 1e3
+                    row["nsagen_graph_us"] = median_ms(graph.replay) * 1e3
                 except Exception as err:
                     log.info("nsagen bench: graph capture failed: %s", str(err)[:160])
             nbytes = float(symbolic.evaluate(bytes_expr, T=L, B=B))
@@ -337,7 +305,7 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
                 ks = torch.randn(B, H, L, Dk, dtype=dt, device=dev)
                 vs = torch.randn(B, H, L, Dv, dtype=dt, device=dev)
                 try:
-                    row["sdpa_us"] = _bench(lambda: F.scaled_dot_product_attention(
+                    row["sdpa_us"] = median_ms(lambda: F.scaled_dot_product_attention(
                         qs, ks, vs, enable_gqa=True)) * 1e3
                     row["speedup_vs_sdpa"] = row["sdpa_us"] / best
                 except Exception as err:
@@ -346,7 +314,7 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
                     try:
                         qn, kn, vn = qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2)
                         g = torch.rand(B, 1, HQ, dtype=dt, device=dev)
-                        row["fla_us"] = _bench(lambda: fla(
+                        row["fla_us"] = median_ms(lambda: fla(
                             qn.contiguous(), kn.contiguous(), vn.contiguous(), g_cmp=g, g_slc=g,
                             block_counts=spec.slc_count, block_size=spec.slc_block)) * 1e3
                     except Exception as err:
@@ -361,7 +329,7 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
             if dev == "cuda":
                 torch.cuda.empty_cache()
     return {"spec": spec.to_dict(), "uri": op.name, "mode": "decode", "env": environment(),
-            "tuned": bool(op._tables), "pdl": bool(op.module.DECODE_PDL) and dev == "cuda",
+            "tuned": bool(op.tuned_tables), "pdl": bool(op.module.DECODE_PDL) and dev == "cuda",
             "ceilings": ceil, "rows": rows}
 
 

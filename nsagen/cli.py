@@ -10,13 +10,25 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
 import yaml
 
-from . import symbolic
-from .spec import Spec, SpecError, load_spec, short_path, short_repr
+import torch
+
+from . import bench, cache, symbolic
+from .cache import cache_dir
+from .codegen import explain, module_name, write_generated
+from .crosscompile import compile_for
+from .ops import build
+from .resources import data_dir, shipped_specs
+from .spec import Spec, SpecError, short_path, short_repr
+from .specfile import load_spec
+from .tune import compile as tune_compile
+from .tune.search import tune as tune_spec
+from .tune.search import warm_build
 
 DEFAULT_SEQ_LENS = (8192, 65536)
 _SPEC_HELP = "a spec file, or the name of a shipped spec (e.g. nsa-paper)"
@@ -41,8 +53,6 @@ def _error(message: str) -> None:
 def _os_error(err: OSError) -> str:
     """One line for a file-system error: the path and the reason, and for a path of the user
     cache how to choose another one."""
-    from .cache import cache_dir
-
     if not isinstance(err.filename, (str, bytes, os.PathLike)):
         return str(err)[:200]
     path = Path(os.path.abspath(os.fsdecode(err.filename)))
@@ -158,9 +168,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "2 FLOPs per multiply-add, bytes in " + spec.dtype + "):",
     ]
     lines += [f"  {label} = {expr}" for label, expr in _expressions(spec)]
-    from .cache import cache_dir
-    from .codegen import module_name
-
     where = cache_dir() / "modules" / f"{module_name(spec)}.py"     # shown, not created
     lines += ["", f"module: {module_name(spec)} (cached at {where})"]
     for seq_len in seq_lens:
@@ -173,13 +180,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- generate
 def _cmd_generate(args: argparse.Namespace) -> int:
     """Lower, render, cache and import a spec's module (or refresh generated/ for shipped specs)."""
-    import logging
-    import time
-
-    from .codegen import explain, write_generated
-    from .ops import build
-    from .resources import data_dir, shipped_specs
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.shipped:
         specs = {name: _load_for_kernels(path) for name, path in shipped_specs().items()}
@@ -197,8 +197,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     op = build(spec)
     print(f"{spec.name}: module {op.path} ({time.perf_counter() - t0:.2f} s)")
     if args.bench:
-        import torch
-
         if not torch.cuda.is_available():
             print("no CUDA GPU here: skipping the benchmark (kernels compile at first launch)")
             return 0
@@ -211,8 +209,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _run_bench(spec: Spec, seq_lens: list[int], json_path: str | None, baselines: bool = True,
                breakdown: bool = False, backward: bool = False,
                command: str = "nsagen bench") -> int:
-    from . import bench
-
     bench.require_gpu(command)
     doc = bench.bench_forward(spec, seq_lens, baselines=baselines, breakdown=breakdown,
                               progress=lambda m: print(m, flush=True), backward=backward)
@@ -227,13 +223,9 @@ def _run_bench(spec: Spec, seq_lens: list[int], json_path: str | None, baselines
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Time the generated forward side by side with the dense and sparse baselines."""
-    from . import bench
-
     bench.require_gpu("nsagen bench")
     spec = _load_for_kernels(args.spec)
     if args.untuned:
-        from .ops import build
-
         build(spec).use_tuned_tables(False)
     if args.decode:
         doc = bench.bench_decode(spec, args.seq_len or [8192, 16384, 32768, 65536, 131072],
@@ -270,16 +262,11 @@ def format_tune_table(rows: list[dict]) -> str:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     """Search launch configs per shape bucket on this GPU and save the tuned table."""
-    import logging
-    import time
-
-    from . import autotune, bench
-
     bench.require_gpu("nsagen tune")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     spec = _load_for_kernels(args.spec)
     t0 = time.perf_counter()
-    path, rows = autotune.tune(
+    path, rows = tune_spec(
         spec, args.seq_len or list(DEFAULT_TUNE_LENS), batch=args.batch,
         progress=lambda m: print(m, flush=True),
         decode_batches=[] if args.no_decode else (args.decode_batch or list(DEFAULT_DECODE_BATCHES)),
@@ -306,13 +293,6 @@ def _arch_problem(arch: int) -> str | None:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     """Generate (or reuse) the module and compile its kernels for the configs it launches with."""
-    import logging
-    import time
-
-    import torch
-
-    from .ops import build
-
     if args.arch is not None:
         problem = _arch_problem(args.arch)
         if problem:
@@ -325,8 +305,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     print(f"{spec.name}: module {op.path} ({t1 - t0:.2f} s)", flush=True)
     if args.arch is not None:
-        from .crosscompile import compile_for
-
         done = compile_for(op, arch=args.arch, seq_len=min(args.seq_len, 1024))
         t2 = time.perf_counter()
         print(f"{spec.name}: {len(done)} kernel variants compile for sm_{args.arch} (default "
@@ -336,11 +314,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         if not args.no_compile:
             print("no CUDA GPU here: kernels compile at their first launch")
         return 0
-    from . import autotune
-
-    n = autotune.warm_build(op, seq_len=args.seq_len)
+    n = warm_build(op, seq_len=args.seq_len)
     t2 = time.perf_counter()
-    tuned = "tuned table" if op._tables else "IR default configs (untuned)"
+    tuned = "tuned table" if op.tuned_tables else "IR default configs (untuned)"
     print(f"{spec.name}: compiled {n} kernel variants (forward, backward, decode at T="
           f"{args.seq_len}, {tuned}) in {t2 - t1:.1f} s; total {t2 - t0:.1f} s")
     return 0
@@ -349,8 +325,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- cache
 def _cmd_cache(args: argparse.Namespace) -> int:
     """List or clear the user cache (generated modules, tuned tables)."""
-    from . import cache
-
     if args.action == "list":
         rows = cache.entries()
         print(f"cache: {cache.cache_dir()}")
@@ -360,8 +334,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             where = f" [{e['gpu']}]" if "gpu" in e else ""
             print(f"  {e['kind']:6s} {e['bytes'] / 1024:8.1f} KB  {e['name']}{where}")
         return 0
-    prefix = load_spec(args.spec).uri if args.spec else None
-    removed = cache.clear(prefix)
+    uri = load_spec(args.spec).uri if args.spec else None
+    removed = cache.clear(uri)
     print(f"removed {len(removed)} file(s) from {cache.cache_dir()}")
     return 0
 
@@ -502,8 +476,7 @@ def run() -> None:
     is flushed: on the H200 image (Triton 3.6) about half of such processes aborted there
     ("terminate called without an active exception") after finishing their work."""
     rc = main()
-    autotune = sys.modules.get("nsagen.autotune")
-    if autotune is not None and autotune.Compiler.started:
+    if tune_compile.Compiler.started:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

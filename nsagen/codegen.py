@@ -21,7 +21,8 @@ import triton
 from markupsafe import Markup
 
 from . import __version__
-from .ir import Plan, lower
+from .cache import atomic_write
+from .ir import Plan, build_graph, describe, lower
 from .ir.passes import lower_decode
 from .resources import data_dir
 from .spec import Spec
@@ -141,8 +142,6 @@ def _render(spec: Spec, plan: Plan) -> str:
 
 def explain(spec: Spec) -> str:
     """The graph before and after the passes, the decisions with their reasons, the kernels."""
-    from .ir import build_graph, describe
-
     plan = lower(spec)
     out = [f"spec {spec.name} ({spec.uri}), module {module_name(spec)}", "",
            "graph before the passes:", describe(build_graph(spec)), "",
@@ -167,8 +166,6 @@ def explain(spec: Spec) -> str:
 
 def write_generated(specs: dict[str, Spec], out_dir: Path) -> list[Path]:
     """Render shipped specs into `out_dir/<spec name>.py` (the committed generated/ folder)."""
-    from .cache import atomic_write
-
     paths = []
     for name, spec in sorted(specs.items()):
         path = Path(out_dir) / f"{name.replace('-', '_')}.py"

@@ -262,3 +262,39 @@ def splits_error(spec: Spec, splits: Any) -> str | None:
     if splits.get("slc_blocks", 1) > spec.slc_count:
         return f"slc_blocks must be at most selection.count ({spec.slc_count})"
     return None
+
+
+class ConfigOverrides(dict):
+    """Per-kernel launch configs that win over tuned tables: kernel name -> {parameter: int}.
+
+    An entry may name only the parameters it changes; it is completed from the kernel's default
+    config and checked (nsagen.config_error) when it is set, so an invalid override
+    fails at assignment with the kernel and parameter named, never as a wrong result."""
+
+    def __init__(self, defaults: dict[str, dict], items=None):
+        super().__init__()
+        self._defaults = defaults
+        self.update(items or {})
+
+    def __setitem__(self, kernel: str, cfg) -> None:
+        if kernel not in self._defaults:
+            shown = str(kernel)[:40]
+            raise ValueError(f"configs: unknown kernel {shown!r}; this module's kernels are "
+                             f"{', '.join(sorted(self._defaults))}")
+        if not isinstance(cfg, dict):
+            raise TypeError(f"configs[{kernel!r}]: expected a dict of launch parameters, got "
+                            f"{type(cfg).__name__}")
+        full = dict(self._defaults[kernel], **cfg)
+        why = config_error(full, self._defaults[kernel])
+        if why:
+            raise ValueError(f"configs[{kernel!r}]: {why}")
+        super().__setitem__(kernel, full)
+
+    def update(self, other=(), **kw) -> None:
+        for kernel, cfg in dict(other, **kw).items():
+            self[kernel] = cfg
+
+    def setdefault(self, kernel, cfg=None):
+        if kernel not in self:
+            self[kernel] = cfg if cfg is not None else {}
+        return self[kernel]

@@ -14,6 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .ir.passes import decode_splits
+from .tune.compile import recording, variant_key
+from .tune.workloads import DecodeSetup, packed_args, random_inputs
 
 _PTR_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
               torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64",
@@ -33,18 +40,15 @@ def record_launches(op, seq_len: int = 300, dtype=torch.bfloat16, decode_batch: 
                     decode_len: int = 1000, configs: dict | None = None) -> list[tuple]:
     """The distinct (kernel, args, kwargs) launches of a forward, a backward and a decode step
     at `seq_len` on CPU tensors, with `configs` (default: the module's defaults)."""
-    from .autotune import _DecodeSetup, _inputs, _packed, _recording, _variant_key
-    from .ir.passes import decode_splits
-
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("cross-compiling needs TRITON_INTERPRET off: under the interpreter "
                            "kernels are not compiled")
     spec = op.spec
     cfg = dict(op.module.CONFIGS, **(configs or {}))
-    x = _inputs(spec, seq_len, 1, "cpu", dtype)
+    x = random_inputs(spec, seq_len, 1, "cpu", dtype)
     calls: list = []
-    with _recording(calls), torch.no_grad():
-        args, lay, kw, vw = _packed(op, x)
+    with recording(calls), torch.no_grad():
+        args, lay, kw, vw = packed_args(op, x)
         op.module.forward(*args, lay, kw, vw, configs=cfg)
         o, idx, saved = op.module.forward(*args, lay, kw, vw, configs=cfg, save=True)
         if idx is not None:
@@ -57,10 +61,10 @@ def record_launches(op, seq_len: int = 300, dtype=torch.bfloat16, decode_batch: 
         op.module.backward(torch.randn_like(o), *args[:4], idx, saved, lay, kw, vw, configs=cfg)
         if hasattr(op.module, "decode_step"):
             splits = decode_splits(spec, decode_batch, decode_len)
-            _DecodeSetup(op, decode_batch, decode_len, "cpu", dtype).make(splits)(configs or {})()
+            DecodeSetup(op, decode_batch, decode_len, "cpu", dtype).make(splits)(configs or {})()
     seen: dict = {}
     for fn, a, _grid, kwargs in calls:
-        seen.setdefault(_variant_key(fn, a, kwargs), (fn, a, kwargs))
+        seen.setdefault(variant_key(fn, a, kwargs), (fn, a, kwargs))
     return list(seen.values())
 
 
@@ -97,10 +101,6 @@ def compile_for(op, arch: int = 90, seq_len: int = 300, dtype=torch.bfloat16,
                 workers: int | None = None, progress=print) -> list[Compiled]:
     """Compile every launch variant of `op` (see record_launches) for sm_`arch`, in parallel
     threads. Raises on the first kernel that does not compile, naming it and its constexprs."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     target = GPUTarget("cuda", arch, 32)
     launches = record_launches(op, seq_len, dtype)
     progress(f"{op.spec.name}: {len(launches)} kernel variants to compile for sm_{arch} "

@@ -6,11 +6,17 @@ in `append` or `step` reads device values on the host, so a step can be captured
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from . import configspace, occupancy, reference, tables
+from .configspace import ConfigOverrides
 from .ir.passes import DEFAULT_SM_COUNT, decode_splits
-from .ops import ConfigOverrides, NSAOp, direct_launches, interpreted_in_float32, kernels_available
+from .launch import direct_launches, interpreted_in_float32, kernels_available
+
+if TYPE_CHECKING:   # the op owns its caches (NSAOp.new_cache): a name for the annotations only
+    from .ops import NSAOp
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -56,7 +62,7 @@ class DecodeCache:
             if why:
                 raise ValueError(f"splits: {why}")
         if configs is not None:
-            configs = ConfigOverrides(op._defaults, configs)
+            configs = ConfigOverrides(op.default_configs, configs)
         self.op, self.spec = op, spec
         self.batch, self.max_len = batch, max_len
         dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -78,7 +84,7 @@ class DecodeCache:
         if splits is None and configs is None:
             if dev.type == "cuda":
                 op.configs_for(dev, max_len)   # loads the op's tuned table once
-            tuned_cfg, tuned_splits = tables.decode_configs_for(op._tables, batch, max_len)
+            tuned_cfg, tuned_splits = tables.decode_configs_for(op.tuned_tables, batch, max_len)
         self.configs = configs
         self._tuned = tuned_cfg
         self.splits = decode_splits(spec, batch, max_len, sms)

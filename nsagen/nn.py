@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .spec import Spec, load_spec
+from .spec import Spec
+from .ops import build
+from .specfile import load_spec
 
 __all__ = ["SparseAttention", "SparseAttentionCache", "Compression", "reference_op",
            "apply_rope"]
@@ -235,8 +237,6 @@ class SparseAttention(nn.Module):
     # ------------------------------------------------------------------ pieces
     def _op(self):
         if self.op is None:
-            from .ops import build
-
             self.op = build(self.spec)
         return self.op
 

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from .tune.compile import recording
+
 log = logging.getLogger("nsagen")
 
 # Hopper (and Ampere) limits per SM
@@ -41,11 +43,9 @@ def decode_residency(step: Callable[[], object]) -> dict[str, int]:
     launches them with. The step's launches are recorded, not run; compiling them here is what
     the first step would do anyway. Returns {} when a kernel cannot be inspected (the split model
     then keeps its shared-memory count)."""
-    from .autotune import _recording
-
     calls: list = []
     try:
-        with _recording(calls), torch.no_grad():
+        with recording(calls), torch.no_grad():
             step()
         out = {}
         for fn, args, grid, kwargs in calls:

@@ -6,7 +6,6 @@ says so once.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import warnings
@@ -16,83 +15,22 @@ from typing import Optional
 
 import torch
 from torch import Tensor  # noqa: F401  (resolves the op signatures' string annotations)
+from torch.library import triton_op
 
 from . import configspace, reference, tables
 from .cache import load_module
 from .checks import check_inputs
 from .codegen import module_name, render
+from .configspace import ConfigOverrides
+from .decode import DecodeCache
 from .ir import lower
+from .launch import direct_launches, interpreted_in_float32, kernels_available, pack
 from .layout import build_layout
-from .spec import Spec, load_spec
+from .spec import Spec
+from .specfile import load_spec
 
 log = logging.getLogger("nsagen")
 _warned_fallback = False
-
-
-def direct_launches():
-    """Context for launches outside the registered ops (inference, decode steps): kernels go
-    straight to Triton. wrap_triton otherwise dispatches each launch through a higher-order op,
-    which costs hundreds of microseconds per kernel in eager mode (the registered ops turn it
-    off themselves when they run eagerly). Under torch.compile the launches stay traceable."""
-    if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    try:
-        from torch._library.triton import set_wrap_triton_enabled
-    except ImportError:
-        return contextlib.nullcontext()
-    return set_wrap_triton_enabled(False)
-
-
-def kernels_available(device: torch.device) -> bool:
-    """Whether generated kernels can run on tensors of this device."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def interpreted_in_float32(t: torch.Tensor) -> bool:
-    """Whether the generated kernels must see this tensor as float32: Triton's interpreter
-    computes bfloat16 arithmetic and `tl.dot` wrongly, so on the CPU bfloat16 inputs run in
-    float32 and the results are rounded back to bfloat16."""
-    return t.device.type == "cpu" and t.dtype == torch.bfloat16
-
-
-def _float32(t):
-    return None if t is None else t.float()
-
-
-class ConfigOverrides(dict):
-    """Per-kernel launch configs that win over tuned tables: kernel name -> {parameter: int}.
-
-    An entry may name only the parameters it changes; it is completed from the kernel's default
-    config and checked (nsagen.configspace.config_error) when it is set, so an invalid override
-    fails at assignment with the kernel and parameter named, never as a wrong result."""
-
-    def __init__(self, defaults: dict[str, dict], items=None):
-        super().__init__()
-        self._defaults = defaults
-        self.update(items or {})
-
-    def __setitem__(self, kernel: str, cfg) -> None:
-        if kernel not in self._defaults:
-            shown = str(kernel)[:40]
-            raise ValueError(f"configs: unknown kernel {shown!r}; this module's kernels are "
-                             f"{', '.join(sorted(self._defaults))}")
-        if not isinstance(cfg, dict):
-            raise TypeError(f"configs[{kernel!r}]: expected a dict of launch parameters, got "
-                            f"{type(cfg).__name__}")
-        full = dict(self._defaults[kernel], **cfg)
-        why = configspace.config_error(full, self._defaults[kernel])
-        if why:
-            raise ValueError(f"configs[{kernel!r}]: {why}")
-        super().__setitem__(kernel, full)
-
-    def update(self, other=(), **kw) -> None:
-        for kernel, cfg in dict(other, **kw).items():
-            self[kernel] = cfg
-
-    def setdefault(self, kernel, cfg=None):
-        if kernel not in self:
-            self[kernel] = cfg if cfg is not None else {}
-        return self[kernel]
 
 
 class NSAOp:
@@ -122,6 +60,11 @@ class NSAOp:
     @configs.setter
     def configs(self, value: dict) -> None:
         self._configs = ConfigOverrides(self._defaults, value)
+
+    @property
+    def default_configs(self) -> dict[str, dict]:
+        """Every kernel's default launch config (forward, backward and decode), by name."""
+        return self._defaults
 
     @property
     def tuned_tables(self) -> dict | None:
@@ -161,8 +104,6 @@ class NSAOp:
     def new_cache(self, batch: int, max_len: int, device=None, dtype: torch.dtype | None = None):
         """An empty decode cache (nsagen.decode.DecodeCache) for this op, in the spec's dtype
         unless `dtype` says otherwise."""
-        from .decode import DecodeCache
-
         return DecodeCache(self, batch, max_len, device, dtype)
 
     def __call__(self, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
@@ -189,8 +130,8 @@ class NSAOp:
             lay = build_layout(spec, prob.seqlens, q.device)
             with direct_launches():
                 o, idx, _ = self.module.forward(
-                    _pack(q), _pack(k), _pack(v), _pack(gates), _pack(k_cmp), _pack(v_cmp), lay,
-                    _pack(k_win), _pack(v_win),
+                    pack(q), pack(k), pack(v), pack(gates), pack(k_cmp), pack(v_cmp), lay,
+                    pack(k_win), pack(v_win),
                     configs=self.configs_for(q.device, max(prob.seqlens)))
             o = o.view(B, T, spec.heads_q, spec.dim_v)
         if not return_indices:
@@ -201,9 +142,8 @@ class NSAOp:
         return o, idx.view(B, T, spec.heads_kv, spec.slc_count)
 
 
-def _pack(t):
-    """[B, T, ...] -> [B*T, ...] contiguous (a view when already contiguous)."""
-    return None if t is None else t.reshape(-1, *t.shape[2:]).contiguous()
+def _float32(t):
+    return None if t is None else t.float()
 
 
 def mean_compress_backward(dk_cmp: torch.Tensor, lay, spec: Spec, n_tok: int) -> torch.Tensor:
@@ -230,8 +170,6 @@ def _layout(spec: Spec, q: torch.Tensor, cu_seqlens: torch.Tensor | None):
 def _register_training_op(nsa: NSAOp):
     """Register `nsagen::<module>_fwd` / `_bwd` as torch.library triton ops (kernels launched
     through wrap_triton) and tie them together with register_autograd."""
-    from torch.library import triton_op
-
     spec, mod = nsa.spec, nsa.module
 
     def fwd(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor], k_cmp: Optional[Tensor],
@@ -241,8 +179,8 @@ def _register_training_op(nsa: NSAOp):
         B, T = q.shape[:2]
         lay = _layout(spec, q, cu_seqlens)
         o, idx, saved = mod.forward(
-            _pack(q), _pack(k), _pack(v), _pack(gates), _pack(k_cmp), _pack(v_cmp), lay,
-            _pack(k_win), _pack(v_win), configs=nsa.configs_for(q.device, max(lay.seqlens)),
+            pack(q), pack(k), pack(v), pack(gates), pack(k_cmp), pack(v_cmp), lay,
+            pack(k_win), pack(v_win), configs=nsa.configs_for(q.device, max(lay.seqlens)),
             save=True)
         # compressed k/v computed here (mean) are outputs; the caller's own are never returned
         mine = k_cmp is None and saved["k_cmp"] is not None
@@ -261,11 +199,11 @@ def _register_training_op(nsa: NSAOp):
         # the caller's k_cmp/v_cmp are [B, Nc, H, D]; ones made by mean compression come packed
         # [Nc_total, H, D] (possibly with no rows); a 1-d placeholder means no compressed branch
         if user_cmp:
-            kc, vc = _pack(kc), _pack(vc)
+            kc, vc = pack(kc), pack(vc)
         saved = dict(ob=ob, lse=lse, k_cmp=kc if kc.dim() == 3 else None,
                      v_cmp=vc if vc.dim() == 3 else None)
-        g = mod.backward(_pack(do), _pack(q), _pack(k), _pack(v), _pack(gates),
-                         idx if idx.numel() else None, saved, lay, _pack(k_win), _pack(v_win),
+        g = mod.backward(pack(do), pack(q), pack(k), pack(v), pack(gates),
+                         idx if idx.numel() else None, saved, lay, pack(k_win), pack(v_win),
                          configs=nsa.configs_for(q.device, max(lay.seqlens)))
         dk, dv = g["dk"], g["dv"]
         dk_cmp, dv_cmp = q.new_empty(0), q.new_empty(0)  # outputs may not alias each other

@@ -25,7 +25,7 @@ def test_bench_rows_and_table(monkeypatch, tmp_path, backward):
         calls.append(fn)
         return 2.0
 
-    monkeypatch.setattr(bench, "_bench", fake_bench)
+    monkeypatch.setattr(bench, "median_ms", fake_bench)
     monkeypatch.setattr(bench, "ceilings", lambda device="cuda": {"copy_TBps": 1.0, "mm_TFLOPs": 100.0})
     spec = scaled(nsagen.load_spec("nsa-d128"))
     doc = bench.bench_forward(spec, [9, 24], baselines=False, backward=backward, device="cpu",
@@ -41,7 +41,7 @@ def test_bench_rows_and_table(monkeypatch, tmp_path, backward):
 
 
 def test_bench_decode_rows_and_table(monkeypatch):
-    monkeypatch.setattr(bench, "_bench", lambda fn, warmup=25, rep=100: (fn(), 0.01)[1])
+    monkeypatch.setattr(bench, "median_ms", lambda fn, warmup=25, rep=100: (fn(), 0.01)[1])
     spec = scaled(nsagen.load_spec("nsa-d128"))
     doc = bench.bench_decode(spec, [12, 40], [1, 2], baselines=False, device="cpu",
                              progress=lambda m: None)
@@ -54,7 +54,7 @@ def test_bench_decode_rows_and_table(monkeypatch):
 def test_bench_decode_pdl_switch_is_restored(monkeypatch):
     """`nsagen bench --decode --no-pdl` turns the decode kernels' dependent launches off for the
     run only; on a CPU device they are never on."""
-    monkeypatch.setattr(bench, "_bench", lambda fn, warmup=25, rep=100: (fn(), 0.01)[1])
+    monkeypatch.setattr(bench, "median_ms", lambda fn, warmup=25, rep=100: (fn(), 0.01)[1])
     spec = scaled(nsagen.load_spec("nsa-d128"))
     mod = nsagen.build(spec).module
     assert not mod._decode_pdl(torch.device("cpu"))

@@ -134,7 +134,7 @@ def test_command_after_compile_threads_exits_with_mains_status(spec, rc):
     import subprocess
     import sys
 
-    code = ("import sys\nfrom nsagen import autotune, cli\nautotune.Compiler(2).close()\n"
+    code = ("import sys\nfrom nsagen import cli\nfrom nsagen.tune.compile import Compiler\nCompiler(2).close()\n"
             f"sys.argv = ['nsagen', 'validate', {spec!r}]\ncli.run()\n"
             "print('not reached')\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

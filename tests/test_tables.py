@@ -98,14 +98,14 @@ def _fake(times_by_round):
 
 
 def test_margin_rule_keeps_the_default_unless_clearly_beaten():
-    from nsagen import autotune
+    from nsagen.tune import search
 
     cands = {"a": [{"x": 0}, {"x": 1}, {"x": 2}], "b": [{"y": 0}, {"y": 1}]}
     # a: candidate 2 is 2% faster (inside the margin); b: candidate 1 is 10% faster
     rounds = [{"a": 1.0, "b": 1.0}, {"a": 0.99, "b": 0.9}, {"a": 0.98, "b": 1.0},
               {"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 0.9}]      # then the confirming pair
     make_run, timer, calls = _fake(rounds)
-    rep = autotune.sweep(make_run, ["a", "b"], cands, {}, timer=timer, progress=lambda m: None,
+    rep = search.sweep(make_run, ["a", "b"], cands, {}, timer=timer, progress=lambda m: None,
                          on_gpu=False)
     assert rep["a"]["best"] == {"x": 0} and rep["a"]["best_ms"] == 1.0
     assert rep["b"]["best"] == {"y": 1} and rep["b"]["best_ms"] == 0.9
@@ -114,21 +114,21 @@ def test_margin_rule_keeps_the_default_unless_clearly_beaten():
 
 
 def test_unconfirmed_winner_is_dropped():
-    from nsagen import autotune
+    from nsagen.tune import search
 
     cands = {"a": [{"x": 0}, {"x": 1}]}
     rounds = [{"a": 1.0}, {"a": 0.5}, {"a": 1.0}, {"a": 1.2}]  # the confirming run disagrees
     make_run, timer, _ = _fake(rounds)
-    rep = autotune.sweep(make_run, ["a"], cands, {}, timer=timer, progress=lambda m: None,
+    rep = search.sweep(make_run, ["a"], cands, {}, timer=timer, progress=lambda m: None,
                          on_gpu=False)
     assert rep["a"]["best"] == {"x": 0}
 
 
 def test_budget_stops_the_search_and_keeps_the_best_so_far():
-    from nsagen import autotune
+    from nsagen.tune import search
 
     msgs = []
-    clock = autotune.Budget(3600, msgs.append)
+    clock = search.Budget(3600, msgs.append)
     cands = {"a": [{"x": i} for i in range(6)]}
     seen = []
 
@@ -141,7 +141,7 @@ def test_budget_stops_the_search_and_keeps_the_best_so_far():
             clock.deadline = clock.start - 1      # the budget runs out after the second round
         return {"a": 1.0 / len(seen)}
 
-    rep = autotune.sweep(make_run, ["a"], cands, {}, timer=timer, budget=clock,
+    rep = search.sweep(make_run, ["a"], cands, {}, timer=timer, budget=clock,
                          progress=msgs.append, label="forward T=1", on_gpu=False)
     assert len(seen) == 2 and rep["a"]["tried"] == 2
     assert rep["a"]["best"] == {"x": 1}           # best found so far, unconfirmed (no time left)
@@ -212,16 +212,16 @@ def test_tune_plumbing_on_cpu():
     import torch
 
     import nsagen
-    from nsagen import autotune
+    from nsagen.tune import search
 
     from kernel_checks import scaled
 
     _interp()
     spec = scaled(nsagen.load_spec("nsa-d128"))
-    path, rows = autotune.tune(spec, [20], kernels=["select_blocks"], device="cpu",
+    path, rows = search.tune(spec, [20], kernels=["select_blocks"], device="cpu",
                                dtype=torch.float32, timer=_halving(),
                                progress=lambda m: None, check_len=20)
-    cands = autotune.candidates(spec, "select_blocks", nsagen.build(spec).module.CONFIGS["select_blocks"])
+    cands = search.candidates(spec, "select_blocks", nsagen.build(spec).module.CONFIGS["select_blocks"])
     assert rows[0]["config"] == cands[-1] and rows[0]["best_ms"] < rows[0]["default_ms"]
     doc = json.loads(path.read_text())
     assert doc["buckets"]["T<=1024"]["select_blocks"] == cands[-1]
@@ -234,21 +234,21 @@ def test_tune_backward_kernel_plumbing(monkeypatch):
     import torch
 
     import nsagen
-    from nsagen import autotune
+    from nsagen.tune import search
 
     from kernel_checks import scaled
 
     _interp()
     spec = scaled(nsagen.load_spec("nsa-fla"))
-    full = autotune.candidates
+    full = search.candidates
     assert len(full(spec, "gate_delta", nsagen.build(spec).module.CONFIGS["gate_delta"])) > 2
     # two candidates keep the interpreter run short
-    monkeypatch.setattr(autotune, "candidates", lambda *a, **kw: full(*a, **kw)[:2])
-    path, rows = autotune.tune(spec, [20], kernels=["gate_delta"], device="cpu",
+    monkeypatch.setattr(search, "candidates", lambda *a, **kw: full(*a, **kw)[:2])
+    path, rows = search.tune(spec, [20], kernels=["gate_delta"], device="cpu",
                                dtype=torch.float32, timer=_halving(),
                                progress=lambda m: None, check_len=20)
     op = nsagen.build(spec)
-    cands = autotune.candidates(spec, "gate_delta", op.module.CONFIGS["gate_delta"])
+    cands = search.candidates(spec, "gate_delta", op.module.CONFIGS["gate_delta"])
     assert len(cands) > 1 and [r["kernel"] for r in rows] == ["gate_delta"]
     assert rows[0]["config"] == cands[-1]
     doc = json.loads(path.read_text())
@@ -261,40 +261,40 @@ def test_tune_decode_plumbing(monkeypatch, tmp_path):
     import torch
 
     import nsagen
-    from nsagen import autotune
+    from nsagen.tune import search
 
     from kernel_checks import scaled
 
     _interp()
     spec = scaled(nsagen.load_spec("nsa-d128"))
     op = nsagen.build(spec)
-    names = autotune.decode_kernel_names(op)
+    names = search.decode_kernel_names(op)
     assert names and set(names) <= set(op.module.DECODE_CONFIGS)
     last = names[-1]
-    full_c, full_s = autotune.decode_candidates, autotune.split_candidates
-    monkeypatch.setattr(autotune, "decode_candidates", lambda *a, **kw: full_c(*a, **kw)[:2])
-    monkeypatch.setattr(autotune, "split_candidates", lambda *a, **kw: full_s(*a, **kw)[:2])
+    full_c, full_s = search.decode_candidates, search.split_candidates
+    monkeypatch.setattr(search, "decode_candidates", lambda *a, **kw: full_c(*a, **kw)[:2])
+    monkeypatch.setattr(search, "split_candidates", lambda *a, **kw: full_s(*a, **kw)[:2])
     msgs = []
-    path, rows = autotune.tune(spec, [], kernels=[last], device="cpu", dtype=torch.float32,
+    path, rows = search.tune(spec, [], kernels=[last], device="cpu", dtype=torch.float32,
                                timer=_halving(), progress=msgs.append, decode_batches=[2],
                                decode_len=40, out_dir=tmp_path / "autotune")
     assert path.parent.parent == tmp_path / "autotune" and path.name == op.module_name + ".json"
     doc = json.loads(path.read_text())
     key = nsagen.tables.decode_bucket(2, 40)
     entry = doc["buckets"][key]
-    want = autotune.decode_candidates(spec, last, op.module.DECODE_CONFIGS[last])[-1]
+    want = search.decode_candidates(spec, last, op.module.DECODE_CONFIGS[last])[-1]
     assert entry[last] == want and set(entry) == {last, "splits"}
     from nsagen.ir.passes import decode_splits
 
     base = decode_splits(spec, 2, 40)
-    variant = autotune.split_candidates(spec, base)[-1]
+    variant = search.split_candidates(spec, base)[-1]
     assert entry["splits"] == {k: v for k, v in variant.items() if base[k] != v} != {}
     assert [r["kernel"] for r in rows] == [last, "step (splits)"]
     assert any("compiled" in m or "decode B=2" in m for m in msgs)
 
 
 class _PassRecorder:
-    """Stands in for autotune.Compiler: keeps the passes it is asked to compile."""
+    """Stands in for nsagen.tune.compile.Compiler: keeps the passes it is asked to compile."""
 
     def __init__(self):
         self.passes = []
@@ -314,7 +314,7 @@ def test_reference_checks_are_compiled_ahead(monkeypatch):
     import torch
 
     import nsagen
-    from nsagen import autotune
+    from nsagen.tune import search
 
     from kernel_checks import scaled
 
@@ -322,12 +322,12 @@ def test_reference_checks_are_compiled_ahead(monkeypatch):
     spec = scaled(nsagen.load_spec("nsa-d128"))
     op = nsagen.build(spec)
     calls = []
-    real_f, real_d = autotune.precompile_check, autotune.precompile_decode_check
-    monkeypatch.setattr(autotune, "precompile_check",
+    real_f, real_d = search.precompile_check, search.precompile_decode_check
+    monkeypatch.setattr(search, "precompile_check",
                         lambda *a, **kw: calls.append(("fwd", a[2], a[3], a[6])))
-    monkeypatch.setattr(autotune, "precompile_decode_check",
+    monkeypatch.setattr(search, "precompile_decode_check",
                         lambda *a, **kw: calls.append(("dec", a[2], a[3], a[4])))
-    autotune.tune(spec, [20], kernels=["select_blocks", "gate_delta", "decode_combine"],
+    search.tune(spec, [20], kernels=["select_blocks", "gate_delta", "decode_combine"],
                   device="cpu", dtype=torch.float32, timer=_halving(), progress=lambda m: None,
                   check_len=16, decode_batches=[2], decode_len=40, check_decode_len=24,
                   budget=0)
@@ -352,14 +352,14 @@ def test_tune_budget_zero_saves_defaults():
     import torch
 
     import nsagen
-    from nsagen import autotune
+    from nsagen.tune import search
 
     from kernel_checks import scaled
 
     _interp()
     spec = scaled(nsagen.load_spec("nsa-d128"))
     msgs = []
-    path, rows = autotune.tune(spec, [20], kernels=["select_blocks"], device="cpu",
+    path, rows = search.tune(spec, [20], kernels=["select_blocks"], device="cpu",
                                dtype=torch.float32, timer=_halving(), progress=msgs.append,
                                check_len=20, budget=0)
     assert rows == [] and any("budget of 0 s reached" in m for m in msgs)

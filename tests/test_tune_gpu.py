@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import nsagen
-from nsagen import autotune, tables
+from nsagen import tables
+from nsagen.tune import search, timing, workloads
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -15,10 +16,10 @@ def test_tune_small_spec_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("NSAGEN_CACHE_DIR", str(tmp_path))
     spec = nsagen.load_spec("nsa-g4").replace(name="tune-small", window=256)
     op = nsagen.build(spec)
-    dec = autotune.decode_kernel_names(op)
+    dec = search.decode_kernel_names(op)
     assert dec
     msgs = []
-    path, rows = autotune.tune(spec, [2048], kernels=["select_blocks", "win_attention",
+    path, rows = search.tune(spec, [2048], kernels=["select_blocks", "win_attention",
                                                       "gate_delta", dec[-1]],
                                decode_batches=[4], decode_len=4096, progress=msgs.append,
                                budget=120)
@@ -40,9 +41,9 @@ def test_profiler_attributes_kernel_times():
     """Per-kernel GPU times of one forward come back under the plan's kernel names."""
     spec = nsagen.load_spec("nsa-g4")
     op = nsagen.build(spec)
-    fwd, _ = autotune.kernel_names(op)
-    x = autotune._inputs(spec, 4096, 1, "cuda", torch.bfloat16)
-    run = autotune._forward_pass(op, x)(dict(op.module.CONFIGS))
+    fwd, _ = search.kernel_names(op)
+    x = workloads.random_inputs(spec, 4096, 1, "cuda", torch.bfloat16)
+    run = workloads.forward_pass(op, x)(dict(op.module.CONFIGS))
     run()
-    t = autotune.kernel_times(run, fwd, iters=2)
+    t = timing.kernel_times(run, fwd, iters=2)
     assert set(t) == set(fwd) and all(v > 0 for v in t.values())

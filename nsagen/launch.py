@@ -1,0 +1,43 @@
+"""Where and how generated kernels launch: the device check, the interpreter's dtype rule, the
+packed layout of arguments, and launches that bypass torch.library's dispatch.
+
+This sits below the op, the decode cache and the tuner, which all launch module functions.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+try:  # torch >= 2.6: launches outside a registered op can skip wrap_triton's dispatch
+    from torch._library.triton import set_wrap_triton_enabled
+except ImportError:
+    set_wrap_triton_enabled = None
+
+
+def direct_launches():
+    """Context for launches outside the registered ops (inference, decode steps): kernels go
+    straight to Triton. wrap_triton otherwise dispatches each launch through a higher-order op,
+    which costs hundreds of microseconds per kernel in eager mode (the registered ops turn it
+    off themselves when they run eagerly). Under torch.compile the launches stay traceable."""
+    if torch.compiler.is_compiling() or set_wrap_triton_enabled is None:
+        return contextlib.nullcontext()
+    return set_wrap_triton_enabled(False)
+
+
+def kernels_available(device: torch.device) -> bool:
+    """Whether generated kernels can run on tensors of this device."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreted_in_float32(t: torch.Tensor) -> bool:
+    """Whether the generated kernels must see this tensor as float32: Triton's interpreter
+    computes bfloat16 arithmetic and `tl.dot` wrongly, so on the CPU bfloat16 inputs run in
+    float32 and the results are rounded back to bfloat16."""
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
+
+
+def pack(t: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, T, ...] -> [B*T, ...] contiguous (a view when already contiguous)."""
+    return None if t is None else t.reshape(-1, *t.shape[2:]).contiguous()
