@@ -23,8 +23,13 @@ def test_wheel_installs_and_finds_its_data(tmp_path):
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q",
                     "--target", str(site), str(wheel)], check=True)
+    modules = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "nsagen").rglob("*.py"))
     script = (
-        "import sys, nsagen, pathlib\n"
+        "import sys, nsagen, pathlib, importlib\n"
+        f"for rel in {modules!r}:\n"
+        f"    assert (pathlib.Path({str(site)!r}) / rel).is_file(), 'missing from the wheel: ' + rel\n"
+        "    name = rel[:-3].replace('/', '.').removesuffix('.__init__')\n"
+        f"    assert importlib.import_module(name).__file__.startswith({str(site)!r}), name\n"
         "from nsagen.resources import data_dir, shipped_specs\n"
         f"assert pathlib.Path(nsagen.__file__).is_relative_to({str(site)!r}), nsagen.__file__\n"
         "spec = nsagen.load_spec('nsa-paper')\n"
