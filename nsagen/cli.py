@@ -26,6 +26,7 @@ from .ops import build
 from .resources import data_dir, shipped_specs
 from .spec import Spec, SpecError, short_path, short_repr
 from .specfile import load_spec
+from .target import Target
 from .tune import compile as tune_compile
 from .tune.search import tune as tune_spec
 from .tune.search import warm_build
@@ -301,7 +302,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     spec = _load_for_kernels(args.spec)
     t0 = time.perf_counter()
-    op = build(spec)
+    op = build(spec, Target.for_arch(args.arch) if args.arch is not None else None)
     t1 = time.perf_counter()
     print(f"{spec.name}: module {op.path} ({t1 - t0:.2f} s)", flush=True)
     if args.arch is not None:

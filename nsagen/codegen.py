@@ -26,6 +26,7 @@ from .ir import Plan, build_graph, describe, lower
 from .ir.passes import lower_decode
 from .resources import data_dir
 from .spec import Spec
+from .target import Target, current
 
 MODULE_TEMPLATE = "nsa_module.py.jinja"
 _WORDS = re.compile(r"[A-Za-z0-9_ ,.\-]*")
@@ -99,30 +100,34 @@ def source_hash(source: str, triton_version: str | None = None) -> str:
     return h.hexdigest()[:8]
 
 
-def module_name(spec: Spec, triton_version: str | None = None) -> str:
+def module_name(spec: Spec, triton_version: str | None = None,
+                target: Target | None = None) -> str:
     """The readable URI plus the content hash, e.g. nsa_bf16_qk128_..._w512_3fa9c2d1.
 
-    Two specs that differ only in `name` render the same text and so share one module."""
-    return f"{spec.uri}_{source_hash(render(spec), triton_version)}"
+    Two specs that differ only in `name` render the same text and so share one module; two
+    targets whose facts plan the same kernels share one too."""
+    return f"{spec.uri}_{source_hash(render(spec, target=target), triton_version)}"
 
 
-def render(spec: Spec, plan: Plan | None = None) -> str:
-    """The module source for a spec; raises SyntaxError if the template produced invalid Python.
-
-    The spec's `name` does not reach the source (it does not change the kernels)."""
+def render(spec: Spec, plan: Plan | None = None, target: Target | None = None) -> str:
+    """The module source for a spec, planned for `target` (default: the GPU at hand, else the
+    default preset) unless a `plan` is given; raises SyntaxError if the template produced
+    invalid Python. The spec's `name` does not reach the source (it does not change the
+    kernels)."""
     if plan is None:
-        return _render_default(spec.replace(name="layer") if spec.name != "layer" else spec)
+        named = spec.replace(name="layer") if spec.name != "layer" else spec
+        return _render_default(named, target or current())
     return _render(spec, plan)
 
 
 @lru_cache(maxsize=64)
-def _render_default(spec: Spec) -> str:
-    return _render(spec, lower(spec))
+def _render_default(spec: Spec, target: Target) -> str:
+    return _render(spec, lower(spec, target))
 
 
 def _render(spec: Spec, plan: Plan) -> str:
     configs = {k.name: dict(k.config) for k in plan.kernels + plan.backward}
-    decode = plan.decode or lower_decode(spec)
+    decode = plan.decode or lower_decode(spec, plan.target)
     layer = spec.to_dict()
     layer.pop("name")
     src = _env().get_template(MODULE_TEMPLATE).render(
@@ -140,10 +145,10 @@ def _render(spec: Spec, plan: Plan) -> str:
     return src
 
 
-def explain(spec: Spec) -> str:
+def explain(spec: Spec, target: Target | None = None) -> str:
     """The graph before and after the passes, the decisions with their reasons, the kernels."""
-    plan = lower(spec)
-    out = [f"spec {spec.name} ({spec.uri}), module {module_name(spec)}", "",
+    plan = lower(spec, target)
+    out = [f"spec {spec.name} ({spec.uri}), module {module_name(spec, target=plan.target)}", "",
            "graph before the passes:", describe(build_graph(spec)), "",
            "graph after the passes (node -> kernel):", describe(plan.graph), "", "decisions:"]
     out += [f"  - {d}" for d in plan.decisions]
@@ -152,7 +157,7 @@ def explain(spec: Spec) -> str:
         flags = ", ".join(f"{a}={b}" for a, b in k.params.items())
         out.append(f"  {k.name} <- templates/{k.template} [{'+'.join(k.nodes)}] {flags}")
         out.append(f"      default config {k.config}")
-    dec = plan.decode or lower_decode(spec)
+    dec = plan.decode or lower_decode(spec, plan.target)
     out += ["", "decode step (one query per sequence), graph node -> kernel:", describe(dec.graph),
             "", "decode decisions:"]
     out += [f"  - {d}" for d in dec.decisions]

@@ -14,10 +14,9 @@ import triton
 
 from .ir.passes import dkdv_smem_bytes, smem_bytes as _smem_bytes
 from .spec import Spec
+from .target import Target, current
 
 MAX_CANDIDATES = {"forward": 6, "backward": 4, "decode": 8}
-REG_LIMIT = 224        # estimated 32-bit registers per thread beyond which a tile spills
-SMEM_LIMIT = 227 * 1024
 
 
 def _regs(rows: int, keys: int, bdk: int, bdv: int, num_warps: int) -> float:
@@ -67,11 +66,15 @@ def _order(cands: list[dict], default: dict, limit: int | None,
     return out[:limit] if limit else out
 
 
-def candidates(spec: Spec, kernel: str, default: dict, smem_limit: int = SMEM_LIMIT,
-               limit: int | None = -1) -> list[dict]:
-    """Configs to try for one forward or backward kernel (the default first), pruned by shared
-    memory, the templates' constraints and a register estimate, nearest the default first and
-    at most `limit` (-1: the phase's cap, None: all)."""
+def candidates(spec: Spec, kernel: str, default: dict, target: Target | None = None,
+               limit: int | None = -1, smem_limit: int | None = None) -> list[dict]:
+    """Configs to try for one forward or backward kernel (the default first), pruned by the
+    target's shared memory per program (or `smem_limit`), the templates' constraints and a
+    register estimate against the target's per-thread limit, nearest the default first and at
+    most `limit` (-1: the phase's cap, None: all)."""
+    target = target or current()
+    smem_limit = target.smem_per_block if smem_limit is None else smem_limit
+    reg_limit = target.reg_limit
     gp = triton.next_power_of_2(spec.group)
     dk, dv = triton.next_power_of_2(spec.dim_qk), triton.next_power_of_2(spec.dim_v)
     r2 = spec.slc_block // spec.cmp_stride
@@ -81,7 +84,7 @@ def candidates(spec: Spec, kernel: str, default: dict, smem_limit: int = SMEM_LI
         for bt, bc, nw, ns in itertools.product([max(1, 64 // gp), max(1, 128 // gp)],
                                                 [default["BC"], 2 * default["BC"]], [4, 8], [2, 3]):
             if (bc % r2 or bc // r2 < 16 or _smem_bytes(bt * gp, bc, dk, dv, ns) > smem_limit
-                    or _regs(bt * gp, bc, dk, dv, nw) > REG_LIMIT):
+                    or _regs(bt * gp, bc, dk, dv, nw) > reg_limit):
                 continue
             out.append(dict(default, BT=bt, BC=bc, num_warps=nw, num_stages=ns))
     elif kernel == "slc_attention":
@@ -89,14 +92,14 @@ def candidates(spec: Spec, kernel: str, default: dict, smem_limit: int = SMEM_LI
                                                     min(spec.slc_block, 32)}),
                                             [2, 4, 8], [1, 2, 3, 4]):
             if (spec.slc_block % bk or _smem_bytes(default["GP"], bk, dk, dv, ns) > smem_limit
-                    or _regs(default["GP"], bk, dk, dv, nw) > REG_LIMIT):
+                    or _regs(default["GP"], bk, dk, dv, nw) > reg_limit):
                 continue
             out.append(dict(default, BK=bk, num_warps=nw, num_stages=ns))
     elif kernel == "win_attention":
         for bt, bk, nw, ns in itertools.product([max(1, 64 // gp), max(1, 128 // gp)], [32, 64, 128],
                                                 [4, 8], [2, 3]):
             if (_smem_bytes(bt * gp, bk, dk, dv, ns) > smem_limit
-                    or _regs(bt * gp, bk, dk, dv, nw) > REG_LIMIT):
+                    or _regs(bt * gp, bk, dk, dv, nw) > reg_limit):
                 continue
             out.append(dict(default, BT=bt, BK=bk, num_warps=nw, num_stages=ns))
     elif kernel == "select_blocks":
@@ -111,7 +114,7 @@ def candidates(spec: Spec, kernel: str, default: dict, smem_limit: int = SMEM_LI
     elif kernel == "cmp_attention_bwd":
         for bt, bc, nw in itertools.product(_rows(gp, 64, 128), [32, 64, 128], [4, 8]):
             if (_smem_bytes(bt * gp, bc, dk, dv, 2) <= smem_limit
-                    and _regs(bt * gp, bc, dk, dv, nw) <= REG_LIMIT):
+                    and _regs(bt * gp, bc, dk, dv, nw) <= reg_limit):
                 out.append(dict(default, BT=bt, BC=bc, num_warps=nw))
         out = _interleave(_dkdv_candidates(spec, default, gp, "BC_KV", smem_limit),
                           _nearest(out, default))
@@ -119,7 +122,7 @@ def candidates(spec: Spec, kernel: str, default: dict, smem_limit: int = SMEM_LI
         gps = default["GP"]
         for bt, it, nw in itertools.product(_rows(gps, 32, 64, 128), [16, 64], [4, 8]):
             if (_smem_bytes(bt * gps, spec.slc_block, dk, dv, 2) <= smem_limit
-                    and _regs(bt * gps, spec.slc_block, dk, dv, nw) <= REG_LIMIT):
+                    and _regs(bt * gps, spec.slc_block, dk, dv, nw) <= reg_limit):
                 out.append(dict(default, BT_BWD=bt, CHUNK_ITERS=it, num_warps=nw))
         # its dk/dv has the shape of the compressed and window dk/dv, where 128-row steps with
         # 8 warps measured fastest on the H200: try that pairing first
@@ -128,7 +131,7 @@ def candidates(spec: Spec, kernel: str, default: dict, smem_limit: int = SMEM_LI
     elif kernel == "win_attention_bwd":
         for bt, bk, nw in itertools.product(_rows(gp, 64, 128), [32, 64, 128], [4, 8]):
             if (_smem_bytes(bt * gp, bk, dk, dv, 2) <= smem_limit
-                    and _regs(bt * gp, bk, dk, dv, nw) <= REG_LIMIT):
+                    and _regs(bt * gp, bk, dk, dv, nw) <= reg_limit):
                 out.append(dict(default, BT=bt, BK=bk, num_warps=nw))
         out = _interleave(_dkdv_candidates(spec, default, gp, "BK_KV", smem_limit),
                           _nearest(out, default))

@@ -12,8 +12,9 @@ import torch
 
 from . import configspace, occupancy, reference, tables
 from .configspace import ConfigOverrides
-from .ir.passes import DEFAULT_SM_COUNT, decode_splits
+from .ir.passes import decode_splits
 from .launch import direct_launches, interpreted_in_float32, kernels_available
+from .target import current
 
 if TYPE_CHECKING:   # the op owns its caches (NSAOp.new_cache): a name for the annotations only
     from .ops import NSAOp
@@ -78,8 +79,7 @@ class DecodeCache:
             self.v_win = torch.zeros_like(self.v)
         self.lens = torch.zeros(batch, dtype=torch.int32, device=dev)
         self._longest = 0  # host-side bound on the lengths, for capacity checks without a sync
-        sms = (torch.cuda.get_device_properties(dev).multi_processor_count
-               if dev.type == "cuda" else DEFAULT_SM_COUNT)
+        target = current(dev if dev.type == "cuda" else None)
         tuned_cfg, tuned_splits = {}, {}
         if splits is None and configs is None:
             if dev.type == "cuda":
@@ -87,16 +87,16 @@ class DecodeCache:
             tuned_cfg, tuned_splits = tables.decode_configs_for(op.tuned_tables, batch, max_len)
         self.configs = configs
         self._tuned = tuned_cfg
-        self.splits = decode_splits(spec, batch, max_len, sms)
+        self.splits = decode_splits(spec, batch, max_len, target)
         self._work, probed = None, None
         if dev.type == "cuda" and not tuned_splits and not splits:
             # count waves with what the compiled kernels leave room for on an SM
             self._work = op.module.decode_workspace(batch, max_len, self.splits, dev)
             q = torch.empty(batch, spec.heads_q, Dk, dtype=dtype, device=dev)
             gates = torch.empty(batch, spec.heads_q, 3, dtype=dtype, device=dev)
-            resident = occupancy.decode_residency(lambda: self.step(q, gates))
+            resident = occupancy.decode_residency(lambda: self.step(q, gates), target)
             probed = dict(self.splits)
-            self.splits = decode_splits(spec, batch, max_len, sms, resident)
+            self.splits = decode_splits(spec, batch, max_len, target, resident)
         self.splits.update(tuned_splits)
         self.splits.update(splits or {})
         # split partials live here for the cache's lifetime: a step allocates only its outputs

@@ -14,30 +14,27 @@ from typing import Callable
 
 import torch
 
+from .target import Target, current
 from .tune.compile import recording
 
 log = logging.getLogger("nsagen")
 
-# Hopper (and Ampere) limits per SM
-REGS_PER_SM = 65536
 REG_ALLOC_UNIT = 256          # registers are given to a warp in units of 256
-MAX_WARPS_PER_SM = 64
-MAX_PROGRAMS_PER_SM = 32
 SMEM_RESERVED = 1024          # shared memory the driver reserves per program
 STREAMING_KERNELS = {"decode_cmp": "cmp", "decode_slc": "slc", "decode_win": "slc"}
 
 
-def programs_per_sm(n_regs: int, num_warps: int, shared: int,
-                    smem_per_sm: int = 228 * 1024) -> int:
-    """Programs (CTAs) of one kernel resident on an SM: the least of what its registers, its
-    shared memory, the warp slots and the program slots allow (at least 1)."""
+def programs_per_sm(n_regs: int, num_warps: int, shared: int, target: Target | None = None) -> int:
+    """Programs (CTAs) of one kernel resident on an SM of `target`: the least of what its
+    registers, its shared memory, the warp slots and the program slots allow (at least 1)."""
+    t = target or current()
     per_warp = -(-max(1, n_regs) * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
-    by_regs = REGS_PER_SM // (per_warp * num_warps)
-    by_smem = smem_per_sm // (shared + SMEM_RESERVED)
-    return max(1, min(by_regs, by_smem, MAX_WARPS_PER_SM // num_warps, MAX_PROGRAMS_PER_SM))
+    by_regs = t.regs_per_sm // (per_warp * num_warps)
+    by_smem = t.smem_per_sm // (shared + SMEM_RESERVED)
+    return max(1, min(by_regs, by_smem, t.max_warps_per_sm // num_warps, t.max_programs_per_sm))
 
 
-def decode_residency(step: Callable[[], object]) -> dict[str, int]:
+def decode_residency(step: Callable[[], object], target: Target | None = None) -> dict[str, int]:
     """{"cmp": programs per SM of decode_cmp, "slc": of decode_slc (or decode_win)}, compiled
     for the current GPU with the configs `step` (one decode step, on the cache's own tensors)
     launches them with. The step's launches are recorded, not run; compiling them here is what
@@ -55,7 +52,7 @@ def decode_residency(step: Callable[[], object]) -> dict[str, int]:
             kernel = fn.warmup(*args, grid=grid, **kwargs)
             kernel._init_handles()
             out[branch] = programs_per_sm(kernel.n_regs, kernel.metadata.num_warps,
-                                          kernel.metadata.shared)
+                                          kernel.metadata.shared, target)
             log.info("nsagen: %s uses %d registers a thread, %d B shared, %d warps: %d "
                      "programs per SM", fn.__name__, kernel.n_regs, kernel.metadata.shared,
                      kernel.metadata.num_warps, out[branch])

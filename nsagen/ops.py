@@ -23,10 +23,10 @@ from .checks import check_inputs
 from .codegen import module_name, render
 from .configspace import ConfigOverrides
 from .decode import DecodeCache
-from .ir import lower
 from .launch import direct_launches, interpreted_in_float32, kernels_available, pack
 from .layout import build_layout
 from .spec import Spec
+from .target import Target, current
 from .specfile import load_spec
 
 log = logging.getLogger("nsagen")
@@ -36,10 +36,11 @@ _warned_fallback = False
 class NSAOp:
     """Native Sparse Attention for one spec, backed by a generated, cached Triton module."""
 
-    def __init__(self, spec: Spec, module: ModuleType, path: Path):
+    def __init__(self, spec: Spec, module: ModuleType, path: Path, target: Target):
         self.spec = spec
         self.module = module
         self.path = path
+        self.target = target           # the hardware the module's default configs plan for
         self.name = module.URI
         self._defaults = {**getattr(module, "DECODE_CONFIGS", {}), **module.CONFIGS}
         self.configs = {}   # explicit per-kernel overrides (win over tuned tables)
@@ -260,15 +261,16 @@ def _fallback_notice(device: torch.device) -> None:
 _BUILT: dict[str, NSAOp] = {}
 
 
-def build(spec: Spec | str | os.PathLike) -> NSAOp:
-    """Generate (or reuse from the cache) the module for a spec, import it, return the op."""
+def build(spec: Spec | str | os.PathLike, target: Target | None = None) -> NSAOp:
+    """Generate (or reuse from the cache) the module for a spec, planned for `target` (default:
+    the GPU at hand, else the default preset), import it, return the op."""
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
     spec.check_kernels()
-    name = module_name(spec)
+    target = target or current()
+    name = module_name(spec, target=target)
     if name not in _BUILT:
-        plan = lower(spec)
-        mod, path, reused = load_module(name, render(spec, plan))
+        mod, path, reused = load_module(name, render(spec, target=target))
         log.info("nsagen: %s %s (%s)", "loaded" if reused else "built", name, path)
-        _BUILT[name] = NSAOp(spec, mod, path)
+        _BUILT[name] = NSAOp(spec, mod, path, target)
     return _BUILT[name]

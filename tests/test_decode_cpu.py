@@ -213,7 +213,10 @@ def test_kernels_decode_branch_subsets(branches):
 def test_decode_splits_fill_the_gpu():
     """The IR's split rule: more programs per (sequence, KV head) for small batches, never more
     compressed chunks than tiles at full length, balanced selected-block groups."""
+    import dataclasses
+
     from nsagen.ir.passes import decode_programs, decode_splits, lower_decode
+    from nsagen.target import current
 
     spec = nsagen.load_spec("nsa-d128")
     small, big = decode_splits(spec, 8, 65536), decode_splits(spec, 64, 65536)
@@ -225,7 +228,8 @@ def test_decode_splits_fill_the_gpu():
     assert progs["decode_slc"] >= 132 and "decode_win" not in progs
     assert "decode_win" in decode_programs(spec.replace(branches=("win",)), 8, 65536, small)
     assert decode_splits(spec, 1, 256)["cmp"] == 1          # 4 blocks: one tile is enough
-    assert decode_splits(spec, 8, 65536, sm_count=66)["cmp"] < small["cmp"]
+    half = dataclasses.replace(current(), sm_count=66)
+    assert decode_splits(spec, 8, 65536, half)["cmp"] < small["cmp"]
     for b in (1, 3, 8, 64):
         sp = decode_splits(spec, b, 65536)
         n_prog = -(-spec.slc_count // sp["slc_blocks"])

@@ -151,6 +151,7 @@ def test_budget_stops_the_search_and_keeps_the_best_so_far():
 def test_candidates_are_pruned_ordered_and_capped():
     import nsagen
     from nsagen import configspace
+    from nsagen.target import current
 
     spec = nsagen.load_spec("nsa-paper")
     op_cfg = nsagen.build(spec).module.CONFIGS
@@ -163,7 +164,7 @@ def test_candidates_are_pruned_ordered_and_capped():
         assert dist == sorted(dist)
     for x in configspace.candidates(spec, "cmp_attention", op_cfg["cmp_attention"], limit=None)[1:]:
         assert x["BC"] % 4 == 0 and configspace._regs(x["BT"] * 16, x["BC"], 256, 128,
-                                                      x["num_warps"]) <= configspace.REG_LIMIT
+                                                      x["num_warps"]) <= current().reg_limit
 
 
 def test_backward_candidates_cover_the_dkdv_steps():
@@ -171,7 +172,8 @@ def test_backward_candidates_cover_the_dkdv_steps():
     tries 128-row, 8-warp steps right after the default, then the nearest ones."""
     import nsagen
     from nsagen import configspace
-    from nsagen.ir.passes import SMEM_SM90, dkdv_smem_bytes
+    from nsagen.ir.passes import dkdv_smem_bytes
+    from nsagen.target import current
 
     spec = nsagen.load_spec("nsa-d128")
     cfg = nsagen.build(spec).module.CONFIGS
@@ -182,7 +184,7 @@ def test_backward_candidates_cover_the_dkdv_steps():
         assert kv and len(kv) < len(c) - 1       # dk/dv variants and dq variants
         for x in configspace.candidates(spec, name, cfg[name], limit=None):
             assert dkdv_smem_bytes(spec, x["BT_KV"] * x["GP"], x[keys],
-                                   x["STAGES_KV"]) <= SMEM_SM90
+                                   x["STAGES_KV"]) <= current().smem_per_block
     c = configspace.candidates(spec, "slc_attention_bwd", cfg["slc_attention_bwd"])
     assert c[0] == cfg["slc_attention_bwd"]
     assert (c[1]["BT_BWD"] * c[1]["GP"], c[1]["num_warps"]) == (128, 8)

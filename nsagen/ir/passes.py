@@ -13,6 +13,7 @@ import networkx as nx
 import triton
 
 from ..spec import Spec
+from ..target import Target, current
 from .graph import build_graph
 
 
@@ -44,6 +45,7 @@ class Plan:
     decisions: list[str]
     backward: list[KernelPlan] = field(default_factory=list)
     decode: "DecodePlan | None" = None
+    target: Target | None = None
 
     def kernel(self, name: str) -> KernelPlan:
         return next(k for k in self.kernels if k.name == name)
@@ -116,15 +118,12 @@ def _lower_importance(spec: Spec, kernels: list[KernelPlan], why: list[str]) -> 
                                                 "tile, carried in registers" if r1 > 1 else ""))
 
 
-SMEM_BUDGET = 224 * 1024  # Hopper allows 227 KB per block; the estimate is slightly high
-
-
 def smem_bytes(rows: int, keys: int, dk: int, dv: int, stages: int, elem: int = 2) -> int:
     """Rough shared memory of a pipelined attention loop: K and V tiles per stage plus Q."""
     return stages * keys * (dk + dv) * elem + rows * dk * elem
 
 
-def _tiles(spec: Spec, kernels: list[KernelPlan], why: list[str]) -> None:
+def _tiles(spec: Spec, kernels: list[KernelPlan], why: list[str], target: Target) -> None:
     """Default launch configs (the autotuner may replace them per GPU)."""
     G = spec.group
     gp = triton.next_power_of_2(G)
@@ -139,13 +138,15 @@ def _tiles(spec: Spec, kernels: list[KernelPlan], why: list[str]) -> None:
         elif k.name == "cmp_attention":
             bt, bc, stages = max(1, 128 // gp), max(128, 16 * r2), 3
             bc_min = max(64, 16 * r2)
-            while smem_bytes(bt * gp, bc, bdk, bdv, stages) > SMEM_BUDGET:
+            while smem_bytes(bt * gp, bc, bdk, bdv, stages) > target.smem_budget:
                 if stages > 2:
                     stages -= 1
                 elif bc > bc_min:
                     bc //= 2
                 elif bt > 1:
                     bt //= 2
+                elif stages > 1:        # small shared memory: no software pipelining
+                    stages -= 1
                 else:
                     break
             k.config = dict(BT=bt, GP=gp, BC=bc, num_warps=8 if bt * gp >= 128 else 4,
@@ -166,17 +167,13 @@ def _tiles(spec: Spec, kernels: list[KernelPlan], why: list[str]) -> None:
             why.append(f"win_attention tile: {bt} token(s) x {gp} head rows, 32-key steps")
 
 
-# dynamic shared memory per program on sm_90 (H100/H200); the dk/dv tile pass stays inside it
-SMEM_SM90 = 232448
-
-
-def _dkdv_rows(spec: Spec, gp: int, keys: int = 64, stages: int = 2) -> int:
-    """Tokens per step of a dk/dv kernel: 128 query rows (two warpgroups of tensor-core rows; on
-    the H200 64-row steps ran the compressed dk/dv 1.8x and the window dk/dv 2x slower), fewer
-    when the pipelined q/dO tiles, the key tile and the P/dS staging would not fit in shared
-    memory (large head dims)."""
+def _dkdv_rows(spec: Spec, gp: int, target: Target, keys: int = 64, stages: int = 2) -> int:
+    """Tokens per step of a dk/dv kernel: 128 query rows (two warpgroups of tensor-core rows;
+    64-row steps measured far slower, results/h200/NOTES.md), fewer when the pipelined q/dO
+    tiles, the key tile and the P/dS staging would not fit in the target's shared memory per
+    program (large head dims)."""
     rows = 128
-    while rows > 16 and dkdv_smem_bytes(spec, rows, keys, stages) > SMEM_SM90:
+    while rows > 16 and dkdv_smem_bytes(spec, rows, keys, stages) > target.smem_per_block:
         rows //= 2
     return max(1, rows // gp)
 
@@ -189,7 +186,7 @@ def dkdv_smem_bytes(spec: Spec, rows: int, keys: int, stages: int) -> int:
     return stages * rows * bd * 2 + keys * bd * 2 + rows * keys * 4
 
 
-def _backward(spec: Spec, why: list[str]) -> list[KernelPlan]:
+def _backward(spec: Spec, why: list[str], target: Target) -> list[KernelPlan]:
     """Backward kernels, one template per branch (dq and dk/dv kernels in each)."""
     gp = triton.next_power_of_2(spec.group)
     out = [KernelPlan("gate_delta", "gate_delta.py.jinja", ("combine",),
@@ -199,7 +196,7 @@ def _backward(spec: Spec, why: list[str]) -> list[KernelPlan]:
     if spec.has("cmp"):
         out.append(KernelPlan("cmp_attention_bwd", "cmp_attention_bwd.py.jinja", ("cmp_attn",),
                               config=dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4,
-                                          BT_KV=_dkdv_rows(spec, gp), BC_KV=64, QC=2048,
+                                          BT_KV=_dkdv_rows(spec, gp, target), BC_KV=64, QC=2048,
                                           WARPS_KV=8, STAGES_KV=2)))
         why.append("backward cmp: recompute P from the saved LSE; dq per token tile, dk_cmp/dv_cmp "
                    "per (compressed tile, chunk of at most QC queries that see it), added "
@@ -216,28 +213,30 @@ def _backward(spec: Spec, why: list[str]) -> list[KernelPlan]:
     if spec.has("win"):
         out.append(KernelPlan("win_attention_bwd", "win_attention_bwd.py.jinja", ("win_attn",),
                               config=dict(BT=max(1, 64 // gp), GP=gp, BK=64, num_warps=4,
-                                          BT_KV=_dkdv_rows(spec, gp), BK_KV=64, WARPS_KV=8,
+                                          BT_KV=_dkdv_rows(spec, gp, target), BK_KV=64, WARPS_KV=8,
                                           STAGES_KV=2)))
         why.append("backward win: dq per token tile; dk/dv per key tile over the queries whose "
                    "window holds it, unmasked where the whole tile is visible")
     return out
 
 
-def lower(spec: Spec) -> Plan:
-    """Run every pass on the spec's forward graph and return the kernel plan."""
+def lower(spec: Spec, target: Target | None = None) -> Plan:
+    """Run every pass on the spec's forward graph and return the kernel plan, for `target`
+    (default: the GPU at hand, else the default preset; nsagen.target)."""
+    target = target or current()
     g = build_graph(spec)
-    why: list[str] = []
+    why: list[str] = [f"target {target.name} (sm_{target.arch}): {target.sm_count} SMs, "
+                      f"{target.smem_per_block // 1024} KiB shared memory per program, "
+                      f"{target.smem_per_sm // 1024} KiB per SM"]
     kernels = _partition(g, spec, why)
     _lower_importance(spec, kernels, why)
-    _tiles(spec, kernels, why)
-    backward = _backward(spec, why)
+    _tiles(spec, kernels, why, target)
+    backward = _backward(spec, why, target)
     return Plan(spec=spec, graph=g, kernels=kernels, decisions=why, backward=backward,
-                decode=lower_decode(spec))
+                decode=lower_decode(spec, target), target=target)
 
 
 # ---------------------------------------------------------------------------- decoding
-DEFAULT_SM_COUNT = 132       # an H200; the decode cache passes the real count of its GPU
-SM_SHARED = 228 * 1024       # shared memory per SM on Hopper (programs resident at once)
 PROGRAM_OVERHEAD_KEYS = 64   # a program's fixed cost (q, partial writes, prologue) in keys read
 
 
@@ -251,13 +250,13 @@ class DecodePlan:
     graph: nx.DiGraph
     kernels: list[KernelPlan]
     decisions: list[str]
-    sm_count: int = DEFAULT_SM_COUNT
+    target: Target | None = None
 
     def kernel(self, name: str) -> KernelPlan:
         return next(k for k in self.kernels if k.name == name)
 
     def splits(self, batch: int, max_len: int) -> dict[str, int]:
-        return decode_splits(self.spec, batch, max_len, self.sm_count)
+        return decode_splits(self.spec, batch, max_len, self.target)
 
 
 def _decode_smem(rows: int, keys: int, bdk: int, bdv: int, stages: int, loops: int = 1) -> int:
@@ -266,7 +265,7 @@ def _decode_smem(rows: int, keys: int, bdk: int, bdv: int, stages: int, loops: i
     return loops * max(1, stages - 1) * keys * (bdk + bdv) * 2 + rows * bdk * 2 + 4096
 
 
-def _decode_tiles(spec: Spec) -> dict[str, int]:
+def _decode_tiles(spec: Spec, target: Target) -> dict[str, int]:
     """Tile sizes of the decode kernels (independent of the batch) and how many programs of the
     two streaming kernels fit on one SM."""
     gp = max(16, triton.next_power_of_2(spec.group))
@@ -275,7 +274,7 @@ def _decode_tiles(spec: Spec) -> dict[str, int]:
     bdv = triton.next_power_of_2(spec.dim_v)
     bc, stages = max(64, r2), 3     # 64 compressed keys (whole selection blocks) per step
     # the compressed pass is a stream over K/V: keep three programs per SM resident
-    while SM_SHARED // _decode_smem(gp, bc, bdk, bdv, stages) < 3 and stages > 2:
+    while target.smem_per_sm // _decode_smem(gp, bc, bdk, bdv, stages) < 3 and stages > 2:
         stages -= 1
     # selected blocks: 128 gathered keys per step (two 64-token blocks in one round trip) while
     # a K+V tile stays within 64 KiB
@@ -285,8 +284,8 @@ def _decode_tiles(spec: Spec) -> dict[str, int]:
                 # the merge in decode_slc's last program takes all GP heads: 16 columns a step
                 # keeps its [partials, heads, columns] tile (up to 32 partials) in registers
                 BDVC_MERGE=min(bdv, 16),
-                cmp_resident=max(1, SM_SHARED // _decode_smem(gp, bc, bdk, bdv, stages)),
-                slc_resident=max(1, SM_SHARED // _decode_smem(gp, bks, bdk, bdv, 2)))
+                cmp_resident=max(1, target.smem_per_sm // _decode_smem(gp, bc, bdk, bdv, stages)),
+                slc_resident=max(1, target.smem_per_sm // _decode_smem(gp, bks, bdk, bdv, 2)))
 
 
 def _cheapest(cands: list[tuple], rows: int, slots: int):
@@ -305,7 +304,7 @@ def _window_in_cmp(spec: Spec) -> bool:
     return spec.has("win") and (spec.has("cmp") or spec.has("slc"))
 
 
-def decode_splits(spec: Spec, batch: int, max_len: int, sm_count: int = DEFAULT_SM_COUNT,
+def decode_splits(spec: Spec, batch: int, max_len: int, target: Target | None = None,
                   resident: dict[str, int] | None = None) -> dict[str, int]:
     """How a decode step of `batch` sequences (cache capacity `max_len`) splits its keys.
 
@@ -319,7 +318,9 @@ def decode_splits(spec: Spec, batch: int, max_len: int, sm_count: int = DEFAULT_
     split finely and large ones hardly at all. `resident` ({"cmp": n, "slc": n}, from the
     compiled kernels: nsagen.occupancy) replaces the shared-memory estimate of programs per SM.
     """
-    t = dict(_decode_tiles(spec))
+    target = target or current()
+    sm_count = target.sm_count
+    t = dict(_decode_tiles(spec, target))
     for branch, n in (resident or {}).items():
         t[f"{branch}_resident"] = n
     rows = max(1, batch * spec.heads_kv)
@@ -356,10 +357,10 @@ def decode_splits(spec: Spec, batch: int, max_len: int, sm_count: int = DEFAULT_
     return out
 
 
-def decode_programs(spec: Spec, batch: int, max_len: int,
-                    splits: dict[str, int]) -> dict[str, int]:
+def decode_programs(spec: Spec, batch: int, max_len: int, splits: dict[str, int],
+                    target: Target | None = None) -> dict[str, int]:
     """Programs each decode kernel launches for `splits` (for --explain and the tests)."""
-    t = _decode_tiles(spec)
+    t = _decode_tiles(spec, target or current())
     rows = batch * spec.heads_kv
     nbp = max(16, triton.next_power_of_2(spec.num_blocks(max_len)))
     n_slc = -(-spec.slc_count // splits["slc_blocks"]) if spec.has("slc") else 0
@@ -377,12 +378,13 @@ def decode_programs(spec: Spec, batch: int, max_len: int,
     return out
 
 
-def lower_decode(spec: Spec, sm_count: int = DEFAULT_SM_COUNT) -> DecodePlan:
+def lower_decode(spec: Spec, target: Target | None = None) -> DecodePlan:
     """Lower a one-token decode step: flash-decoding style kernels split over the keys read."""
+    target = target or current()
     g = build_graph(spec)
     g.graph["direction"] = "decode"
     why: list[str] = []
-    t = _decode_tiles(spec)
+    t = _decode_tiles(spec, target)
     G, gp = spec.group, t["GP"]
     r1 = spec.cmp_block // spec.cmp_stride
     r2 = spec.slc_block // spec.cmp_stride
@@ -446,8 +448,8 @@ def lower_decode(spec: Spec, sm_count: int = DEFAULT_SM_COUNT) -> DecodePlan:
                    "blocks are in flight together; it writes a partial (max, sum, P@V). With "
                    "MERGE=1 the last program of a (sequence, KV head) to finish (an atomic "
                    "counter) merges every branch's partials into o, saving decode_combine's "
-                   "launch; off by default: on the H200 that serial merge cost more than the "
-                   "launch (B=8, 64k: 53 us for decode_slc against 8 us plus 12 us)")
+                   "launch; off by default: the serial merge in one program measured slower "
+                   "than the separate launch (results/h200/NOTES.md); the tuner may turn it on")
     elif spec.has("win") and not win_in_cmp:
         kernels.append(KernelPlan(
             "decode_win", "decode_slc.py.jinja", ("win_attn",),
@@ -470,8 +472,8 @@ def lower_decode(spec: Spec, sm_count: int = DEFAULT_SM_COUNT) -> DecodePlan:
     if "compress" in g:
         g.nodes["compress"]["kernel"] = "DecodeCache.append (one new window per emission)"
     for batch in (1, 8, 64):
-        sp = decode_splits(spec, batch, 65536, sm_count)
-        progs = decode_programs(spec, batch, 65536, sp)
-        why.append(f"splits at B={batch}, 64k cache, {sm_count} SMs: {sp} -> programs "
-                   + ", ".join(f"{k} {v}" for k, v in progs.items()))
-    return DecodePlan(spec=spec, graph=g, kernels=kernels, decisions=why, sm_count=sm_count)
+        sp = decode_splits(spec, batch, 65536, target)
+        progs = decode_programs(spec, batch, 65536, sp, target)
+        why.append(f"splits at B={batch}, 64k cache, {target.sm_count} SMs of {target.name}: "
+                   f"{sp} -> programs " + ", ".join(f"{k} {v}" for k, v in progs.items()))
+    return DecodePlan(spec=spec, graph=g, kernels=kernels, decisions=why, target=target)

@@ -24,6 +24,7 @@ from ..ir import lower
 from ..ir.passes import decode_splits, lower_decode
 from ..ops import build
 from ..spec import Spec
+from ..target import current
 from .budget import Budget, bar
 from .compile import Compiler
 from .timing import graph_time, kernel_times
@@ -120,7 +121,7 @@ def sweep(make_run, kernels: list[str], cands: dict[str, list[dict]], base: dict
 
 def kernel_names(op) -> tuple[list[str], list[str]]:
     """The module's forward and backward kernels, in launch order."""
-    plan = lower(op.spec)
+    plan = lower(op.spec, op.target)
     return [k.name for k in plan.kernels], [k.name for k in plan.backward]
 
 
@@ -131,7 +132,7 @@ def decode_kernel_names(op) -> list[str]:
     if not have or not hasattr(op.module, "decode_step"):
         return []
     try:
-        order = [k.name for k in lower_decode(op.spec).kernels]
+        order = [k.name for k in lower_decode(op.spec, op.target).kernels]
     except Exception:  # the IR and the module disagree: the module's own list
         order = []
     return [k for k in order if k in have] + [k for k in have if k not in order]
@@ -266,10 +267,10 @@ def _tune_decode(op, spec, B, L, names, timer, clock, progress, device, dtype, o
     dev = torch.device(device)
     setup = DecodeSetup(op, B, L, device, dtype)
     if dev.type == "cuda":
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        base_splits = decode_splits(spec, B, L, sms)
-        resident = occupancy.decode_residency(setup.make(base_splits)(defaults))
-        base_splits = decode_splits(spec, B, L, sms, resident)
+        target = current(dev)
+        base_splits = decode_splits(spec, B, L, target)
+        resident = occupancy.decode_residency(setup.make(base_splits)(defaults), target)
+        base_splits = decode_splits(spec, B, L, target, resident)
     else:
         base_splits = decode_splits(spec, B, L)
     cands = {k: decode_candidates(spec, k, defaults[k]) for k in names}
@@ -332,9 +333,10 @@ def warm_build(op, seq_len: int = 4096, device: str = "cuda", dtype=torch.bfloat
         compiler.wait()
         n += compiler.record([backward_pass(op, x, cfg)(cfg)])
         if decode_kernel_names(op):
-            sms = torch.cuda.get_device_properties(dev).multi_processor_count
-            tuned_cfg, tuned_splits = tables.decode_configs_for(op.tuned_tables, decode_batch, seq_len)
-            splits = dict(decode_splits(spec, decode_batch, seq_len, sms), **tuned_splits)
+            tuned_cfg, tuned_splits = tables.decode_configs_for(op.tuned_tables, decode_batch,
+                                                                seq_len)
+            splits = dict(decode_splits(spec, decode_batch, seq_len, current(dev)),
+                          **tuned_splits)
             dcfg = dict(tuned_cfg, **op.configs)
             n += compiler.record([DecodeSetup(op, decode_batch, seq_len, dev, dtype)
                                   .make(splits)(dcfg)])

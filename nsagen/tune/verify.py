@@ -8,9 +8,10 @@ import time
 import torch
 
 from ..decode import DecodeCache
-from ..ir.passes import DEFAULT_SM_COUNT, decode_splits
+from ..ir.passes import decode_splits
 from ..reference import nsa, nsa_decode_step
 from ..spec import Spec
+from ..target import current
 from .compile import Compiler
 from .workloads import DecodeSetup, backward_pass, forward_pass, random_inputs
 
@@ -45,9 +46,8 @@ def precompile_decode_check(compiler: "Compiler | None", op, configs: dict, spli
         return
     t0 = time.monotonic()
     dev = torch.device(device)
-    sms = (torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda"
-           else DEFAULT_SM_COUNT)
-    full = dict(decode_splits(op.spec, 2, max_len, sms), **splits)
+    target = current(dev if dev.type == "cuda" else None)
+    full = dict(decode_splits(op.spec, 2, max_len, target), **splits)
     n = compiler.record([DecodeSetup(op, 2, max_len, dev, dtype).make(full)(configs)])
     compiler.wait()
     if n:
