@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from . import __version__, symbolic
+from . import __version__, costmodel
 from .ops import build
 from .spec import Spec
 from .tune.timing import median_ms, profile_kernels
@@ -100,16 +100,16 @@ def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bo
     fla = _fla() if baselines else None
     flex = _flex() if baselines and spec.has("win") else None
     HQ, Dv, G = spec.heads_q, spec.dim_v, spec.group
-    flops_expr = symbolic.fwd_flops(spec)
+    flops_expr = costmodel.fwd_flops(spec)
     if backward:
-        flops_expr = flops_expr + symbolic.bwd_flops(spec)
+        flops_expr = flops_expr + costmodel.bwd_flops(spec)
     rows = []
     for i, T in enumerate(seq_lens):
         progress(f"[{i + 1}/{len(seq_lens)}] T={T}")
         x = random_inputs(spec, T, batch, dev, dt)
         q, k, v, gates = x["q"], x["k"], x["v"], x["gates"]
         row: dict = {"T": T, "B": batch}
-        flops = float(symbolic.evaluate(flops_expr, T=T, B=batch))
+        flops = float(costmodel.evaluate(flops_expr, T=T, B=batch))
         if backward:
             do = torch.randn(batch, T, HQ, Dv, dtype=dt, device=dev)
             leaves = [t.requires_grad_(True) for t in x.values()]
@@ -247,7 +247,7 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
     ceil = ceilings(dev) if dev == "cuda" else {"copy_TBps": float("nan"), "mm_TFLOPs": float("nan")}
     fla = _fla() if baselines else None
     HQ, H, Dk, Dv = spec.heads_q, spec.heads_kv, spec.dim_qk, spec.dim_v
-    bytes_expr = symbolic.decode_bytes(spec)
+    bytes_expr = costmodel.decode_bytes(spec)
     rows = []
     for B in batches:
         for L in cache_lens:
@@ -295,7 +295,7 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
                     row["nsagen_graph_us"] = median_ms(graph.replay) * 1e3
                 except Exception as err:
                     log.info("nsagen bench: graph capture failed: %s", str(err)[:160])
-            nbytes = float(symbolic.evaluate(bytes_expr, T=L, B=B))
+            nbytes = float(costmodel.evaluate(bytes_expr, T=L, B=B))
             best = min(x for x in (row.get("nsagen_us"), row.get("nsagen_graph_us")) if x)
             row["nsa_bytes"] = nbytes
             row["TBps"] = nbytes / (best * 1e-6) / 1e12

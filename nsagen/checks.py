@@ -19,8 +19,6 @@ class Problem:
     batch: int
     seq_len: int
     seqlens: tuple[int, ...]      # per sequence (one entry per batch row, or per varlen sequence)
-    num_cmp: int                  # rows of k_cmp/v_cmp expected (packed total for varlen)
-    varlen: bool
 
 
 def _shape(name: str, t: torch.Tensor, want: tuple, meaning: str) -> None:
@@ -113,4 +111,4 @@ def check_inputs(spec: Spec, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seq
             raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
-    return Problem(batch=B, seq_len=T, seqlens=lens, num_cmp=nc, varlen=cu_seqlens is not None)
+    return Problem(batch=B, seq_len=T, seqlens=lens)

@@ -18,7 +18,7 @@ import yaml
 
 import torch
 
-from . import bench, cache, symbolic
+from . import bench, cache, costmodel
 from .cache import cache_dir
 from .codegen import explain, module_name, write_generated
 from .crosscompile import compile_for
@@ -101,7 +101,7 @@ def _si(value: float, unit: str) -> str:
 
 def _expressions(spec: Spec) -> list[tuple[str, object]]:
     """The symbolic cost model of one spec, as (label, expression) pairs."""
-    S = symbolic
+    S = costmodel
     first, last = S.block_weight_span(spec)
     rows: list[tuple[str, object]] = [
         ("Nc(T)", S.num_cmp_expr(spec)),
@@ -131,8 +131,8 @@ def _expressions(spec: Spec) -> list[tuple[str, object]]:
 
 
 def _figures(spec: Spec, seq_len: int, batch: int) -> list[str]:
-    """Human-readable lines of symbolic.summary at one sequence length."""
-    s = symbolic.summary(spec, seq_len, batch)
+    """Human-readable lines of costmodel.summary at one sequence length."""
+    s = costmodel.summary(spec, seq_len, batch)
     kpq = s["keys_per_query_last"]
     parts = " + ".join(f"{b} {kpq[b]}" for b in spec.branches)
     tokens = s["decode_tokens_per_kv_head"]

@@ -23,7 +23,6 @@ from markupsafe import Markup
 from . import __version__
 from .cache import atomic_write
 from .ir import Plan, build_graph, describe, lower
-from .ir.passes import lower_decode
 from .resources import data_dir
 from .spec import Spec
 from .target import Target, current
@@ -127,7 +126,7 @@ def _render_default(spec: Spec, target: Target) -> str:
 
 def _render(spec: Spec, plan: Plan) -> str:
     configs = {k.name: dict(k.config) for k in plan.kernels + plan.backward}
-    decode = plan.decode or lower_decode(spec, plan.target)
+    decode = plan.decode
     layer = spec.to_dict()
     layer.pop("name")
     src = _env().get_template(MODULE_TEMPLATE).render(
@@ -157,7 +156,7 @@ def explain(spec: Spec, target: Target | None = None) -> str:
         flags = ", ".join(f"{a}={b}" for a, b in k.params.items())
         out.append(f"  {k.name} <- templates/{k.template} [{'+'.join(k.nodes)}] {flags}")
         out.append(f"      default config {k.config}")
-    dec = plan.decode or lower_decode(spec, plan.target)
+    dec = plan.decode
     out += ["", "decode step (one query per sequence), graph node -> kernel:", describe(dec.graph),
             "", "decode decisions:"]
     out += [f"  - {d}" for d in dec.decisions]

@@ -40,10 +40,6 @@ class Layout:
     uniform: bool = False       # every sequence has the same length (tables from the shape)
     _tiles: dict = field(default_factory=dict, repr=False)
 
-    @property
-    def n_tok(self) -> int:
-        return self.tok_pos.shape[0]
-
     def _chunks(self, lens: tuple, size: int) -> tuple[torch.Tensor, ...]:
         """(sequence, chunk index in it, first packed row, rows, chunks per sequence) of every
         chunk of at most `size` rows, on the device."""

@@ -18,13 +18,14 @@ from torch import Tensor  # noqa: F401  (resolves the op signatures' string anno
 from torch.library import triton_op
 
 from . import configspace, reference, tables
-from .cache import load_module
+from .cache import import_file, load_module
 from .checks import check_inputs
 from .codegen import module_name, render
 from .configspace import ConfigOverrides
 from .decode import DecodeCache
 from .launch import direct_launches, interpreted_in_float32, kernels_available, pack
 from .layout import build_layout
+from .resources import prebuilt_module
 from .spec import Spec
 from .target import Target, current
 from .specfile import load_spec
@@ -270,7 +271,13 @@ def build(spec: Spec | str | os.PathLike, target: Target | None = None) -> NSAOp
     target = target or current()
     name = module_name(spec, target=target)
     if name not in _BUILT:
-        mod, path, reused = load_module(name, render(spec, target=target))
-        log.info("nsagen: %s %s (%s)", "loaded" if reused else "built", name, path)
+        source = render(spec, target=target)
+        shipped = prebuilt_module(source)
+        if shipped is not None:
+            mod, path = import_file(name, shipped), shipped
+            log.info("nsagen: loaded %s (shipped, %s)", name, path)
+        else:
+            mod, path, reused = load_module(name, source)
+            log.info("nsagen: %s %s (%s)", "loaded" if reused else "built", name, path)
         _BUILT[name] = NSAOp(spec, mod, path, target)
     return _BUILT[name]

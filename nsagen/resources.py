@@ -21,10 +21,13 @@ def data_dir(folder: str) -> Path:
     raise FileNotFoundError(f"nsagen data folder {folder!r} not found next to {_PKG}")
 
 
-def repo_root() -> Path | None:
-    """The source checkout holding this package, or None when installed from a wheel."""
-    root = _PKG.parent
-    return root if (root / "pyproject.toml").is_file() and (root / "templates").is_dir() else None
+def prebuilt_module(source: str) -> Path | None:
+    """The shipped module (generated/) whose text is exactly `source`, if there is one: the op
+    imports it from there and writes nothing, so shipped specs need no writable cache."""
+    for p in sorted(data_dir("generated").glob("*.py")):
+        if p.stat().st_size == len(source.encode()) and p.read_text() == source:
+            return p
+    return None
 
 
 def shipped_specs() -> dict[str, Path]:

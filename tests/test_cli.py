@@ -108,10 +108,17 @@ def test_generate_explain_builds_module(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("NSAGEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(nsagen.ops, "_BUILT", {})   # ops built earlier in this process
-    assert main(["generate", "nsa-fla", "--explain"]) == 0
+    import yaml
+
+    layer = nsagen.load_spec("nsa-fla").replace(name="fla-n8", slc_count=8)   # not shipped
+    path = tmp_path / "fla-n8.yaml"
+    path.write_text(yaml.safe_dump(layer.to_dict()))
+    assert main(["generate", str(path), "--explain"]) == 0
     out = capsys.readouterr().out
     assert "graph after the passes" in out and "importance: l = d = l'" in out
     assert str(tmp_path) in out and list((tmp_path / "modules").glob("nsa_*.py"))
+    assert main(["generate", "nsa-fla"]) == 0               # shipped: loaded from generated/
+    assert "generated/nsa_fla.py" in capsys.readouterr().out
 
 
 def test_generate_needs_a_spec(capsys):

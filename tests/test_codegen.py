@@ -127,16 +127,18 @@ def test_build_reuses_cached_module(tmp_path, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp files left
 
 
-def test_atomic_write_failure_keeps_old_file(tmp_path):
+def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
+    """A write interrupted after the new text is on disk but before it replaces the file
+    leaves the old file and no temp file."""
     target = tmp_path / "x.json"
     cache.atomic_write(target, "old")
 
-    class Boom:
-        def __str__(self):
-            raise RuntimeError("interrupted")
+    def interrupted(fd):
+        raise KeyboardInterrupt
 
-    with pytest.raises(TypeError):
-        cache.atomic_write(target, Boom())  # fails before anything is replaced
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.atomic_write(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
@@ -177,3 +179,20 @@ def test_default_tiles_fit_shared_memory(name, target):
             keys = k.config.get("BC_KV") or k.config.get("BK_KV")
             rows = k.config["BT_KV"] * k.config["GP"]
             assert dkdv_smem_bytes(spec, rows, keys, k.config["STAGES_KV"]) <= t.smem_per_block
+
+
+def test_shipped_modules_load_without_a_writable_cache(tmp_path, monkeypatch):
+    """generated/ is a prebuilt cache: a shipped spec's module is imported from there and
+    nothing is written, so the op works where the user cache cannot be written."""
+    from nsagen import ops
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("NSAGEN_CACHE_DIR", str(blocker / "cache"))   # cannot be created
+    monkeypatch.setattr(ops, "_BUILT", {})
+    op = nsagen.build("nsa-g8")
+    assert op.path == data_dir("generated") / "nsa_g8.py"
+    assert op.module.URI == nsagen.load_spec("nsa-g8").uri
+    other = nsagen.load_spec("nsa-g8").replace(name="not-shipped", window=96)
+    with pytest.raises(OSError):
+        nsagen.build(other)                      # anything else needs the cache

@@ -36,7 +36,7 @@ def test_inverse_map_chunks_cover_every_group_once(chunk):
     spec = nsagen.load_spec("nsa-d128").replace(cmp_block=8, cmp_stride=4, slc_block=8)
     lay = _build(spec, (50, 7, 90), torch.device("cpu"))
     H = spec.heads_kv
-    idx = torch.randint(-1, 4, (lay.n_tok, H, 5), dtype=torch.int32)
+    idx = torch.randint(-1, 4, (lay.tok_pos.shape[0], H, 5), dtype=torch.int32)
     inv = lay.inverse_blocks(idx, 8, chunk)
     n_groups = H * inv["n_blocks"]
     hb, i0 = inv["chunk_hb"].tolist(), inv["chunk_i0"].tolist()

@@ -6,7 +6,7 @@ import sympy as sp
 import torch
 
 import nsagen
-from nsagen import reference, symbolic as S
+from nsagen import costmodel as S, reference
 from nsagen.spec import Spec
 
 

@@ -1,8 +1,9 @@
 """The cost model: NSA's index arithmetic, FLOPs and bytes as exact sympy expressions.
 
 Everything here is a function of the sequence length ``T`` and batch ``B`` (or of a query
-position ``t``), derived from docs/algorithm.md. The benchmark and the autotuner evaluate these
-expressions to print achieved-vs-floor and to prune configurations; ``nsagen info`` prints them.
+position ``t``), derived from docs/algorithm.md. ``nsagen bench`` evaluates them to report
+achieved TFLOP/s and TB/s against the floors, and ``nsagen info`` prints them. (Launch configs
+are pruned by the Target's shared memory and registers, nsagen.configspace; not by this model.)
 
 Counting conventions:
 
