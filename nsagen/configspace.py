@@ -1,9 +1,10 @@
-"""Launch-config candidates of each generated kernel, for `nsagen tune`.
+"""Launch configs: the candidates `nsagen tune` tries, and which configs are valid at all.
 
-The space comes from the spec (group size, head dims, block sizes) and is pruned before anything
-compiles: tiles must satisfy the templates' static asserts and fit the device's shared memory and
-a register estimate. What is left is ordered nearest the IR's default first (after a few likely
-winners where the H200 showed them) and capped per phase.
+Each forward and backward kernel's space comes from its definition (nsagen.kernels), pruned
+before anything compiles: tiles must satisfy the templates' static asserts and fit the Target's
+shared memory and a register estimate. What is left is ordered nearest the IR's default first
+(after the definition's likely winners) and capped per phase. The decode kernels' space is read
+off their default configs. Tuned tables and explicit overrides are checked here too.
 """
 from __future__ import annotations
 
@@ -12,41 +13,11 @@ from typing import Any, Mapping
 
 import triton
 
-from .ir.passes import dkdv_smem_bytes, smem_bytes as _smem_bytes
+from .kernels import KERNELS
 from .spec import Spec
 from .target import Target, current
 
 MAX_CANDIDATES = {"forward": 6, "backward": 4, "decode": 8}
-
-
-def _regs(rows: int, keys: int, bdk: int, bdv: int, num_warps: int) -> float:
-    """Registers per thread of an attention tile: fp32 scores and output accumulator, bf16 q."""
-    return (rows * keys + rows * bdv) / (32 * num_warps) + rows * bdk / (64 * num_warps)
-
-
-def _dkdv_candidates(spec: Spec, default: dict, gp: int, keys_name: str,
-                     smem_limit: int) -> list[dict]:
-    """The dk/dv half of a backward kernel: 64- or 128-row steps, warps, stages, key tile
-    (on the H200, 128-row steps with 8 warps and 2 stages were the fastest measured)."""
-    out = []
-    for rows, keys, nw, ns in itertools.product([64, 128], [32, 64], [4, 8], [1, 2]):
-        if rows >= gp and dkdv_smem_bytes(spec, rows, keys, ns) <= smem_limit:
-            out.append(dict(default, BT_KV=rows // gp, **{keys_name: keys}, WARPS_KV=nw,
-                            STAGES_KV=ns))
-    return _nearest(out, default)
-
-
-def _nearest(cands: list[dict], default: dict) -> list[dict]:
-    """Candidates ordered by how many parameters differ from the default (stable)."""
-    return sorted(cands, key=lambda c: sum(c.get(k) != v for k, v in default.items()))
-
-
-def _interleave(a: list, b: list) -> list:
-    """a[0], b[0], a[1], b[1], ...: both halves of a kernel get candidates under a cap."""
-    out = []
-    for i in range(max(len(a), len(b))):
-        out += a[i:i + 1] + b[i:i + 1]
-    return out
 
 
 def _order(cands: list[dict], default: dict, limit: int | None,
@@ -68,76 +39,17 @@ def _order(cands: list[dict], default: dict, limit: int | None,
 
 def candidates(spec: Spec, kernel: str, default: dict, target: Target | None = None,
                limit: int | None = -1, smem_limit: int | None = None) -> list[dict]:
-    """Configs to try for one forward or backward kernel (the default first), pruned by the
-    target's shared memory per program (or `smem_limit`), the templates' constraints and a
-    register estimate against the target's per-thread limit, nearest the default first and at
-    most `limit` (-1: the phase's cap, None: all)."""
+    """Configs to try for one forward or backward kernel (the default first): its definition's
+    space (nsagen.kernels), pruned by the target's shared memory per program (or `smem_limit`),
+    the templates' constraints and a register estimate against the target's per-thread limit;
+    the likely winners next, then nearest the default, at most `limit` (-1: the phase's cap,
+    None: all)."""
     target = target or current()
-    smem_limit = target.smem_per_block if smem_limit is None else smem_limit
-    reg_limit = target.reg_limit
-    gp = triton.next_power_of_2(spec.group)
-    dk, dv = triton.next_power_of_2(spec.dim_qk), triton.next_power_of_2(spec.dim_v)
-    r2 = spec.slc_block // spec.cmp_stride
-    out: list[dict] = []
-    first: list[dict] = []   # likely winners, tried right after the default
-    if kernel == "cmp_attention":
-        for bt, bc, nw, ns in itertools.product([max(1, 64 // gp), max(1, 128 // gp)],
-                                                [default["BC"], 2 * default["BC"]], [4, 8], [2, 3]):
-            if (bc % r2 or bc // r2 < 16 or _smem_bytes(bt * gp, bc, dk, dv, ns) > smem_limit
-                    or _regs(bt * gp, bc, dk, dv, nw) > reg_limit):
-                continue
-            out.append(dict(default, BT=bt, BC=bc, num_warps=nw, num_stages=ns))
-    elif kernel == "slc_attention":
-        for bk, nw, ns in itertools.product(sorted({min(spec.slc_block, 64),
-                                                    min(spec.slc_block, 32)}),
-                                            [2, 4, 8], [1, 2, 3, 4]):
-            if (spec.slc_block % bk or _smem_bytes(default["GP"], bk, dk, dv, ns) > smem_limit
-                    or _regs(default["GP"], bk, dk, dv, nw) > reg_limit):
-                continue
-            out.append(dict(default, BK=bk, num_warps=nw, num_stages=ns))
-    elif kernel == "win_attention":
-        for bt, bk, nw, ns in itertools.product([max(1, 64 // gp), max(1, 128 // gp)], [32, 64, 128],
-                                                [4, 8], [2, 3]):
-            if (_smem_bytes(bt * gp, bk, dk, dv, ns) > smem_limit
-                    or _regs(bt * gp, bk, dk, dv, nw) > reg_limit):
-                continue
-            out.append(dict(default, BT=bt, BK=bk, num_warps=nw, num_stages=ns))
-    elif kernel == "select_blocks":
-        for bt, nw in itertools.product([1, 2, 4, 8], [2, 4, 8]):
-            out.append(dict(default, BT=bt, num_warps=nw))
-    elif kernel == "mean_compress":
-        for bi, nw in itertools.product([16, 32, 64], [2, 4]):
-            out.append(dict(default, BI=bi, num_warps=nw))
-    elif kernel == "gate_delta":
-        for br, nw in itertools.product([8, 16, 32, 64], [2, 4, 8]):
-            out.append(dict(default, BR=br, num_warps=nw))
-    elif kernel == "cmp_attention_bwd":
-        for bt, bc, nw in itertools.product(_rows(gp, 64, 128), [32, 64, 128], [4, 8]):
-            if (_smem_bytes(bt * gp, bc, dk, dv, 2) <= smem_limit
-                    and _regs(bt * gp, bc, dk, dv, nw) <= reg_limit):
-                out.append(dict(default, BT=bt, BC=bc, num_warps=nw))
-        out = _interleave(_dkdv_candidates(spec, default, gp, "BC_KV", smem_limit),
-                          _nearest(out, default))
-    elif kernel == "slc_attention_bwd":
-        gps = default["GP"]
-        for bt, it, nw in itertools.product(_rows(gps, 32, 64, 128), [16, 64], [4, 8]):
-            if (_smem_bytes(bt * gps, spec.slc_block, dk, dv, 2) <= smem_limit
-                    and _regs(bt * gps, spec.slc_block, dk, dv, nw) <= reg_limit):
-                out.append(dict(default, BT_BWD=bt, CHUNK_ITERS=it, num_warps=nw))
-        # its dk/dv has the shape of the compressed and window dk/dv, where 128-row steps with
-        # 8 warps measured fastest on the H200: try that pairing first
-        if dkdv_smem_bytes(spec, 128, spec.slc_block, 2) <= smem_limit:
-            first.append(dict(default, BT_BWD=max(1, 128 // gps), num_warps=8))
-    elif kernel == "win_attention_bwd":
-        for bt, bk, nw in itertools.product(_rows(gp, 64, 128), [32, 64, 128], [4, 8]):
-            if (_smem_bytes(bt * gp, bk, dk, dv, 2) <= smem_limit
-                    and _regs(bt * gp, bk, dk, dv, nw) <= reg_limit):
-                out.append(dict(default, BT=bt, BK=bk, num_warps=nw))
-        out = _interleave(_dkdv_candidates(spec, default, gp, "BK_KV", smem_limit),
-                          _nearest(out, default))
+    smem = target.smem_per_block if smem_limit is None else smem_limit
+    kdef = KERNELS[kernel]
+    out, first = kdef.space(spec, default, target, smem)
     if limit == -1:
-        limit = MAX_CANDIDATES["backward" if kernel.endswith("_bwd") or kernel == "gate_delta"
-                               else "forward"]
+        limit = MAX_CANDIDATES[kdef.phase]
     return _order(out, default, limit, first)
 
 
@@ -183,11 +95,6 @@ def split_candidates(spec: Spec, base: dict) -> list[dict]:
             if 1 <= spb <= n:
                 out.append(dict(base, slc_blocks=-(-n // -(-n // spb))))   # balanced groups
     return _order(out, base, None)
-
-
-def _rows(gp: int, *rows: int) -> list[int]:
-    """Tokens per tile giving each of `rows` head rows (at least one token)."""
-    return sorted({max(1, r // gp) for r in rows})
 
 
 # ---------------------------------------------------------------------------- validity

@@ -165,7 +165,7 @@ def test_default_tiles_fit_shared_memory(name, target):
     a GPU with less shared memory gets smaller tiles, never ones that do not fit."""
     import triton
 
-    from nsagen.ir.passes import dkdv_smem_bytes, smem_bytes
+    from nsagen.kernels import dkdv_smem_bytes, smem_bytes
     from nsagen.target import Target
 
     spec = nsagen.load_spec(name)

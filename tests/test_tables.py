@@ -151,6 +151,7 @@ def test_budget_stops_the_search_and_keeps_the_best_so_far():
 def test_candidates_are_pruned_ordered_and_capped():
     import nsagen
     from nsagen import configspace
+    from nsagen.kernels import regs
     from nsagen.target import current
 
     spec = nsagen.load_spec("nsa-paper")
@@ -163,7 +164,7 @@ def test_candidates_are_pruned_ordered_and_capped():
         dist = [sum(x[k] != v for k, v in op_cfg[name].items()) for x in c]
         assert dist == sorted(dist)
     for x in configspace.candidates(spec, "cmp_attention", op_cfg["cmp_attention"], limit=None)[1:]:
-        assert x["BC"] % 4 == 0 and configspace._regs(x["BT"] * 16, x["BC"], 256, 128,
+        assert x["BC"] % 4 == 0 and regs(x["BT"] * 16, x["BC"], 256, 128,
                                                       x["num_warps"]) <= current().reg_limit
 
 
@@ -172,7 +173,7 @@ def test_backward_candidates_cover_the_dkdv_steps():
     tries 128-row, 8-warp steps right after the default, then the nearest ones."""
     import nsagen
     from nsagen import configspace
-    from nsagen.ir.passes import dkdv_smem_bytes
+    from nsagen.kernels import dkdv_smem_bytes
     from nsagen.target import current
 
     spec = nsagen.load_spec("nsa-d128")

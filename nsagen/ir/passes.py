@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import triton
 
+from ..kernels import KERNELS
 from ..spec import Spec
 from ..target import Target, current
 from .graph import build_graph
@@ -55,12 +56,13 @@ def _partition(g: nx.DiGraph, spec: Spec, why: list[str]) -> list[KernelPlan]:
     """Fuse graph nodes into kernels."""
     kernels: list[KernelPlan] = []
     if "compress" in g:
-        kernels.append(KernelPlan("mean_compress", "mean_compress.py.jinja", ("compress",)))
+        kernels.append(KernelPlan("mean_compress", KERNELS["mean_compress"].template,
+                                  ("compress",)))
         why.append("compress: mean pooling is parameter-free, so it is a kernel of its own "
                    "(one pass over K and V, output Nc = T/d rows)")
     if "cmp_attn" in g:
         nodes = ["cmp_attn"] + (["importance"] if "importance" in g else [])
-        kernels.append(KernelPlan("cmp_attention", "cmp_attention.py.jinja", tuple(nodes),
+        kernels.append(KernelPlan("cmp_attention", KERNELS["cmp_attention"].template, tuple(nodes),
                                   params=dict(with_output=spec.has("cmp"),
                                               with_importance=spec.has("slc"))))
         if spec.has("slc"):
@@ -70,19 +72,20 @@ def _partition(g: nx.DiGraph, spec: Spec, why: list[str]) -> list[KernelPlan]:
             why.append("cmp is not a branch: the compressed attention computes importance only "
                        "(no P@V, no output)")
     if "topk" in g:
-        kernels.append(KernelPlan("select_blocks", "select_blocks.py.jinja", ("topk",)))
+        kernels.append(KernelPlan("select_blocks", KERNELS["select_blocks"].template, ("topk",)))
         why.append("topk is its own kernel: it needs every block score of a row, which the "
                    "compressed-attention tiles produce piecewise")
     if "slc_attn" in g:
         fuse = spec.has("win") and spec.window <= spec.slc_block
         nodes = ("slc_attn", "win_attn") if fuse else ("slc_attn",)
-        kernels.append(KernelPlan("slc_attention", "slc_attention.py.jinja", nodes,
+        kernels.append(KernelPlan("slc_attention", KERNELS["slc_attention"].template, nodes,
                                   params=dict(fuse_window=fuse)))
         if fuse:
             why.append(f"win_attn fused into slc_attn: w={spec.window} <= l'={spec.slc_block}, a "
                        "per-token window loop is one key tile")
     if "win_attn" in g and not any("win_attn" in k.nodes for k in kernels):
-        kernels.append(KernelPlan("win_attention", "win_attention.py.jinja", ("win_attn",)))
+        kernels.append(KernelPlan("win_attention", KERNELS["win_attention"].template,
+                                  ("win_attn",)))
         why.append(f"win_attn in its own tiled kernel: w={spec.window} keys are shared by the "
                    "tokens of a tile, so tiles of tokens x heads beat per-token programs")
     # combine is distributed: every branch kernel folds its gated output into o
@@ -118,106 +121,22 @@ def _lower_importance(spec: Spec, kernels: list[KernelPlan], why: list[str]) -> 
                                                 "tile, carried in registers" if r1 > 1 else ""))
 
 
-def smem_bytes(rows: int, keys: int, dk: int, dv: int, stages: int, elem: int = 2) -> int:
-    """Rough shared memory of a pipelined attention loop: K and V tiles per stage plus Q."""
-    return stages * keys * (dk + dv) * elem + rows * dk * elem
-
-
 def _tiles(spec: Spec, kernels: list[KernelPlan], why: list[str], target: Target) -> None:
-    """Default launch configs (the autotuner may replace them per GPU)."""
-    G = spec.group
-    gp = triton.next_power_of_2(G)
-    r2 = spec.slc_block // spec.cmp_stride
+    """Default launch configs, each from its kernel's definition (the tuner may replace them)."""
     bdk = triton.next_power_of_2(spec.dim_qk)
     bdv = triton.next_power_of_2(spec.dim_v)
     if bdk != spec.dim_qk or bdv != spec.dim_v:
         why.append(f"head dims padded in registers: Dk {spec.dim_qk}->{bdk}, Dv {spec.dim_v}->{bdv}")
     for k in kernels:
-        if k.name == "mean_compress":
-            k.config = dict(BI=32, num_warps=4)
-        elif k.name == "cmp_attention":
-            bt, bc, stages = max(1, 128 // gp), max(128, 16 * r2), 3
-            bc_min = max(64, 16 * r2)
-            while smem_bytes(bt * gp, bc, bdk, bdv, stages) > target.smem_budget:
-                if stages > 2:
-                    stages -= 1
-                elif bc > bc_min:
-                    bc //= 2
-                elif bt > 1:
-                    bt //= 2
-                elif stages > 1:        # small shared memory: no software pipelining
-                    stages -= 1
-                else:
-                    break
-            k.config = dict(BT=bt, GP=gp, BC=bc, num_warps=8 if bt * gp >= 128 else 4,
-                            num_stages=stages)
-            why.append(f"cmp_attention tile: {bt} token(s) x {gp} head rows (G={G}) = {bt * gp} "
-                       f"rows, {bc} compressed keys per step, {stages} stages "
-                       f"(~{smem_bytes(bt * gp, bc, bdk, bdv, stages) // 1024} KB shared memory)")
-        elif k.name == "select_blocks":
-            k.config = dict(BT=1, num_warps=2)
-        elif k.name == "slc_attention":
-            gps = max(16, gp)
-            k.config = dict(GP=gps, BK=min(spec.slc_block, 64), num_warps=2, num_stages=2)
-            why.append(f"slc_attention: one token x {G} heads per program, rows padded to {gps} "
-                       "for tensor-core tiles" + (" (small group: padded)" if gps > G else ""))
-        elif k.name == "win_attention":
-            bt = max(1, 128 // gp)
-            k.config = dict(BT=bt, GP=gp, BK=32, num_warps=4, num_stages=3)
-            why.append(f"win_attention tile: {bt} token(s) x {gp} head rows, 32-key steps")
-
-
-def _dkdv_rows(spec: Spec, gp: int, target: Target, keys: int = 64, stages: int = 2) -> int:
-    """Tokens per step of a dk/dv kernel: 128 query rows (two warpgroups of tensor-core rows;
-    64-row steps measured far slower, results/h200/NOTES.md), fewer when the pipelined q/dO
-    tiles, the key tile and the P/dS staging would not fit in the target's shared memory per
-    program (large head dims)."""
-    rows = 128
-    while rows > 16 and dkdv_smem_bytes(spec, rows, keys, stages) > target.smem_per_block:
-        rows //= 2
-    return max(1, rows // gp)
-
-
-def dkdv_smem_bytes(spec: Spec, rows: int, keys: int, stages: int) -> int:
-    """Shared memory of a dk/dv step (16-bit inputs): `stages` buffers of the q and dO row
-    tiles, the key/value tile, and the fp32 P/dS staging (an upper bound on sm_90: 64 keys x 128
-    rows x D=128 at 3 stages estimates 262 KB where Triton 3.6 asked for 248 KB)."""
-    bd = triton.next_power_of_2(spec.dim_qk) + triton.next_power_of_2(spec.dim_v)
-    return stages * rows * bd * 2 + keys * bd * 2 + rows * keys * 4
+        k.config = KERNELS[k.name].default(spec, target, why)
 
 
 def _backward(spec: Spec, why: list[str], target: Target) -> list[KernelPlan]:
-    """Backward kernels, one template per branch (dq and dk/dv kernels in each)."""
-    gp = triton.next_power_of_2(spec.group)
-    out = [KernelPlan("gate_delta", "gate_delta.py.jinja", ("combine",),
-                      config=dict(BR=max(1, 4096 // triton.next_power_of_2(spec.dim_v)),
-                                  num_warps=4))]
-    why.append("backward prologue: gate gradients and every branch's delta in one pass over dO")
-    if spec.has("cmp"):
-        out.append(KernelPlan("cmp_attention_bwd", "cmp_attention_bwd.py.jinja", ("cmp_attn",),
-                              config=dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4,
-                                          BT_KV=_dkdv_rows(spec, gp, target), BC_KV=64, QC=2048,
-                                          WARPS_KV=8, STAGES_KV=2)))
-        why.append("backward cmp: recompute P from the saved LSE; dq per token tile, dk_cmp/dv_cmp "
-                   "per (compressed tile, chunk of at most QC queries that see it), added "
-                   "atomically; no gradient through importance")
-    if spec.has("slc"):
-        gps = max(16, gp)
-        out.append(KernelPlan("slc_attention_bwd", "slc_attention_bwd.py.jinja", ("slc_attn",),
-                              config=dict(GP=gps, BK=min(spec.slc_block, 64),
-                                          BT_BWD=max(1, 64 // gps), CHUNK_ITERS=64, num_warps=4)))
-        why.append("backward slc: dk/dv per (block, KV head) over an inverse map of the tokens "
-                   "that chose it, so the cost follows the selected pairs; each block's tokens "
-                   "in chunks of 64 tiles, added atomically (the initial block is chosen by every "
-                   "token and would otherwise serialise the launch)")
-    if spec.has("win"):
-        out.append(KernelPlan("win_attention_bwd", "win_attention_bwd.py.jinja", ("win_attn",),
-                              config=dict(BT=max(1, 64 // gp), GP=gp, BK=64, num_warps=4,
-                                          BT_KV=_dkdv_rows(spec, gp, target), BK_KV=64, WARPS_KV=8,
-                                          STAGES_KV=2)))
-        why.append("backward win: dq per token tile; dk/dv per key tile over the queries whose "
-                   "window holds it, unmasked where the whole tile is visible")
-    return out
+    """Backward kernels: the gate/delta prologue, then one kernel per branch (dq and dk/dv)."""
+    names = [("gate_delta", ("combine",))] + [
+        (f"{b}_attention_bwd", (f"{b}_attn",)) for b in ("cmp", "slc", "win") if spec.has(b)]
+    return [KernelPlan(n, KERNELS[n].template, nodes,
+                       config=KERNELS[n].default(spec, target, why)) for n, nodes in names]
 
 
 def lower(spec: Spec, target: Target | None = None) -> Plan:

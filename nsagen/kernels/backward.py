@@ -1,0 +1,119 @@
+"""The backward kernels: the gate/delta prologue and one kernel per branch (dq and dk/dv halves
+in each). Each is defined once: template, default launch config (with its reason) and tunable
+config space."""
+from __future__ import annotations
+
+import itertools
+
+import triton
+
+from ..spec import Spec
+from ..target import Target
+from .base import (Dims, KernelDef, dkdv_smem_bytes, interleave, nearest, regs, smem_bytes,
+                   token_rows)
+
+
+def dkdv_rows(spec: Spec, gp: int, target: Target, keys: int = 64, stages: int = 2) -> int:
+    """Tokens per step of a dk/dv kernel: 128 query rows (two warpgroups of tensor-core rows;
+    64-row steps measured far slower, results/h200/NOTES.md), fewer when the pipelined q/dO
+    tiles, the key tile and the P/dS staging would not fit in the target's shared memory per
+    program (large head dims)."""
+    rows = 128
+    while rows > 16 and dkdv_smem_bytes(spec, rows, keys, stages) > target.smem_per_block:
+        rows //= 2
+    return max(1, rows // gp)
+
+
+def _dkdv_space(spec: Spec, default: dict, gp: int, keys_name: str, smem: int) -> list[dict]:
+    """The dk/dv half of a backward kernel: 64- or 128-row steps, warps, stages, key tile."""
+    out = []
+    for rows, keys, nw, ns in itertools.product([64, 128], [32, 64], [4, 8], [1, 2]):
+        if rows >= gp and dkdv_smem_bytes(spec, rows, keys, ns) <= smem:
+            out.append(dict(default, BT_KV=rows // gp, **{keys_name: keys}, WARPS_KV=nw,
+                            STAGES_KV=ns))
+    return nearest(out, default)
+
+
+# ---------------------------------------------------------------------------- gate_delta
+def _gate_default(spec: Spec, target: Target, why: list) -> dict:
+    why.append("backward prologue: gate gradients and every branch's delta in one pass over dO")
+    return dict(BR=max(1, 4096 // triton.next_power_of_2(spec.dim_v)), num_warps=4)
+
+
+def _gate_space(spec: Spec, default: dict, target: Target, smem: int):
+    return [dict(default, BR=br, num_warps=nw)
+            for br, nw in itertools.product([8, 16, 32, 64], [2, 4, 8])], []
+
+
+# ---------------------------------------------------------------------------- cmp_attention_bwd
+def _cmp_bwd_default(spec: Spec, target: Target, why: list) -> dict:
+    gp = Dims.of(spec).gp
+    why.append("backward cmp: recompute P from the saved LSE; dq per token tile, dk_cmp/dv_cmp "
+               "per (compressed tile, chunk of at most QC queries that see it), added "
+               "atomically; no gradient through importance")
+    return dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4, BT_KV=dkdv_rows(spec, gp, target),
+                BC_KV=64, QC=2048, WARPS_KV=8, STAGES_KV=2)
+
+
+def _cmp_bwd_space(spec: Spec, default: dict, target: Target, smem: int):
+    d = Dims.of(spec)
+    dq = [dict(default, BT=bt, BC=bc, num_warps=nw)
+          for bt, bc, nw in itertools.product(token_rows(d.gp, 64, 128), [32, 64, 128], [4, 8])
+          if smem_bytes(bt * d.gp, bc, d.bdk, d.bdv, 2) <= smem
+          and regs(bt * d.gp, bc, d.bdk, d.bdv, nw) <= target.reg_limit]
+    return interleave(_dkdv_space(spec, default, d.gp, "BC_KV", smem), nearest(dq, default)), []
+
+
+# ---------------------------------------------------------------------------- slc_attention_bwd
+def _slc_bwd_default(spec: Spec, target: Target, why: list) -> dict:
+    gps = max(16, Dims.of(spec).gp)
+    why.append("backward slc: dk/dv per (block, KV head) over an inverse map of the tokens "
+               "that chose it, so the cost follows the selected pairs; each block's tokens "
+               "in chunks of 64 tiles, added atomically (the initial block is chosen by every "
+               "token and would otherwise serialise the launch)")
+    return dict(GP=gps, BK=min(spec.slc_block, 64), BT_BWD=max(1, 64 // gps), CHUNK_ITERS=64,
+                num_warps=4)
+
+
+def _slc_bwd_space(spec: Spec, default: dict, target: Target, smem: int):
+    d = Dims.of(spec)
+    gps = default["GP"]
+    out = [dict(default, BT_BWD=bt, CHUNK_ITERS=it, num_warps=nw)
+           for bt, it, nw in itertools.product(token_rows(gps, 32, 64, 128), [16, 64], [4, 8])
+           if smem_bytes(bt * gps, spec.slc_block, d.bdk, d.bdv, 2) <= smem
+           and regs(bt * gps, spec.slc_block, d.bdk, d.bdv, nw) <= target.reg_limit]
+    # its dk/dv has the shape of the compressed and window dk/dv, where 128-row steps with
+    # 8 warps measured fastest: try that pairing first
+    first = []
+    if dkdv_smem_bytes(spec, 128, spec.slc_block, 2) <= smem:
+        first.append(dict(default, BT_BWD=max(1, 128 // gps), num_warps=8))
+    return out, first
+
+
+# ---------------------------------------------------------------------------- win_attention_bwd
+def _win_bwd_default(spec: Spec, target: Target, why: list) -> dict:
+    gp = Dims.of(spec).gp
+    why.append("backward win: dq per token tile; dk/dv per key tile over the queries whose "
+               "window holds it, unmasked where the whole tile is visible")
+    return dict(BT=max(1, 64 // gp), GP=gp, BK=64, num_warps=4, BT_KV=dkdv_rows(spec, gp, target),
+                BK_KV=64, WARPS_KV=8, STAGES_KV=2)
+
+
+def _win_bwd_space(spec: Spec, default: dict, target: Target, smem: int):
+    d = Dims.of(spec)
+    dq = [dict(default, BT=bt, BK=bk, num_warps=nw)
+          for bt, bk, nw in itertools.product(token_rows(d.gp, 64, 128), [32, 64, 128], [4, 8])
+          if smem_bytes(bt * d.gp, bk, d.bdk, d.bdv, 2) <= smem
+          and regs(bt * d.gp, bk, d.bdk, d.bdv, nw) <= target.reg_limit]
+    return interleave(_dkdv_space(spec, default, d.gp, "BK_KV", smem), nearest(dq, default)), []
+
+
+BACKWARD = (
+    KernelDef("gate_delta", "gate_delta.py.jinja", "backward", _gate_default, _gate_space),
+    KernelDef("cmp_attention_bwd", "cmp_attention_bwd.py.jinja", "backward", _cmp_bwd_default,
+              _cmp_bwd_space),
+    KernelDef("slc_attention_bwd", "slc_attention_bwd.py.jinja", "backward", _slc_bwd_default,
+              _slc_bwd_space),
+    KernelDef("win_attention_bwd", "win_attention_bwd.py.jinja", "backward", _win_bwd_default,
+              _win_bwd_space),
+)

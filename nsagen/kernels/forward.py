@@ -1,0 +1,114 @@
+"""The forward kernels: mean compression, compressed attention (+ block importance), the top-n,
+selected-block attention, sliding-window attention. Each is defined once: template, default
+launch config (with its reason) and tunable config space."""
+from __future__ import annotations
+
+import itertools
+
+from ..spec import Spec
+from ..target import Target
+from .base import Dims, KernelDef, regs, smem_bytes
+
+
+# ---------------------------------------------------------------------------- mean_compress
+def _mean_default(spec: Spec, target: Target, why: list) -> dict:
+    return dict(BI=32, num_warps=4)
+
+
+def _mean_space(spec: Spec, default: dict, target: Target, smem: int):
+    return [dict(default, BI=bi, num_warps=nw)
+            for bi, nw in itertools.product([16, 32, 64], [2, 4])], []
+
+
+# ---------------------------------------------------------------------------- cmp_attention
+def _cmp_default(spec: Spec, target: Target, why: list) -> dict:
+    d = Dims.of(spec)
+    gp, r2, bdk, bdv = d.gp, d.r2, d.bdk, d.bdv
+    bt, bc, stages = max(1, 128 // gp), max(128, 16 * r2), 3
+    bc_min = max(64, 16 * r2)
+    while smem_bytes(bt * gp, bc, bdk, bdv, stages) > target.smem_budget:
+        if stages > 2:
+            stages -= 1
+        elif bc > bc_min:
+            bc //= 2
+        elif bt > 1:
+            bt //= 2
+        elif stages > 1:        # small shared memory: no software pipelining
+            stages -= 1
+        else:
+            break
+    why.append(f"cmp_attention tile: {bt} token(s) x {gp} head rows (G={spec.group}) = "
+               f"{bt * gp} rows, {bc} compressed keys per step, {stages} stages "
+               f"(~{smem_bytes(bt * gp, bc, bdk, bdv, stages) // 1024} KB shared memory)")
+    return dict(BT=bt, GP=gp, BC=bc, num_warps=8 if bt * gp >= 128 else 4, num_stages=stages)
+
+
+def _cmp_space(spec: Spec, default: dict, target: Target, smem: int):
+    d = Dims.of(spec)
+    out = []
+    for bt, bc, nw, ns in itertools.product([max(1, 64 // d.gp), max(1, 128 // d.gp)],
+                                            [default["BC"], 2 * default["BC"]], [4, 8], [2, 3]):
+        if (bc % d.r2 or bc // d.r2 < 16 or smem_bytes(bt * d.gp, bc, d.bdk, d.bdv, ns) > smem
+                or regs(bt * d.gp, bc, d.bdk, d.bdv, nw) > target.reg_limit):
+            continue
+        out.append(dict(default, BT=bt, BC=bc, num_warps=nw, num_stages=ns))
+    return out, []
+
+
+# ---------------------------------------------------------------------------- select_blocks
+def _select_default(spec: Spec, target: Target, why: list) -> dict:
+    return dict(BT=1, num_warps=2)
+
+
+def _select_space(spec: Spec, default: dict, target: Target, smem: int):
+    return [dict(default, BT=bt, num_warps=nw)
+            for bt, nw in itertools.product([1, 2, 4, 8], [2, 4, 8])], []
+
+
+# ---------------------------------------------------------------------------- slc_attention
+def _slc_default(spec: Spec, target: Target, why: list) -> dict:
+    gps = max(16, Dims.of(spec).gp)
+    why.append(f"slc_attention: one token x {spec.group} heads per program, rows padded to {gps} "
+               "for tensor-core tiles" + (" (small group: padded)" if gps > spec.group else ""))
+    return dict(GP=gps, BK=min(spec.slc_block, 64), num_warps=2, num_stages=2)
+
+
+def _slc_space(spec: Spec, default: dict, target: Target, smem: int):
+    d = Dims.of(spec)
+    out = []
+    for bk, nw, ns in itertools.product(sorted({min(spec.slc_block, 64), min(spec.slc_block, 32)}),
+                                        [2, 4, 8], [1, 2, 3, 4]):
+        if (spec.slc_block % bk or smem_bytes(default["GP"], bk, d.bdk, d.bdv, ns) > smem
+                or regs(default["GP"], bk, d.bdk, d.bdv, nw) > target.reg_limit):
+            continue
+        out.append(dict(default, BK=bk, num_warps=nw, num_stages=ns))
+    return out, []
+
+
+# ---------------------------------------------------------------------------- win_attention
+def _win_default(spec: Spec, target: Target, why: list) -> dict:
+    gp = Dims.of(spec).gp
+    bt = max(1, 128 // gp)
+    why.append(f"win_attention tile: {bt} token(s) x {gp} head rows, 32-key steps")
+    return dict(BT=bt, GP=gp, BK=32, num_warps=4, num_stages=3)
+
+
+def _win_space(spec: Spec, default: dict, target: Target, smem: int):
+    d = Dims.of(spec)
+    out = []
+    for bt, bk, nw, ns in itertools.product([max(1, 64 // d.gp), max(1, 128 // d.gp)],
+                                            [32, 64, 128], [4, 8], [2, 3]):
+        if (smem_bytes(bt * d.gp, bk, d.bdk, d.bdv, ns) > smem
+                or regs(bt * d.gp, bk, d.bdk, d.bdv, nw) > target.reg_limit):
+            continue
+        out.append(dict(default, BT=bt, BK=bk, num_warps=nw, num_stages=ns))
+    return out, []
+
+
+FORWARD = (
+    KernelDef("mean_compress", "mean_compress.py.jinja", "forward", _mean_default, _mean_space),
+    KernelDef("cmp_attention", "cmp_attention.py.jinja", "forward", _cmp_default, _cmp_space),
+    KernelDef("select_blocks", "select_blocks.py.jinja", "forward", _select_default, _select_space),
+    KernelDef("slc_attention", "slc_attention.py.jinja", "forward", _slc_default, _slc_space),
+    KernelDef("win_attention", "win_attention.py.jinja", "forward", _win_default, _win_space),
+)
