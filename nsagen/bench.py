@@ -23,7 +23,7 @@ import triton
 from . import __version__, costmodel
 from .ops import build
 from .spec import Spec
-from .tune.timing import median_ms, profile_kernels
+from .tune.timing import capture_graph, median_ms, profile_kernels
 from .tune.workloads import random_inputs
 
 log = logging.getLogger("nsagen")
@@ -284,14 +284,7 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
                 row["kernels_us"] = {k_: ms * 1e3 for k_, ms in kernel_breakdown(f).items()}
             if dev == "cuda":
                 try:
-                    graph = torch.cuda.CUDAGraph()
-                    s = torch.cuda.Stream()
-                    s.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(s):
-                        f()
-                    torch.cuda.current_stream().wait_stream(s)
-                    with torch.cuda.graph(graph):
-                        f()
+                    graph = capture_graph(f)
                     row["nsagen_graph_us"] = median_ms(graph.replay) * 1e3
                 except Exception as err:
                     log.info("nsagen bench: graph capture failed: %s", str(err)[:160])

@@ -55,18 +55,25 @@ def kernel_times(run, kernels: list[str], iters: int = 3) -> dict[str, float]:
     return out
 
 
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """`fn` captured in a CUDA graph, after one warm-up call on a side stream (capture needs the
+    allocations and compilations of a first call done)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
 def graph_time(fn, reps: int = 30) -> float:
     """ms per call of `fn` replayed from a CUDA graph (host overhead out of the picture), the
-    best of three timed batches of `reps`; eager do_bench when capture fails."""
+    best of three timed batches of `reps`; eager medians when capture fails."""
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
+        g = capture_graph(fn)
     except Exception as err:
         log.info("nsagen tune: graph capture failed (%s); timing eager steps", str(err)[:120])
         return median_ms(fn, warmup=5, rep=20)
