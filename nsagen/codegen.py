@@ -150,7 +150,7 @@ def explain(spec: Spec, target: Target | None = None) -> str:
     out = [f"spec {spec.name} ({spec.uri}), module {module_name(spec, target=plan.target)}", "",
            "graph before the passes:", describe(build_graph(spec)), "",
            "graph after the passes (node -> kernel):", describe(plan.graph), "", "decisions:"]
-    out += [f"  - {d}" for d in plan.decisions]
+    out += [f"  - [{d.pass_name}] {d}" for d in plan.decisions]
     out += ["", "kernels (launch order):"]
     for k in plan.kernels:
         flags = ", ".join(f"{a}={b}" for a, b in k.params.items())
@@ -159,7 +159,7 @@ def explain(spec: Spec, target: Target | None = None) -> str:
     dec = plan.decode
     out += ["", "decode step (one query per sequence), graph node -> kernel:", describe(dec.graph),
             "", "decode decisions:"]
-    out += [f"  - {d}" for d in dec.decisions]
+    out += [f"  - [{d.pass_name}] {d}" for d in dec.decisions]
     out += ["", "decode kernels (launch order):"]
     for k in dec.kernels:
         flags = ", ".join(f"{a}={b}" for a, b in k.params.items())

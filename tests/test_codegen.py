@@ -196,3 +196,21 @@ def test_shipped_modules_load_without_a_writable_cache(tmp_path, monkeypatch):
     other = nsagen.load_spec("nsa-g8").replace(name="not-shipped", window=96)
     with pytest.raises(OSError):
         nsagen.build(other)                      # anything else needs the cache
+
+
+def test_backward_is_read_off_the_graph_and_decisions_name_their_pass():
+    """The backward differentiates the attention nodes whose output reaches combine: with only
+    the selected branch, the compressed attention (which only scores blocks) has no backward
+    kernel. Every decision names the pass that made it."""
+    spec = nsagen.load_spec("nsa-d128")
+    full = lower(spec)
+    assert [k.name for k in full.backward] == ["gate_delta", "cmp_attention_bwd",
+                                               "slc_attention_bwd", "win_attention_bwd"]
+    assert full.graph.nodes["slc_attn"]["backward_kernel"] == "slc_attention_bwd"
+    only_slc = lower(spec.replace(branches=("slc",), window=None))
+    assert "cmp_attn" in only_slc.graph
+    assert [k.name for k in only_slc.backward] == ["gate_delta", "slc_attention_bwd"]
+    assert "backward_kernel" not in only_slc.graph.nodes["cmp_attn"]
+    passes = {d.pass_name for d in full.decisions}
+    assert {"target", "partition", "importance", "tiles", "backward"} <= passes
+    assert "  - [tiles] cmp_attention tile" in codegen.explain(spec)

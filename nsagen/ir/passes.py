@@ -18,6 +18,32 @@ from ..target import Target, current
 from .graph import build_graph
 
 
+class Decision(str):
+    """One choice the compiler made, in words with its numbers, and the pass that made it."""
+
+    pass_name: str
+
+    def __new__(cls, text: str, pass_name: str) -> "Decision":
+        obj = super().__new__(cls, text)
+        obj.pass_name = pass_name
+        return obj
+
+
+class Decisions(list):
+    """A lowering's decisions in order; `during(name)` attributes the next ones to a pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.pass_name = ""
+
+    def during(self, name: str) -> "Decisions":
+        self.pass_name = name
+        return self
+
+    def append(self, text: str) -> None:
+        super().append(Decision(text, self.pass_name))
+
+
 @dataclass
 class KernelPlan:
     """One generated kernel: which template renders it, its structural flags, default config."""
@@ -43,7 +69,7 @@ class Plan:
     spec: Spec
     graph: nx.DiGraph
     kernels: list[KernelPlan]
-    decisions: list[str]
+    decisions: list[Decision]
     backward: list[KernelPlan] = field(default_factory=list)
     decode: "DecodePlan | None" = None
     target: Target | None = None
@@ -131,10 +157,20 @@ def _tiles(spec: Spec, kernels: list[KernelPlan], why: list[str], target: Target
         k.config = KERNELS[k.name].default(spec, target, why)
 
 
-def _backward(spec: Spec, why: list[str], target: Target) -> list[KernelPlan]:
-    """Backward kernels: the gate/delta prologue, then one kernel per branch (dq and dk/dv)."""
-    names = [("gate_delta", ("combine",))] + [
-        (f"{b}_attention_bwd", (f"{b}_attn",)) for b in ("cmp", "slc", "win") if spec.has(b)]
+BACKWARD_OF = {"cmp_attn": "cmp_attention_bwd", "slc_attn": "slc_attention_bwd",
+               "win_attn": "win_attention_bwd"}
+
+
+def _backward(g: nx.DiGraph, spec: Spec, why: list[str], target: Target) -> list[KernelPlan]:
+    """Backward kernels, read off the graph: the gate/delta prologue for `combine`, then one
+    kernel (dq and dk/dv) per attention node whose output reaches `combine`. The selection path
+    (importance -> topk) feeds no gradient, so a compressed attention that only scores blocks
+    gets no backward kernel."""
+    diff = [n for n in BACKWARD_OF if g.has_edge(n, "combine")]
+    names = [("gate_delta", ("combine",))] + [(BACKWARD_OF[n], (n,)) for n in diff]
+    for name, nodes in names:
+        for n in nodes:
+            g.nodes[n]["backward_kernel"] = name
     return [KernelPlan(n, KERNELS[n].template, nodes,
                        config=KERNELS[n].default(spec, target, why)) for n, nodes in names]
 
@@ -144,13 +180,14 @@ def lower(spec: Spec, target: Target | None = None) -> Plan:
     (default: the GPU at hand, else the default preset; nsagen.target)."""
     target = target or current()
     g = build_graph(spec)
-    why: list[str] = [f"target {target.name} (sm_{target.arch}): {target.sm_count} SMs, "
-                      f"{target.smem_per_block // 1024} KiB shared memory per program, "
-                      f"{target.smem_per_sm // 1024} KiB per SM"]
-    kernels = _partition(g, spec, why)
-    _lower_importance(spec, kernels, why)
-    _tiles(spec, kernels, why, target)
-    backward = _backward(spec, why, target)
+    why = Decisions().during("target")
+    why.append(f"target {target.name} (sm_{target.arch}): {target.sm_count} SMs, "
+               f"{target.smem_per_block // 1024} KiB shared memory per program, "
+               f"{target.smem_per_sm // 1024} KiB per SM")
+    kernels = _partition(g, spec, why.during("partition"))
+    _lower_importance(spec, kernels, why.during("importance"))
+    _tiles(spec, kernels, why.during("tiles"), target)
+    backward = _backward(g, spec, why.during("backward"), target)
     return Plan(spec=spec, graph=g, kernels=kernels, decisions=why, backward=backward,
                 decode=lower_decode(spec, target), target=target)
 
@@ -168,7 +205,7 @@ class DecodePlan:
     spec: Spec
     graph: nx.DiGraph
     kernels: list[KernelPlan]
-    decisions: list[str]
+    decisions: list[Decision]
     target: Target | None = None
 
     def kernel(self, name: str) -> KernelPlan:
@@ -302,7 +339,7 @@ def lower_decode(spec: Spec, target: Target | None = None) -> DecodePlan:
     target = target or current()
     g = build_graph(spec)
     g.graph["direction"] = "decode"
-    why: list[str] = []
+    why = Decisions().during("decode")
     t = _decode_tiles(spec, target)
     G, gp = spec.group, t["GP"]
     r1 = spec.cmp_block // spec.cmp_stride
