@@ -8,10 +8,7 @@ off their default configs. Tuned tables and explicit overrides are checked here 
 """
 from __future__ import annotations
 
-import itertools
 from typing import Any, Mapping
-
-import triton
 
 from .kernels import KERNELS
 from .spec import Spec
@@ -55,30 +52,10 @@ def candidates(spec: Spec, kernel: str, default: dict, target: Target | None = N
 
 def decode_candidates(spec: Spec, kernel: str, default: dict,
                       limit: int | None = -1) -> list[dict]:
-    """Configs to try for one decode kernel, from the parameters its default config has (the
-    decode kernels' set may change; only parameters whose meaning is known are varied: warps,
-    pipeline stages, the merge's column tile and width, where the merge runs, how the top-n
-    picks and over how many blocks a top-n tile runs)."""
-    bdv = triton.next_power_of_2(spec.dim_v)
-    axes: list[tuple[str, list]] = []
-    if "num_warps" in default:
-        axes.append(("num_warps", [2, 4, 8]))
-    if "num_stages" in default:
-        axes.append(("num_stages", [2, 3, 4]))
-    if "BDVC" in default:
-        axes.append(("BDVC", [c for c in (16, 32, 64) if c <= bdv and bdv % c == 0]))
-    if "SB" in default:
-        axes.append(("SB", [4, 8, 16]))
-    if "MERGE" in default:          # decode_slc's last programs merge, or decode_combine does
-        axes.append(("MERGE", [0, 1]))
-    if "RANK_MAX" in default:       # decode_select: rank picks, or sequential maxima
-        axes.append(("RANK_MAX", [0, 128]))
-    if "BNB" in default:            # decode_select: blocks per tile (fewer tiles, shorter merge)
-        axes.append(("BNB", [64, 128, 256, 512]))
-    out = [dict(default, **{name: v}) for name, vals in axes for v in vals]      # one change
-    for (a, va), (b, vb) in itertools.combinations(axes, 2):                     # then two
-        out += [dict(default, **{a: x, b: y}) for x in va for y in vb]
-    return _order(out, default, MAX_CANDIDATES["decode"] if limit == -1 else limit)
+    """Configs to try for one decode kernel: its definition's space (read off the parameters its
+    default config has), nearest the default first, at most `limit` (-1: the phase's cap)."""
+    out, first = KERNELS[kernel].space(spec, default, current(), 0)
+    return _order(out, default, MAX_CANDIDATES["decode"] if limit == -1 else limit, first)
 
 
 def split_candidates(spec: Spec, base: dict) -> list[dict]:

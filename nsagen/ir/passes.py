@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import triton
 
-from ..kernels import KERNELS
+from ..kernels import KERNELS, decode_tiles
 from ..spec import Spec
 from ..target import Target, current
 from .graph import build_graph
@@ -215,35 +215,6 @@ class DecodePlan:
         return decode_splits(self.spec, batch, max_len, self.target)
 
 
-def _decode_smem(rows: int, keys: int, bdk: int, bdv: int, stages: int, loops: int = 1) -> int:
-    """Shared memory of a pipelined decode loop (Triton keeps stages - 1 K/V tiles in flight per
-    loop) plus the query tile and scratch."""
-    return loops * max(1, stages - 1) * keys * (bdk + bdv) * 2 + rows * bdk * 2 + 4096
-
-
-def _decode_tiles(spec: Spec, target: Target) -> dict[str, int]:
-    """Tile sizes of the decode kernels (independent of the batch) and how many programs of the
-    two streaming kernels fit on one SM."""
-    gp = max(16, triton.next_power_of_2(spec.group))
-    r2 = spec.slc_block // spec.cmp_stride
-    bdk = triton.next_power_of_2(spec.dim_qk)
-    bdv = triton.next_power_of_2(spec.dim_v)
-    bc, stages = max(64, r2), 3     # 64 compressed keys (whole selection blocks) per step
-    # the compressed pass is a stream over K/V: keep three programs per SM resident
-    while target.smem_per_sm // _decode_smem(gp, bc, bdk, bdv, stages) < 3 and stages > 2:
-        stages -= 1
-    # selected blocks: 128 gathered keys per step (two 64-token blocks in one round trip) while
-    # a K+V tile stays within 64 KiB
-    bks = 128 if bdk + bdv <= 256 else 64
-    return dict(GP=gp, BC=bc, BJ=bc // r2, stages=stages, BW=64, BKS=bks,
-                BDVC=min(bdv, 32), RB=min(4, triton.next_power_of_2(spec.group)),
-                # the merge in decode_slc's last program takes all GP heads: 16 columns a step
-                # keeps its [partials, heads, columns] tile (up to 32 partials) in registers
-                BDVC_MERGE=min(bdv, 16),
-                cmp_resident=max(1, target.smem_per_sm // _decode_smem(gp, bc, bdk, bdv, stages)),
-                slc_resident=max(1, target.smem_per_sm // _decode_smem(gp, bks, bdk, bdv, 2)))
-
-
 def _cheapest(cands: list[tuple], rows: int, slots: int):
     """The candidate (value, programs per row, keys per program) whose launch takes the fewest
     waves x keys per program (a program's fixed cost included); ties go to fewer programs."""
@@ -276,7 +247,7 @@ def decode_splits(spec: Spec, batch: int, max_len: int, target: Target | None = 
     """
     target = target or current()
     sm_count = target.sm_count
-    t = dict(_decode_tiles(spec, target))
+    t = dict(decode_tiles(spec, target))
     for branch, n in (resident or {}).items():
         t[f"{branch}_resident"] = n
     rows = max(1, batch * spec.heads_kv)
@@ -316,7 +287,7 @@ def decode_splits(spec: Spec, batch: int, max_len: int, target: Target | None = 
 def decode_programs(spec: Spec, batch: int, max_len: int, splits: dict[str, int],
                     target: Target | None = None) -> dict[str, int]:
     """Programs each decode kernel launches for `splits` (for --explain and the tests)."""
-    t = _decode_tiles(spec, target or current())
+    t = decode_tiles(spec, target or current())
     rows = batch * spec.heads_kv
     nbp = max(16, triton.next_power_of_2(spec.num_blocks(max_len)))
     n_slc = -(-spec.slc_count // splits["slc_blocks"]) if spec.has("slc") else 0
@@ -340,7 +311,7 @@ def lower_decode(spec: Spec, target: Target | None = None) -> DecodePlan:
     g = build_graph(spec)
     g.graph["direction"] = "decode"
     why = Decisions().during("decode")
-    t = _decode_tiles(spec, target)
+    t = decode_tiles(spec, target)
     G, gp = spec.group, t["GP"]
     r1 = spec.cmp_block // spec.cmp_stride
     r2 = spec.slc_block // spec.cmp_stride
@@ -357,10 +328,10 @@ def lower_decode(spec: Spec, target: Target | None = None) -> DecodePlan:
         imap = "identity" if r1 == 1 and r2 == 1 else "overlap"
         parts = 1 + (r1 + r2 - 2) // r2   # blocks one window reaches: its own and the next ones
         kernels.append(KernelPlan(
-            "decode_cmp", "decode_cmp.py.jinja", tuple(nodes),
+            "decode_cmp", KERNELS["decode_cmp"].template, tuple(nodes),
             params=dict(with_output=spec.has("cmp"), with_importance=spec.has("slc"),
                         with_win=win_in_cmp, importance_map=imap, spill=parts > 1, parts=parts),
-            config=dict(BC=t["BC"], BW=t["BW"], num_warps=4, num_stages=t["stages"])))
+            config=KERNELS["decode_cmp"].default(spec, target, why)))
         why.append(f"decode_cmp: each program takes a chunk of whole selection blocks of the "
                    f"visible compressed keys, {t['BC']} keys ({t['BJ']} blocks) per step, "
                    f"{t['stages']} stages; it writes a partial (max, sum"
@@ -381,9 +352,9 @@ def lower_decode(spec: Spec, target: Target | None = None) -> DecodePlan:
                        + ("; weights per key offset (a reshape and a sum): a [keys, blocks] "
                           "tensor-core map costs twice the registers" if imap == "overlap" else ""))
     if spec.has("slc"):
-        kernels.append(KernelPlan("decode_select", "decode_select.py.jinja",
+        kernels.append(KernelPlan("decode_select", KERNELS["decode_select"].template,
                                   ("importance", "topk"),
-                                  config=dict(BNB=128, RANK_MAX=128, num_warps=4)))
+                                  config=KERNELS["decode_select"].default(spec, target, why)))
         why.append("decode_select: a grid over tiles of 128 selection blocks x KV heads x "
                    "sequences merges the split maxima and sums into each head's LSE, normalises "
                    "the importance parts, sums them over the group and keeps the tile's best "
@@ -395,10 +366,9 @@ def lower_decode(spec: Spec, target: Target | None = None) -> DecodePlan:
                    "candidates with the forced blocks: one launch, and the sequential picks run "
                    "over tiles x n candidates instead of every block")
         kernels.append(KernelPlan(
-            "decode_slc", "decode_slc.py.jinja", ("slc_attn",),
+            "decode_slc", KERNELS["decode_slc"].template, ("slc_attn",),
             params=dict(with_slc=True, with_win=False, merge=True, branches=tuple(spec.branches)),
-            config=dict(BK=t["BKS"], num_warps=4, num_stages=2, MERGE=0, BDVC=t["BDVC_MERGE"],
-                        SB=32)))
+            config=KERNELS["decode_slc"].default(spec, target, why)))
         why.append(f"decode_slc: each program takes a group of selected blocks and gathers "
                    f"their keys {t['BKS']} at a time (block index per key), so a group's "
                    "blocks are in flight together; it writes a partial (max, sum, P@V). With "
@@ -408,14 +378,14 @@ def lower_decode(spec: Spec, target: Target | None = None) -> DecodePlan:
                    "than the separate launch (results/h200/NOTES.md); the tuner may turn it on")
     elif spec.has("win") and not win_in_cmp:
         kernels.append(KernelPlan(
-            "decode_win", "decode_slc.py.jinja", ("win_attn",),
+            "decode_win", KERNELS["decode_win"].template, ("win_attn",),
             params=dict(with_slc=False, with_win=True, merge=False),
-            config=dict(BK=t["BW"], num_warps=4, num_stages=2)))
+            config=KERNELS["decode_win"].default(spec, target, why)))
         why.append(f"decode_win: chunks of the {spec.window}-key window, {t['BW']}-key steps; "
                    "each program writes a partial (max, sum, P@V)")
-    kernels.append(KernelPlan("decode_combine", "decode_combine.py.jinja", ("combine",),
+    kernels.append(KernelPlan("decode_combine", KERNELS["decode_combine"].template, ("combine",),
                               params=dict(branches=tuple(spec.branches)),
-                              config=dict(BDVC=t["BDVC"], RB=t["RB"], SB=64, num_warps=4)))
+                              config=KERNELS["decode_combine"].default(spec, target, why)))
     why.append(f"decode_combine: merges each branch's partials (separate softmaxes) and folds "
                "them with the gates into o: the branch maxima, sums and gates become one weight "
                f"per partial and head, so o is one weighted sum; a program takes {t['RB']} "

@@ -24,7 +24,7 @@ class KernelDef:
 
     name: str
     template: str
-    phase: str                   # "forward" or "backward"
+    phase: str                   # "forward", "backward" or "decode"
     default: DefaultRule
     space: SpaceRule
 

@@ -1,0 +1,100 @@
+"""The decode kernels: the compressed pass (with block importance and the window's chunks),
+the top-n, the selected blocks (or the window alone), and the merge. Each is defined once:
+template, default launch config and tunable config space. Their reasons are written by the
+decode lowering (nsagen.ir.passes.lower_decode), which also owns the split rule."""
+from __future__ import annotations
+
+import itertools
+
+import triton
+
+from ..spec import Spec
+from ..target import Target
+from .base import KernelDef
+
+
+def _decode_smem(rows: int, keys: int, bdk: int, bdv: int, stages: int, loops: int = 1) -> int:
+    """Shared memory of a pipelined decode loop (Triton keeps stages - 1 K/V tiles in flight per
+    loop) plus the query tile and scratch."""
+    return loops * max(1, stages - 1) * keys * (bdk + bdv) * 2 + rows * bdk * 2 + 4096
+
+
+def decode_tiles(spec: Spec, target: Target) -> dict[str, int]:
+    """Tile sizes of the decode kernels (independent of the batch) and how many programs of the
+    two streaming kernels fit on one SM."""
+    gp = max(16, triton.next_power_of_2(spec.group))
+    r2 = spec.slc_block // spec.cmp_stride
+    bdk = triton.next_power_of_2(spec.dim_qk)
+    bdv = triton.next_power_of_2(spec.dim_v)
+    bc, stages = max(64, r2), 3     # 64 compressed keys (whole selection blocks) per step
+    # the compressed pass is a stream over K/V: keep three programs per SM resident
+    while target.smem_per_sm // _decode_smem(gp, bc, bdk, bdv, stages) < 3 and stages > 2:
+        stages -= 1
+    # selected blocks: 128 gathered keys per step (two 64-token blocks in one round trip) while
+    # a K+V tile stays within 64 KiB
+    bks = 128 if bdk + bdv <= 256 else 64
+    return dict(GP=gp, BC=bc, BJ=bc // r2, stages=stages, BW=64, BKS=bks,
+                BDVC=min(bdv, 32), RB=min(4, triton.next_power_of_2(spec.group)),
+                # the merge in decode_slc's last program takes all GP heads: 16 columns a step
+                # keeps its [partials, heads, columns] tile (up to 32 partials) in registers
+                BDVC_MERGE=min(bdv, 16),
+                cmp_resident=max(1, target.smem_per_sm // _decode_smem(gp, bc, bdk, bdv, stages)),
+                slc_resident=max(1, target.smem_per_sm // _decode_smem(gp, bks, bdk, bdv, 2)))
+
+
+def _space(spec: Spec, default: dict, target: Target, smem: int):
+    """Read off the default config: only parameters whose meaning is known are varied (warps,
+    pipeline stages, the merge's column tile and width, where the merge runs, how the top-n
+    picks and over how many blocks a top-n tile runs); one change, then two."""
+    bdv = triton.next_power_of_2(spec.dim_v)
+    axes: list[tuple[str, list]] = []
+    if "num_warps" in default:
+        axes.append(("num_warps", [2, 4, 8]))
+    if "num_stages" in default:
+        axes.append(("num_stages", [2, 3, 4]))
+    if "BDVC" in default:
+        axes.append(("BDVC", [c for c in (16, 32, 64) if c <= bdv and bdv % c == 0]))
+    if "SB" in default:
+        axes.append(("SB", [4, 8, 16]))
+    if "MERGE" in default:          # decode_slc's last programs merge, or decode_combine does
+        axes.append(("MERGE", [0, 1]))
+    if "RANK_MAX" in default:       # decode_select: rank picks, or sequential maxima
+        axes.append(("RANK_MAX", [0, 128]))
+    if "BNB" in default:            # decode_select: blocks per tile (fewer tiles, shorter merge)
+        axes.append(("BNB", [64, 128, 256, 512]))
+    out = [dict(default, **{name: v}) for name, vals in axes for v in vals]      # one change
+    for (a, va), (b, vb) in itertools.combinations(axes, 2):                     # then two
+        out += [dict(default, **{a: x, b: y}) for x in va for y in vb]
+    return out, []
+
+
+def _cmp_default(spec: Spec, target: Target, why: list) -> dict:
+    t = decode_tiles(spec, target)
+    return dict(BC=t["BC"], BW=t["BW"], num_warps=4, num_stages=t["stages"])
+
+
+def _select_default(spec: Spec, target: Target, why: list) -> dict:
+    return dict(BNB=128, RANK_MAX=128, num_warps=4)
+
+
+def _slc_default(spec: Spec, target: Target, why: list) -> dict:
+    t = decode_tiles(spec, target)
+    return dict(BK=t["BKS"], num_warps=4, num_stages=2, MERGE=0, BDVC=t["BDVC_MERGE"], SB=32)
+
+
+def _win_default(spec: Spec, target: Target, why: list) -> dict:
+    return dict(BK=decode_tiles(spec, target)["BW"], num_warps=4, num_stages=2)
+
+
+def _combine_default(spec: Spec, target: Target, why: list) -> dict:
+    t = decode_tiles(spec, target)
+    return dict(BDVC=t["BDVC"], RB=t["RB"], SB=64, num_warps=4)
+
+
+DECODE = (
+    KernelDef("decode_cmp", "decode_cmp.py.jinja", "decode", _cmp_default, _space),
+    KernelDef("decode_select", "decode_select.py.jinja", "decode", _select_default, _space),
+    KernelDef("decode_slc", "decode_slc.py.jinja", "decode", _slc_default, _space),
+    KernelDef("decode_win", "decode_slc.py.jinja", "decode", _win_default, _space),
+    KernelDef("decode_combine", "decode_combine.py.jinja", "decode", _combine_default, _space),
+)
