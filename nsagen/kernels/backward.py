@@ -34,6 +34,21 @@ def _dkdv_space(spec: Spec, default: dict, gp: int, keys_name: str, smem: int) -
     return nearest(out, default)
 
 
+def _tiled_space(keys: str):
+    """The space of a tiled backward kernel (the compressed or the window branch): its dq half in
+    tiles of 64 or 128 head rows by 32 to 128 keys, interleaved with its dk/dv steps; `keys` names
+    the dq key-tile parameter (`keys` + "_KV" the dk/dv one)."""
+    def space(spec: Spec, default: dict, target: Target, smem: int):
+        d = Dims.of(spec)
+        dq = [dict(default, BT=bt, **{keys: bk}, num_warps=nw)
+              for bt, bk, nw in itertools.product(token_rows(d.gp, 64, 128), [32, 64, 128], [4, 8])
+              if smem_bytes(bt * d.gp, bk, d.bdk, d.bdv, 2) <= smem
+              and regs(bt * d.gp, bk, d.bdk, d.bdv, nw) <= target.reg_limit]
+        return interleave(_dkdv_space(spec, default, d.gp, keys + "_KV", smem),
+                          nearest(dq, default)), []
+    return space
+
+
 # ---------------------------------------------------------------------------- gate_delta
 def _gate_default(spec: Spec, target: Target, why: list) -> dict:
     why.append("backward prologue: gate gradients and every branch's delta in one pass over dO")
@@ -53,15 +68,6 @@ def _cmp_bwd_default(spec: Spec, target: Target, why: list) -> dict:
                "atomically; no gradient through importance")
     return dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4, BT_KV=dkdv_rows(spec, gp, target),
                 BC_KV=64, QC=2048, WARPS_KV=8, STAGES_KV=2)
-
-
-def _cmp_bwd_space(spec: Spec, default: dict, target: Target, smem: int):
-    d = Dims.of(spec)
-    dq = [dict(default, BT=bt, BC=bc, num_warps=nw)
-          for bt, bc, nw in itertools.product(token_rows(d.gp, 64, 128), [32, 64, 128], [4, 8])
-          if smem_bytes(bt * d.gp, bc, d.bdk, d.bdv, 2) <= smem
-          and regs(bt * d.gp, bc, d.bdk, d.bdv, nw) <= target.reg_limit]
-    return interleave(_dkdv_space(spec, default, d.gp, "BC_KV", smem), nearest(dq, default)), []
 
 
 # ---------------------------------------------------------------------------- slc_attention_bwd
@@ -99,21 +105,12 @@ def _win_bwd_default(spec: Spec, target: Target, why: list) -> dict:
                 BK_KV=64, WARPS_KV=8, STAGES_KV=2)
 
 
-def _win_bwd_space(spec: Spec, default: dict, target: Target, smem: int):
-    d = Dims.of(spec)
-    dq = [dict(default, BT=bt, BK=bk, num_warps=nw)
-          for bt, bk, nw in itertools.product(token_rows(d.gp, 64, 128), [32, 64, 128], [4, 8])
-          if smem_bytes(bt * d.gp, bk, d.bdk, d.bdv, 2) <= smem
-          and regs(bt * d.gp, bk, d.bdk, d.bdv, nw) <= target.reg_limit]
-    return interleave(_dkdv_space(spec, default, d.gp, "BK_KV", smem), nearest(dq, default)), []
-
-
 BACKWARD = (
     KernelDef("gate_delta", "gate_delta.py.jinja", "backward", _gate_default, _gate_space),
     KernelDef("cmp_attention_bwd", "cmp_attention_bwd.py.jinja", "backward", _cmp_bwd_default,
-              _cmp_bwd_space),
+              _tiled_space("BC")),
     KernelDef("slc_attention_bwd", "slc_attention_bwd.py.jinja", "backward", _slc_bwd_default,
               _slc_bwd_space),
     KernelDef("win_attention_bwd", "win_attention_bwd.py.jinja", "backward", _win_bwd_default,
-              _win_bwd_space),
+              _tiled_space("BK")),
 )
