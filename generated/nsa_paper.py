@@ -33,7 +33,7 @@ BLOCK_DV = 128
 SM_SCALE = 0.07216878364870322
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 64, 'num_warps': 8, 'num_stages': 2}, 'select_blocks': {'BT': 1, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BT_KV': 4, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BT_KV': 4, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
+CONFIGS = {'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 64, 'num_warps': 8, 'num_stages': 2}, 'select_blocks': {'BT': 4, 'SEG': 32, 'num_warps': 4}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BT_KV': 4, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BT_KV': 4, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
 
 
 @triton.jit
@@ -331,9 +331,10 @@ def select_blocks(
     stride_st, stride_sh, stride_it, stride_ih,
     L: tl.constexpr, STRIDE: tl.constexpr, LB: tl.constexpr,
     N: tl.constexpr, NP: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
-    NBP: tl.constexpr, BT: tl.constexpr,
+    NF: tl.constexpr, NFP: tl.constexpr, NBP: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr,
 ):
-    tl.static_assert(NP >= N)
+    tl.static_assert(NP >= N and NFP >= NF and NF == N - N_INIT - N_LOCAL)
+    NSEG: tl.constexpr = NBP // SEG
     pid = tl.program_id(0)
     g = tl.program_id(1)
     offs_t = pid * BT + tl.arange(0, BT)
@@ -342,31 +343,59 @@ def select_blocks(
     ncmp = tl.load(tok_ncmp_ptr + offs_t, mask=t_ok, other=0)
     nvis = _num_visible_cmp(pos, ncmp, L, STRIDE)
     jlast = tl.where(nvis > 0, ((nvis - 1) * STRIDE + L - 1) // LB, -1)
-    jt = pos // LB
-    j = tl.arange(0, NBP)[None, :]
+    jt = tl.where(t_ok, pos // LB, -1)
+    # with at most N candidates every one is chosen; otherwise the forced blocks are exactly
+    # N_INIT + N_LOCAL distinct blocks and NF places remain for the best scores
+    all_in = jt + 1 <= N
+    free_hi = tl.where(all_in, -1, jt - N_LOCAL)            # free candidates: N_INIT .. free_hi
     rows = offs_t.to(tl.int64)
-    score = tl.load(score_ptr + rows[:, None] * stride_st + g * stride_sh + j,
-                    mask=t_ok[:, None] & (j <= jlast[:, None]), other=0.0)
-    cand = j <= jt[:, None]
-    forced = cand & ((j < N_INIT) | (j > jt[:, None] - N_LOCAL))
-    # with at most N candidates every candidate is chosen; otherwise the forced blocks are exactly
-    # N_INIT + N_LOCAL distinct blocks and N - N_INIT - N_LOCAL places remain for the best scores
-    all_in = (jt + 1 <= N)[:, None]
-    chosen = tl.where(all_in, cand, forced)
-    key = tl.where(cand & (chosen == 0), score, float("-inf"))
-    for _ in tl.static_range(N - N_INIT - N_LOCAL):
-        best = tl.max(key, 1)
-        jbest = tl.min(tl.where(key == best[:, None], j, NBP), 1)
-        hit = (j == jbest[:, None]) & (best > float("-inf"))[:, None]
-        chosen = chosen | hit
-        key = tl.where(hit, float("-inf"), key)
-    rank = tl.cumsum(chosen.to(tl.int32), 1) - 1
-    i_rows = rows[:, None] * stride_it + g * stride_ih
-    tl.store(idx_ptr + i_rows + rank, j + tl.zeros_like(rank), mask=t_ok[:, None] & chosen)
-    count = tl.sum(chosen.to(tl.int32), 1)
+    s_rows = score_ptr + rows * stride_st + g * stride_sh
+    seg = tl.arange(0, NSEG)[None, :]
+    j3 = seg[:, :, None] * SEG + tl.arange(0, SEG)[None, None, :]
+    free3 = (j3 >= N_INIT) & (j3 <= free_hi[:, None, None])
+    s3 = tl.load(s_rows[:, None, None] + j3, mask=free3 & (j3 <= jlast[:, None, None]), other=0.0)
+    s3 = tl.where(free3, tl.where(s3 > 0, s3, 0.0), float("-inf"))
+    seg_best = tl.max(s3, 2)
+    seg_j = tl.min(tl.where(s3 == seg_best[:, :, None], j3, NBP), 2)
+    fslot = tl.arange(0, NFP)[None, :]
+    fj = tl.full([BT, NFP], -1, tl.int32)
+    e = tl.arange(0, SEG)[None, :]
+    for i in tl.static_range(NF):
+        best = tl.max(seg_best, 1)
+        jb = tl.min(tl.where(seg_best == best[:, None], seg_j, NBP), 1)
+        hit = best > float("-inf")
+        fj = tl.where((fslot == i) & hit[:, None], jb[:, None], fj)
+        # the picked segment's best below the pick
+        sb = jb // SEG
+        j2 = sb[:, None] * SEG + e
+        free2 = (j2 >= N_INIT) & (j2 <= free_hi[:, None]) & hit[:, None]
+        s2 = tl.load(s_rows[:, None] + j2, mask=free2 & (j2 <= jlast[:, None]), other=0.0)
+        s2 = tl.where(s2 > 0, s2, 0.0)
+        below = free2 & ((s2 < best[:, None]) | ((s2 == best[:, None]) & (j2 > jb[:, None])))
+        s2 = tl.where(below, s2, float("-inf"))
+        nb = tl.max(s2, 1)
+        nj = tl.min(tl.where(s2 == nb[:, None], j2, NBP), 1)
+        upd = (seg == sb[:, None]) & hit[:, None]
+        seg_best = tl.where(upd, nb[:, None], seg_best)
+        seg_j = tl.where(upd, nj[:, None], seg_j)
+    # the picks, ascending: slot i takes the pick with i picks below it
     slot = tl.arange(0, NP)[None, :]
-    tl.store(idx_ptr + i_rows + slot, tl.full([BT, NP], -1, tl.int32),
-             mask=t_ok[:, None] & (slot >= count[:, None]) & (slot < N))
+    forced = tl.where(slot < N_INIT, slot, jt[:, None] - (N_INIT + N_LOCAL - 1) + slot)
+    forced = tl.where((slot < N_INIT + N_LOCAL) & (all_in == 0)[:, None], forced, -1)
+    rank_f = tl.sum(((forced[:, None, :] < forced[:, :, None]) & (forced[:, None, :] >= 0))
+                    .to(tl.int32), 2) + tl.sum(((fj[:, None, :] < forced[:, :, None])
+                                                & (fj[:, None, :] >= 0)).to(tl.int32), 2)
+    rank_j = tl.sum(((forced[:, None, :] < fj[:, :, None]) & (forced[:, None, :] >= 0))
+                    .to(tl.int32), 2) + tl.sum(((fj[:, None, :] < fj[:, :, None])
+                                                & (fj[:, None, :] >= 0)).to(tl.int32), 2)
+    out = tl.sum(tl.where((rank_f[:, :, None] == slot[:, None, :]) & (forced >= 0)[:, :, None],
+                          forced[:, :, None] + 1, 0), 1)
+    out += tl.sum(tl.where((rank_j[:, :, None] == slot[:, None, :]) & (fj >= 0)[:, :, None],
+                           fj[:, :, None] + 1, 0), 1).to(tl.int32)
+    # rows with every candidate chosen: slot i holds block i up to jt
+    out = tl.where(all_in[:, None], tl.where(slot <= jt[:, None], slot, -1), out - 1)
+    tl.store(idx_ptr + rows[:, None] * stride_it + g * stride_ih + slot, out.to(tl.int32),
+             mask=t_ok[:, None] & (slot < N))
 
 
 def launch_select_blocks(score, idx, lay, cfg):
@@ -377,8 +406,11 @@ def launch_select_blocks(score, idx, lay, cfg):
         score, idx, lay.tok_pos, lay.tok_ncmp, n_tok, score.stride(0), score.stride(1),
         idx.stride(0), idx.stride(1), L=32, STRIDE=16,
         LB=64, N=16, NP=16,
-        N_INIT=1, N_LOCAL=2, NBP=score.shape[2],
-        BT=cfg["BT"], num_warps=cfg["num_warps"])
+        N_INIT=1, N_LOCAL=2,
+        NF=13,
+        NFP=16,
+        NBP=score.shape[2], SEG=min(cfg["SEG"], score.shape[2]), BT=cfg["BT"],
+        num_warps=cfg["num_warps"])
 
 
 @triton.jit

@@ -33,6 +33,7 @@ from typing import Any
 import sympy as sp
 
 from .spec import Spec
+from .target import Target
 
 T = sp.Symbol("T", integer=True, positive=True)
 """Sequence length (prefill) or cache length (decode)."""
@@ -316,6 +317,37 @@ def dense_decode_bytes(spec: Spec) -> sp.Expr:
 
 
 # ---------------------------------------------------------------------------- evaluation
+BLOCK_TILE_BYTES = 64 * 1024   # K and V of one selected block held by a block-outer program
+SCATTER_EFFICIENCY = 0.5        # fraction of the copy bandwidth that row gathers and scattered
+#                                 partial writes reach (H200: results/h200/loop-order-64k.md)
+
+
+def slc_loop_costs(spec: Spec, target: Target) -> dict[str, float]:
+    """Estimated seconds per (token, KV head) of the selected attention in each loop order.
+
+    ``query``: a program per (token, KV head) walks its n blocks; the G heads are the rows of a
+    tile padded to 16, so every query head pays n * l' keys of K and V read through L2 (shared
+    by the tokens that chose the same blocks) divided by G. ``block``: a program per selected
+    block attends every pick of it; per pick and head it reads q, writes a partial output and
+    its LSE and the merge reads them back, and bucketing reads the picks twice and writes and
+    reads one (token, slot) pair: scattered traffic, at SCATTER_EFFICIENCY of the memory
+    bandwidth. The larger of traffic time and tensor-core time
+    counts. ``block`` is infinite when a block's K and V do not fit one program's tile
+    (BLOCK_TILE_BYTES)."""
+    e = _elem(spec)
+    n, lb, G = spec.slc_count, spec.slc_block, spec.group
+    dk, dv = spec.dim_qk, spec.dim_v
+    l2 = target.l2_bandwidth or 2 * target.mem_bandwidth
+    flops = target.bf16_flops if e == 2 else target.bf16_flops / 16
+    rows = max(16, G)
+    query = max(n * lb * (dk + dv) * e / l2, 2 * rows * n * lb * (dk + dv) / flops)
+    block = max(n * (G * ((dk + 2 * dv) * e + 8) + 24) / (SCATTER_EFFICIENCY * target.mem_bandwidth),
+                2 * G * n * lb * (dk + dv) / flops)
+    if lb * (dk + dv) * e > BLOCK_TILE_BYTES:
+        block = float("inf")
+    return {"query": query, "block": block}
+
+
 def evaluate(expr: sp.Expr, T: int | None = None, B: int | None = None,
              t: int | None = None) -> int | float:
     """Substitute concrete values for T, B and t; an int when the result is integral, else a float."""

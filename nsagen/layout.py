@@ -80,6 +80,11 @@ class Layout:
                                 torch.cumsum(nb, 0) - nb)
         return self._tiles[key]
 
+    @staticmethod
+    def group_chunks(counts: torch.Tensor, chunk: int, total: int) -> tuple[torch.Tensor, ...]:
+        """Chunks of at most `chunk` entries over groups of `counts` entries (group_chunks)."""
+        return group_chunks(counts, chunk, total)
+
     def inverse_blocks(self, idx: torch.Tensor, lb: int, chunk: int = 1 << 30) -> dict:
         """Key block -> the tokens that chose it, per KV head, from indices [Ntok, H, n].
 
@@ -103,14 +108,24 @@ class Layout:
         counts = torch.zeros(H * n_blocks + 1, dtype=torch.int64, device=idx.device)
         counts = counts.scatter_add(0, key, torch.ones_like(key))[:H * n_blocks]
         offsets = torch.cumsum(counts, 0) - counts
-        per = (counts + chunk - 1) // chunk
-        end = torch.cumsum(per, 0)
-        ids = torch.arange(H * n_blocks + (n_tok * H * n + chunk - 1) // chunk, device=idx.device)
-        hb = torch.searchsorted(end, ids, right=True)
-        first = (end - per)[hb.clamp(max=H * n_blocks - 1)]
+        chunk_hb, chunk_i0 = self.group_chunks(counts, chunk, n_tok * H * n)
         return dict(n_blocks=n_blocks, blk_tok0=blk_tok0, blk_nkeys=blk_nkeys, blk_pos0=blk_pos0,
                     tokens=tokens, counts=counts.to(I32), offsets=offsets.to(I32),
-                    chunk_hb=hb.to(I32), chunk_i0=((ids - first) * chunk).to(I32))
+                    chunk_hb=chunk_hb, chunk_i0=chunk_i0)
+
+
+def group_chunks(counts: torch.Tensor, chunk: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut groups of `counts` entries (at most `total` in all) into chunks of at most `chunk`:
+    chunk c covers group `hb[c]` from its entry `i0[c]`. The number of chunks is fixed by the
+    shapes (groups + total / chunk), so nothing waits for the device; the unused tail has
+    hb = len(counts). Both int32, on the device of `counts`."""
+    n_groups = counts.shape[0]
+    per = (counts + chunk - 1) // chunk
+    end = torch.cumsum(per, 0)
+    ids = torch.arange(n_groups + (total + chunk - 1) // chunk, device=counts.device)
+    hb = torch.searchsorted(end, ids, right=True)
+    first = (end - per)[hb.clamp(max=n_groups - 1)]
+    return hb.to(I32), ((ids - first) * chunk).to(I32)
 
 
 def _chunks_host(lens, size: int) -> tuple[torch.Tensor, ...]:

@@ -32,6 +32,7 @@ class Target:
     max_programs_per_sm: int = 32
     l2_bytes: int = 0
     mem_bandwidth: float = 0.0   # bytes/s, datasheet (a lead; the bench measures its own)
+    l2_bandwidth: float = 0.0    # bytes/s read from L2 by scattered tiles (a lead; 0: 2x memory)
     bf16_flops: float = 0.0      # dense bf16 FLOP/s, datasheet (likewise)
 
     # rules derived from the facts ---------------------------------------------------------
@@ -86,19 +87,19 @@ class Target:
 
 PRESETS: dict[str, Target] = {
     "h200": Target("h200", 90, 132, 232448, 233472, l2_bytes=50 * 2 ** 20,
-                   mem_bandwidth=4.8e12, bf16_flops=989e12),
+                   mem_bandwidth=4.8e12, bf16_flops=989e12, l2_bandwidth=9e12),
     "h100": Target("h100", 90, 132, 232448, 233472, l2_bytes=50 * 2 ** 20,
-                   mem_bandwidth=3.35e12, bf16_flops=989e12),
+                   mem_bandwidth=3.35e12, bf16_flops=989e12, l2_bandwidth=9e12),
     "b200": Target("b200", 100, 148, 232448, 233472, l2_bytes=126 * 2 ** 20,
-                   mem_bandwidth=8.0e12, bf16_flops=2250e12),
+                   mem_bandwidth=8.0e12, bf16_flops=2250e12, l2_bandwidth=16e12),
     "a100": Target("a100", 80, 108, 166912, 167936, l2_bytes=40 * 2 ** 20,
-                   mem_bandwidth=2.04e12, bf16_flops=312e12),
+                   mem_bandwidth=2.04e12, bf16_flops=312e12, l2_bandwidth=4e12),
     "l40s": Target("l40s", 89, 142, 101376, 102400, max_warps_per_sm=48,
                    max_programs_per_sm=24, l2_bytes=96 * 2 ** 20, mem_bandwidth=0.864e12,
-                   bf16_flops=362e12),
+                   bf16_flops=362e12, l2_bandwidth=2.5e12),
     "rtx4090": Target("rtx4090", 89, 128, 101376, 102400, max_warps_per_sm=48,
                       max_programs_per_sm=24, l2_bytes=72 * 2 ** 20, mem_bandwidth=1.008e12,
-                      bf16_flops=165e12),
+                      bf16_flops=165e12, l2_bandwidth=3e12),
 }
 
 DEFAULT = "h200"   # what a machine without a GPU plans for unless told otherwise

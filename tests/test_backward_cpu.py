@@ -106,3 +106,12 @@ def test_window_dkdv_across_key_tiles():
         check_backward(spec, B=1, T=70, dtype=torch.float32, device="cpu", seed=18)
     finally:
         op.configs = {}
+
+
+@pytest.mark.parametrize("slc_order", ["query", "block"], indirect=True)
+@pytest.mark.parametrize("G", [1, 4])
+def test_selected_attention_loop_orders(slc_order, G):
+    """The backward from what either forward loop order saved (the branch output and LSE)."""
+    spec = scaled(nsagen.load_spec("nsa-d128")).replace(heads_q=2 * G, heads_kv=2)
+    check_backward(spec, B=1, T=0, dtype=torch.float32, device="cpu", seed=20 + G,
+                   varlen_lens=[29, 2, 40])

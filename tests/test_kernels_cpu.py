@@ -7,6 +7,9 @@ import torch
 import nsagen
 from nsagen.resources import shipped_specs
 
+from nsagen.layout import build_layout
+from nsagen.reference import select_blocks
+
 from kernel_checks import check_forward, scaled
 
 pytestmark = pytest.mark.skipif(
@@ -92,3 +95,41 @@ def test_op_call_matches_reference():
     assert ((o.double() - ref).norm() / ref.norm()).item() < 1e-4
     with pytest.raises(ValueError, match="k:"):
         op(q, k[:, :, :1], v, None)
+
+
+@pytest.mark.parametrize("cfg", [dict(BT=2, SEG=16, num_warps=2), dict(BT=1, SEG=64, num_warps=4)])
+def test_select_blocks_long_rows_and_ties(cfg):
+    """The top-n kernel alone on rows of up to 100 blocks (many segments per row, several picks from one segment), with
+    scores drawn from a few values so that ties must go to the lower block, and zeros past the
+    last block a compressed window reaches."""
+    spec = nsagen.Spec(name="top-n", heads_q=2, heads_kv=2, dim_qk=16, dim_v=16, cmp_block=4, cmp_stride=4,
+                       slc_block=4, slc_count=7, slc_initial=2, slc_local=2, window=4,
+                       dtype="float32")
+    op = nsagen.build(spec)
+    T = 400
+    lay = build_layout(spec, (T,), "cpu")
+    gen = torch.Generator().manual_seed(11)
+    score = torch.randint(0, 5, (T, spec.heads_kv, lay.nbp), generator=gen).float() / 4
+    idx = torch.full((T, spec.heads_kv, spec.slc_count), 7777, dtype=torch.int32)
+    op.module.launch_select_blocks(score, idx, lay, cfg)
+    pos = torch.arange(T)
+    nb = spec.num_blocks(T)
+    # blocks past the last visible compressed window score 0 (cmp_block = slc_block here: the
+    # block holding the query's own last complete window)
+    j = torch.arange(lay.nbp)
+    jlast = torch.where(pos >= 3, (pos - 3) // 4, -1)
+    ref_score = torch.where((j[None, :] <= jlast[:, None])[:, None, :], score, 0.0)
+    ref = select_blocks(spec, ref_score[None, :, :, :nb], pos)[0]
+    assert torch.equal(idx, ref)
+
+
+@pytest.mark.parametrize("slc_order", ["query", "block"], indirect=True)
+@pytest.mark.parametrize("G,dtype", [(1, torch.float32), (2, torch.float16), (4, torch.float32),
+                                     (16, torch.float16)])
+def test_selected_attention_loop_orders(slc_order, G, dtype):
+    """Both loop orders of the selected attention, on ragged sequences, whatever the cost model
+    picks for the shape."""
+    spec = scaled(nsagen.load_spec("nsa-d128")).replace(heads_q=2 * G, heads_kv=2)
+    names = [k.name for k in nsagen.ir.lower(spec).kernels]
+    assert ("slc_attention_kb" in names) == (slc_order == "block"), names
+    check_forward(spec, B=1, T=0, dtype=dtype, device="cpu", seed=G, varlen_lens=[3, 70, 1, 41])

@@ -171,11 +171,11 @@ def _write_table(op, doc):
 def test_invalid_table_entries_are_dropped_with_one_warning(op_g4, caplog):
     op = op_g4
     default = op.module.CONFIGS
-    good_slc = dict(default["slc_attention"], num_warps=4)
+    good_slc = dict(default["slc_attention_kb"], num_warps=8)
     buckets = {"T<=1024": {
         "cmp_attention": dict(default["cmp_attention"], BT=-1),          # wrong output before
         "win_attention": {k: v for k, v in default["win_attention"].items() if k != "GP"},
-        "slc_attention": good_slc,
+        "slc_attention_kb": good_slc,
         "select_blocks": dict(default["select_blocks"], num_warps=3),
         "gate_delta": [1, 2],
         "decode_cmp": {"num_warps": 4},                                   # not a forward kernel
@@ -189,7 +189,7 @@ def test_invalid_table_entries_are_dropped_with_one_warning(op_g4, caplog):
                 "splits", "T<=4096"):
         assert key in warnings[0], key
     assert "BT=-1" in warnings[0] and "missing GP" in warnings[0]
-    assert cfg == {"slc_attention": good_slc}           # the rest run their defaults
+    assert cfg == {"slc_attention_kb": good_slc}           # the rest run their defaults
     assert op.module.CONFIGS == default
 
 
@@ -214,7 +214,7 @@ def test_launch_overrides_are_checked_when_set(op_g4):
     with pytest.raises(ValueError, match="unknown kernel 'nope'"):
         op.configs["nope"] = {}
     with pytest.raises(ValueError, match="GP"):
-        op.configs["slc_attention"] = {"GP": 2}
+        op.configs["slc_attention_kb"] = {"GP": 2}
     with pytest.raises(ValueError, match="splits: .*slc_blocks"):
         DecodeCache(op, 1, 64, device="cpu", dtype=torch.float32, splits={"slc_blocks": 99})
     with pytest.raises(ValueError, match=r"configs\['decode_slc'\]"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import triton
 
+from ..costmodel import slc_loop_costs
 from ..kernels import KERNELS, decode_tiles
 from ..spec import Spec
 from ..target import Target, current
@@ -78,7 +79,22 @@ class Plan:
         return next(k for k in self.kernels if k.name == name)
 
 
-def _partition(g: nx.DiGraph, spec: Spec, why: list[str]) -> list[KernelPlan]:
+def _slc_loop_order(spec: Spec, target: Target, why: list[str]) -> str:
+    """Query-outer (a token's G heads walk its blocks) or block-outer (a selected block is
+    attended once by all the picks of it), whichever the cost model estimates cheaper."""
+    cost = slc_loop_costs(spec, target)
+    order = "block" if cost["block"] < cost["query"] else "query"
+    ns = {k: f"{v * 1e9:.0f} ns" if v != float("inf") else "does not fit" for k, v in cost.items()}
+    why.append(
+        f"slc_attn loop order: {'block' if order == 'block' else 'query'}-outer. Estimated per "
+        f"(token, KV head) on {target.name}: query-outer {ns['query']} (n={spec.slc_count} "
+        f"blocks of K/V through L2 for G={spec.group} head rows, padded to {max(16, spec.group)}),"
+        f" block-outer {ns['block']} (per pick and head: q read, partial output written and "
+        "merged, through memory)")
+    return order
+
+
+def _partition(g: nx.DiGraph, spec: Spec, why: list[str], target: Target) -> list[KernelPlan]:
     """Fuse graph nodes into kernels."""
     kernels: list[KernelPlan] = []
     if "compress" in g:
@@ -102,20 +118,26 @@ def _partition(g: nx.DiGraph, spec: Spec, why: list[str]) -> list[KernelPlan]:
         why.append("topk is its own kernel: it needs every block score of a row, which the "
                    "compressed-attention tiles produce piecewise")
     if "slc_attn" in g:
-        fuse = spec.has("win") and spec.window <= spec.slc_block
-        nodes = ("slc_attn", "win_attn") if fuse else ("slc_attn",)
-        kernels.append(KernelPlan("slc_attention", KERNELS["slc_attention"].template, nodes,
-                                  params=dict(fuse_window=fuse)))
-        if fuse:
-            why.append(f"win_attn fused into slc_attn: w={spec.window} <= l'={spec.slc_block}, a "
-                       "per-token window loop is one key tile")
+        order = _slc_loop_order(spec, target, why)
+        if order == "block":
+            kernels.append(KernelPlan("slc_attention_kb", KERNELS["slc_attention_kb"].template,
+                                      ("slc_attn",)))
+        else:
+            fuse = spec.has("win") and spec.window <= spec.slc_block
+            nodes = ("slc_attn", "win_attn") if fuse else ("slc_attn",)
+            kernels.append(KernelPlan("slc_attention", KERNELS["slc_attention"].template, nodes,
+                                      params=dict(fuse_window=fuse)))
+            if fuse:
+                why.append(f"win_attn fused into slc_attn: w={spec.window} <= l'={spec.slc_block}, "
+                           "a per-token window loop is one key tile")
     if "win_attn" in g and not any("win_attn" in k.nodes for k in kernels):
         kernels.append(KernelPlan("win_attention", KERNELS["win_attention"].template,
                                   ("win_attn",)))
         why.append(f"win_attn in its own tiled kernel: w={spec.window} keys are shared by the "
                    "tokens of a tile, so tiles of tokens x heads beat per-token programs")
     # combine is distributed: every branch kernel folds its gated output into o
-    writers = [k for k in kernels if k.name in ("cmp_attention", "slc_attention", "win_attention")
+    writers = [k for k in kernels if k.name in ("cmp_attention", "slc_attention", "slc_attention_kb",
+                                                "win_attention")
                and (k.name != "cmp_attention" or spec.has("cmp"))]
     for i, k in enumerate(writers):
         k.params["first"] = i == 0
@@ -184,7 +206,7 @@ def lower(spec: Spec, target: Target | None = None) -> Plan:
     why.append(f"target {target.name} (sm_{target.arch}): {target.sm_count} SMs, "
                f"{target.smem_per_block // 1024} KiB shared memory per program, "
                f"{target.smem_per_sm // 1024} KiB per SM")
-    kernels = _partition(g, spec, why.during("partition"))
+    kernels = _partition(g, spec, why.during("partition"), target)
     _lower_importance(spec, kernels, why.during("importance"))
     _tiles(spec, kernels, why.during("tiles"), target)
     backward = _backward(g, spec, why.during("backward"), target)

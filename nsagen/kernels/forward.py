@@ -7,7 +7,7 @@ import itertools
 
 from ..spec import Spec
 from ..target import Target
-from .base import Dims, KernelDef, regs, smem_bytes
+from .base import Dims, KernelDef, interleave, regs, smem_bytes
 
 
 # ---------------------------------------------------------------------------- mean_compress
@@ -57,12 +57,14 @@ def _cmp_space(spec: Spec, default: dict, target: Target, smem: int):
 
 # ---------------------------------------------------------------------------- select_blocks
 def _select_default(spec: Spec, target: Target, why: list) -> dict:
-    return dict(BT=1, num_warps=2)
+    why.append("select_blocks: 4 tokens per program; one pass keeps the best score of each "
+               "segment of 32 blocks, and each pick re-reads only the picked segment")
+    return dict(BT=4, SEG=32, num_warps=4)
 
 
 def _select_space(spec: Spec, default: dict, target: Target, smem: int):
-    return [dict(default, BT=bt, num_warps=nw)
-            for bt, nw in itertools.product([1, 2, 4, 8], [2, 4, 8])], []
+    return [dict(default, BT=bt, SEG=seg, num_warps=nw)
+            for bt, seg, nw in itertools.product([1, 2, 4, 8], [16, 32, 64], [2, 4, 8])], []
 
 
 # ---------------------------------------------------------------------------- slc_attention
@@ -83,6 +85,29 @@ def _slc_space(spec: Spec, default: dict, target: Target, smem: int):
             continue
         out.append(dict(default, BK=bk, num_warps=nw, num_stages=ns))
     return out, []
+
+
+# ---------------------------------------------------------------------------- slc_attention_kb
+def _slc_kb_default(spec: Spec, target: Target, why: list) -> dict:
+    gp = Dims.of(spec).gp
+    bt = max(1, 64 // gp)
+    why.append(f"slc_attention_kb tile: {bt} picks x {gp} head rows = {bt * gp} rows against one "
+               f"block of {spec.slc_block} keys, up to {16 * bt} picks per program")
+    return dict(GP=gp, BT=bt, CHUNK_ITERS=16, num_warps=4, num_stages=2, BR=32, MERGE_WARPS=4)
+
+
+def _slc_kb_space(spec: Spec, default: dict, target: Target, smem: int):
+    d = Dims.of(spec)
+    out = []
+    for rows, ci, nw, ns in itertools.product([32, 64, 128], [8, 16, 32], [4, 8], [2, 3]):
+        bt = max(1, rows // d.gp)
+        if (bt * d.gp < 16 or regs(bt * d.gp, spec.slc_block, d.bdk, d.bdv, nw) > target.reg_limit
+                or smem_bytes(bt * d.gp, spec.slc_block, d.bdk, d.bdv, 1) > smem):
+            continue
+        out.append(dict(default, BT=bt, CHUNK_ITERS=ci, num_warps=nw, num_stages=ns))
+    merge = [dict(default, BR=br, MERGE_WARPS=mw)
+             for br, mw in itertools.product([16, 32, 64], [2, 4, 8])]
+    return interleave(out, merge), []
 
 
 # ---------------------------------------------------------------------------- win_attention
@@ -110,5 +135,7 @@ FORWARD = (
     KernelDef("cmp_attention", "cmp_attention.py.jinja", "forward", _cmp_default, _cmp_space),
     KernelDef("select_blocks", "select_blocks.py.jinja", "forward", _select_default, _select_space),
     KernelDef("slc_attention", "slc_attention.py.jinja", "forward", _slc_default, _slc_space),
+    KernelDef("slc_attention_kb", "slc_attention_kb.py.jinja", "forward", _slc_kb_default,
+              _slc_kb_space),
     KernelDef("win_attention", "win_attention.py.jinja", "forward", _win_default, _win_space),
 )
