@@ -57,14 +57,14 @@ def _cmp_space(spec: Spec, default: dict, target: Target, smem: int):
 
 # ---------------------------------------------------------------------------- select_blocks
 def _select_default(spec: Spec, target: Target, why: list) -> dict:
-    why.append("select_blocks: 4 tokens per program; one pass keeps the best score of each "
-               "segment of 32 blocks, and each pick re-reads only the picked segment")
-    return dict(BT=4, SEG=32, num_warps=4)
+    why.append("select_blocks: 4 tokens per program over 2 warps; one pass keeps the best score "
+               "of each segment of 16 blocks, and each pick re-reads only the picked segment")
+    return dict(BT=4, SEG=16, num_warps=2)
 
 
 def _select_space(spec: Spec, default: dict, target: Target, smem: int):
     return [dict(default, BT=bt, SEG=seg, num_warps=nw)
-            for bt, seg, nw in itertools.product([1, 2, 4, 8], [16, 32, 64], [2, 4, 8])], []
+            for bt, seg, nw in itertools.product([1, 2, 4, 8, 16], [16, 32, 64], [2, 4, 8])], []
 
 
 # ---------------------------------------------------------------------------- slc_attention
@@ -93,7 +93,7 @@ def _slc_kb_default(spec: Spec, target: Target, why: list) -> dict:
     bt = max(1, 64 // gp)
     why.append(f"slc_attention_kb tile: {bt} picks x {gp} head rows = {bt * gp} rows against one "
                f"block of {spec.slc_block} keys, up to {16 * bt} picks per program")
-    return dict(GP=gp, BT=bt, CHUNK_ITERS=16, num_warps=4, num_stages=2, BR=32, MERGE_WARPS=4)
+    return dict(GP=gp, BT=bt, CHUNK_ITERS=16, num_warps=4, num_stages=2, BR=16, MERGE_WARPS=8)
 
 
 def _slc_kb_space(spec: Spec, default: dict, target: Target, smem: int):
