@@ -7,6 +7,7 @@ import pytest
 import nsagen
 from nsagen import cache, codegen
 from nsagen.ir import build_graph, lower
+from nsagen.kernels import KERNELS
 from nsagen.resources import data_dir, shipped_specs
 
 
@@ -214,3 +215,25 @@ def test_backward_is_read_off_the_graph_and_decisions_name_their_pass():
     passes = {d.pass_name for d in full.decisions}
     assert {"target", "partition", "importance", "tiles", "backward"} <= passes
     assert "  - [tiles] cmp_attention tile" in codegen.explain(spec)
+
+
+@pytest.mark.parametrize("name", sorted(shipped_specs()))
+@pytest.mark.parametrize("variant", [
+    {}, {"branches": ("cmp", "slc", "win"), "window": 32}, {"branches": ("slc", "win"), "window": 64},
+    {"branches": ("cmp",), "window": 0}, {"heads_q": 8, "heads_kv": 8}])
+def test_partition_is_a_rewrite_of_the_graph(name, variant):
+    """The kernels are the node groups left after the fusions contract the op graph: every
+    computing node is in exactly one kernel, that kernel's definition implements all of its
+    group, and a kernel reads only what kernels launched before it wrote."""
+    spec = nsagen.load_spec(name).replace(**variant)
+    plan = lower(spec)
+    g = plan.graph
+    compute = {n for n, a in g.nodes(data=True) if a["op"] not in ("input", "output", "combine")}
+    assert sorted(n for k in plan.kernels for n in k.nodes) == sorted(compute)
+    done: set = set()
+    for k in plan.kernels:
+        assert set(k.nodes) <= set(KERNELS[k.name].implements), k.name
+        for n in k.nodes:
+            assert g.nodes[n]["kernel"] == k.name
+            assert {p for p in g.predecessors(n) if p in compute} <= done | set(k.nodes), n
+        done |= set(k.nodes)

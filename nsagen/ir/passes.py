@@ -16,7 +16,7 @@ from ..costmodel import slc_loop_costs
 from ..kernels import KERNELS, decode_tiles
 from ..spec import Spec
 from ..target import Target, current
-from .graph import build_graph
+from .graph import OPS, build_graph
 
 
 class Decision(str):
@@ -94,59 +94,88 @@ def _slc_loop_order(spec: Spec, target: Target, why: list[str]) -> str:
     return order
 
 
+def _kernel_graph(g: nx.DiGraph) -> nx.DiGraph:
+    """The graph the partition rewrites: one group per computing node of the op graph (inputs,
+    the output and `combine` are not kernels), with the op graph's dependencies between them.
+    A group's `members` are the op nodes one kernel will compute."""
+    kg = nx.DiGraph()
+    for n, attrs in g.nodes(data=True):
+        if attrs["op"] not in ("input", "output", "combine"):
+            kg.add_node(n, members=(n,))
+    kg.add_edges_from((a, b) for a, b in g.edges if a in kg and b in kg)
+    return kg
+
+
+def _fuse(kg: nx.DiGraph, keep: str, absorb: str) -> None:
+    """Rewrite: the group of `absorb` joins the group of `keep` (one kernel computes both); the
+    dependencies of both become the fused group's."""
+    members = kg.nodes[keep]["members"] + kg.nodes[absorb]["members"]
+    nx.contracted_nodes(kg, keep, absorb, self_loops=False, copy=False)
+    kg.nodes[keep].clear()
+    kg.nodes[keep]["members"] = members
+    assert nx.is_directed_acyclic_graph(kg), f"fusing {absorb} into {keep} made a cycle"
+
+
+def _kernel_for(group: tuple[str, ...], chosen: str | None) -> str:
+    """The forward kernel that computes a group: the one the passes chose, else the one whose
+    definition implements the group with the group's first node as its own first node."""
+    if chosen:
+        return chosen
+    fits = [kd.name for kd in KERNELS.values() if kd.phase == "forward"
+            and kd.implements[:1] == group[:1] and set(group) <= set(kd.implements)]
+    assert len(fits) == 1, f"no single kernel implements {group}: {fits}"
+    return fits[0]
+
+
 def _partition(g: nx.DiGraph, spec: Spec, why: list[str], target: Target) -> list[KernelPlan]:
-    """Fuse graph nodes into kernels."""
-    kernels: list[KernelPlan] = []
-    if "compress" in g:
-        kernels.append(KernelPlan("mean_compress", KERNELS["mean_compress"].template,
-                                  ("compress",)))
+    """Partition the op graph into kernels by rewriting a graph of node groups: each fusion
+    contracts two groups (and records why); the kernels are the remaining groups, in dependency
+    order (ties in the op graph's canonical order)."""
+    kg = _kernel_graph(g)
+    if "compress" in kg:
         why.append("compress: mean pooling is parameter-free, so it is a kernel of its own "
                    "(one pass over K and V, output Nc = T/d rows)")
-    if "cmp_attn" in g:
-        nodes = ["cmp_attn"] + (["importance"] if "importance" in g else [])
-        kernels.append(KernelPlan("cmp_attention", KERNELS["cmp_attention"].template, tuple(nodes),
-                                  params=dict(with_output=spec.has("cmp"),
-                                              with_importance=spec.has("slc"))))
-        if spec.has("slc"):
-            why.append("cmp_attn+importance fused: the probabilities p_cmp [T, HQ, Nc] never leave "
-                       "registers; only group-summed block scores [T, H, NB] are written")
-        if not spec.has("cmp"):
-            why.append("cmp is not a branch: the compressed attention computes importance only "
-                       "(no P@V, no output)")
-    if "topk" in g:
-        kernels.append(KernelPlan("select_blocks", KERNELS["select_blocks"].template, ("topk",)))
+    if "importance" in kg:
+        _fuse(kg, "cmp_attn", "importance")
+        why.append("cmp_attn+importance fused: the probabilities p_cmp [T, HQ, Nc] never leave "
+                   "registers; only group-summed block scores [T, H, NB] are written")
+    if "cmp_attn" in kg and not spec.has("cmp"):
+        why.append("cmp is not a branch: the compressed attention computes importance only "
+                   "(no P@V, no output)")
+    if "topk" in kg:
         why.append("topk is its own kernel: it needs every block score of a row, which the "
                    "compressed-attention tiles produce piecewise")
-    if "slc_attn" in g:
+    if "slc_attn" in kg:
         order = _slc_loop_order(spec, target, why)
-        if order == "block":
-            kernels.append(KernelPlan("slc_attention_kb", KERNELS["slc_attention_kb"].template,
-                                      ("slc_attn",)))
-        else:
-            fuse = spec.has("win") and spec.window <= spec.slc_block
-            nodes = ("slc_attn", "win_attn") if fuse else ("slc_attn",)
-            kernels.append(KernelPlan("slc_attention", KERNELS["slc_attention"].template, nodes,
-                                      params=dict(fuse_window=fuse)))
-            if fuse:
-                why.append(f"win_attn fused into slc_attn: w={spec.window} <= l'={spec.slc_block}, "
-                           "a per-token window loop is one key tile")
-    if "win_attn" in g and not any("win_attn" in k.nodes for k in kernels):
-        kernels.append(KernelPlan("win_attention", KERNELS["win_attention"].template,
-                                  ("win_attn",)))
+        kg.nodes["slc_attn"]["kernel"] = "slc_attention_kb" if order == "block" else "slc_attention"
+        if order == "query" and "win_attn" in kg and spec.window <= spec.slc_block:
+            _fuse(kg, "slc_attn", "win_attn")
+            kg.nodes["slc_attn"]["kernel"] = "slc_attention"
+            why.append(f"win_attn fused into slc_attn: w={spec.window} <= l'={spec.slc_block}, "
+                       "a per-token window loop is one key tile")
+    if "win_attn" in kg:
         why.append(f"win_attn in its own tiled kernel: w={spec.window} keys are shared by the "
                    "tokens of a tile, so tiles of tokens x heads beat per-token programs")
-    # combine is distributed: every branch kernel folds its gated output into o
-    writers = [k for k in kernels if k.name in ("cmp_attention", "slc_attention", "slc_attention_kb",
-                                                "win_attention")
-               and (k.name != "cmp_attention" or spec.has("cmp"))]
+    kernels = []
+    for lead in nx.lexicographical_topological_sort(kg, key=lambda n: OPS.index(g.nodes[n]["op"])):
+        group = kg.nodes[lead]["members"]
+        name = _kernel_for(group, kg.nodes[lead].get("kernel"))
+        kernels.append(KernelPlan(name, KERNELS[name].template, group))
+        for n in group:
+            g.nodes[n]["kernel"] = name
+    for k in kernels:
+        if k.name == "cmp_attention":
+            k.params.update(with_output=spec.has("cmp"), with_importance=spec.has("slc"))
+        if k.name == "slc_attention":
+            k.params["fuse_window"] = "win_attn" in k.nodes
+    # combine is distributed: every kernel with an output edge into it folds its gated output
+    # into o, the first one in launch order initialising it
+    writers = [k for k in kernels if any(g.has_edge(n, "combine") for n in k.nodes)]
     for i, k in enumerate(writers):
         k.params["first"] = i == 0
     if writers:
         why.append(f"combine folded into the branch kernels: {writers[0].name} initialises o, "
                    + (", ".join(k.name for k in writers[1:]) or "nothing") + " accumulate(s)")
-    for k in kernels:
-        for n in k.nodes:
-            g.nodes[n]["kernel"] = k.name
     g.nodes["combine"]["kernel"] = ",".join(k.name for k in writers)
     return kernels
 
@@ -179,8 +208,8 @@ def _tiles(spec: Spec, kernels: list[KernelPlan], why: list[str], target: Target
         k.config = KERNELS[k.name].default(spec, target, why)
 
 
-BACKWARD_OF = {"cmp_attn": "cmp_attention_bwd", "slc_attn": "slc_attention_bwd",
-               "win_attn": "win_attention_bwd"}
+BACKWARD_OF = {kd.implements[0]: kd.name for kd in KERNELS.values()
+               if kd.phase == "backward" and kd.implements[0] != "combine"}
 
 
 def _backward(g: nx.DiGraph, spec: Spec, why: list[str], target: Target) -> list[KernelPlan]:

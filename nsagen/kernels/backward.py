@@ -106,11 +106,12 @@ def _win_bwd_default(spec: Spec, target: Target, why: list) -> dict:
 
 
 BACKWARD = (
-    KernelDef("gate_delta", "gate_delta.py.jinja", "backward", _gate_default, _gate_space),
+    KernelDef("gate_delta", "gate_delta.py.jinja", "backward", _gate_default, _gate_space,
+              ("combine",)),
     KernelDef("cmp_attention_bwd", "cmp_attention_bwd.py.jinja", "backward", _cmp_bwd_default,
-              _tiled_space("BC")),
+              _tiled_space("BC"), ("cmp_attn",)),
     KernelDef("slc_attention_bwd", "slc_attention_bwd.py.jinja", "backward", _slc_bwd_default,
-              _slc_bwd_space),
+              _slc_bwd_space, ("slc_attn",)),
     KernelDef("win_attention_bwd", "win_attention_bwd.py.jinja", "backward", _win_bwd_default,
-              _tiled_space("BK")),
+              _tiled_space("BK"), ("win_attn",)),
 )

@@ -19,14 +19,16 @@ class KernelDef:
     """One generated kernel, defined once: its name (the template's Triton kernel function and
     `launch_<name>`), the template that renders it, the phase it runs in, the rule for its
     default launch config (from the spec and the Target; it appends its reason to the plan's
-    decisions) and its tunable config space (candidates and likely winners, before ordering and
-    caps)."""
+    decisions), its tunable config space (candidates and likely winners, before ordering and
+    caps) and the op-graph nodes it implements (the partition fuses only into a kernel that
+    implements every node of the group)."""
 
     name: str
     template: str
     phase: str                   # "forward", "backward" or "decode"
     default: DefaultRule
     space: SpaceRule
+    implements: tuple[str, ...] = ()   # the op-graph nodes it can compute, its own first
 
 
 @dataclass(frozen=True)

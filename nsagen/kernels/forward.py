@@ -131,11 +131,16 @@ def _win_space(spec: Spec, default: dict, target: Target, smem: int):
 
 
 FORWARD = (
-    KernelDef("mean_compress", "mean_compress.py.jinja", "forward", _mean_default, _mean_space),
-    KernelDef("cmp_attention", "cmp_attention.py.jinja", "forward", _cmp_default, _cmp_space),
-    KernelDef("select_blocks", "select_blocks.py.jinja", "forward", _select_default, _select_space),
-    KernelDef("slc_attention", "slc_attention.py.jinja", "forward", _slc_default, _slc_space),
+    KernelDef("mean_compress", "mean_compress.py.jinja", "forward", _mean_default, _mean_space,
+              ("compress",)),
+    KernelDef("cmp_attention", "cmp_attention.py.jinja", "forward", _cmp_default, _cmp_space,
+              ("cmp_attn", "importance")),
+    KernelDef("select_blocks", "select_blocks.py.jinja", "forward", _select_default, _select_space,
+              ("topk",)),
+    KernelDef("slc_attention", "slc_attention.py.jinja", "forward", _slc_default, _slc_space,
+              ("slc_attn", "win_attn")),
     KernelDef("slc_attention_kb", "slc_attention_kb.py.jinja", "forward", _slc_kb_default,
-              _slc_kb_space),
-    KernelDef("win_attention", "win_attention.py.jinja", "forward", _win_default, _win_space),
+              _slc_kb_space, ("slc_attn",)),
+    KernelDef("win_attention", "win_attention.py.jinja", "forward", _win_default, _win_space,
+              ("win_attn",)),
 )
