@@ -1,4 +1,5 @@
-"""Validation of the tensors handed to an NSA op, shared by the reference and the generated ops.
+"""Validation of the tensors handed to an NSA or DSA op, shared by the reference and the
+generated ops.
 
 Every failure raises a ValueError (TypeError for dtypes) that names the argument and says what
 was expected, so a shape mistake in a model surfaces at the call, not as a wrong answer.
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .dsa_spec import DSASpec
 from .spec import Spec
 
 
@@ -111,4 +113,52 @@ def check_inputs(spec: Spec, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seq
             raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
+    return Problem(batch=B, seq_len=T, seqlens=lens)
+
+
+def check_dsa_inputs(spec: DSASpec, q, k, v, q_idx, k_idx, w_idx, cu_seqlens=None,
+                     values: bool = True) -> Problem:
+    """Check shapes, dtypes and devices of a DSA call against the spec; return its sizes. `v`
+    may be None: the value is then k[..., :Dv] (MLA's absorbed form), so Dv <= Dk. Without
+    `values` (the indexer loss reads no value) v is not checked."""
+    for name, t in (("q", q), ("k", k), ("q_idx", q_idx), ("k_idx", k_idx), ("w_idx", w_idx)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q: expected a 4-d tensor [B, T, HQ, Dk], got shape {tuple(q.shape)}")
+    B, T = q.shape[:2]
+    if T < 1 or B < 1:
+        raise ValueError(f"q: batch and sequence length must be >= 1, got shape {tuple(q.shape)}")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"q: expected a floating-point dtype, got {q.dtype}")
+    H, HI, DI = spec.heads_kv, spec.indexer_heads, spec.indexer_dim
+    _shape("q", q, (B, T, spec.heads_q, spec.dim_qk), "[B, T, HQ, Dk]")
+    _shape("k", k, (B, T, H, spec.dim_qk), "[B, T, H, Dk]")
+    named = [("k", k)]
+    if v is None:
+        if values and spec.dim_v > spec.dim_qk:
+            raise ValueError(f"v: required, since head_dim.v ({spec.dim_v}) exceeds head_dim.qk "
+                             f"({spec.dim_qk}) and v = k[..., :Dv] is not possible")
+    else:
+        _shape("v", v, (B, T, H, spec.dim_v), "[B, T, H, Dv]")
+        named.append(("v", v))
+    _shape("q_idx", q_idx, (B, T, HI, DI), "[B, T, HI, DI]")
+    _shape("k_idx", k_idx, (B, T, DI), "[B, T, DI]")
+    _shape("w_idx", w_idx, (B, T, HI), "[B, T, HI]")
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {q.dtype}")
+    for name, t in named + [("q_idx", q_idx), ("k_idx", k_idx), ("w_idx", w_idx)]:
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens: requires batch size 1 (packed sequences), got B={B}")
+        lens = check_cu_seqlens(cu_seqlens, T, q.device)
+    else:
+        lens = (T,) * B
     return Problem(batch=B, seq_len=T, seqlens=lens)

@@ -265,8 +265,11 @@ _BUILT: dict[str, NSAOp] = {}
 def build(spec: Spec | str | os.PathLike, target: Target | None = None) -> NSAOp:
     """Generate (or reuse from the cache) the module for a spec, planned for `target` (default:
     the GPU at hand, else the default preset), import it, return the op."""
-    if not isinstance(spec, Spec):
+    if isinstance(spec, (str, os.PathLike)):
         spec = load_spec(spec)
+    if not hasattr(spec, "check_kernels"):
+        raise TypeError(f"build: expected a Spec, a spec file or a shipped spec's name, got "
+                        f"{type(spec).__name__}")
     spec.check_kernels()
     target = target or current()
     name = module_name(spec, target=target)

@@ -1,4 +1,5 @@
-"""The PyTorch oracle: Native Sparse Attention exactly as docs/algorithm.md pins it.
+"""The PyTorch oracle: Native Sparse Attention, and DeepSeek Sparse Attention (section 8), exactly
+as docs/algorithm.md pins them.
 
 Vectorised over tokens (queries are processed in chunks only to bound memory), differentiable by
 autograd, in any floating dtype (tests use float64). Every generated kernel is checked against it.
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_inputs
+from .checks import check_dsa_inputs, check_inputs
+from .dsa_spec import DSASpec
 from .spec import Spec
 
 _CHUNK_ELEMS = 1 << 24  # bound on score-tensor elements per query chunk
@@ -283,3 +285,107 @@ def nsa_decode_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     q.new_full((1, spec.heads_kv, spec.slc_count), -1, dtype=torch.int32))
     o = torch.cat(outs, 0)
     return (o, torch.cat(idxs, 0)) if return_indices else o
+
+
+# ---------------------------------------------------------------------------- DSA
+def dsa_index_scores(q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor,
+                     keys: slice | None = None) -> torch.Tensor:
+    """The indexer's scores I [B, Tq, Tk] = sum_j w_idx[t, j] relu(q_idx[t, j] . k_idx[s]) for the
+    queries given against the keys (all, or `keys`); no causal mask."""
+    kk = k_idx if keys is None else k_idx[:, keys]
+    return torch.einsum("bqj,bqjs->bqs", w_idx, torch.relu(torch.einsum("bqjd,bsd->bqjs", q_idx, kk)))
+
+
+def dsa_select(spec: DSASpec, score: torch.Tensor) -> torch.Tensor:
+    """S_t from index scores [B, T, T] (causal mask applied here): the min(topk, t + 1) keys of
+    largest score, ties to the lower position, ascending, padded with -1 -> [B, T, topk] int32."""
+    B, T, _ = score.shape
+    pos = torch.arange(T, device=score.device)
+    causal = pos[None, :] <= pos[:, None]
+    key = score.detach().masked_fill(~causal, float("-inf"))
+    kk = min(spec.topk, T)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :kk]
+    valid = pos[None, :kk] <= pos[:, None]                       # t + 1 picks at most
+    order = torch.where(valid, order, torch.full_like(order, T))
+    order = torch.sort(order, dim=-1).values
+    order = torch.where(order == T, torch.full_like(order, -1), order)
+    if kk < spec.topk:
+        order = torch.cat([order, order.new_full((B, T, spec.topk - kk), -1)], -1)
+    return order.to(torch.int32)
+
+
+def _dsa_probs(spec: DSASpec, q, k, idx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention over the selected keys: (probabilities [B, T, H, G, topk], the gathered key rows'
+    positions (clamped), validity [B, T, topk])."""
+    B, T, HQ, Dk = q.shape
+    H, G = spec.heads_kv, spec.group
+    ok = idx >= 0
+    pos = idx.clamp(min=0).long()
+    kg = torch.gather(k, 1, pos.reshape(B, -1)[..., None, None].expand(-1, -1, H, Dk))
+    kg = kg.view(B, T, -1, H, Dk)
+    s = torch.einsum("bthgd,btshd->bthgs", q.view(B, T, H, G, Dk), kg) * spec.softmax_scale
+    return _masked_softmax(s, ok[:, :, None, None, :]), pos, ok
+
+
+def _dsa_core(spec: DSASpec, q, k, v, q_idx, k_idx, w_idx):
+    B, T, HQ, Dk = q.shape
+    H, Dv = spec.heads_kv, spec.dim_v
+    v = k[..., :Dv] if v is None else v
+    idx = dsa_select(spec, dsa_index_scores(q_idx, k_idx, w_idx))
+    p, pos, _ = _dsa_probs(spec, q, k, idx)
+    vg = torch.gather(v, 1, pos.reshape(B, -1)[..., None, None].expand(-1, -1, H, Dv))
+    o = torch.einsum("bthgs,btshd->bthgd", p, vg.view(B, T, -1, H, Dv))
+    return o.reshape(B, T, HQ, Dv), idx
+
+
+def dsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, q_idx: torch.Tensor,
+        k_idx: torch.Tensor, w_idx: torch.Tensor, spec: DSASpec,
+        cu_seqlens: torch.Tensor | None = None, return_indices: bool = False):
+    """DSA prefill: o [B, T, HQ, Dv] (and the selected positions [B, T, topk] int32, -1 padded,
+    when `return_indices`). `v=None` means v = k[..., :Dv]. With `cu_seqlens` (B = 1) each
+    packed sequence is its own layer call and positions count from its start. Computed in the
+    inputs' dtype (tests use float64); differentiable to q, k, v (the selection is not)."""
+    prob = check_dsa_inputs(spec, q, k, v, q_idx, k_idx, w_idx, cu_seqlens)
+    if cu_seqlens is None:
+        o, idx = _dsa_core(spec, q, k, v, q_idx, k_idx, w_idx)
+    else:
+        outs, idxs, t0 = [], [], 0
+        for n in prob.seqlens:
+            sl = slice(t0, t0 + n)
+            o_, i_ = _dsa_core(spec, q[:, sl], k[:, sl], None if v is None else v[:, sl],
+                               q_idx[:, sl], k_idx[:, sl], w_idx[:, sl])
+            outs.append(o_)
+            idxs.append(i_)
+            t0 += n
+        o, idx = torch.cat(outs, 1), torch.cat(idxs, 1)
+    return (o, idx) if return_indices else o
+
+
+def dsa_indexer_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
+                     w_idx: torch.Tensor, spec: DSASpec, dense: bool = False) -> torch.Tensor:
+    """The indexer's training loss, summed over batch and tokens: KL(p[t] || softmax(I[t])) where
+    p[t] is the main attention's probabilities summed over the HQ heads and L1-normalised. Sparse
+    stage: over S_t, both distributions renormalised there; `dense` (warm-up): over every s <= t
+    with dense causal attention. The gradient reaches q_idx, k_idx and w_idx only."""
+    check_dsa_inputs(spec, q, k, None, q_idx, k_idx, w_idx, values=False)
+    B, T, HQ, Dk = q.shape
+    H, G = spec.heads_kv, spec.group
+    score = dsa_index_scores(q_idx, k_idx, w_idx)                           # [B, T, T]
+    tpos = torch.arange(T, device=q.device)
+    q_, k_ = q.detach(), k.detach()
+    if dense:
+        keys = tpos[None, :].expand(T, T)
+        ok = (keys <= tpos[:, None])[None].expand(B, T, T)
+        s = torch.einsum("bthgd,bshd->bthgs", q_.view(B, T, H, G, Dk), k_) * spec.softmax_scale
+        p = _masked_softmax(s, ok[:, :, None, None, :])
+        logit = score
+    else:
+        idx = dsa_select(spec, score)
+        p, pos, ok = _dsa_probs(spec, q_, k_, idx)
+        logit = torch.gather(score, 2, pos)
+    target = p.sum((2, 3))
+    target = target / target.sum(-1, keepdim=True)
+    logq = torch.log_softmax(logit.masked_fill(~ok, float("-inf")), -1)
+    kl = torch.where(ok & (target > 0), target * (torch.log(target.clamp_min(1e-300)) - logq),
+                     torch.zeros_like(target))
+    return kl.sum()

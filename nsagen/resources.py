@@ -30,9 +30,11 @@ def prebuilt_module(source: str) -> Path | None:
     return None
 
 
-def shipped_specs() -> dict[str, Path]:
-    """Shipped spec files by name (file stem)."""
-    return {p.stem: p for p in sorted(data_dir("specs").glob("*.yaml"))}
+def shipped_specs(family: str | None = None) -> dict[str, Path]:
+    """Shipped spec files by name (file stem); with `family` ('nsa' or 'dsa'), only that
+    family's (a shipped spec's name starts with its family: nsa-paper, dsa-v32)."""
+    return {p.stem: p for p in sorted(data_dir("specs").glob("*.yaml"))
+            if family is None or p.stem.startswith(family + "-")}
 
 
 def shipped_spec_path(name: str) -> Path | None:

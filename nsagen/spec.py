@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple
 
 
+FAMILIES = ("nsa", "dsa")   # the `attention` key: NSA (this module) or DSA (nsagen.dsa_spec)
 BRANCHES = ("cmp", "slc", "win")
 DTYPES = ("float32", "float16", "bfloat16")
 COMPRESSION_KINDS = ("mean", "linear", "mlp")
@@ -26,6 +27,7 @@ KV_MODES = ("shared", "separate")
 
 # Schema: top-level key -> either a type, or a dict of sub-key -> type.
 _SCHEMA: dict[str, Any] = {
+    "attention": str,
     "name": str,
     "heads": {"q": int, "kv": int},
     "head_dim": {"qk": int, "v": int},
@@ -64,7 +66,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
 _OPTIONAL = ("window", "scale")      # fields that may be None
 
 NAME_MAX = 64
-_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 # A float literal as written in a spec: digits, an optional fraction, an optional exponent.
 _FLOAT_LITERAL = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -120,7 +122,7 @@ BOUNDS: tuple[Bound, ...] = (
 )
 _KEY_FIELD = {key: name for name, (key, _) in _FIELDS.items()}
 
-_DTYPE_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+DTYPE_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 SHOWN_CHARS = 60      # an error quotes at most this much of an offending value
 SHOWN_PATH = 120      # ... and of a file path (its end)
@@ -164,7 +166,8 @@ class SpecError(ValueError):
         super().__init__(f"{short_path(source)}: {short_text(str(key))}:{shown} {rule}")
 
 
-def _suggest(word: str, options) -> str:
+def suggest_key(word: str, options) -> str:
+    """' (did you mean ...?)' for a misspelt key, else the list of valid keys."""
     close = difflib.get_close_matches(word[:2 * SHOWN_CHARS], list(options), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(options)})"
 
@@ -182,7 +185,9 @@ def _number(source: str, key: str, value: Any) -> float:
         return math.inf
 
 
-def _check_type(source: str, key: str, value: Any, want: type) -> Any:
+def check_type(source: str, key: str, value: Any, want: type) -> Any:
+    """A spec value of type `want` (a float may be written as a float literal string; an int
+    is never a bool); raises SpecError naming the key."""
     if want is float:
         return _number(source, key, value)
     if want is int:
@@ -196,7 +201,8 @@ def _check_type(source: str, key: str, value: Any, want: type) -> Any:
 
 @dataclass(frozen=True)
 class Spec:
-    """One NSA layer: head counts and dims, block sizes, branches. Frozen and hashable.
+    """One NSA layer (`attention: nsa`, the default): head counts and dims, block sizes,
+    branches. Frozen and hashable.
 
     Every way of building one (the constructor, from_dict, replace, dataclasses.replace)
     validates it and puts it in canonical form: branches in cmp, slc, win order, no window
@@ -222,6 +228,8 @@ class Spec:
     scale: float | None = None
     source: str = field(default="<dict>", compare=False, hash=False, repr=False)
 
+    family = "nsa"
+
     def __post_init__(self) -> None:
         """Validate every field and put the spec in canonical form; raises SpecError."""
         object.__setattr__(self, "source", str(self.source))
@@ -237,7 +245,7 @@ class Spec:
         for key in d:
             if key not in _SCHEMA:
                 name = key if isinstance(key, str) else short_repr(key)
-                raise SpecError(source, name, d[key], "unknown key" + _suggest(name, _SCHEMA))
+                raise SpecError(source, name, d[key], "unknown key" + suggest_key(name, _SCHEMA))
         for key in _REQUIRED:
             if key not in d:
                 raise SpecError(source, key, None, "required key is missing")
@@ -254,10 +262,10 @@ class Spec:
                     if sub not in want:
                         name = sub if isinstance(sub, str) else short_repr(sub)
                         raise SpecError(source, f"{key}.{name}", raw[sub],
-                                        "unknown key" + _suggest(name, want))
+                                        "unknown key" + suggest_key(name, want))
                 for sub, subtype in want.items():
                     if sub in raw:
-                        vals[f"{key}.{sub}"] = _check_type(source, f"{key}.{sub}", raw[sub], subtype)
+                        vals[f"{key}.{sub}"] = check_type(source, f"{key}.{sub}", raw[sub], subtype)
                     elif sub in defaults:
                         vals[f"{key}.{sub}"] = defaults[sub]
                     else:
@@ -266,12 +274,15 @@ class Spec:
                 if key == "window" and d[key] is None:
                     vals[key] = None
                 else:
-                    vals[key] = _check_type(source, key, d[key], want)
+                    vals[key] = check_type(source, key, d[key], want)
             elif key in _DEFAULTS:
                 vals[key] = _DEFAULTS[key]
             else:
                 vals[key] = None
 
+        if vals["attention"] not in (None, "nsa"):
+            raise SpecError(source, "attention", vals["attention"],
+                            f"choose from {', '.join(FAMILIES)} (an NSA spec has attention: nsa)")
         return cls(
             name=vals["name"], heads_q=vals["heads.q"], heads_kv=vals["heads.kv"],
             dim_qk=vals["head_dim.qk"], dim_v=vals["head_dim.v"], dtype=vals["dtype"],
@@ -311,7 +322,7 @@ class Spec:
     def _check_values(self) -> None:
         """Names, choices, branches, the bounds of every size, then the relations between keys."""
         src = self.source
-        if not _NAME.fullmatch(self.name):
+        if not NAME_PATTERN.fullmatch(self.name):
             raise SpecError(src, "name", self.name,
                             "must be non-empty ASCII letters, digits, '-', '_' or '.'")
         if len(self.name) > NAME_MAX:
@@ -344,7 +355,7 @@ class Spec:
         for bound in BOUNDS:
             value = getattr(self, _KEY_FIELD[bound.key])
             if bound.of is None and value is not None and not bound.lo <= value <= bound.hi:
-                raise SpecError(src, bound.key, value, _bound_rule(bound, value))
+                raise SpecError(src, bound.key, value, bound_rule(bound, value))
         if self.heads_q % self.heads_kv:
             raise SpecError(src, "heads.q", self.heads_q,
                             f"must be a multiple of heads.kv ({self.heads_kv}): HQ % H == 0")
@@ -361,7 +372,7 @@ class Spec:
         for bound in BOUNDS:     # ratios, once the keys they divide are known to divide
             if bound.of is not None and not bound.lo <= bound.of(self) <= bound.hi:
                 raise SpecError(src, bound.key, getattr(self, _KEY_FIELD[bound.key]),
-                                _bound_rule(bound, bound.of(self)))
+                                bound_rule(bound, bound.of(self)))
         if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
             raise SpecError(src, "scale", self.scale, "must be a positive finite number")
 
@@ -433,7 +444,7 @@ class Spec:
         Every semantic field appears, so two different layers never share a URI.
         """
         parts = [
-            "nsa", _DTYPE_SHORT[self.dtype], f"qk{self.dim_qk}", f"v{self.dim_v}",
+            "nsa", DTYPE_SHORT[self.dtype], f"qk{self.dim_qk}", f"v{self.dim_v}",
             f"h{self.heads_kv}g{self.group}",
         ]
         if self.has("cmp") or self.has("slc"):
@@ -456,7 +467,7 @@ class Spec:
         return dataclasses.replace(self, **changes)
 
 
-def _bound_rule(bound: Bound, value: int) -> str:
+def bound_rule(bound: Bound, value: int) -> str:
     """The message of a broken bound: the range, and why."""
     if bound.of is not None:
         return f"{bound.what} is {value}, must be at most {bound.hi}: {bound.why}"

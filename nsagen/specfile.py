@@ -10,11 +10,13 @@ from __future__ import annotations
 import codecs
 import errno
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from .dsa_spec import DSASpec
 from .resources import shipped_spec_path
-from .spec import Spec, SpecError, short_path, short_repr, short_text
+from .spec import FAMILIES, Spec, SpecError, short_path, short_repr, short_text
 
 
 MAX_SPEC_BYTES = 64 * 1024     # a spec is a few hundred bytes; refuse anything this large unread
@@ -128,8 +130,9 @@ def _read_spec_text(p: Path) -> str:
                         "save the spec as UTF-8") from None
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Load and validate a YAML spec file. Also accepts the name of a shipped spec (e.g. 'nsa-paper')."""
+def load_spec(path: str | Path) -> Spec | DSASpec:
+    """Load and validate a YAML spec file, of either family (`attention: nsa`, the default, or
+    `attention: dsa`). Also accepts the name of a shipped spec (e.g. 'nsa-paper')."""
     p = Path(path)
     try:
         exists = p.exists()
@@ -150,4 +153,12 @@ def load_spec(path: str | Path) -> Spec:
         raise _yaml_error(str(p), err) from None
     if data is None:
         raise SpecError(str(p), "<root>", None, "the file is empty")
-    return Spec.from_dict(data, source=str(p))
+    return spec_from_dict(data, source=str(p))
+
+
+def spec_from_dict(d: Any, source: str = "<dict>") -> Spec | DSASpec:
+    """A spec of the family its `attention` key names (nsa when absent)."""
+    family = d.get("attention", "nsa") if isinstance(d, dict) else "nsa"
+    if family not in FAMILIES:
+        raise SpecError(source, "attention", family, f"choose from {', '.join(FAMILIES)}")
+    return (DSASpec if family == "dsa" else Spec).from_dict(d, source=source)

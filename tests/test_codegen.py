@@ -48,7 +48,7 @@ def test_lowering_depends_on_spec():
 
 
 def test_combine_has_exactly_one_initialiser():
-    for name in shipped_specs():
+    for name in shipped_specs("nsa"):
         plan = lower(nsagen.load_spec(name))
         firsts = [k.name for k in plan.kernels if k.params.get("first")]
         assert len(firsts) == 1, (name, firsts)
@@ -144,7 +144,7 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
-@pytest.mark.parametrize("name", sorted(shipped_specs()))
+@pytest.mark.parametrize("name", sorted(shipped_specs("nsa")))
 def test_generated_folder_is_current(name):
     """generated/ holds the rendered modules of the shipped specs; regenerate with
     `nsagen generate --shipped` when this fails."""
@@ -154,13 +154,13 @@ def test_generated_folder_is_current(name):
 
 
 def test_build_every_shipped_spec():
-    for name in shipped_specs():
+    for name in shipped_specs("nsa"):
         op = nsagen.build(name)
         assert op.module.URI == nsagen.load_spec(name).uri
 
 
 @pytest.mark.parametrize("target", ["h200", "a100", "l40s"])
-@pytest.mark.parametrize("name", sorted(shipped_specs()))
+@pytest.mark.parametrize("name", sorted(shipped_specs("nsa")))
 def test_default_tiles_fit_shared_memory(name, target):
     """Dk=192 (padded to 256) must shrink the compressed-attention tile, not fail to compile;
     a GPU with less shared memory gets smaller tiles, never ones that do not fit."""
@@ -217,7 +217,7 @@ def test_backward_is_read_off_the_graph_and_decisions_name_their_pass():
     assert "  - [tiles] cmp_attention tile" in codegen.explain(spec)
 
 
-@pytest.mark.parametrize("name", sorted(shipped_specs()))
+@pytest.mark.parametrize("name", sorted(shipped_specs("nsa")))
 @pytest.mark.parametrize("variant", [
     {}, {"branches": ("cmp", "slc", "win"), "window": 32}, {"branches": ("slc", "win"), "window": 64},
     {"branches": ("cmp",), "window": 0}, {"heads_q": 8, "heads_kv": 8}])
