@@ -1402,6 +1402,84 @@ def launch_decode_combine(gates, o, lens, work, splits, cfg):
         **_decode_merge_sb(cfg, work))
 
 
+@triton.jit
+def decode_append(
+    kt_ptr, vt_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, kct_ptr, vct_ptr, kwt_ptr, vwt_ptr, kw_ptr,
+    vw_ptr, lens_ptr,
+    s_ktb, s_kth, s_vtb, s_vth, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
+    s_kcb, s_kct, s_kch, s_vcb, s_vct, s_vch,
+    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    L: tl.constexpr, STRIDE: tl.constexpr, HAS_CMP: tl.constexpr, LEARNED: tl.constexpr,
+    SEP: tl.constexpr, BH: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    pos = tl.load(lens_ptr + b).to(tl.int64)
+    n = pos + 1
+    emit = (n >= L) & ((n - L) % STRIDE == 0)
+    ci = tl.maximum(n - L, 0) // STRIDE
+    dk = tl.arange(0, BDK)[None, :]
+    dv = tl.arange(0, BDV)[None, :]
+    for h0 in tl.static_range(0, H, BH):
+        h = (h0 + tl.arange(0, BH))[:, None]
+        mk = (h < H) & (dk < DK)
+        mv = (h < H) & (dv < DV)
+        kt = tl.load(kt_ptr + b * s_ktb + h * s_kth + dk, mask=mk, other=0.0)
+        vt = tl.load(vt_ptr + b * s_vtb + h * s_vth + dv, mask=mv, other=0.0)
+        tl.store(k_ptr + b * s_kb + pos * s_kt + h * s_kh + dk, kt, mask=mk)
+        tl.store(v_ptr + b * s_vb + pos * s_vt + h * s_vh + dv, vt, mask=mv)
+        if SEP:
+            tl.store(kw_ptr + b * s_kb + pos * s_kt + h * s_kh + dk,
+                     tl.load(kwt_ptr + b * s_ktb + h * s_kth + dk, mask=mk, other=0.0), mask=mk)
+            tl.store(vw_ptr + b * s_vb + pos * s_vt + h * s_vh + dv,
+                     tl.load(vwt_ptr + b * s_vtb + h * s_vth + dv, mask=mv, other=0.0), mask=mv)
+        if HAS_CMP:
+            if emit:
+                if LEARNED:
+                    nk = tl.load(kct_ptr + b * s_ktb + h * s_kth + dk, mask=mk, other=0.0)
+                    nv = tl.load(vct_ptr + b * s_vtb + h * s_vth + dv, mask=mv, other=0.0)
+                else:   # the new token from registers, the L - 1 before it from the cache
+                    nk = kt.to(tl.float32)
+                    nv = vt.to(tl.float32)
+                    for j in range(1, L):
+                        nk += tl.load(k_ptr + b * s_kb + (pos - j) * s_kt + h * s_kh + dk,
+                                      mask=mk, other=0.0).to(tl.float32)
+                        nv += tl.load(v_ptr + b * s_vb + (pos - j) * s_vt + h * s_vh + dv,
+                                      mask=mv, other=0.0).to(tl.float32)
+                    nk = nk / L
+                    nv = nv / L
+                tl.store(kc_ptr + b * s_kcb + ci * s_kct + h * s_kch + dk,
+                         nk.to(kc_ptr.dtype.element_ty), mask=mk)
+                tl.store(vc_ptr + b * s_vcb + ci * s_vct + h * s_vch + dv,
+                         nv.to(vc_ptr.dtype.element_ty), mask=mv)
+    tl.store(lens_ptr + b, n.to(tl.int32))
+
+
+def launch_decode_append(k_t, v_t, k, v, k_cmp, v_cmp, lens, k_cmp_t=None, v_cmp_t=None,
+                       k_win_t=None, v_win_t=None, k_win=None, v_win=None):
+    """Append one token per sequence: k_t, v_t [B, H, D] at position lens[b] of the caches
+    k, v [B, L, H, D]; emit the compressed token into k_cmp, v_cmp [B, Nc, H, D] when due
+    (mean, or the given k_cmp_t, v_cmp_t); lens [B] int32 advances by one. One launch, no host
+    sync."""
+    k_t, v_t = k_t.contiguous(), v_t.contiguous()
+    learned = k_cmp_t is not None
+    sep = k_win is not None
+    kct, vct = (k_cmp_t.contiguous(), v_cmp_t.contiguous()) if learned else (k_t, v_t)
+    kwt, vwt = (k_win_t.contiguous(), v_win_t.contiguous()) if sep else (k_t, v_t)
+    kw, vw = (k_win, v_win) if sep else (k, v)
+    if kw.stride() != k.stride() or kwt.stride() != k_t.stride():
+        raise ValueError("k_win, v_win: expected the layout of k, v")
+    kc, vc = (k_cmp, v_cmp) if k_cmp is not None else (k, v)
+    bh = min(H_KV, max(1, 4096 // max(BLOCK_DK, BLOCK_DV)))
+    _launch(decode_append)[(k_t.shape[0],)](
+        k_t, v_t, k, v, kc, vc, kct, vct, kwt, vwt, kw, vw, lens,
+        k_t.stride(0), k_t.stride(1), v_t.stride(0), v_t.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+        H=H_KV, DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=64,
+        STRIDE=64, HAS_CMP=k_cmp is not None, LEARNED=learned, SEP=sep,
+        BH=triton.next_power_of_2(bh), num_warps=4)
+
+
 # decode: rows per program (the G heads of a KV head, padded for tensor-core tiles) and the IR's
 # default tiles; split counts come with each call (nsagen.ir.passes.decode_splits)
 DECODE_ROWS = 16

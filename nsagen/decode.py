@@ -203,6 +203,16 @@ class DecodeCache:
 
     def _append(self, k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t) -> None:
         spec = self.spec
+        if kernels_available(self.k.device) and not interpreted_in_float32(self.k):
+            uses_cmp = spec.has("cmp") or spec.has("slc")
+            with direct_launches():
+                self.op.module.launch_decode_append(
+                    k_t, v_t, self.k, self.v, self.k_cmp if uses_cmp else None,
+                    self.v_cmp if uses_cmp else None, self.lens, k_cmp_t, v_cmp_t, k_win_t,
+                    v_win_t, self.k_win if self.separate else None,
+                    self.v_win if self.separate else None)
+            self._longest += 1
+            return
         rows = torch.arange(self.batch, device=self.k.device)
         pos = self.lens.long()
         self.k[rows, pos] = k_t
@@ -225,6 +235,15 @@ class DecodeCache:
         self.v_cmp[rows, i] = torch.where(emit[:, None, None], new_v, old_v)
         self.lens += 1
         self._longest += 1
+
+    def rewind(self, n: int = 1) -> None:
+        """Drop the last `n` tokens of every row (e.g. draft tokens a speculative decoder
+        rejected); a row shorter than `n` becomes empty. Compressed tokens those tokens emitted
+        are written again when the length is reached again. A device op: no host sync."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n: expected a non-negative integer, got {str(n)[:40]}")
+        self.lens.sub_(n).clamp_(min=0)
+        self._longest = max(0, self._longest - n)
 
     # ------------------------------------------------------------------ attention
     def step(self, q: torch.Tensor, gates: torch.Tensor | None = None,

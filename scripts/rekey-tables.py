@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--retune", nargs="*", default=[], help="kernels whose entries to drop")
     ap.add_argument("--root", default="autotune")
     args = ap.parse_args()
-    specs = {nsagen.load_spec(n).uri: nsagen.load_spec(n) for n in shipped_specs()}
+    specs = {nsagen.load_spec(n).uri: nsagen.load_spec(n) for n in shipped_specs("nsa")}
     for path in sorted(Path(args.root).glob("*/*.json")):
         doc = json.loads(path.read_text())
         meta = doc["meta"]

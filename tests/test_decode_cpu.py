@@ -270,3 +270,50 @@ def test_occupancy_inspection_never_fails_a_cache(caplog):
     with caplog.at_level("WARNING", logger="nsagen"):
         assert decode_residency(broken_step) == {}
     assert "occupancy" in caplog.text and "no GPU here" in caplog.text
+
+
+@pytest.mark.parametrize("name,variant", [("nsa-d128", {}), ("nsa-paper", {}),
+                                          ("nsa-d128", {"kv_per_branch": "separate"}),
+                                          ("nsa-fla", {})])
+def test_append_kernel_equals_the_torch_append(name, variant, monkeypatch):
+    """The generated append (one launch: k, v, the window's own k, v, the compressed token when
+    due, lens) leaves the cache exactly as the PyTorch append does, over ragged rows that cross
+    emission points; rewind drops tokens on the device."""
+    from nsagen import decode as decode_mod
+
+    spec = scaled(nsagen.load_spec(name)).replace(**variant)
+    op = nsagen.build(spec)
+    B, cap, H = 3, 40, spec.heads_kv
+    g = torch.Generator().manual_seed(3)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    caches = [DecodeCache(op, B, cap, dtype=torch.float32) for _ in range(2)]
+    prompt = (rnd(B, 9, H, spec.dim_qk), rnd(B, 9, H, spec.dim_v))
+    extra = {}
+    if spec.learned_compression:
+        nc = spec.num_cmp(9)
+        extra = dict(k_cmp=rnd(B, nc, H, spec.dim_qk), v_cmp=rnd(B, nc, H, spec.dim_v))
+    if caches[0].separate:
+        extra.update(k_win=rnd(B, 9, H, spec.dim_qk), v_win=rnd(B, 9, H, spec.dim_v))
+    for c in caches:
+        c.prefill(*prompt, seqlens=torch.tensor([9, 4, 0]), **extra)
+    for _ in range(2 * spec.cmp_block + 3):
+        tok = dict(k_t=rnd(B, H, spec.dim_qk), v_t=rnd(B, H, spec.dim_v))
+        if spec.learned_compression:
+            tok.update(k_cmp_t=rnd(B, H, spec.dim_qk), v_cmp_t=rnd(B, H, spec.dim_v))
+        if caches[0].separate:
+            tok.update(k_win_t=rnd(B, H, spec.dim_qk), v_win_t=rnd(B, H, spec.dim_v))
+        caches[0].append(**tok)                                   # the generated kernel
+        with monkeypatch.context() as m:
+            m.setattr(decode_mod, "kernels_available", lambda device: False)
+            caches[1].append(**tok)                               # the PyTorch ops
+    names = ["k", "v", "k_cmp", "v_cmp", "lens"] + (["k_win", "v_win"] if caches[0].separate else [])
+    for n in names:
+        torch.testing.assert_close(getattr(caches[0], n), getattr(caches[1], n), rtol=1e-6,
+                                   atol=1e-6, msg=n)
+    assert caches[0].lens.tolist() == [9 + 2 * spec.cmp_block + 3, 4 + 2 * spec.cmp_block + 3,
+                                       2 * spec.cmp_block + 3]
+    caches[0].rewind(10)
+    assert caches[0].lens.tolist() == [n - 10 for n in caches[1].lens.tolist()]

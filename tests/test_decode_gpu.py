@@ -100,19 +100,20 @@ def test_splits_follow_the_compiled_kernels_occupancy():
     decode_slc leave room for (registers included), not the shared-memory estimate."""
     from nsagen.ir.passes import decode_splits
     from nsagen.occupancy import decode_residency
+    from nsagen.target import Target
 
     spec = nsagen.load_spec("nsa-d128")
     op = nsagen.build(spec)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    target = Target.from_device(0)
     # explicit configs skip the tuned table, not the occupancy
     cache = DecodeCache(op, 8, 65536, device="cuda", dtype=BF16, configs=op.configs)
-    base = decode_splits(spec, 8, 65536, sms)
+    base = decode_splits(spec, 8, 65536, target)
     q = torch.randn(8, spec.heads_q, spec.dim_qk, device="cuda", dtype=BF16)
     gates = torch.rand(8, spec.heads_q, 3, device="cuda", dtype=BF16)
     fixed = DecodeCache(op, 8, 65536, device="cuda", dtype=BF16, configs=op.configs, splits=base)
-    resident = decode_residency(lambda: fixed.step(q, gates))
+    resident = decode_residency(lambda: fixed.step(q, gates), target)
     assert set(resident) == {"cmp", "slc"} and all(1 <= n <= 32 for n in resident.values())
-    assert cache.splits == decode_splits(spec, 8, 65536, sms, resident)
+    assert cache.splits == decode_splits(spec, 8, 65536, target, resident)
 
 
 def test_step_captured_in_cuda_graph():

@@ -258,6 +258,7 @@ class DecodePlan:
     kernels: list[KernelPlan]
     decisions: list[Decision]
     target: Target | None = None
+    append: KernelPlan | None = None    # the cache append, launched by DecodeCache.append
 
     def kernel(self, name: str) -> KernelPlan:
         return next(k for k in self.kernels if k.name == name)
@@ -446,11 +447,18 @@ def lower_decode(spec: Spec, target: Target | None = None) -> DecodePlan:
     for k in kernels:
         for n in k.nodes:
             g.nodes[n]["kernel"] = k.name
+    append = KernelPlan("decode_append", KERNELS["decode_append"].template, ("compress",),
+                        params=dict(has_cmp=spec.has("cmp") or spec.has("slc")))
+    why.append("decode_append: the token's k and v (and the window's own, when separate) are "
+               "written at lens[b], the compressed token its new length completes is emitted "
+               "(the mean of the last l keys and values, or the given learned one) and lens "
+               "advances, in one launch of one program per sequence before the step's kernels")
     if "compress" in g:
-        g.nodes["compress"]["kernel"] = "DecodeCache.append (one new window per emission)"
+        g.nodes["compress"]["kernel"] = "decode_append"
     for batch in (1, 8, 64):
         sp = decode_splits(spec, batch, 65536, target)
         progs = decode_programs(spec, batch, 65536, sp, target)
         why.append(f"splits at B={batch}, 64k cache, {target.sm_count} SMs of {target.name}: "
                    f"{sp} -> programs " + ", ".join(f"{k} {v}" for k, v in progs.items()))
-    return DecodePlan(spec=spec, graph=g, kernels=kernels, decisions=why, target=target)
+    return DecodePlan(spec=spec, graph=g, kernels=kernels, decisions=why, target=target,
+                      append=append)

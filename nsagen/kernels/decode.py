@@ -91,7 +91,17 @@ def _combine_default(spec: Spec, target: Target, why: list) -> dict:
     return dict(BDVC=t["BDVC"], RB=t["RB"], SB=64, num_warps=4)
 
 
+def _append_default(spec: Spec, target: Target, why: list) -> dict:
+    return {}
+
+
+def _append_space(spec: Spec, default: dict, target: Target, smem: int):
+    return [], []        # one small launch per step: nothing to tune
+
+
 DECODE = (
+    KernelDef("decode_append", "decode_append.py.jinja", "decode", _append_default,
+              _append_space, ("compress",)),
     KernelDef("decode_cmp", "decode_cmp.py.jinja", "decode", _cmp_default, _space),
     KernelDef("decode_select", "decode_select.py.jinja", "decode", _select_default, _space),
     KernelDef("decode_slc", "decode_slc.py.jinja", "decode", _slc_default, _space),
