@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from nsagen import tables
 
@@ -445,3 +446,43 @@ def test_use_tuned_tables_switches_between_table_and_defaults():
         assert op._tables is None and not op._tables_loaded
     finally:
         op._tables, op._tables_loaded, op.configs = saved
+
+
+RECORDING_CHECK = """
+import gc, weakref
+import torch, triton, triton.language as tl
+from nsagen.tune.compile import recording, variant_key
+
+@triton.jit
+def k(x_ptr, n, B: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, B), 0.0, mask=tl.arange(0, B) < n)
+
+big = torch.zeros(1 << 20, dtype=torch.float16)
+freed = weakref.ref(big)
+for t in (big, big[1:]):                  # 16-byte aligned, and not
+    with recording(calls := []):
+        k[(1,)](t, 5, B=16)
+    (_, args, _, kw), = calls
+    assert args[0].dtype == t.dtype and args[0].numel() == 1, args[0]
+    assert variant_key(k, args, kw) == variant_key(k, (t, 5), kw)
+del big, t, args, calls
+gc.collect()
+assert freed() is None
+print("ok")
+"""
+
+
+def test_recorded_launches_keep_no_buffer_of_the_pass(tmp_path):
+    """Variants are recorded for compiling with one-element stand-ins of each tensor argument
+    (same dtype, same 16-byte alignment: the same variant), so a pass's buffers are freed when
+    it returns, not when its variants have compiled. (Recording patches Triton's JIT launcher,
+    so this runs in a process without the interpreter; nothing is compiled or launched.)"""
+    import subprocess
+    import sys
+
+    script = tmp_path / "check.py"       # triton.jit reads the kernel's source from its file
+    script.write_text(RECORDING_CHECK)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -18,13 +18,25 @@ from .budget import Budget
 log = logging.getLogger("nsagen")
 
 
+def stand_in(t: torch.Tensor) -> torch.Tensor:
+    """A one-element tensor that Triton specialises like `t`: the same dtype and device, and a
+    data pointer 16-byte aligned exactly when t's is. Recorded launches keep these instead of
+    the pass's own buffers, so the memory a pass allocates is freed when the pass returns, not
+    when its variants have compiled (a 64k pass of a small-group spec allocates ~17 GB)."""
+    base = torch.empty(2, dtype=t.dtype, device=t.device)
+    return base[:1] if t.data_ptr() % 16 == 0 else base[1:]
+
+
 @contextlib.contextmanager
 def recording(calls: list):
     """Inside: Triton launches are recorded (kernel, args, grid, kwargs) instead of compiled
-    and run, so a pass with candidate configs lists the variants it would compile."""
+    and run, so a pass with candidate configs lists the variants it would compile. Tensor
+    arguments are recorded as stand-ins (`stand_in`)."""
     real = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
+        args = tuple(stand_in(a) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: stand_in(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         calls.append((self, args, grid, kwargs))
         return None
 
