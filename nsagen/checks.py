@@ -53,6 +53,16 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device)
     return lens
 
 
+def _seqlens(cu_seqlens, B: int, T: int, device: torch.device) -> tuple[int, ...]:
+    """The lengths of a call's sequences: B rows of T, or the packed ones of `cu_seqlens`
+    (then B must be 1)."""
+    if cu_seqlens is None:
+        return (T,) * B
+    if B != 1:
+        raise ValueError(f"cu_seqlens: requires batch size 1 (packed sequences), got B={B}")
+    return check_cu_seqlens(cu_seqlens, T, device)
+
+
 def check_inputs(spec: Spec, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
                  k_win=None, v_win=None) -> Problem:
     """Check shapes, dtypes and devices of an NSA call against the spec; return its sizes."""
@@ -86,12 +96,7 @@ def check_inputs(spec: Spec, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seq
         _shape("v_win", v_win, (B, T, H, spec.dim_v), "[B, T, H, Dv]")
         named += [("k_win", k_win), ("v_win", v_win)]
 
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"cu_seqlens: requires batch size 1 (packed sequences), got B={B}")
-        lens = check_cu_seqlens(cu_seqlens, T, q.device)
-    else:
-        lens = (T,) * B
+    lens = _seqlens(cu_seqlens, B, T, q.device)
     ncs = [spec.num_cmp(n) for n in lens]
     nc = sum(ncs) if cu_seqlens is not None else ncs[0]
 
@@ -155,10 +160,5 @@ def check_dsa_inputs(spec: DSASpec, q, k, v, q_idx, k_idx, w_idx, cu_seqlens=Non
             raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"cu_seqlens: requires batch size 1 (packed sequences), got B={B}")
-        lens = check_cu_seqlens(cu_seqlens, T, q.device)
-    else:
-        lens = (T,) * B
+    lens = _seqlens(cu_seqlens, B, T, q.device)
     return Problem(batch=B, seq_len=T, seqlens=lens)
