@@ -568,12 +568,32 @@ def slc_attention_kb_merge(
                False)
 
 
+# the partial outputs a block-outer launch holds at once; longer inputs run in token chunks
+SLC_KB_PARTIAL_BYTES = 16 * 2 ** 30
+
+
 def launch_slc_attention_kb(q, k, v, gates, o, idx, lay, cfg, prec, ob=None, lse=None):
     """Selected-block attention, key-block outer: bucket the picks by block, attend each block
-    once for all its picks, merge the partials per (token, head). ob / lse: this branch's
-    [Ntok, HQ, Dv] output and [Ntok, HQ] LSE to save, or None."""
+    once for all its picks, merge the partials per (token, head), for chunks of tokens whose
+    partials fit SLC_KB_PARTIAL_BYTES. ob / lse: this branch's [Ntok, HQ, Dv] output and
+    [Ntok, HQ] LSE to save, or None."""
+    n_tok = q.shape[0]
+    per_tok = H_KV * 16 * GROUP * (DIM_V * q.element_size() + 4)
+    step = max(1, SLC_KB_PARTIAL_BYTES // per_tok)
+    blocks = lay.blocks(64)
+    for t0 in range(0, n_tok, step):
+        sl = slice(t0, min(n_tok, t0 + step))
+        _slc_attention_kb_tokens(q[sl], k, v, None if gates is None else gates[sl], o[sl], idx[sl],
+                             lay.tok_seq[sl], lay.tok_pos[sl], blocks, lay, cfg, prec,
+                             None if ob is None else ob[sl], None if lse is None else lse[sl])
+
+
+def _slc_attention_kb_tokens(q, k, v, gates, o, idx, tok_seq, tok_pos, blocks, lay, cfg, prec, ob,
+                         lse):
+    """launch_slc_attention_kb for one chunk of tokens (every tensor but k, v and the block tables
+    sliced to it)."""
     n_tok, dev = q.shape[0], q.device
-    blk_tok0, blk_nkeys, blk_pos0, seq_first = lay.blocks(64)
+    blk_tok0, blk_nkeys, blk_pos0, seq_first = blocks
     n_blocks = blk_tok0.shape[0]
     n_ent = n_tok * H_KV * 16
     i32 = torch.int32
@@ -583,12 +603,12 @@ def launch_slc_attention_kb(q, k, v, gates, o, idx, lay, cfg, prec, ob=None, lse
     be = 1024
     bucket = _launch(slc_attention_kb_bucket)
     grid = (triton.cdiv(n_ent, be),)
-    bucket[grid](idx, lay.tok_seq, seq_first, counts, counts, inv_tok, inv_slot, n_ent, n_blocks,
+    bucket[grid](idx, tok_seq, seq_first, counts, counts, inv_tok, inv_slot, n_ent, n_blocks,
                  idx.stride(0), idx.stride(1), H=H_KV, N=16, COUNT=True, BE=be,
                  num_warps=4)
     offsets = torch.cumsum(counts, 0, dtype=i32) - counts
     cursor = offsets.clone()
-    bucket[grid](idx, lay.tok_seq, seq_first, counts, cursor, inv_tok, inv_slot, n_ent, n_blocks,
+    bucket[grid](idx, tok_seq, seq_first, counts, cursor, inv_tok, inv_slot, n_ent, n_blocks,
                  idx.stride(0), idx.stride(1), H=H_KV, N=16, COUNT=False, BE=be,
                  num_warps=4)
     chunk = cfg["BT"] * cfg["CHUNK_ITERS"]
@@ -597,7 +617,7 @@ def launch_slc_attention_kb(q, k, v, gates, o, idx, lay, cfg, prec, ob=None, lse
     lp = torch.empty(n_ent * GROUP, dtype=torch.float32, device=dev)
     _launch(slc_attention_kb_attend)[(chunk_hb.shape[0],)](
         q, k, v, op, lp, blk_tok0, blk_nkeys, blk_pos0, offsets, counts, inv_tok, inv_slot,
-        lay.tok_pos, chunk_hb, chunk_i0, n_blocks, q.stride(0), q.stride(1), k.stride(0),
+        tok_pos, chunk_hb, chunk_i0, n_blocks, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), v.stride(0), v.stride(1), QK_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"],
         DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64,
         N=16, PREC=prec, BT=cfg["BT"], CHUNK=chunk,

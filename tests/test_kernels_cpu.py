@@ -133,3 +133,15 @@ def test_selected_attention_loop_orders(slc_order, G, dtype):
     names = [k.name for k in nsagen.ir.lower(spec).kernels]
     assert ("slc_attention_kb" in names) == (slc_order == "block"), names
     check_forward(spec, B=1, T=0, dtype=dtype, device="cpu", seed=G, varlen_lens=[3, 70, 1, 41])
+
+
+@pytest.mark.parametrize("slc_order", ["block"], indirect=True)
+def test_block_outer_in_token_chunks(slc_order, monkeypatch):
+    """Inputs whose partial outputs exceed the launch's budget run in chunks of tokens (here 7,
+    across sequence boundaries), with the same result."""
+    spec = scaled(nsagen.load_spec("nsa-d128")).replace(heads_q=2, heads_kv=2)
+    mod = nsagen.build(spec).module
+    per_tok = spec.heads_kv * spec.slc_count * spec.group * (spec.dim_v * 4 + 4)
+    monkeypatch.setattr(mod, "SLC_KB_PARTIAL_BYTES", 7 * per_tok)
+    check_forward(spec, B=1, T=0, dtype=torch.float32, device="cpu", seed=31,
+                  varlen_lens=[20, 3, 30])
