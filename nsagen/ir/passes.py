@@ -86,7 +86,7 @@ def _slc_loop_order(spec: Spec, target: Target, why: list[str]) -> str:
     order = "block" if cost["block"] < cost["query"] else "query"
     ns = {k: f"{v * 1e9:.0f} ns" if v != float("inf") else "does not fit" for k, v in cost.items()}
     why.append(
-        f"slc_attn loop order: {'block' if order == 'block' else 'query'}-outer. Estimated per "
+        f"slc_attn loop order: {order}-outer. Estimated per "
         f"(token, KV head) on {target.name}: query-outer {ns['query']} (n={spec.slc_count} "
         f"blocks of K/V through L2 for G={spec.group} head rows, padded to {max(16, spec.group)}),"
         f" block-outer {ns['block']} (per pick and head: q read, partial output written and "
@@ -147,12 +147,12 @@ def _partition(g: nx.DiGraph, spec: Spec, why: list[str], target: Target) -> lis
                    "compressed-attention tiles produce piecewise")
     if "slc_attn" in kg:
         order = _slc_loop_order(spec, target, why)
-        kg.nodes["slc_attn"]["kernel"] = "slc_attention_kb" if order == "block" else "slc_attention"
         if order == "query" and "win_attn" in kg and spec.window <= spec.slc_block:
             _fuse(kg, "slc_attn", "win_attn")
-            kg.nodes["slc_attn"]["kernel"] = "slc_attention"
             why.append(f"win_attn fused into slc_attn: w={spec.window} <= l'={spec.slc_block}, "
                        "a per-token window loop is one key tile")
+        # both loop orders implement slc_attn: the choice names the kernel
+        kg.nodes["slc_attn"]["kernel"] = "slc_attention_kb" if order == "block" else "slc_attention"
     if "win_attn" in kg:
         why.append(f"win_attn in its own tiled kernel: w={spec.window} keys are shared by the "
                    "tokens of a tile, so tiles of tokens x heads beat per-token programs")
