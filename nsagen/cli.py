@@ -22,6 +22,7 @@ from . import bench, cache, costmodel
 from .cache import cache_dir
 from .codegen import explain, module_name, write_generated
 from .crosscompile import compile_for
+from .ir import build_graph, describe
 from .ops import build
 from .resources import data_dir, shipped_specs
 from .spec import Spec, SpecError, short_path, short_repr
@@ -197,6 +198,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.spec:
         _error("generate: give a SPEC or --shipped")
         return 2
+    if args.explain:
+        spec = load_spec(args.spec)
+        if spec.family != "nsa":      # its graph; the kernels refuse below
+            print(f"{spec.name}: {spec.uri}\n\nop graph (no kernels generated yet):\n"
+                  + describe(build_graph(spec)) + "\n")
     spec = _load_for_kernels(args.spec)
     if args.explain:
         print(explain(spec))

@@ -241,3 +241,24 @@ def test_shipped_dsa_specs_and_no_kernels_yet():
 def test_every_shipped_spec_is_named_after_its_family():
     for name in shipped_specs():
         assert name.startswith(load_spec(name).family + "-"), name
+
+
+def test_dsa_op_graph_and_explain(capsys):
+    """The family's graph: indexer -> top-k -> sparse attention -> o, and the indexer loss from
+    the indexer's scores and the attention's LSE; `generate --explain` prints it and then
+    refuses to build."""
+    from nsagen.cli import main
+    from nsagen.ir import build_graph
+
+    g = build_graph(load_spec("dsa-gqa"))
+    assert {n for n, a in g.nodes(data=True) if a["op"] not in ("input", "output")} == {
+        "indexer", "topk_tokens", "sparse_attn", "indexer_loss"}
+    for a, b in [("indexer", "topk_tokens"), ("topk_tokens", "sparse_attn"), ("sparse_attn", "o"),
+                 ("indexer", "indexer_loss"), ("sparse_attn", "indexer_loss"),
+                 ("q_idx", "indexer"), ("k", "sparse_attn")]:
+        assert g.has_edge(a, b), (a, b)
+    assert g.edges["topk_tokens", "sparse_attn"]["shape"][2] == 1024
+    assert main(["generate", "dsa-gqa", "--explain"]) == 2
+    out = capsys.readouterr()
+    assert "topk_tokens [topk_tokens] {'topk': 1024}" in out.out
+    assert "does not generate DSA kernels yet" in out.err

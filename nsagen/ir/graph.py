@@ -1,4 +1,4 @@
-"""The op graph of one NSA layer: typed nodes, edges carrying symbolic shapes.
+"""The op graph of one layer (NSA, or DSA): typed nodes, edges carrying symbolic shapes.
 
 `build_graph(spec)` states *what* is computed (docs/algorithm.md), independent of how it is split
 into kernels; the passes in `nsagen.ir.passes` decide that.
@@ -8,20 +8,24 @@ from __future__ import annotations
 import networkx as nx
 import sympy
 
+from ..dsa_spec import DSASpec
 from ..spec import Spec
 
 T, B = sympy.symbols("T B", integer=True, positive=True)
 
 OPS = ("input", "compress", "cmp_attn", "importance", "topk", "slc_attn", "win_attn", "combine",
-       "output")
+       "indexer", "topk_tokens", "sparse_attn", "indexer_loss", "output")
 
 
 def _nc(spec: Spec):
     return sympy.floor((T - spec.cmp_block) / spec.cmp_stride) + 1
 
 
-def build_graph(spec: Spec) -> nx.DiGraph:
-    """The forward graph of the spec: only the branches it lists, only the inputs it needs."""
+def build_graph(spec: Spec | DSASpec) -> nx.DiGraph:
+    """The forward graph of the spec: only the branches it lists, only the inputs it needs (a DSA
+    spec: `dsa_graph`)."""
+    if spec.family == "dsa":
+        return dsa_graph(spec)
     g = nx.DiGraph(spec=spec, direction="forward")
     HQ, H, Dk, Dv = spec.heads_q, spec.heads_kv, spec.dim_qk, spec.dim_v
     nc = _nc(spec)
@@ -86,6 +90,38 @@ def build_graph(spec: Spec) -> nx.DiGraph:
         edge(src, "win_attn", "k", (B, T, H, Dk))
         edge("v_win" if src == "k_win" else "v", "win_attn", "v", (B, T, H, Dv))
         edge("win_attn", "combine", "o_win", (B, T, HQ, Dv))
+    return g
+
+
+def dsa_graph(spec: DSASpec) -> nx.DiGraph:
+    """The graph of a DSA layer (docs/algorithm.md section 8): the indexer scores every earlier
+    token, the top-k keeps `topk` of them, the sparse attention runs over those; the indexer
+    loss (training) compares the indexer's distribution with the attention's, from the
+    attention's saved LSE. With no `v` the value is the key's first Dv columns."""
+    g = nx.DiGraph(spec=spec, direction="forward")
+    HQ, H, Dk, Dv = spec.heads_q, spec.heads_kv, spec.dim_qk, spec.dim_v
+    HI, DI, K = spec.indexer_heads, spec.indexer_dim, spec.topk
+    for name, shape in (("q", (B, T, HQ, Dk)), ("k", (B, T, H, Dk)), ("v", (B, T, H, Dv)),
+                        ("q_idx", (B, T, HI, DI)), ("k_idx", (B, T, DI)), ("w_idx", (B, T, HI))):
+        g.add_node(name, op="input", shape=shape)
+    g.add_node("indexer", op="indexer", heads=HI, dim=DI, key_dtype=spec.key_dtype)
+    g.add_node("topk_tokens", op="topk_tokens", topk=K)
+    g.add_node("sparse_attn", op="sparse_attn", group=spec.group)
+    g.add_node("indexer_loss", op="indexer_loss")
+    g.add_node("o", op="output", shape=(B, T, HQ, Dv))
+    g.add_node("loss", op="output", shape=())
+    for a, b, tensor, shape in (
+            ("q_idx", "indexer", "q_idx", (B, T, HI, DI)), ("k_idx", "indexer", "k_idx", (B, T, DI)),
+            ("w_idx", "indexer", "w_idx", (B, T, HI)),
+            ("indexer", "topk_tokens", "scores (streamed, never stored)", (B, T, T)),
+            ("topk_tokens", "sparse_attn", "indices", (B, T, K)),
+            ("q", "sparse_attn", "q", (B, T, HQ, Dk)), ("k", "sparse_attn", "k", (B, T, H, Dk)),
+            ("v", "sparse_attn", "v (or k[..., :Dv])", (B, T, H, Dv)),
+            ("sparse_attn", "o", "o", (B, T, HQ, Dv)),
+            ("indexer", "indexer_loss", "scores on the indices", (B, T, K)),
+            ("sparse_attn", "indexer_loss", "lse", (B, T, HQ)),
+            ("indexer_loss", "loss", "loss", ())):
+        g.add_edge(a, b, tensor=tensor, shape=shape)
     return g
 
 
