@@ -318,8 +318,6 @@ def dense_decode_bytes(spec: Spec) -> sp.Expr:
 
 # ---------------------------------------------------------------------------- evaluation
 BLOCK_TILE_BYTES = 64 * 1024   # K and V of one selected block held by a block-outer program
-SCATTER_EFFICIENCY = 0.5        # fraction of the copy bandwidth that row gathers and scattered
-#                                 partial writes reach (H200: results/h200/loop-order-64k.md)
 
 
 def slc_loop_costs(spec: Spec, target: Target) -> dict[str, float]:
@@ -330,8 +328,8 @@ def slc_loop_costs(spec: Spec, target: Target) -> dict[str, float]:
     by the tokens that chose the same blocks) divided by G. ``block``: a program per selected
     block attends every pick of it; per pick and head it reads q, writes a partial output and
     its LSE and the merge reads them back, and bucketing reads the picks twice and writes and
-    reads one (token, slot) pair: scattered traffic, at SCATTER_EFFICIENCY of the memory
-    bandwidth. The larger of traffic time and tensor-core time
+    reads one (token, slot) pair: scattered traffic, at the Target's scatter_efficiency of its
+    memory bandwidth. The larger of traffic time and tensor-core time
     counts. ``block`` is infinite when a block's K and V do not fit one program's tile
     (BLOCK_TILE_BYTES)."""
     e = _elem(spec)
@@ -341,7 +339,7 @@ def slc_loop_costs(spec: Spec, target: Target) -> dict[str, float]:
     flops = target.bf16_flops if e == 2 else target.bf16_flops / 16
     rows = max(16, G)
     query = max(n * lb * (dk + dv) * e / l2, 2 * rows * n * lb * (dk + dv) / flops)
-    block = max(n * (G * ((dk + 2 * dv) * e + 8) + 24) / (SCATTER_EFFICIENCY * target.mem_bandwidth),
+    block = max(n * (G * ((dk + 2 * dv) * e + 8) + 24) / (target.scatter_efficiency * target.mem_bandwidth),
                 2 * G * n * lb * (dk + dv) / flops)
     if lb * (dk + dv) * e > BLOCK_TILE_BYTES:
         block = float("inf")

@@ -33,6 +33,8 @@ class Target:
     l2_bytes: int = 0
     mem_bandwidth: float = 0.0   # bytes/s, datasheet (a lead; the bench measures its own)
     l2_bandwidth: float = 0.0    # bytes/s read from L2 by scattered tiles (a lead; 0: 2x memory)
+    scatter_efficiency: float = 0.5   # share of mem_bandwidth that row gathers and scattered
+    #                                   writes reach (H200: results/h200/loop-order-64k.md)
     bf16_flops: float = 0.0      # dense bf16 FLOP/s, datasheet (likewise)
 
     # rules derived from the facts ---------------------------------------------------------
