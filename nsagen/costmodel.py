@@ -339,7 +339,8 @@ def slc_loop_costs(spec: Spec, target: Target) -> dict[str, float]:
     flops = target.bf16_flops if e == 2 else target.bf16_flops / 16
     rows = max(16, G)
     query = max(n * lb * (dk + dv) * e / l2, 2 * rows * n * lb * (dk + dv) / flops)
-    block = max(n * (G * ((dk + 2 * dv) * e + 8) + 24) / (target.scatter_efficiency * target.mem_bandwidth),
+    scattered = target.scatter_efficiency * target.mem_bandwidth
+    block = max(n * (G * ((dk + 2 * dv) * e + 8) + 24) / scattered,
                 2 * G * n * lb * (dk + dv) / flops)
     if lb * (dk + dv) * e > BLOCK_TILE_BYTES:
         block = float("inf")
