@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .spec import (DTYPE_SHORT, DTYPES, NAME_MAX, NAME_PATTERN, Bound, SpecError, bound_rule,
-                   check_type, suggest_key)
+from .spec import (DTYPE_SHORT, DTYPES, Bound, SpecError, bound_rule, check_name, check_type,
+                   read_schema)
 
 KEY_DTYPES = ("bfloat16", "float8_e4m3")
 
@@ -80,11 +80,7 @@ class DSASpec:
                 check_type(src, key, value, str)
             else:
                 check_type(src, key, value, int)
-        if not NAME_PATTERN.fullmatch(self.name):
-            raise SpecError(src, "name", self.name,
-                            "must be non-empty ASCII letters, digits, '-', '_' or '.'")
-        if len(self.name) > NAME_MAX:
-            raise SpecError(src, "name", self.name, f"must be at most {NAME_MAX} characters")
+        check_name(src, self.name)
         for key, value, choices in (("dtype", self.dtype, DTYPES),
                                     ("indexer.key_dtype", self.key_dtype, KEY_DTYPES)):
             if value not in choices:
@@ -105,38 +101,10 @@ class DSASpec:
         """Validate a parsed `attention: dsa` mapping and build a DSASpec; raises SpecError."""
         if not isinstance(d, Mapping):
             raise SpecError(source, "<root>", d, "a spec must be a mapping of keys to values")
-        for key in d:
-            if key not in _SCHEMA:
-                name = key if isinstance(key, str) else str(type(key).__name__)
-                raise SpecError(source, name, d[key], "unknown key" + suggest_key(name, _SCHEMA))
-        for key in _REQUIRED:
-            if key not in d:
-                raise SpecError(source, key, None, "required key is missing")
-        if d["attention"] != "dsa":
-            raise SpecError(source, "attention", d["attention"], "this is a DSA spec: attention: dsa")
-        vals: dict[str, Any] = {}
-        for key, want in _SCHEMA.items():
-            if not isinstance(want, dict):
-                if key in d:
-                    vals[key] = check_type(source, key, d[key], want)
-                else:
-                    vals[key] = _DEFAULTS.get(key)
-                continue
-            raw = d.get(key, {})
-            if not isinstance(raw, Mapping):
-                raise SpecError(source, key, raw, f"must be a mapping with keys {', '.join(want)}")
-            for sub in raw:
-                if sub not in want:
-                    name = sub if isinstance(sub, str) else str(type(sub).__name__)
-                    raise SpecError(source, f"{key}.{name}", raw[sub],
-                                    "unknown key" + suggest_key(name, want))
-            for sub, subtype in want.items():
-                if sub in raw:
-                    vals[f"{key}.{sub}"] = check_type(source, f"{key}.{sub}", raw[sub], subtype)
-                elif sub in _DEFAULTS.get(key, {}):
-                    vals[f"{key}.{sub}"] = _DEFAULTS[key][sub]
-                else:
-                    raise SpecError(source, f"{key}.{sub}", None, "required key is missing")
+        vals = read_schema(d, _SCHEMA, _REQUIRED, _DEFAULTS, source)
+        if vals["attention"] != "dsa":
+            raise SpecError(source, "attention", vals["attention"],
+                            "this is a DSA spec: attention: dsa")
         return cls(name=vals["name"], heads_q=vals["heads.q"], heads_kv=vals["heads.kv"],
                    dim_qk=vals["head_dim.qk"], dim_v=vals["head_dim.v"],
                    indexer_heads=vals["indexer.heads"], indexer_dim=vals["indexer.dim"],

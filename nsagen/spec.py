@@ -66,7 +66,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
 _OPTIONAL = ("window", "scale")      # fields that may be None
 
 NAME_MAX = 64
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 # A float literal as written in a spec: digits, an optional fraction, an optional exponent.
 _FLOAT_LITERAL = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -199,6 +199,56 @@ def check_type(source: str, key: str, value: Any, want: type) -> Any:
     return value
 
 
+def read_schema(d: Mapping[str, Any], schema: Mapping[str, Any], required: tuple[str, ...],
+                defaults: Mapping[str, Any], source: str, nullable: tuple[str, ...] = ()
+                ) -> dict[str, Any]:
+    """The values of a spec mapping by dotted key ('heads.q'), checked against `schema` (a key's
+    type, or a mapping of sub-keys to types): unknown keys (with a suggestion), missing required
+    keys, wrong types; absent keys take `defaults` (else None). Keys in `nullable` may be null."""
+    for key in d:
+        if key not in schema:
+            name = key if isinstance(key, str) else short_repr(key)
+            raise SpecError(source, name, d[key], "unknown key" + suggest_key(name, schema))
+    for key in required:
+        if key not in d:
+            raise SpecError(source, key, None, "required key is missing")
+    vals: dict[str, Any] = {}
+    for key, want in schema.items():
+        if not isinstance(want, dict):
+            if key in d:
+                vals[key] = None if key in nullable and d[key] is None else \
+                    check_type(source, key, d[key], want)
+            else:
+                vals[key] = defaults.get(key)
+            continue
+        raw = d.get(key, defaults.get(key))
+        if not isinstance(raw, Mapping):
+            raise SpecError(source, key, raw, f"must be a mapping with keys {', '.join(want)}")
+        subdefaults = defaults.get(key, {})
+        for sub in raw:
+            if sub not in want:
+                name = sub if isinstance(sub, str) else short_repr(sub)
+                raise SpecError(source, f"{key}.{name}", raw[sub],
+                                "unknown key" + suggest_key(name, want))
+        for sub, subtype in want.items():
+            if sub in raw:
+                vals[f"{key}.{sub}"] = check_type(source, f"{key}.{sub}", raw[sub], subtype)
+            elif sub in subdefaults:
+                vals[f"{key}.{sub}"] = subdefaults[sub]
+            else:
+                raise SpecError(source, f"{key}.{sub}", None, "required key is missing")
+    return vals
+
+
+def check_name(source: str, name: str) -> None:
+    """A spec's name: short plain ASCII (it names files and appears in messages)."""
+    if not _NAME_PATTERN.fullmatch(name):
+        raise SpecError(source, "name", name,
+                        "must be non-empty ASCII letters, digits, '-', '_' or '.'")
+    if len(name) > NAME_MAX:
+        raise SpecError(source, "name", name, f"must be at most {NAME_MAX} characters")
+
+
 @dataclass(frozen=True)
 class Spec:
     """One NSA layer (`attention: nsa`, the default): head counts and dims, block sizes,
@@ -242,44 +292,9 @@ class Spec:
         """Validate a parsed spec mapping and build a Spec; raises SpecError naming what is wrong."""
         if not isinstance(d, Mapping):
             raise SpecError(source, "<root>", d, "a spec must be a mapping of keys to values")
-        for key in d:
-            if key not in _SCHEMA:
-                name = key if isinstance(key, str) else short_repr(key)
-                raise SpecError(source, name, d[key], "unknown key" + suggest_key(name, _SCHEMA))
-        for key in _REQUIRED:
-            if key not in d:
-                raise SpecError(source, key, None, "required key is missing")
-        vals: dict[str, Any] = {}
-        for key, want in _SCHEMA.items():
-            if isinstance(want, dict):
-                raw = d.get(key, _DEFAULTS.get(key))
-                if key == "head_dim" and isinstance(raw, int) and not isinstance(raw, bool):
-                    raw = {"qk": raw, "v": raw}
-                if not isinstance(raw, Mapping):
-                    raise SpecError(source, key, raw, f"must be a mapping with keys {', '.join(want)}")
-                defaults = _DEFAULTS.get(key, {})
-                for sub in raw:
-                    if sub not in want:
-                        name = sub if isinstance(sub, str) else short_repr(sub)
-                        raise SpecError(source, f"{key}.{name}", raw[sub],
-                                        "unknown key" + suggest_key(name, want))
-                for sub, subtype in want.items():
-                    if sub in raw:
-                        vals[f"{key}.{sub}"] = check_type(source, f"{key}.{sub}", raw[sub], subtype)
-                    elif sub in defaults:
-                        vals[f"{key}.{sub}"] = defaults[sub]
-                    else:
-                        raise SpecError(source, f"{key}.{sub}", None, "required key is missing")
-            elif key in d:
-                if key == "window" and d[key] is None:
-                    vals[key] = None
-                else:
-                    vals[key] = check_type(source, key, d[key], want)
-            elif key in _DEFAULTS:
-                vals[key] = _DEFAULTS[key]
-            else:
-                vals[key] = None
-
+        if isinstance(d.get("head_dim"), int) and not isinstance(d["head_dim"], bool):
+            d = dict(d, head_dim={"qk": d["head_dim"], "v": d["head_dim"]})   # one size for both
+        vals = read_schema(d, _SCHEMA, _REQUIRED, _DEFAULTS, source, nullable=("window",))
         if vals["attention"] not in (None, "nsa"):
             raise SpecError(source, "attention", vals["attention"],
                             f"choose from {', '.join(FAMILIES)} (an NSA spec has attention: nsa)")
@@ -322,11 +337,7 @@ class Spec:
     def _check_values(self) -> None:
         """Names, choices, branches, the bounds of every size, then the relations between keys."""
         src = self.source
-        if not NAME_PATTERN.fullmatch(self.name):
-            raise SpecError(src, "name", self.name,
-                            "must be non-empty ASCII letters, digits, '-', '_' or '.'")
-        if len(self.name) > NAME_MAX:
-            raise SpecError(src, "name", self.name, f"must be at most {NAME_MAX} characters")
+        check_name(src, self.name)
         for key, value, choices, what in (
                 ("dtype", self.dtype, DTYPES, "unknown dtype; "),
                 ("compression.kind", self.cmp_kind, COMPRESSION_KINDS,
