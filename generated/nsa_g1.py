@@ -178,9 +178,8 @@ def _decode_release(PDL: tl.constexpr):
 
 @triton.jit
 def mean_compress(
-    x_ptr, y_ptr, src_ptr, n_rows,
-    stride_xt, stride_xh, stride_yt, stride_yh,
-    D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr, BI: tl.constexpr,
+    x_ptr, y_ptr, src_ptr, n_rows, stride_xt, stride_xh, stride_yt, stride_yh, D: tl.constexpr,
+    BD: tl.constexpr, L: tl.constexpr, BI: tl.constexpr,
 ):
     """y[i, h] = mean(x[src[i] : src[i] + L, h]) for a tile of BI packed compressed rows."""
     tl.static_assert(BD >= D)
@@ -208,22 +207,20 @@ def launch_mean_compress(x, y, lay, cfg):
     grid = (triton.cdiv(n_rows, cfg["BI"]), x.shape[1])
     _launch(mean_compress)[grid](
         x, y, lay.cmp_src, n_rows, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        D=x.shape[2], BD=triton.next_power_of_2(x.shape[2]), L=32,
-        BI=cfg["BI"], num_warps=cfg["num_warps"])
+        D=x.shape[2], BD=triton.next_power_of_2(x.shape[2]), L=32, BI=cfg["BI"],
+        num_warps=cfg["num_warps"])
 
 
 @triton.jit
 def cmp_attention(
-    q_ptr, kc_ptr, vc_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, score_ptr,
-    tile_tok_ptr, tile_len_ptr, tok_pos_ptr, tok_cstart_ptr, tok_ncmp_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_gt, stride_gh, stride_st, stride_sh,
-    qk_scale: tl.constexpr,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-    L: tl.constexpr, STRIDE: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, NBP: tl.constexpr,
-    HAS_GATES: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, BTS: tl.constexpr, SHIFT: tl.constexpr,
+    q_ptr, kc_ptr, vc_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, score_ptr, tile_tok_ptr, tile_len_ptr,
+    tok_pos_ptr, tok_cstart_ptr, tok_ncmp_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+    stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh, stride_st, stride_sh,
+    qk_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
+    R1: tl.constexpr, R2: tl.constexpr, NBP: tl.constexpr, HAS_GATES: tl.constexpr,
+    PREC: tl.constexpr, SAVE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BTS: tl.constexpr,
+    SHIFT: tl.constexpr,
 ):
     tl.static_assert(BDK >= DK and BDV >= DV and GP >= G)
     tl.static_assert(BTS >= BT and BTS >= 16, "token rows of the group-sum product")
@@ -351,23 +348,23 @@ def launch_cmp_attention(q, kc, vc, gates, o, score, lay, cfg, prec, ob=None, ls
     save = ob is not None
     grid = (tile_tok.numel(), H_KV)
     _launch(cmp_attention)[grid](
-        q, kc, vc, g, o, ob if save else o, lse if save else score, score, tile_tok, tile_len, lay.tok_pos, lay.tok_cstart, lay.tok_ncmp,
-        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
-        o.stride(0), o.stride(1), g.stride(0), g.stride(1), score.stride(0), score.stride(1),
-        QK_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV,
-        L=32, STRIDE=16, R1=2,
-        R2=4, NBP=score.shape[-1], HAS_GATES=gates is not None,
-        PREC=prec, SAVE=save, BT=cfg["BT"], BC=cfg["BC"], BTS=max(16, cfg["BT"]),
-        SHIFT=0 if prec == "ieee" else 16 - cfg["GP"].bit_length(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        q, kc, vc, g, o, ob if save else o, lse if save else score, score, tile_tok, tile_len,
+        lay.tok_pos, lay.tok_cstart, lay.tok_ncmp, q.stride(0), q.stride(1), kc.stride(0),
+        kc.stride(1), vc.stride(0), vc.stride(1), o.stride(0), o.stride(1), g.stride(0),
+        g.stride(1), score.stride(0), score.stride(1), qk_scale=QK_SCALE, H=H_KV, G=GROUP,
+        GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=32, STRIDE=16, R1=2, R2=4,
+        NBP=score.shape[-1], HAS_GATES=gates is not None, PREC=prec, SAVE=save, BT=cfg["BT"],
+        BC=cfg["BC"], BTS=max(16, cfg["BT"]),
+        SHIFT=0 if prec == "ieee" else 16 - cfg["GP"].bit_length(), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
 
 
 @triton.jit
 def select_blocks(
-    score_ptr, idx_ptr, tok_pos_ptr, tok_ncmp_ptr, n_tok,
-    stride_st, stride_sh, stride_it, stride_ih,
-    L: tl.constexpr, STRIDE: tl.constexpr, LB: tl.constexpr,
-    N: tl.constexpr, NP: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
-    NF: tl.constexpr, NFP: tl.constexpr, NBP: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr,
+    score_ptr, idx_ptr, tok_pos_ptr, tok_ncmp_ptr, n_tok, stride_st, stride_sh, stride_it,
+    stride_ih, L: tl.constexpr, STRIDE: tl.constexpr, LB: tl.constexpr, N: tl.constexpr,
+    NP: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, NF: tl.constexpr,
+    NFP: tl.constexpr, NBP: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr,
 ):
     tl.static_assert(NP >= N and NFP >= NF and NF == N - N_INIT - N_LOCAL)
     NSEG: tl.constexpr = NBP // SEG
@@ -440,20 +437,16 @@ def launch_select_blocks(score, idx, lay, cfg):
     grid = (triton.cdiv(n_tok, cfg["BT"]), H_KV)
     _launch(select_blocks)[grid](
         score, idx, lay.tok_pos, lay.tok_ncmp, n_tok, score.stride(0), score.stride(1),
-        idx.stride(0), idx.stride(1), L=32, STRIDE=16,
-        LB=64, N=16, NP=16,
-        N_INIT=1, N_LOCAL=2,
-        NF=13,
-        NFP=16,
-        NBP=score.shape[2], SEG=min(cfg["SEG"], score.shape[2]), BT=cfg["BT"],
+        idx.stride(0), idx.stride(1), L=32, STRIDE=16, LB=64, N=16, NP=16, N_INIT=1, N_LOCAL=2,
+        NF=13, NFP=16, NBP=score.shape[2], SEG=min(cfg["SEG"], score.shape[2]), BT=cfg["BT"],
         num_warps=cfg["num_warps"])
 
 
 @triton.jit
 def slc_attention_kb_bucket(
     idx_ptr, tok_seq_ptr, seq_first_ptr, count_ptr, cursor_ptr, inv_tok_ptr, inv_slot_ptr,
-    n_entries, n_blocks, stride_it, stride_ih,
-    H: tl.constexpr, N: tl.constexpr, COUNT: tl.constexpr, BE: tl.constexpr,
+    n_entries, n_blocks, stride_it, stride_ih, H: tl.constexpr, N: tl.constexpr,
+    COUNT: tl.constexpr, BE: tl.constexpr,
 ):
     e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
     ok = e < n_entries
@@ -474,12 +467,12 @@ def slc_attention_kb_bucket(
 
 @triton.jit
 def slc_attention_kb_attend(
-    q_ptr, k_ptr, v_ptr, op_ptr, lp_ptr, blk_tok0_ptr, blk_nkeys_ptr, blk_pos0_ptr,
-    offsets_ptr, counts_ptr, inv_tok_ptr, inv_slot_ptr, tok_pos_ptr, chunk_hb_ptr, chunk_i0_ptr,
-    n_blocks, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    qk_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-    LB: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, CHUNK: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, op_ptr, lp_ptr, blk_tok0_ptr, blk_nkeys_ptr, blk_pos0_ptr, offsets_ptr,
+    counts_ptr, inv_tok_ptr, inv_slot_ptr, tok_pos_ptr, chunk_hb_ptr, chunk_i0_ptr, n_blocks,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, qk_scale: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, CHUNK: tl.constexpr,
 ):
     tl.static_assert(BT * GP >= 16, "a tile needs at least 16 rows for tensor cores")
     c = tl.program_id(0)
@@ -530,10 +523,10 @@ def slc_attention_kb_attend(
 
 @triton.jit
 def slc_attention_kb_merge(
-    op_ptr, lp_ptr, idx_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, n_rows,
-    stride_ot, stride_oh, stride_gt, stride_gh, stride_it, stride_ih,
-    H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, N: tl.constexpr,
-    HAS_GATES: tl.constexpr, SAVE: tl.constexpr, BR: tl.constexpr,
+    op_ptr, lp_ptr, idx_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, n_rows, stride_ot, stride_oh,
+    stride_gt, stride_gh, stride_it, stride_ih, H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr,
+    BDV: tl.constexpr, N: tl.constexpr, HAS_GATES: tl.constexpr, SAVE: tl.constexpr,
+    BR: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     row_ok = r < n_rows
@@ -603,24 +596,24 @@ def _slc_attention_kb_tokens(q, k, v, gates, o, idx, tok_seq, tok_pos, blocks, l
     be = 1024
     bucket = _launch(slc_attention_kb_bucket)
     grid = (triton.cdiv(n_ent, be),)
-    bucket[grid](idx, tok_seq, seq_first, counts, counts, inv_tok, inv_slot, n_ent, n_blocks,
-                 idx.stride(0), idx.stride(1), H=H_KV, N=16, COUNT=True, BE=be,
-                 num_warps=4)
+    count, cursor = True, counts            # pass 1 counts the picks per (head, block)
+    bucket[grid](
+        idx, tok_seq, seq_first, counts, cursor, inv_tok, inv_slot, n_ent, n_blocks, idx.stride(0),
+        idx.stride(1), H=H_KV, N=16, COUNT=count, BE=be, num_warps=4)
     offsets = torch.cumsum(counts, 0, dtype=i32) - counts
-    cursor = offsets.clone()
-    bucket[grid](idx, tok_seq, seq_first, counts, cursor, inv_tok, inv_slot, n_ent, n_blocks,
-                 idx.stride(0), idx.stride(1), H=H_KV, N=16, COUNT=False, BE=be,
-                 num_warps=4)
+    count, cursor = False, offsets.clone()  # pass 2 places each pick in its bucket
+    bucket[grid](
+        idx, tok_seq, seq_first, counts, cursor, inv_tok, inv_slot, n_ent, n_blocks, idx.stride(0),
+        idx.stride(1), H=H_KV, N=16, COUNT=count, BE=be, num_warps=4)
     chunk = cfg["BT"] * cfg["CHUNK_ITERS"]
     chunk_hb, chunk_i0 = lay.group_chunks(counts, chunk, n_ent)
     op = torch.empty(n_ent * GROUP, DIM_V, dtype=q.dtype, device=dev)
     lp = torch.empty(n_ent * GROUP, dtype=torch.float32, device=dev)
     _launch(slc_attention_kb_attend)[(chunk_hb.shape[0],)](
         q, k, v, op, lp, blk_tok0, blk_nkeys, blk_pos0, offsets, counts, inv_tok, inv_slot,
-        tok_pos, chunk_hb, chunk_i0, n_blocks, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), v.stride(0), v.stride(1), QK_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"],
-        DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64,
-        N=16, PREC=prec, BT=cfg["BT"], CHUNK=chunk,
+        tok_pos, chunk_hb, chunk_i0, n_blocks, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), qk_scale=QK_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK,
+        DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N=16, PREC=prec, BT=cfg["BT"], CHUNK=chunk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     g = gates if gates is not None else q
     save = ob is not None
@@ -628,21 +621,18 @@ def _slc_attention_kb_tokens(q, k, v, gates, o, idx, tok_seq, tok_pos, blocks, l
     _launch(slc_attention_kb_merge)[(triton.cdiv(n_rows, cfg["BR"]),)](
         op, lp, idx, g, o, ob if save else o, lse if save else lp, n_rows, o.stride(0),
         o.stride(1), g.stride(0), g.stride(1), idx.stride(0), idx.stride(1), H=H_KV, G=GROUP,
-        DV=DIM_V, BDV=BLOCK_DV, N=16, HAS_GATES=gates is not None, SAVE=save,
-        BR=cfg["BR"], num_warps=cfg["MERGE_WARPS"])
+        DV=DIM_V, BDV=BLOCK_DV, N=16, HAS_GATES=gates is not None, SAVE=save, BR=cfg["BR"],
+        num_warps=cfg["MERGE_WARPS"])
 
 
 @triton.jit
 def win_attention(
     q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, tile_tok_ptr, tile_len_ptr, tok_pos_ptr,
-    tok_kbase_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_gt, stride_gh,
-    qk_scale: tl.constexpr,
-    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr,
-    HAS_GATES: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr,
+    tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
+    stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr,
+    HAS_GATES: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr,
 ):
     tl.static_assert(BDK >= DK and BDV >= DV and GP >= G)
     BM: tl.constexpr = BT * GP
@@ -700,18 +690,17 @@ def launch_win_attention(q, kw, vw, gates, o, lay, cfg, prec, ob=None, lse=None)
     grid = (tile_tok.numel(), H_KV)
     _launch(win_attention)[grid](
         q, kw, vw, g, o, ob if save else o, lse if save else o, tile_tok, tile_len, lay.tok_pos,
-        lay.tok_kbase,
-        q.stride(0), q.stride(1), kw.stride(0), kw.stride(1), vw.stride(0), vw.stride(1),
-        o.stride(0), o.stride(1), g.stride(0), g.stride(1),
-        QK_SCALE, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV,
-        W=512, HAS_GATES=gates is not None, PREC=prec, SAVE=save, BT=cfg["BT"], BK=cfg["BK"],
+        lay.tok_kbase, q.stride(0), q.stride(1), kw.stride(0), kw.stride(1), vw.stride(0),
+        vw.stride(1), o.stride(0), o.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE,
+        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, W=512,
+        HAS_GATES=gates is not None, PREC=prec, SAVE=save, BT=cfg["BT"], BK=cfg["BK"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 @triton.jit
 def gate_delta(
-    do_ptr, ob_ptr, g_ptr, dg_ptr, delta_ptr, n_rows,
-    HAS_GATES: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, BR: tl.constexpr,
+    do_ptr, ob_ptr, g_ptr, dg_ptr, delta_ptr, n_rows, HAS_GATES: tl.constexpr, DV: tl.constexpr,
+    BDV: tl.constexpr, BR: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     r_ok = rows < n_rows
@@ -748,20 +737,20 @@ def launch_gate_delta(do, ob, gates, dgates, delta, cfg):
     """dgates [Ntok, HQ, 3] and delta [3, Ntok, HQ] (fp32) from dO [Ntok, HQ, Dv] and the saved
     per-branch outputs ob [3, Ntok, HQ, Dv]; all contiguous."""
     n_rows = do.shape[0] * do.shape[1]
+    do, ob = do.contiguous(), ob.contiguous()
     g = gates.contiguous() if gates is not None else do
     _launch(gate_delta)[(triton.cdiv(n_rows, cfg["BR"]),)](
-        do.contiguous(), ob.contiguous(), g, dgates, delta, n_rows, HAS_GATES=gates is not None,
-        DV=DIM_V, BDV=BLOCK_DV, BR=cfg["BR"], num_warps=cfg["num_warps"])
+        do, ob, g, dgates, delta, n_rows, HAS_GATES=gates is not None, DV=DIM_V, BDV=BLOCK_DV,
+        BR=cfg["BR"], num_warps=cfg["num_warps"])
 
 
 @triton.jit
 def cmp_attention_bwd_dq(
-    q_ptr, kc_ptr, vc_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    tile_tok_ptr, tile_len_ptr, tok_pos_ptr, tok_cstart_ptr, tok_ncmp_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
+    q_ptr, kc_ptr, vc_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, tile_tok_ptr, tile_len_ptr,
+    tok_pos_ptr, tok_cstart_ptr, tok_ncmp_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+    stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr,
+    sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
     HAS_GATES: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
     """dq += sum_i dS[t, i] k_cmp[i] * scale for a tile of tokens x the group's heads."""
@@ -812,13 +801,13 @@ def cmp_attention_bwd_dq(
 
 @triton.jit
 def cmp_attention_bwd_dkdv(
-    q_ptr, kc_ptr, vc_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dkc_ptr, dvc_ptr,
-    ctile_row_ptr, ctile_c0_ptr, ctile_tok0_ptr, ctile_len_ptr, ctile_nc_ptr, q_chunk,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
-    HAS_GATES: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    q_ptr, kc_ptr, vc_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dkc_ptr, dvc_ptr, ctile_row_ptr,
+    ctile_c0_ptr, ctile_tok0_ptr, ctile_len_ptr, ctile_nc_ptr, q_chunk, stride_qt, stride_qh,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh,
+    qk_scale: tl.constexpr, sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    L: tl.constexpr, STRIDE: tl.constexpr, HAS_GATES: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr,
 ):
     """dk_cmp, dv_cmp of BC compressed tokens of one sequence from the queries at positions
     [chunk * q_chunk, (chunk + 1) * q_chunk) that see them, added atomically: the queries of a
@@ -904,18 +893,15 @@ def cmp_attention_bwd_dkdv(
 def launch_cmp_attention_bwd(q, kc, vc, gates, do, lse, delta, dq, dkc, dvc, lay, cfg, prec):
     """Gradients of the compressed branch: dq (accumulated, fp32), dk_cmp and dv_cmp (fp32)."""
     g = gates if gates is not None else q
-    common = dict(H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV,
-                  L=32, STRIDE=16, HAS_GATES=gates is not None,
-                  PREC=prec, BT=cfg["BT"], BC=cfg["BC"], num_warps=cfg["num_warps"])
-    strides = (q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
-               do.stride(0), do.stride(1), g.stride(0), g.stride(1), QK_SCALE, SM_SCALE)
     tile_tok, tile_len = lay.tiles(cfg["BT"])
     _launch(cmp_attention_bwd_dq)[(tile_tok.numel(), H_KV)](
         q, kc, vc, g, do, lse, delta, dq, tile_tok, tile_len, lay.tok_pos, lay.tok_cstart,
-        lay.tok_ncmp, *strides, **common)
+        lay.tok_ncmp, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), vc.stride(0),
+        vc.stride(1), do.stride(0), do.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE,
+        sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK,
+        BDV=BLOCK_DV, L=32, STRIDE=16, HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT"],
+        BC=cfg["BC"], num_warps=cfg["num_warps"])
     # dk/dv holds two fp32 accumulators besides the tile: its own, smaller tiles and more warps
-    kv = dict(common, BT=cfg["BT_KV"], BC=cfg["BC_KV"], num_warps=cfg["WARPS_KV"],
-              num_stages=cfg["STAGES_KV"])
     ct = lay.cmp_tiles(cfg["BC_KV"])
     if ct[0].numel():
         # query chunks: about 32 per sequence (enough programs at any length), at most QC
@@ -925,7 +911,12 @@ def launch_cmp_attention_bwd(q, kc, vc, gates, do, lse, delta, dq, dkc, dvc, lay
         while q_chunk > cfg["BT_KV"] and q_chunk * 32 > longest:
             q_chunk //= 2
         _launch(cmp_attention_bwd_dkdv)[(ct[0].numel(), H_KV, triton.cdiv(longest, q_chunk))](
-            q, kc, vc, g, do, lse, delta, dkc, dvc, *ct, q_chunk, *strides, **kv)
+            q, kc, vc, g, do, lse, delta, dkc, dvc, ct[0], ct[1], ct[2], ct[3], ct[4], q_chunk,
+            q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
+            do.stride(0), do.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE,
+            sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK,
+            BDV=BLOCK_DV, L=32, STRIDE=16, HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT_KV"],
+            BC=cfg["BC_KV"], num_warps=cfg["WARPS_KV"], num_stages=cfg["STAGES_KV"])
 
 
 @triton.jit
@@ -934,8 +925,8 @@ def slc_attention_bwd_dq(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_gt, stride_gh, stride_it, stride_ih, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-    HAS_GATES: tl.constexpr, PREC: tl.constexpr, BK: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, HAS_GATES: tl.constexpr,
+    PREC: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
@@ -982,14 +973,13 @@ def slc_attention_bwd_dq(
 
 @triton.jit
 def slc_attention_bwd_dkdv(
-    q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    blk_tok0_ptr, blk_nkeys_ptr, blk_pos0_ptr, inv_off_ptr, inv_cnt_ptr, inv_tok_ptr, tok_pos_ptr,
-    chunk_hb_ptr, chunk_i0_ptr, n_blocks,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, blk_tok0_ptr,
+    blk_nkeys_ptr, blk_pos0_ptr, inv_off_ptr, inv_cnt_ptr, inv_tok_ptr, tok_pos_ptr, chunk_hb_ptr,
+    chunk_i0_ptr, n_blocks, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr,
-    HAS_GATES: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, CHUNK: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, HAS_GATES: tl.constexpr,
+    PREC: tl.constexpr, BT: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """dk, dv of one selection block (LB keys) of one KV head from one chunk of at most CHUNK
     of the tokens that chose it (block 0 is chosen by every token: chunks keep one block from
@@ -1053,33 +1043,33 @@ def slc_attention_bwd_dkdv(
 def launch_slc_attention_bwd(q, k, v, gates, do, lse, delta, idx, dq, dk, dv, lay, cfg, prec):
     """Gradients of the selected branch: dq, dk, dv accumulated into fp32 buffers."""
     g = gates if gates is not None else q
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-               do.stride(0), do.stride(1), g.stride(0), g.stride(1))
-    common = dict(H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV,
-                  LB=64, HAS_GATES=gates is not None, PREC=prec,
-                  num_warps=cfg["num_warps"])
     _launch(slc_attention_bwd_dq)[(q.shape[0], H_KV)](
-        q, k, v, g, do, lse, delta, dq, idx, lay.tok_pos, *strides, idx.stride(0), idx.stride(1),
-        QK_SCALE, SM_SCALE, N=16, NP=16,
-        BK=cfg["BK"], **common)
+        q, k, v, g, do, lse, delta, dq, idx, lay.tok_pos, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), g.stride(0),
+        g.stride(1), idx.stride(0), idx.stride(1), qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV,
+        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64,
+        HAS_GATES=gates is not None, PREC=prec, N=16, NP=16, BK=cfg["BK"],
+        num_warps=cfg["num_warps"])
     chunk = cfg["BT_BWD"] * cfg["CHUNK_ITERS"]
     inv = lay.inverse_blocks(idx, 64, chunk)
     _launch(slc_attention_bwd_dkdv)[(inv["chunk_hb"].shape[0],)](
         q, k, v, g, do, lse, delta, dk, dv, inv["blk_tok0"], inv["blk_nkeys"], inv["blk_pos0"],
         inv["offsets"], inv["counts"], inv["tokens"], lay.tok_pos, inv["chunk_hb"],
-        inv["chunk_i0"], inv["n_blocks"], *strides,
-        QK_SCALE, SM_SCALE, BT=cfg["BT_BWD"], CHUNK=chunk, **common)
+        inv["chunk_i0"], inv["n_blocks"], q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), do.stride(0), do.stride(1), g.stride(0), g.stride(1),
+        qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V,
+        BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, HAS_GATES=gates is not None, PREC=prec,
+        BT=cfg["BT_BWD"], CHUNK=chunk, num_warps=cfg["num_warps"])
 
 
 @triton.jit
 def win_attention_bwd_dq(
-    q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    tile_tok_ptr, tile_len_ptr, tok_pos_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, tile_tok_ptr, tile_len_ptr,
+    tok_pos_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
+    stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr,
-    HAS_GATES: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr, HAS_GATES: tl.constexpr,
+    PREC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     BM: tl.constexpr = BT * GP
     pid = tl.program_id(0)
@@ -1131,12 +1121,11 @@ def win_attention_bwd_dq(
 
 @triton.jit
 def win_attention_bwd_dkdv(
-    q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    tile_tok_ptr, tile_len_ptr, tok_pos_ptr, tok_len_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, tile_tok_ptr,
+    tile_len_ptr, tok_pos_ptr, tok_len_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+    stride_vh, stride_ot, stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr,
+    sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr,
     HAS_GATES: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     BM: tl.constexpr = BT * GP
@@ -1240,21 +1229,23 @@ def win_attention_bwd_dkdv(
 def launch_win_attention_bwd(q, k, v, gates, do, lse, delta, dq, dk, dv, lay, cfg, prec):
     """Gradients of the window branch, accumulated into the fp32 dq, dk, dv buffers."""
     g = gates if gates is not None else q
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-               do.stride(0), do.stride(1), g.stride(0), g.stride(1), QK_SCALE, SM_SCALE)
-    common = dict(H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV,
-                  W=512, HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT"],
-                  BK=cfg["BK"], num_warps=cfg["num_warps"])
     tile_tok, tile_len = lay.tiles(cfg["BT"])
     _launch(win_attention_bwd_dq)[(tile_tok.numel(), H_KV)](
-        q, k, v, g, do, lse, delta, dq, tile_tok, tile_len, lay.tok_pos, *strides, **common)
+        q, k, v, g, do, lse, delta, dq, tile_tok, tile_len, lay.tok_pos, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        g.stride(0), g.stride(1), qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV, G=GROUP,
+        GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, W=512,
+        HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT"], BK=cfg["BK"],
+        num_warps=cfg["num_warps"])
     # dk/dv holds two fp32 accumulators besides the tile: its own, smaller tiles and more warps
-    kv = dict(common, BT=cfg["BT_KV"], BK=cfg["BK_KV"], num_warps=cfg["WARPS_KV"],
-              num_stages=cfg["STAGES_KV"])
     ktile_tok, ktile_len = lay.tiles(cfg["BK_KV"])
     _launch(win_attention_bwd_dkdv)[(ktile_tok.numel(), H_KV)](
         q, k, v, g, do, lse, delta, dk, dv, ktile_tok, ktile_len, lay.tok_pos, lay.tok_seqlen,
-        *strides, **kv)
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
+        do.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV,
+        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, W=512,
+        HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT_KV"], BK=cfg["BK_KV"],
+        num_warps=cfg["WARPS_KV"], num_stages=cfg["STAGES_KV"])
 
 
 def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=None,
@@ -1354,13 +1345,11 @@ def _decode_cmp_chunks(n, n_split, L: tl.constexpr, STRIDE: tl.constexpr, R2: tl
 def decode_cmp(
     q_ptr, kc_ptr, vc_ptr, kw_ptr, vw_ptr, lens_ptr, mp_ptr, lp_ptr, accp_ptr, imp_ptr, impm_ptr,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_wkb, stride_wkt, stride_wkh, stride_wvb, stride_wvt, stride_wvh,
-    qk_scale, n_split, n_part, win_keys,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-    L: tl.constexpr, STRIDE: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
-    CQ: tl.constexpr, NBP: tl.constexpr, NPART: tl.constexpr, PREC: tl.constexpr,
-    BC: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr,
+    stride_wkb, stride_wkt, stride_wkh, stride_wvb, stride_wvt, stride_wvh, qk_scale, n_split,
+    n_part, win_keys, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
+    R1: tl.constexpr, R2: tl.constexpr, CQ: tl.constexpr, NBP: tl.constexpr, NPART: tl.constexpr,
+    PREC: tl.constexpr, BC: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr,
 ):
     tl.static_assert(BDK >= DK and BDV >= DV and GP >= G and GP >= 16)
     tl.static_assert(BC % R2 == 0, "a compressed tile covers whole selection blocks")
@@ -1448,13 +1437,11 @@ def launch_decode_cmp(q, k_cmp, v_cmp, kw, vw, lens, work, splits, cfg, prec):
         q, k_cmp, v_cmp, kw, vw, lens, work["part_m"], work["part_l"], work["part_acc"],
         work["imp"], work["imp_m"], q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1),
         k_cmp.stride(2), v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2), kw.stride(0),
-        kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2), QK_SCALE,
-        n_split, work["n_part"], splits["win_keys"],
-        H=H_KV, G=GROUP, GP=DECODE_ROWS, DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV,
-        L=32, STRIDE=16, R1=2,
-        R2=4, CQ=splits["cmp_quantum"], NBP=work["nbp"],
-        NPART=DECODE_PARTS, PREC=prec, BC=cfg["BC"], W=512, BW=cfg["BW"],
-        PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl)
+        kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2), QK_SCALE, n_split,
+        work["n_part"], splits["win_keys"], H=H_KV, G=GROUP, GP=DECODE_ROWS, DK=DIM_QK, DV=DIM_V,
+        BDK=BLOCK_DK, BDV=BLOCK_DV, L=32, STRIDE=16, R1=2, R2=4, CQ=splits["cmp_quantum"],
+        NBP=work["nbp"], NPART=DECODE_PARTS, PREC=prec, BC=cfg["BC"], W=512, BW=cfg["BW"], PDL=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl)
 
 
 @triton.jit
@@ -1479,11 +1466,10 @@ def _decode_pick(key, picks, slots, NF: tl.constexpr, NK: tl.constexpr, RANK_MAX
 
 @triton.jit
 def decode_select(
-    lens_ptr, mp_ptr, lp_ptr, imp_ptr, impm_ptr, cand_ptr, count_ptr, idx_ptr,
-    stride_ib, stride_ih, n_split, n_part,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
-    R2: tl.constexpr, CQ: tl.constexpr, BJ: tl.constexpr, NPART: tl.constexpr,
-    NBP: tl.constexpr, SP: tl.constexpr, BNB: tl.constexpr, LB: tl.constexpr,
+    lens_ptr, mp_ptr, lp_ptr, imp_ptr, impm_ptr, cand_ptr, count_ptr, idx_ptr, stride_ib,
+    stride_ih, n_split, n_part, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    L: tl.constexpr, STRIDE: tl.constexpr, R2: tl.constexpr, CQ: tl.constexpr, BJ: tl.constexpr,
+    NPART: tl.constexpr, NBP: tl.constexpr, SP: tl.constexpr, BNB: tl.constexpr, LB: tl.constexpr,
     N: tl.constexpr, NP: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
     RANK_MAX: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -1574,28 +1560,23 @@ def launch_decode_select(lens, idx, work, splits, cfg, bj):
         raise ValueError(f"decode_select: BNB must be >= {DECODE_MIN_BNB}, got {bnb}")
     _launch(decode_select)[(nbp // bnb, H_KV, B)](
         lens, work["part_m"], work["part_l"], work["imp"], work["imp_m"], work["cand"],
-        work["count"], idx, idx.stride(0), idx.stride(1), n_split, work["n_part"],
-        H=H_KV, G=GROUP, GP=DECODE_ROWS, L=32, STRIDE=16,
-        R2=4, CQ=splits["cmp_quantum"], BJ=bj,
-        NPART=DECODE_PARTS, NBP=nbp, SP=max(2, triton.next_power_of_2(n_split)), BNB=bnb,
-        LB=64, N=16, NP=16,
-        N_INIT=1, N_LOCAL=2, RANK_MAX=cfg["RANK_MAX"],
-        PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl)
+        work["count"], idx, idx.stride(0), idx.stride(1), n_split, work["n_part"], H=H_KV, G=GROUP,
+        GP=DECODE_ROWS, L=32, STRIDE=16, R2=4, CQ=splits["cmp_quantum"], BJ=bj, NPART=DECODE_PARTS,
+        NBP=nbp, SP=max(2, triton.next_power_of_2(n_split)), BNB=bnb, LB=64, N=16, NP=16, N_INIT=1,
+        N_LOCAL=2, RANK_MAX=cfg["RANK_MAX"], PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl)
 
 
 @triton.jit
 def decode_slc(
-    q_ptr, k_ptr, v_ptr, lens_ptr, idx_ptr, mp_ptr, lp_ptr, accp_ptr,
-    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ib, stride_ih, qk_scale, part0, n_part, win_keys,
-    g_ptr, o_ptr, count_ptr, stride_gb, stride_gh, stride_ob, stride_oh, n_cmp_split, n_win,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-    LB: tl.constexpr, N: tl.constexpr, W: tl.constexpr, SPB: tl.constexpr,
-    PREC: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
-    MERGE: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, R2: tl.constexpr,
-    CQ: tl.constexpr, HAS_GATES: tl.constexpr, BDVC: tl.constexpr, SB: tl.constexpr,
-    ONE: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, lens_ptr, idx_ptr, mp_ptr, lp_ptr, accp_ptr, stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ib, stride_ih,
+    qk_scale, part0, n_part, win_keys, g_ptr, o_ptr, count_ptr, stride_gb, stride_gh, stride_ob,
+    stride_oh, n_cmp_split, n_win, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr,
+    N: tl.constexpr, W: tl.constexpr, SPB: tl.constexpr, PREC: tl.constexpr, BK: tl.constexpr,
+    PDL: tl.constexpr, MERGE: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
+    R2: tl.constexpr, CQ: tl.constexpr, HAS_GATES: tl.constexpr, BDVC: tl.constexpr,
+    SB: tl.constexpr, ONE: tl.constexpr,
 ):
     tl.static_assert(BDK >= DK and BDV >= DV and GP >= G and GP >= 16)
     _decode_wait(PDL)
@@ -1651,28 +1632,18 @@ def launch_decode_slc(q, k, v, lens, idx, work, splits, cfg, prec, gates=None, o
     n_prog, part0, ix, six = work["n_slc"], work["slc_part0"], idx, idx.stride()[:2]
     # a group of one block needs no 128-key steps
     bk = min(cfg["BK"], triton.next_power_of_2(spb * 64))
-    _launch(decode_slc)[(n_prog, H_KV, B)](
-        q, k, v, lens, ix, work["part_m"], work["part_l"], work["part_acc"],
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), six[0], six[1], QK_SCALE, part0, work["n_part"], splits["win_keys"],
-        H=H_KV, G=GROUP, GP=DECODE_ROWS, DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV,
-        LB=64, N=16, W=512, SPB=spb,
-        PREC=prec, BK=bk, PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        launch_pdl=pdl,
-        **_decode_merge_args(cfg, work, splits, gates, o))
-
-
-def _decode_merge_args(cfg, work, splits, gates, o):
-    """decode_slc's arguments for the merge in its last program (MERGE=1), or to switch it off."""
-    merge = bool(cfg["MERGE"])
     g = gates if gates is not None else o
-    return dict(
-        g_ptr=g, o_ptr=o, count_ptr=work["count_merge"], stride_gb=g.stride(0),
-        stride_gh=g.stride(1), stride_ob=o.stride(0), stride_oh=o.stride(1),
-        n_cmp_split=work["n_cmp"], n_win=work["n_win"], MERGE=merge,
-        L=32, STRIDE=16, R2=4,
-        CQ=splits["cmp_quantum"], HAS_GATES=gates is not None,
-        BDVC=min(cfg["BDVC"], BLOCK_DV), **_decode_merge_sb(cfg, work))
+    sb, one = _decode_merge_sb(cfg, work)
+    _launch(decode_slc)[(n_prog, H_KV, B)](
+        q, k, v, lens, ix, work["part_m"], work["part_l"], work["part_acc"], q.stride(0),
+        q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        six[0], six[1], QK_SCALE, part0, work["n_part"], splits["win_keys"], g, o,
+        work["count_merge"], g.stride(0), g.stride(1), o.stride(0), o.stride(1), work["n_cmp"],
+        work["n_win"], H=H_KV, G=GROUP, GP=DECODE_ROWS, DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK,
+        BDV=BLOCK_DV, LB=64, N=16, W=512, SPB=spb, PREC=prec, BK=bk, PDL=pdl,
+        MERGE=bool(cfg["MERGE"]), L=32, STRIDE=16, R2=4, CQ=splits["cmp_quantum"],
+        HAS_GATES=gates is not None, BDVC=min(cfg["BDVC"], BLOCK_DV), SB=sb, ONE=one,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl)
 
 
 @triton.jit
@@ -1791,12 +1762,11 @@ def _decode_combine_rows(g_ptr, o_ptr, mp_ptr, lp_ptr, accp_ptr, b, g, hh, c0, n
 
 @triton.jit
 def decode_combine(
-    g_ptr, o_ptr, lens_ptr, mp_ptr, lp_ptr, accp_ptr,
-    stride_gb, stride_gh, stride_ob, stride_oh, n_cmp_split, n_win, n_part,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
-    RB: tl.constexpr, BDVC: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
-    R2: tl.constexpr, CQ: tl.constexpr, HAS_GATES: tl.constexpr, SB: tl.constexpr,
-    ONE: tl.constexpr, PDL: tl.constexpr,
+    g_ptr, o_ptr, lens_ptr, mp_ptr, lp_ptr, accp_ptr, stride_gb, stride_gh, stride_ob, stride_oh,
+    n_cmp_split, n_win, n_part, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    DV: tl.constexpr, BDV: tl.constexpr, RB: tl.constexpr, BDVC: tl.constexpr, L: tl.constexpr,
+    STRIDE: tl.constexpr, R2: tl.constexpr, CQ: tl.constexpr, HAS_GATES: tl.constexpr,
+    SB: tl.constexpr, ONE: tl.constexpr, PDL: tl.constexpr,
 ):
     tl.static_assert(BDV % BDVC == 0 and GP >= G and GP % RB == 0)
     _decode_wait(PDL)
@@ -1816,7 +1786,7 @@ def _decode_merge_sb(cfg, work):
     """Partials per load of the merge (every partial of a (sequence, KV head) unless SB caps
     it) and whether that is all of them."""
     sb = max(2, min(cfg["SB"], triton.next_power_of_2(work["n_part"])))
-    return dict(SB=sb, ONE=sb >= work["n_part"])
+    return sb, sb >= work["n_part"]
 
 
 def launch_decode_combine(gates, o, lens, work, splits, cfg):
@@ -1826,25 +1796,22 @@ def launch_decode_combine(gates, o, lens, work, splits, cfg):
     rb = min(cfg["RB"], DECODE_ROWS)
     n_tiles = -(-GROUP // rb) * (BLOCK_DV // cfg["BDVC"])
     pdl = _decode_pdl(o.device)
+    sb, one = _decode_merge_sb(cfg, work)
     _launch(decode_combine)[(n_tiles, H_KV, B)](
         g, o, lens, work["part_m"], work["part_l"], work["part_acc"], g.stride(0), g.stride(1),
-        o.stride(0), o.stride(1), work["n_cmp"], work["n_win"], work["n_part"],
-        H=H_KV, G=GROUP, GP=DECODE_ROWS, DV=DIM_V, BDV=BLOCK_DV, RB=rb, BDVC=cfg["BDVC"],
-        L=32, STRIDE=16,
-        R2=4, CQ=splits["cmp_quantum"],
-        HAS_GATES=gates is not None, PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl,
-        **_decode_merge_sb(cfg, work))
+        o.stride(0), o.stride(1), work["n_cmp"], work["n_win"], work["n_part"], H=H_KV, G=GROUP,
+        GP=DECODE_ROWS, DV=DIM_V, BDV=BLOCK_DV, RB=rb, BDVC=cfg["BDVC"], L=32, STRIDE=16, R2=4,
+        CQ=splits["cmp_quantum"], HAS_GATES=gates is not None, SB=sb, ONE=one, PDL=pdl,
+        num_warps=cfg["num_warps"], launch_pdl=pdl)
 
 
 @triton.jit
 def decode_append(
     kt_ptr, vt_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, kct_ptr, vct_ptr, kwt_ptr, vwt_ptr, kw_ptr,
-    vw_ptr, lens_ptr,
-    s_ktb, s_kth, s_vtb, s_vth, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
-    s_kcb, s_kct, s_kch, s_vcb, s_vct, s_vch,
-    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-    L: tl.constexpr, STRIDE: tl.constexpr, HAS_CMP: tl.constexpr, LEARNED: tl.constexpr,
-    SEP: tl.constexpr, BH: tl.constexpr,
+    vw_ptr, lens_ptr, s_ktb, s_kth, s_vtb, s_vth, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_kcb, s_kct,
+    s_kch, s_vcb, s_vct, s_vch, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
+    HAS_CMP: tl.constexpr, LEARNED: tl.constexpr, SEP: tl.constexpr, BH: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pos = tl.load(lens_ptr + b).to(tl.int64)
@@ -1905,11 +1872,10 @@ def launch_decode_append(k_t, v_t, k, v, k_cmp, v_cmp, lens, k_cmp_t=None, v_cmp
     kc, vc = (k_cmp, v_cmp) if k_cmp is not None else (k, v)
     bh = min(H_KV, max(1, 4096 // max(BLOCK_DK, BLOCK_DV)))
     _launch(decode_append)[(k_t.shape[0],)](
-        k_t, v_t, k, v, kc, vc, kct, vct, kwt, vwt, kw, vw, lens,
-        k_t.stride(0), k_t.stride(1), v_t.stride(0), v_t.stride(1),
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-        H=H_KV, DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=32,
+        k_t, v_t, k, v, kc, vc, kct, vct, kwt, vwt, kw, vw, lens, k_t.stride(0), k_t.stride(1),
+        v_t.stride(0), v_t.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        v.stride(1), v.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0),
+        vc.stride(1), vc.stride(2), H=H_KV, DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=32,
         STRIDE=16, HAS_CMP=k_cmp is not None, LEARNED=learned, SEP=sep,
         BH=triton.next_power_of_2(bh), num_warps=4)
 

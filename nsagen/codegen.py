@@ -23,6 +23,7 @@ from markupsafe import Markup
 from . import __version__
 from .cache import atomic_write
 from .ir import Plan, build_graph, describe, lower
+from .kernels import KERNELS
 from .resources import data_dir
 from .spec import Spec
 from .target import Target, current
@@ -132,7 +133,8 @@ def _render(spec: Spec, plan: Plan) -> str:
     src = _env().get_template(MODULE_TEMPLATE).render(
         spec=spec, plan=plan, uri=spec.uri, version=__version__, layer=layer,
         configs=configs, decode=decode,
-        decode_configs={k.name: dict(k.config) for k in decode.kernels})
+        decode_configs={k.name: dict(k.config) for k in decode.kernels},
+        signatures=lambda k: KERNELS[k.name].launch(spec, k.params))
     # collapse the blank-line runs that template structure leaves behind
     lines, blank = [], 0
     for line in src.splitlines():

@@ -237,3 +237,74 @@ def test_partition_is_a_rewrite_of_the_graph(name, variant):
             assert g.nodes[n]["kernel"] == k.name
             assert {p for p in g.predecessors(n) if p in compute} <= done | set(k.nodes), n
         done |= set(k.nodes)
+
+
+def _jit_functions(src: str) -> dict[str, list[str]]:
+    """Parameter names of every Triton kernel function in a rendered module."""
+    out = {}
+    for node in ast.parse(src).body:
+        if isinstance(node, ast.FunctionDef) and any(
+                ast.unparse(d) == "triton.jit" for d in node.decorator_list):
+            out[node.name] = [a.arg for a in node.args.args]
+    return out
+
+
+def _launches(src: str) -> dict[str, list[ast.Call]]:
+    """Every launch `<f>[grid](...)` in a rendered module, by kernel function (a launcher may
+    bind `_launch(f)` to a local name first)."""
+    tree = ast.parse(src)
+    out: dict[str, list[ast.Call]] = {}
+    for fn in tree.body:
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        alias = {n.targets[0].id: n.value.args[0].id for n in ast.walk(fn)
+                 if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+                 and ast.unparse(n.value.func) == "_launch" and isinstance(n.targets[0], ast.Name)}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                head = node.func.value
+                if isinstance(head, ast.Call) and ast.unparse(head.func) == "_launch":
+                    name = head.args[0].id
+                elif isinstance(head, ast.Name) and head.id in alias:
+                    name = alias[head.id]
+                else:
+                    continue
+                out.setdefault(name, []).append(node)
+    return out
+
+
+@pytest.mark.parametrize("name", shipped_specs("nsa"))
+def test_kernels_and_launches_follow_their_declared_signatures(name):
+    """Each Triton function's parameters are its definition's signature, and every launch of
+    it passes exactly those: the runtime ones by position, every constexpr by keyword."""
+    spec = nsagen.load_spec(name)
+    plan = lower(spec)
+    src = codegen.render(spec)
+    fns, calls = _jit_functions(src), _launches(src)
+    seen = set()
+    for k in plan.kernels + plan.backward + plan.decode.kernels + [plan.decode.append]:
+        for key, sig in KERNELS[k.name].launch(spec, k.params).items():
+            fn = k.name if key == "main" else f"{k.name}_{key}"
+            seen.add(fn)
+            runtime = [p.name for p in sig.params if not p.constexpr]
+            constexpr = [p.name for p in sig.params if p.constexpr]
+            assert fns[fn] == runtime + constexpr, fn
+            assert calls.get(fn), f"{fn} is never launched"
+            for call in calls[fn]:
+                assert len(call.args) == len(runtime), fn
+                kw = {a.arg for a in call.keywords}
+                assert set(constexpr) <= kw, (fn, set(constexpr) - kw)
+                assert kw - set(constexpr) <= {"num_warps", "num_stages", "launch_pdl"}, fn
+    kernels = {f for f in fns if not f.startswith("_")}     # _name: device functions
+    assert seen == kernels, kernels - seen     # no kernel function outside a definition
+
+
+def test_signature_values_are_literals_only():
+    from nsagen.kernels.signature import Param, signature, values
+    with pytest.raises(TypeError, match="constexpr L"):
+        values(L="__import__('os')")
+    with pytest.raises(TypeError):
+        values(N=1.5)
+    assert values(N=16, FLAG=True)[0] == Param("N", "16", True)
+    with pytest.raises(ValueError, match="twice"):
+        signature(values(N=1), values(N=2))

@@ -11,6 +11,42 @@ from ..spec import Spec
 from ..target import Target
 from .base import (Dims, KernelDef, dkdv_smem_bytes, interleave, nearest, regs, smem_bytes,
                    token_rows)
+from .signature import (DIMS, HEADS, WARPS, cfg, consts, options, ptrs, scalars, signature,
+                        strides, values)
+
+
+
+def _bwd_strides(k: str = "k", v: str = "v") -> tuple:
+    """The strides every branch's dq and dk/dv halves take (dO's are named as the output's)."""
+    return (strides("q", "qt", "qh"), strides(k, "kt", "kh"), strides(v, "vt", "vh"),
+            strides("do", "ot", "oh"), strides("g", "gt", "gh"))
+
+
+_BWD_SCALES = consts(qk_scale="QK_SCALE", sm_scale="SM_SCALE")
+_KV_OPTIONS = options(num_warps='cfg["WARPS_KV"]', num_stages='cfg["STAGES_KV"]')
+
+
+def _gate_launch(spec: Spec, flags: dict) -> dict:
+    return dict(main=signature(
+        ptrs("do", "ob", "g", "dg=dgates", "delta"), scalars("n_rows"),
+        consts(HAS_GATES="gates is not None", DV="DIM_V", BDV="BLOCK_DV"), cfg("BR"),
+        options=WARPS))
+
+
+def _cmp_bwd_launch(spec: Spec, flags: dict) -> dict:
+    common = (_BWD_SCALES, HEADS, cfg("GP"), DIMS,
+              values(L=spec.cmp_block, STRIDE=spec.cmp_stride),
+              consts(HAS_GATES="gates is not None", PREC="prec"))
+    return dict(
+        dq=signature(
+            ptrs("q", "kc", "vc", "g", "do", "lse", "delta", "dq", "tile_tok", "tile_len",
+                 "tok_pos=lay.tok_pos", "tok_cstart=lay.tok_cstart", "tok_ncmp=lay.tok_ncmp"),
+            *_bwd_strides("kc", "vc"), *common, cfg("BT", "BC"), options=WARPS),
+        dkdv=signature(
+            ptrs("q", "kc", "vc", "g", "do", "lse", "delta", "dkc", "dvc", "ctile_row=ct[0]",
+                 "ctile_c0=ct[1]", "ctile_tok0=ct[2]", "ctile_len=ct[3]", "ctile_nc=ct[4]"),
+            scalars("q_chunk"), *_bwd_strides("kc", "vc"), *common, cfg("BT=BT_KV", "BC=BC_KV"),
+            options=_KV_OPTIONS))
 
 
 def dkdv_rows(spec: Spec, gp: int, target: Target, keys: int = 64, stages: int = 2) -> int:
@@ -105,13 +141,45 @@ def _win_bwd_default(spec: Spec, target: Target, why: list) -> dict:
                 BK_KV=64, WARPS_KV=8, STAGES_KV=2)
 
 
+def _slc_bwd_launch(spec: Spec, flags: dict) -> dict:
+    common = (_BWD_SCALES, HEADS, cfg("GP"), DIMS, values(LB=spec.slc_block),
+              consts(HAS_GATES="gates is not None", PREC="prec"))
+    return dict(
+        dq=signature(
+            ptrs("q", "k", "v", "g", "do", "lse", "delta", "dq", "idx", "tok_pos=lay.tok_pos"),
+            *_bwd_strides(), strides("idx", "it", "ih"), *common,
+            values(N=spec.slc_count, NP=triton.next_power_of_2(spec.slc_count)), cfg("BK"),
+            options=WARPS),
+        dkdv=signature(
+            ptrs("q", "k", "v", "g", "do", "lse", "delta", "dk", "dv",
+                 'blk_tok0=inv["blk_tok0"]', 'blk_nkeys=inv["blk_nkeys"]',
+                 'blk_pos0=inv["blk_pos0"]', 'inv_off=inv["offsets"]', 'inv_cnt=inv["counts"]',
+                 'inv_tok=inv["tokens"]', "tok_pos=lay.tok_pos", 'chunk_hb=inv["chunk_hb"]',
+                 'chunk_i0=inv["chunk_i0"]'), scalars('n_blocks=inv["n_blocks"]'),
+            *_bwd_strides(), *common, cfg("BT=BT_BWD"), consts(CHUNK="chunk"), options=WARPS))
+
+
+def _win_bwd_launch(spec: Spec, flags: dict) -> dict:
+    common = (_BWD_SCALES, HEADS, cfg("GP"), DIMS, values(W=spec.window or 1),
+              consts(HAS_GATES="gates is not None", PREC="prec"))
+    return dict(
+        dq=signature(
+            ptrs("q", "k", "v", "g", "do", "lse", "delta", "dq", "tile_tok", "tile_len",
+                 "tok_pos=lay.tok_pos"),
+            *_bwd_strides(), *common, cfg("BT", "BK"), options=WARPS),
+        dkdv=signature(
+            ptrs("q", "k", "v", "g", "do", "lse", "delta", "dk", "dv", "tile_tok=ktile_tok",
+                 "tile_len=ktile_len", "tok_pos=lay.tok_pos", "tok_len=lay.tok_seqlen"),
+            *_bwd_strides(), *common, cfg("BT=BT_KV", "BK=BK_KV"), options=_KV_OPTIONS))
+
+
 BACKWARD = (
     KernelDef("gate_delta", "gate_delta.py.jinja", "backward", _gate_default, _gate_space,
-              ("combine",)),
+              _gate_launch, ("combine",)),
     KernelDef("cmp_attention_bwd", "cmp_attention_bwd.py.jinja", "backward", _cmp_bwd_default,
-              _tiled_space("BC"), ("cmp_attn",)),
+              _tiled_space("BC"), _cmp_bwd_launch, ("cmp_attn",)),
     KernelDef("slc_attention_bwd", "slc_attention_bwd.py.jinja", "backward", _slc_bwd_default,
-              _slc_bwd_space, ("slc_attn",)),
+              _slc_bwd_space, _slc_bwd_launch, ("slc_attn",)),
     KernelDef("win_attention_bwd", "win_attention_bwd.py.jinja", "backward", _win_bwd_default,
-              _tiled_space("BK"), ("win_attn",)),
+              _tiled_space("BK"), _win_bwd_launch, ("win_attn",)),
 )

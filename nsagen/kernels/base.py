@@ -9,9 +9,11 @@ import triton
 
 from ..spec import Spec
 from ..target import Target
+from .signature import Signature
 
 DefaultRule = Callable[[Spec, Target, list], dict]
 SpaceRule = Callable[[Spec, dict, Target, int], tuple[list, list]]
+LaunchRule = Callable[[Spec, dict], dict[str, Signature]]
 
 
 @dataclass(frozen=True)
@@ -20,14 +22,17 @@ class KernelDef:
     `launch_<name>`), the template that renders it, the phase it runs in, the rule for its
     default launch config (from the spec and the Target; it appends its reason to the plan's
     decisions), its tunable config space (candidates and likely winners, before ordering and
-    caps) and the op-graph nodes it implements (the partition fuses only into a kernel that
-    implements every node of the group)."""
+    caps), its launch signature per Triton function (from the spec and the plan's structural
+    flags; "main" is the function named `name`, any other key `name_<key>`) and the op-graph
+    nodes it implements (the partition fuses only into a kernel that implements every node of
+    the group)."""
 
     name: str
     template: str
     phase: str                   # "forward", "backward" or "decode"
     default: DefaultRule
     space: SpaceRule
+    launch: LaunchRule
     implements: tuple[str, ...] = ()   # the op-graph nodes it can compute, its own first
 
 

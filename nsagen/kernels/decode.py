@@ -11,6 +11,14 @@ import triton
 from ..spec import Spec
 from ..target import Target
 from .base import KernelDef
+from .forward import cmp_values, topn_values
+from .signature import (DIMS, HEADS, cfg, consts, options, ptrs, scalars, signature, strides,
+                        values)
+
+# every split kernel writes into the step's partial buffers and may launch dependent
+_PARTIALS = ptrs('mp=work["part_m"]', 'lp=work["part_l"]', 'accp=work["part_acc"]')
+_PDL = consts(PDL="pdl")
+_ROWS = consts(GP="DECODE_ROWS")
 
 
 def _decode_smem(rows: int, keys: int, bdk: int, bdv: int, stages: int, loops: int = 1) -> int:
@@ -99,12 +107,90 @@ def _append_space(spec: Spec, default: dict, target: Target, smem: int):
     return [], []        # one small launch per step: nothing to tune
 
 
+def _append_launch(spec: Spec, flags: dict) -> dict:
+    return dict(main=signature(
+        ptrs("kt=k_t", "vt=v_t", "k", "v", "kc", "vc", "kct", "vct", "kwt", "vwt", "kw", "vw",
+             "lens"),
+        strides("k_t", "ktb", "kth", prefix="s_"), strides("v_t", "vtb", "vth", prefix="s_"),
+        strides("k", "kb", "kt", "kh", prefix="s_"), strides("v", "vb", "vt", "vh", prefix="s_"),
+        strides("kc", "kcb", "kct", "kch", prefix="s_"),
+        strides("vc", "vcb", "vct", "vch", prefix="s_"),
+        consts(H="H_KV"), DIMS, values(L=spec.cmp_block, STRIDE=spec.cmp_stride),
+        consts(HAS_CMP="k_cmp is not None", LEARNED="learned", SEP="sep",
+               BH="triton.next_power_of_2(bh)"),
+        options=options(num_warps="4")))
+
+
+def _cmp_launch(spec: Spec, flags: dict) -> dict:
+    return dict(main=signature(
+        ptrs("q", "kc=k_cmp", "vc=v_cmp", "kw", "vw", "lens"), _PARTIALS,
+        ptrs('imp=work["imp"]', 'impm=work["imp_m"]'),
+        strides("q", "qb", "qh"), strides("k_cmp", "kb", "kt", "kh"),
+        strides("v_cmp", "vb", "vt", "vh"), strides("kw", "wkb", "wkt", "wkh"),
+        strides("vw", "wvb", "wvt", "wvh"),
+        scalars("qk_scale=QK_SCALE", "n_split", 'n_part=work["n_part"]',
+                'win_keys=splits["win_keys"]'),
+        HEADS, _ROWS, DIMS, cmp_values(spec),
+        consts(CQ='splits["cmp_quantum"]', NBP='work["nbp"]', NPART="DECODE_PARTS", PREC="prec"),
+        cfg("BC"), values(W=spec.window or 1), cfg("BW"), _PDL,
+        options=options(num_warps='cfg["num_warps"]', num_stages='cfg["num_stages"]',
+                        launch_pdl="pdl")))
+
+
+def _select_launch(spec: Spec, flags: dict) -> dict:
+    return dict(main=signature(
+        ptrs("lens", 'mp=work["part_m"]', 'lp=work["part_l"]', 'imp=work["imp"]',
+             'impm=work["imp_m"]', 'cand=work["cand"]', 'count=work["count"]', "idx"),
+        strides("idx", "ib", "ih"), scalars("n_split", 'n_part=work["n_part"]'),
+        HEADS, _ROWS, values(L=spec.cmp_block, STRIDE=spec.cmp_stride,
+                             R2=spec.slc_block // spec.cmp_stride),
+        consts(CQ='splits["cmp_quantum"]', BJ="bj", NPART="DECODE_PARTS", NBP="nbp",
+               SP="max(2, triton.next_power_of_2(n_split))", BNB="bnb"),
+        topn_values(spec), values(N_INIT=spec.slc_initial, N_LOCAL=spec.slc_local),
+        cfg("RANK_MAX"), _PDL,
+        options=options(num_warps='cfg["num_warps"]', launch_pdl="pdl")))
+
+
+def _slc_launch(spec: Spec, flags: dict) -> dict:
+    """decode_slc and decode_win (one template); with `merge` the last program can merge every
+    branch into o, so it also takes the gates, o and the merge's sizes."""
+    merge = flags.get("merge", False)
+    return dict(main=signature(
+        ptrs("q", "k", "v", "lens", "idx=ix"), _PARTIALS,
+        strides("q", "qb", "qh"), strides("k", "kb", "kt", "kh"), strides("v", "vb", "vt", "vh"),
+        scalars("stride_ib=six[0]", "stride_ih=six[1]", "qk_scale=QK_SCALE", "part0",
+                'n_part=work["n_part"]', 'win_keys=splits["win_keys"]'),
+        (ptrs("g", "o", 'count=work["count_merge"]') + strides("g", "gb", "gh")
+         + strides("o", "ob", "oh")
+         + scalars('n_cmp_split=work["n_cmp"]', 'n_win=work["n_win"]')) if merge else (),
+        HEADS, _ROWS, DIMS, values(LB=spec.slc_block, N=spec.slc_count, W=spec.window or 1),
+        consts(SPB="spb", PREC="prec", BK="bk"), _PDL,
+        (consts(MERGE='bool(cfg["MERGE"])')
+         + values(L=spec.cmp_block, STRIDE=spec.cmp_stride, R2=spec.slc_block // spec.cmp_stride)
+         + consts(CQ='splits["cmp_quantum"]', HAS_GATES="gates is not None",
+                  BDVC='min(cfg["BDVC"], BLOCK_DV)', SB="sb", ONE="one")) if merge else (),
+        options=options(num_warps='cfg["num_warps"]', num_stages='cfg["num_stages"]',
+                        launch_pdl="pdl")))
+
+
+def _combine_launch(spec: Spec, flags: dict) -> dict:
+    return dict(main=signature(
+        ptrs("g", "o", "lens"), _PARTIALS, strides("g", "gb", "gh"), strides("o", "ob", "oh"),
+        scalars('n_cmp_split=work["n_cmp"]', 'n_win=work["n_win"]', 'n_part=work["n_part"]'),
+        HEADS, _ROWS, consts(DV="DIM_V", BDV="BLOCK_DV", RB="rb"), cfg("BDVC"),
+        values(L=spec.cmp_block, STRIDE=spec.cmp_stride, R2=spec.slc_block // spec.cmp_stride),
+        consts(CQ='splits["cmp_quantum"]', HAS_GATES="gates is not None", SB="sb", ONE="one"),
+        _PDL, options=options(num_warps='cfg["num_warps"]', launch_pdl="pdl")))
+
+
 DECODE = (
     KernelDef("decode_append", "decode_append.py.jinja", "decode", _append_default,
-              _append_space, ("compress",)),
-    KernelDef("decode_cmp", "decode_cmp.py.jinja", "decode", _cmp_default, _space),
-    KernelDef("decode_select", "decode_select.py.jinja", "decode", _select_default, _space),
-    KernelDef("decode_slc", "decode_slc.py.jinja", "decode", _slc_default, _space),
-    KernelDef("decode_win", "decode_slc.py.jinja", "decode", _win_default, _space),
-    KernelDef("decode_combine", "decode_combine.py.jinja", "decode", _combine_default, _space),
+              _append_space, _append_launch, ("compress",)),
+    KernelDef("decode_cmp", "decode_cmp.py.jinja", "decode", _cmp_default, _space, _cmp_launch),
+    KernelDef("decode_select", "decode_select.py.jinja", "decode", _select_default, _space,
+              _select_launch),
+    KernelDef("decode_slc", "decode_slc.py.jinja", "decode", _slc_default, _space, _slc_launch),
+    KernelDef("decode_win", "decode_slc.py.jinja", "decode", _win_default, _space, _slc_launch),
+    KernelDef("decode_combine", "decode_combine.py.jinja", "decode", _combine_default, _space,
+              _combine_launch),
 )

@@ -5,9 +5,25 @@ from __future__ import annotations
 
 import itertools
 
+import triton
+
 from ..spec import Spec
 from ..target import Target
 from .base import Dims, KernelDef, interleave, regs, smem_bytes
+from .signature import (DIMS, HEADS, WARPS, WARPS_STAGES, cfg, consts, options, ptrs, scalars,
+                        signature, strides, values)
+
+
+def cmp_values(spec: Spec) -> list:
+    """The compression geometry as constexprs: l, d, l/d and l'/d."""
+    return values(L=spec.cmp_block, STRIDE=spec.cmp_stride, R1=spec.cmp_block // spec.cmp_stride,
+                  R2=spec.slc_block // spec.cmp_stride)
+
+
+def topn_values(spec: Spec) -> list:
+    """The selection's counts as constexprs: block size l', n and n padded to a power of two."""
+    return values(LB=spec.slc_block, N=spec.slc_count,
+                  NP=triton.next_power_of_2(spec.slc_count))
 
 
 # ---------------------------------------------------------------------------- mean_compress
@@ -18,6 +34,14 @@ def _mean_default(spec: Spec, target: Target, why: list) -> dict:
 def _mean_space(spec: Spec, default: dict, target: Target, smem: int):
     return [dict(default, BI=bi, num_warps=nw)
             for bi, nw in itertools.product([16, 32, 64], [2, 4])], []
+
+
+def _mean_launch(spec: Spec, flags: dict) -> dict:
+    return dict(main=signature(
+        ptrs("x", "y", "src=lay.cmp_src"), scalars("n_rows"),
+        strides("x", "xt", "xh"), strides("y", "yt", "yh"),
+        consts(D="x.shape[2]", BD="triton.next_power_of_2(x.shape[2])"),
+        values(L=spec.cmp_block), cfg("BI"), options=WARPS))
 
 
 # ---------------------------------------------------------------------------- cmp_attention
@@ -55,6 +79,21 @@ def _cmp_space(spec: Spec, default: dict, target: Target, smem: int):
     return out, []
 
 
+def _cmp_launch(spec: Spec, flags: dict) -> dict:
+    return dict(main=signature(
+        ptrs("q", "kc", "vc", "g", "o", "ob=ob if save else o", "lse=lse if save else score",
+             "score", "tile_tok", "tile_len", "tok_pos=lay.tok_pos", "tok_cstart=lay.tok_cstart",
+             "tok_ncmp=lay.tok_ncmp"),
+        strides("q", "qt", "qh"), strides("kc", "kt", "kh"), strides("vc", "vt", "vh"),
+        strides("o", "ot", "oh"), strides("g", "gt", "gh"), strides("score", "st", "sh"),
+        consts(qk_scale="QK_SCALE"), HEADS, cfg("GP"), DIMS, cmp_values(spec),
+        consts(NBP="score.shape[-1]", HAS_GATES="gates is not None", PREC="prec", SAVE="save"),
+        cfg("BT", "BC"),
+        consts(BTS='max(16, cfg["BT"])',
+               SHIFT='0 if prec == "ieee" else 16 - cfg["GP"].bit_length()'),
+        options=WARPS_STAGES))
+
+
 # ---------------------------------------------------------------------------- select_blocks
 def _select_default(spec: Spec, target: Target, why: list) -> dict:
     why.append("select_blocks: 4 tokens per program over 2 warps; one pass keeps the best score "
@@ -65,6 +104,18 @@ def _select_default(spec: Spec, target: Target, why: list) -> dict:
 def _select_space(spec: Spec, default: dict, target: Target, smem: int):
     return [dict(default, BT=bt, SEG=seg, num_warps=nw)
             for bt, seg, nw in itertools.product([1, 2, 4, 8, 16], [16, 32, 64], [2, 4, 8])], []
+
+
+def _select_launch(spec: Spec, flags: dict) -> dict:
+    nf = spec.slc_count - spec.slc_initial - spec.slc_local
+    return dict(main=signature(
+        ptrs("score", "idx", "tok_pos=lay.tok_pos", "tok_ncmp=lay.tok_ncmp"), scalars("n_tok"),
+        strides("score", "st", "sh"), strides("idx", "it", "ih"),
+        values(L=spec.cmp_block, STRIDE=spec.cmp_stride), topn_values(spec),
+        values(N_INIT=spec.slc_initial, N_LOCAL=spec.slc_local, NF=nf,
+               NFP=triton.next_power_of_2(max(1, nf))),
+        consts(NBP="score.shape[2]", SEG='min(cfg["SEG"], score.shape[2])'), cfg("BT"),
+        options=WARPS))
 
 
 # ---------------------------------------------------------------------------- slc_attention
@@ -85,6 +136,18 @@ def _slc_space(spec: Spec, default: dict, target: Target, smem: int):
             continue
         out.append(dict(default, BK=bk, num_warps=nw, num_stages=ns))
     return out, []
+
+
+def _slc_launch(spec: Spec, flags: dict) -> dict:
+    return dict(main=signature(
+        ptrs("q", "k", "v", "kw", "vw", "g", "o", "ob=ob if save else o",
+             "lse=lse if save else o", "idx", "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
+        strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
+        strides("o", "ot", "oh"), strides("g", "gt", "gh"), strides("idx", "it", "ih"),
+        consts(qk_scale="QK_SCALE"), scalars("N_TOK=q.shape[0]"),
+        consts(G="GROUP"), cfg("GP"), DIMS, topn_values(spec), values(W=spec.window or 1),
+        consts(HAS_GATES="gates is not None", PREC="prec", SAVE="save"), cfg("BK"),
+        options=WARPS_STAGES))
 
 
 # ---------------------------------------------------------------------------- slc_attention_kb
@@ -110,6 +173,28 @@ def _slc_kb_space(spec: Spec, default: dict, target: Target, smem: int):
     return interleave(out, merge), []
 
 
+def _slc_kb_launch(spec: Spec, flags: dict) -> dict:
+    n = values(N=spec.slc_count)
+    return dict(
+        bucket=signature(
+            ptrs("idx", "tok_seq", "seq_first", "count=counts", "cursor", "inv_tok", "inv_slot"),
+            scalars("n_entries=n_ent", "n_blocks"), strides("idx", "it", "ih"),
+            consts(H="H_KV"), n, consts(COUNT="count", BE="be"), options=options(num_warps="4")),
+        attend=signature(
+            ptrs("q", "k", "v", "op", "lp", "blk_tok0", "blk_nkeys", "blk_pos0", "offsets",
+                 "counts", "inv_tok", "inv_slot", "tok_pos", "chunk_hb", "chunk_i0"),
+            scalars("n_blocks"), strides("q", "qt", "qh"), strides("k", "kt", "kh"),
+            strides("v", "vt", "vh"), consts(qk_scale="QK_SCALE"), HEADS, cfg("GP"), DIMS,
+            values(LB=spec.slc_block), n, consts(PREC="prec"), cfg("BT"), consts(CHUNK="chunk"),
+            options=WARPS_STAGES),
+        merge=signature(
+            ptrs("op", "lp", "idx", "g", "o", "ob=ob if save else o", "lse=lse if save else lp"),
+            scalars("n_rows"), strides("o", "ot", "oh"), strides("g", "gt", "gh"),
+            strides("idx", "it", "ih"), HEADS, consts(DV="DIM_V", BDV="BLOCK_DV"), n,
+            consts(HAS_GATES="gates is not None", SAVE="save"), cfg("BR"),
+            options=options(num_warps='cfg["MERGE_WARPS"]')))
+
+
 # ---------------------------------------------------------------------------- win_attention
 def _win_default(spec: Spec, target: Target, why: list) -> dict:
     gp = Dims.of(spec).gp
@@ -130,17 +215,28 @@ def _win_space(spec: Spec, default: dict, target: Target, smem: int):
     return out, []
 
 
+def _win_launch(spec: Spec, flags: dict) -> dict:
+    return dict(main=signature(
+        ptrs("q", "k=kw", "v=vw", "g", "o", "ob=ob if save else o", "lse=lse if save else o",
+             "tile_tok", "tile_len", "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
+        strides("q", "qt", "qh"), strides("kw", "kt", "kh"), strides("vw", "vt", "vh"),
+        strides("o", "ot", "oh"), strides("g", "gt", "gh"),
+        consts(qk_scale="QK_SCALE", G="GROUP"), cfg("GP"), DIMS, values(W=spec.window or 1),
+        consts(HAS_GATES="gates is not None", PREC="prec", SAVE="save"), cfg("BT", "BK"),
+        options=WARPS_STAGES))
+
+
 FORWARD = (
     KernelDef("mean_compress", "mean_compress.py.jinja", "forward", _mean_default, _mean_space,
-              ("compress",)),
+              _mean_launch, ("compress",)),
     KernelDef("cmp_attention", "cmp_attention.py.jinja", "forward", _cmp_default, _cmp_space,
-              ("cmp_attn", "importance")),
+              _cmp_launch, ("cmp_attn", "importance")),
     KernelDef("select_blocks", "select_blocks.py.jinja", "forward", _select_default, _select_space,
-              ("topk",)),
+              _select_launch, ("topk",)),
     KernelDef("slc_attention", "slc_attention.py.jinja", "forward", _slc_default, _slc_space,
-              ("slc_attn", "win_attn")),
+              _slc_launch, ("slc_attn", "win_attn")),
     KernelDef("slc_attention_kb", "slc_attention_kb.py.jinja", "forward", _slc_kb_default,
-              _slc_kb_space, ("slc_attn",)),
+              _slc_kb_space, _slc_kb_launch, ("slc_attn",)),
     KernelDef("win_attention", "win_attention.py.jinja", "forward", _win_default, _win_space,
-              ("win_attn",)),
+              _win_launch, ("win_attn",)),
 )
