@@ -76,6 +76,61 @@ def _load_gated_do(do_ptrs, o_mask, g_ptrs, row_ok, like, COL: tl.constexpr,
 
 
 @triton.jit
+def _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, tok, head, row_ok, stride_qt,
+              stride_qh, stride_ot, stride_oh, stride_gt, stride_gh, H: tl.constexpr,
+              G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+              BDV: tl.constexpr, COL: tl.constexpr, HAS_GATES: tl.constexpr):
+    """Backward tile prologue: q, the branch's gated dO, its LSE and delta for rows (token
+    `tok`, query head `head`) where row_ok; other rows get LSE = +inf, so their P is 0."""
+    offs_dk = tl.arange(0, BDK)
+    offs_dv = tl.arange(0, BDV)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    do = _load_gated_do(
+        do_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
+        row_ok[:, None] & (offs_dv[None, :] < DV), g_ptr + tok * stride_gt + head * stride_gh,
+        row_ok, q, COL, HAS_GATES)
+    lse = tl.load(lse_ptr + tok * (H * G) + head, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + tok * (H * G) + head, mask=row_ok, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _bwd_dq_step(q, do, lse, delta, dq, k_rows, v_rows, kin, ok, qk_scale, DK: tl.constexpr,
+                 DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
+    """One key step of a dq tile: load the keys' rows (pointers k_rows, v_rows [BK, 1], where
+    kin), P = exp2(S - LSE) where `ok`, dS = P (dP - delta); returns dq + dS K (unscaled)."""
+    offs_dk = tl.arange(0, BDK)
+    offs_dv = tl.arange(0, BDV)
+    kt = tl.load(k_rows + offs_dk[None, :], mask=kin[:, None] & (offs_dk[None, :] < DK),
+                 other=0.0)
+    vt = tl.load(v_rows + offs_dv[None, :], mask=kin[:, None] & (offs_dv[None, :] < DV),
+                 other=0.0)
+    s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+    p = tl.math.exp2(tl.where(ok, s, float("-inf")) - lse[:, None])
+    dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+
+
+@triton.jit
+def _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok, qk_scale, MASKED: tl.constexpr,
+                   PREC: tl.constexpr):
+    """One query step of a dk/dv tile (keys kt, vt held): P = exp2(S - LSE), masked to `ok`
+    only when MASKED (a step where every row sees every key skips the select), dS =
+    P (dP - delta); returns dk + dS^T q (unscaled) and dv + P^T dO."""
+    s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+    if MASKED:
+        s = tl.where(ok, s, float("-inf"))
+    p = tl.math.exp2(s - lse[:, None])
+    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
+    dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
 def _save_branch(ob_ptrs, o_mask, val, lse_ptrs, row_ok, m_i, l_i, SAVE: tl.constexpr):
     """For training: keep the branch's ungated output and its log2-domain LSE for the backward
     (+inf LSE for rows that saw nothing, so exp2(s - lse) is 0 there)."""
@@ -559,31 +614,19 @@ def cmp_attention_bwd_dq(
     tok = (p0 + tt).to(tl.int64)
     head = g * G + hh
     offs_dk = tl.arange(0, BDK)
-    offs_dv = tl.arange(0, BDV)
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
-                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    do = _load_gated_do(
-        do_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
-        row_ok[:, None] & (offs_dv[None, :] < DV), g_ptr + tok * stride_gt + head * stride_gh, row_ok, q,
-        0, HAS_GATES)
-    lse = tl.load(lse_ptr + tok * (H * G) + head, mask=row_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + tok * (H * G) + head, mask=row_ok, other=0.0)
+    q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, tok, head, row_ok,
+                                  stride_qt, stride_qh, stride_ot, stride_oh, stride_gt,
+                                  stride_gh, H, G, DK, DV, BDK, BDV, 0, HAS_GATES)
     nvis = tl.where(row_ok, _num_visible_cmp(pos0 + tt, ncmp, L, STRIDE), 0)
     nvis_max = _num_visible_cmp(pos0 + ntok - 1, ncmp, L, STRIDE)
     offs_c = tl.arange(0, BC)
     dq = tl.zeros([BM, BDK], dtype=tl.float32)
     for c0 in range(0, nvis_max, BC):
         cidx = c0 + offs_c
-        cmask = cidx < nvis_max
-        kc = tl.load(kc_ptr + (cstart + cidx)[:, None] * stride_kt + g * stride_kh + offs_dk[None, :],
-                     mask=cmask[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        vc = tl.load(vc_ptr + (cstart + cidx)[:, None] * stride_vt + g * stride_vh + offs_dv[None, :],
-                     mask=cmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-        p = tl.math.exp2(tl.where(cidx[None, :] < nvis[:, None], s, float("-inf")) - lse[:, None])
-        dp = tl.dot(do, tl.trans(vc), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kc.dtype), kc, input_precision=PREC)
+        rows_c = (cstart + cidx)[:, None]
+        dq = _bwd_dq_step(q, do, lse, delta, dq, kc_ptr + rows_c * stride_kt + g * stride_kh,
+                          vc_ptr + rows_c * stride_vt + g * stride_vh, cidx < nvis_max,
+                          cidx[None, :] < nvis[:, None], qk_scale, DK, DV, BDK, BDV, PREC)
     dq_ptrs = dq_ptr + tok[:, None] * (H * G * BDK) + head[:, None] * BDK + offs_dk[None, :]
     dq_mask = row_ok[:, None] & (offs_dk[None, :] < DK)
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * sm_scale, mask=dq_mask)
@@ -635,43 +678,21 @@ def cmp_attention_bwd_dkdv(
     for t0 in range(t_lo, t_full, BT):   # queries that see only part of the tile
         pos = t0 + tt
         row_ok = (pos < t_full) & (hh < G)
-        tok = tok0 + pos
-        q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
-                    mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        do = _load_gated_do(
-            do_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
-            row_ok[:, None] & (offs_dv[None, :] < DV), g_ptr + tok * stride_gt + head * stride_gh, row_ok, q,
-            0, HAS_GATES)
-        # rows outside the range have lse = +inf, so p = 0 there
-        lse = tl.load(lse_ptr + tok * (H * G) + head, mask=row_ok, other=float("inf"))
-        delta = tl.load(delta_ptr + tok * (H * G) + head, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, tok0 + pos, head,
+                                      row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
+                                      stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 0, HAS_GATES)
         vis = row_ok[:, None] & (cpos_last[None, :] <= pos[:, None])
-        s = tl.where(vis, s, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None])
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(vc), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+        dk, dv = _bwd_dkdv_step(q, do, lse, delta, kc, vc, dk, dv, vis, qk_scale, True,
+                                PREC)
     for t0 in range(t_full, t_hi, BT):   # queries that see the whole tile
         pos = t0 + tt
         row_ok = (pos < t_hi) & (hh < G)
-        tok = tok0 + pos
-        q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
-                    mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        do = _load_gated_do(
-            do_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
-            row_ok[:, None] & (offs_dv[None, :] < DV), g_ptr + tok * stride_gt + head * stride_gh, row_ok, q,
-            0, HAS_GATES)
-        # rows outside the range have lse = +inf, so p = 0 there
-        lse = tl.load(lse_ptr + tok * (H * G) + head, mask=row_ok, other=float("inf"))
-        delta = tl.load(delta_ptr + tok * (H * G) + head, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(vc), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, tok0 + pos, head,
+                                      row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
+                                      stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 0, HAS_GATES)
+        vis = row_ok[:, None] & (cpos_last[None, :] <= pos[:, None])
+        dk, dv = _bwd_dkdv_step(q, do, lse, delta, kc, vc, dk, dv, vis, qk_scale, False,
+                                PREC)
     rows = (row0 + offs_c).to(tl.int64)[:, None] * (H * BDK) + g * BDK
     tl.atomic_add(dkc_ptr + rows + offs_dk[None, :], dk * sm_scale,
                   mask=cmask[:, None] & (offs_dk[None, :] < DK), sem="relaxed")
@@ -726,18 +747,11 @@ def slc_attention_bwd_dq(
     row_ok = hh < G
     head = g * G + hh
     offs_dk = tl.arange(0, BDK)
-    offs_dv = tl.arange(0, BDV)
     offs_k = tl.arange(0, BK)
-    dmask_k = offs_dk[None, :] < DK
-    dmask_v = offs_dv[None, :] < DV
-    q = tl.load(q_ptr + tok * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
-                mask=row_ok[:, None] & dmask_k, other=0.0)
-    do = _load_gated_do(
-        do_ptr + tok * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
-        row_ok[:, None] & dmask_v, g_ptr + tok * stride_gt + head * stride_gh, row_ok, q,
-        1, HAS_GATES)
-    lse = tl.load(lse_ptr + tok * (H * G) + head, mask=row_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + tok * (H * G) + head, mask=row_ok, other=0.0)
+    q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr,
+                                  tl.full([GP], 0, tl.int64) + tok, head, row_ok, stride_qt,
+                                  stride_qh, stride_ot, stride_oh, stride_gt, stride_gh, H, G,
+                                  DK, DV, BDK, BDV, 1, HAS_GATES)
     slots = tl.arange(0, NP)
     blocks = tl.load(idx_ptr + tok * stride_it + g * stride_ih + slots, mask=slots < N, other=-1)
     dq = tl.zeros([GP, BDK], dtype=tl.float32)
@@ -747,17 +761,11 @@ def slc_attention_bwd_dq(
             kpos = blk * LB + kk * BK + offs_k
             kmask = (kpos <= pos) & (kpos >= 0)
             rows_k = (base + kpos)[:, None]
-            kt = tl.load(k_ptr + rows_k * stride_kt + g * stride_kh + offs_dk[None, :],
-                         mask=kmask[:, None] & dmask_k, other=0.0)
-            vt = tl.load(v_ptr + rows_k * stride_vt + g * stride_vh + offs_dv[None, :],
-                         mask=kmask[:, None] & dmask_v, other=0.0)
-            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-            p = tl.math.exp2(tl.where(kmask[None, :] & row_ok[:, None], s, float("-inf")) - lse[:, None])
-            dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+            dq = _bwd_dq_step(q, do, lse, delta, dq, k_ptr + rows_k * stride_kt + g * stride_kh,
+                              v_ptr + rows_k * stride_vt + g * stride_vh, kmask,
+                              kmask[None, :] & row_ok[:, None], qk_scale, DK, DV, BDK, BDV, PREC)
     dq_ptrs = dq_ptr + tok * (H * G * BDK) + head[:, None] * BDK + offs_dk[None, :]
-    dq_mask = row_ok[:, None] & dmask_k
+    dq_mask = row_ok[:, None] & (offs_dk[None, :] < DK)
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * sm_scale, mask=dq_mask)
 
 
@@ -805,21 +813,11 @@ def slc_attention_bwd_dkdv(
         row_ok = t_ok & (hh < G)
         tok = tl.load(inv_tok_ptr + off + i0 + tt, mask=t_ok, other=0).to(tl.int64)
         pos = tl.load(tok_pos_ptr + tok, mask=t_ok, other=0)
-        q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
-                    mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        do = _load_gated_do(
-            do_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
-            row_ok[:, None] & (offs_dv[None, :] < DV), g_ptr + tok * stride_gt + head * stride_gh, row_ok, q,
-            1, HAS_GATES)
-        lse = tl.load(lse_ptr + tok * (H * G) + head, mask=row_ok, other=float("inf"))
-        delta = tl.load(delta_ptr + tok * (H * G) + head, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, tok, head,
+                                      row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
+                                      stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 1, HAS_GATES)
         vis = row_ok[:, None] & kmask[None, :] & ((kpos0 + offs_k)[None, :] <= pos[:, None])
-        p = tl.math.exp2(tl.where(vis, s, float("-inf")) - lse[:, None])
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+        dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, vis, qk_scale, True, PREC)
     rows = (tok0 + offs_k)[:, None]
     dk_ptrs = dk_ptr + rows * (H * BDK) + g * BDK + offs_dk[None, :]
     wmask = offs_k < tl.where(live, nkeys, 0)  # dead programs write nothing

@@ -1,5 +1,6 @@
 """The package's structure: modules import each other at the top and without cycles, never a
-private name of another module, and each stays under 600 lines."""
+private name of another module, and each stays under 600 lines; the templates' tile steps live
+once, in the shared helpers."""
 import ast
 from pathlib import Path
 
@@ -90,3 +91,22 @@ def test_no_private_names_cross_modules():
 def test_modules_stay_small(path):
     n = len(path.read_text().splitlines())
     assert n <= MAX_LINES, f"{path.name} has {n} lines"
+
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+def test_backward_tile_steps_live_once():
+    """The backward's tile prologue, dq step and dk/dv step are device functions of
+    _helpers.py.jinja; the branch templates call them instead of repeating their bodies."""
+    steps = {"dS = P (dP - delta)": "ds = p * (dp - delta[:, None])",
+             "the gated dO load": "_load_gated_do(",
+             "the LSE load": "lse = tl.load(lse_ptr"}
+    for path in sorted(TEMPLATES.glob("*_bwd.py.jinja")):
+        text = path.read_text()
+        for what, code in steps.items():
+            assert code not in text, f"{path.name} repeats {what}"
+        for helper in ("_bwd_rows(", "_bwd_dq_step(", "_bwd_dkdv_step("):
+            assert helper in text, f"{path.name} does not use {helper[:-1]}"
+    helpers = (TEMPLATES / "_helpers.py.jinja").read_text()
+    assert helpers.count("ds = p * (dp - delta[:, None])") == 2      # the dq and dk/dv steps
