@@ -22,7 +22,6 @@ from . import bench, cache, costmodel
 from .cache import cache_dir
 from .codegen import explain, module_name, write_generated
 from .crosscompile import compile_for
-from .ir import build_graph, describe
 from .ops import build
 from .resources import data_dir, shipped_specs
 from .spec import Spec, SpecError, short_path, short_repr
@@ -73,6 +72,16 @@ def _load_for_kernels(path: str) -> Spec:
     return spec
 
 
+def _nsa_only(spec, command: str) -> bool:
+    """Say so and return True when `command` does not handle the spec's family yet (DSA has
+    forward kernels, but no benchmark, tuner or ahead-of-time compile)."""
+    if spec.family == "nsa":
+        return False
+    _error(f"{command}: {spec.name} is a {spec.family.upper()} spec; {command} handles NSA "
+           "specs so far (DSA's forward kernels compile at their first launch)")
+    return True
+
+
 # ---------------------------------------------------------------------------- validate
 def _cmd_validate(args: argparse.Namespace) -> int:
     """Load and validate every spec; report all failures, not just the first."""
@@ -80,15 +89,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     for path in args.specs:
         try:
             spec = load_spec(path)
-            if spec.family == "nsa":
-                spec.check_kernels()
+            spec.check_kernels()
         except SpecError as err:
             _error(str(err))
         except OSError as err:
             _error(_os_error(err))
         else:
             print(f"ok {path} {spec.uri}" + ("" if spec.family == "nsa" else
-                                               " (spec and reference only: no kernels yet)"))
+                                               " (forward kernels; backward, indexer loss and "
+                                               "decode by the reference)"))
             continue
         status = 2
     return status
@@ -198,11 +207,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.spec:
         _error("generate: give a SPEC or --shipped")
         return 2
-    if args.explain:
-        spec = load_spec(args.spec)
-        if spec.family != "nsa":      # its graph; the kernels refuse below
-            print(f"{spec.name}: {spec.uri}\n\nop graph (no kernels generated yet):\n"
-                  + describe(build_graph(spec)) + "\n")
     spec = _load_for_kernels(args.spec)
     if args.explain:
         print(explain(spec))
@@ -211,6 +215,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     op = build(spec)
     print(f"{spec.name}: module {op.path} ({time.perf_counter() - t0:.2f} s)")
     if args.bench:
+        if _nsa_only(spec, "nsagen generate --bench"):
+            return 2
         if not torch.cuda.is_available():
             print("no CUDA GPU here: skipping the benchmark (kernels compile at first launch)")
             return 0
@@ -237,8 +243,10 @@ def _run_bench(spec: Spec, seq_lens: list[int], json_path: str | None, baselines
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Time the generated forward side by side with the dense and sparse baselines."""
-    bench.require_gpu("nsagen bench")
     spec = _load_for_kernels(args.spec)
+    if _nsa_only(spec, "nsagen bench"):
+        return 2
+    bench.require_gpu("nsagen bench")
     if args.untuned:
         build(spec).use_tuned_tables(False)
     if args.decode:
@@ -276,9 +284,11 @@ def format_tune_table(rows: list[dict]) -> str:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     """Search launch configs per shape bucket on this GPU and save the tuned table."""
+    spec = _load_for_kernels(args.spec)
+    if _nsa_only(spec, "nsagen tune"):
+        return 2
     bench.require_gpu("nsagen tune")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    spec = _load_for_kernels(args.spec)
     t0 = time.perf_counter()
     path, rows = tune_spec(
         spec, args.seq_len or list(DEFAULT_TUNE_LENS), batch=args.batch,
@@ -318,6 +328,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     op = build(spec, Target.for_arch(args.arch) if args.arch is not None else None)
     t1 = time.perf_counter()
     print(f"{spec.name}: module {op.path} ({t1 - t0:.2f} s)", flush=True)
+    if spec.family != "nsa" and (args.arch is not None or not args.no_compile):
+        return 2 if _nsa_only(spec, "nsagen build (compiling)") else 0
     if args.arch is not None:
         done = compile_for(op, arch=args.arch, seq_len=min(args.seq_len, 1024))
         t2 = time.perf_counter()

@@ -28,7 +28,7 @@ from .resources import data_dir
 from .spec import Spec
 from .target import Target, current
 
-MODULE_TEMPLATE = "nsa_module.py.jinja"
+MODULE_TEMPLATES = {"nsa": "nsa_module.py.jinja", "dsa": "dsa_module.py.jinja"}
 _WORDS = re.compile(r"[A-Za-z0-9_ ,.\-]*")
 
 
@@ -130,10 +130,10 @@ def _render(spec: Spec, plan: Plan) -> str:
     decode = plan.decode
     layer = spec.to_dict()
     layer.pop("name")
-    src = _env().get_template(MODULE_TEMPLATE).render(
+    src = _env().get_template(MODULE_TEMPLATES[spec.family]).render(
         spec=spec, plan=plan, uri=spec.uri, version=__version__, layer=layer,
         configs=configs, decode=decode,
-        decode_configs={k.name: dict(k.config) for k in decode.kernels},
+        decode_configs={k.name: dict(k.config) for k in decode.kernels} if decode else {},
         signatures=lambda k: KERNELS[k.name].launch(spec, k.params))
     # collapse the blank-line runs that template structure leaves behind
     lines, blank = [], 0
@@ -159,6 +159,8 @@ def explain(spec: Spec, target: Target | None = None) -> str:
         out.append(f"  {k.name} <- templates/{k.template} [{'+'.join(k.nodes)}] {flags}")
         out.append(f"      default config {k.config}")
     dec = plan.decode
+    if dec is None:
+        return "\n".join(out + ["", "decode step: no kernels yet for this family"])
     out += ["", "decode step (one query per sequence), graph node -> kernel:", describe(dec.graph),
             "", "decode decisions:"]
     out += [f"  - [{d.pass_name}] {d}" for d in dec.decisions]

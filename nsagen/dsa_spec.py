@@ -17,6 +17,7 @@ from .spec import (DTYPE_SHORT, DTYPES, Bound, SpecError, bound_rule, check_name
                    read_schema)
 
 KEY_DTYPES = ("bfloat16", "float8_e4m3")
+TOPK_KERNEL_MAX = 4096    # the top-k kernel sorts 2 x topk (padded to a power of two) keys on chip
 
 _SCHEMA: dict[str, Any] = {
     "attention": str,
@@ -112,11 +113,17 @@ class DSASpec:
                    dtype=vals["dtype"], scale=vals["scale"], source=source)
 
     def check_kernels(self) -> None:
-        """Raise SpecError: nsagen does not generate DSA kernels yet (the reference,
-        nsagen.reference.dsa, computes the layer)."""
-        raise SpecError(self.source, "attention", "dsa",
-                        "nsagen does not generate DSA kernels yet; nsagen.reference.dsa and "
-                        "nsagen.reference.dsa_indexer_loss compute the layer")
+        """Raise SpecError for what the spec language allows but the generated kernels do not
+        (yet) take: the top-k keeps its picks in registers (topk <= TOPK_KERNEL_MAX), and the
+        indexer reads its keys in the model's dtype (no FP8 keys yet)."""
+        if self.topk > TOPK_KERNEL_MAX:
+            raise SpecError(self.source, "indexer.topk", self.topk,
+                            f"the generated top-k keeps its picks on chip: at most "
+                            f"{TOPK_KERNEL_MAX} (nsagen.reference.dsa takes any)")
+        if self.key_dtype != "bfloat16":
+            raise SpecError(self.source, "indexer.key_dtype", self.key_dtype,
+                            "FP8 indexer keys are not generated yet; use bfloat16 "
+                            "(nsagen.reference.dsa computes either)")
 
     @property
     def group(self) -> int:

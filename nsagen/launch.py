@@ -6,7 +6,9 @@ This sits below the op, the decode cache and the tuner, which all launch module 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import warnings
 
 import torch
 
@@ -24,6 +26,21 @@ def direct_launches():
     if torch.compiler.is_compiling() or set_wrap_triton_enabled is None:
         return contextlib.nullcontext()
     return set_wrap_triton_enabled(False)
+
+
+_log = logging.getLogger("nsagen")
+_noticed = []
+
+
+def fallback_notice(device: torch.device) -> None:
+    """Say once per process, as a log line and a warning, that an op runs the PyTorch reference
+    because no generated kernel can run on `device`."""
+    if not _noticed:
+        _noticed.append(device)
+        msg = (f"nsagen: no GPU for tensors on {device} and TRITON_INTERPRET is not 1; "
+               "running the PyTorch reference instead of the generated kernels")
+        _log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def kernels_available(device: torch.device) -> bool:

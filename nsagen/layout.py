@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .dsa_spec import DSASpec
 from .spec import Spec
 
 I32 = torch.int32
@@ -161,14 +162,14 @@ _CACHE: "OrderedDict[tuple, Layout]" = OrderedDict()
 _CACHE_SIZE = 16
 
 
-def build_layout(spec: Spec, seqlens: tuple, device: torch.device) -> Layout:
+def build_layout(spec: Spec | DSASpec, seqlens: tuple, device: torch.device) -> Layout:
     """Tables for sequences of the given lengths, packed in order. Concrete lengths are cached (a
     training loop calls with the same lengths every step); while tracing, nothing is cached."""
     device = torch.device(device)
     concrete = all(type(n) is int for n in seqlens) and not _tracing()
     if not concrete:
         return _build(spec, tuple(seqlens), device)
-    key = (spec.cmp_block, spec.cmp_stride, spec.slc_block, tuple(seqlens), str(device))
+    key = (_geometry(spec), tuple(seqlens), str(device))
     lay = _CACHE.get(key)
     if lay is None:
         lay = _build(spec, tuple(seqlens), device)
@@ -187,12 +188,23 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or detect_fake_mode() is not None
 
 
-def _build(spec: Spec, seqlens: tuple, device: torch.device,
+def _geometry(spec: Spec | DSASpec) -> tuple:
+    """What a spec's tables depend on besides the lengths: NSA's compression and selection
+    blocks; a DSA layer (no compressed tokens) only its family."""
+    if spec.family == "dsa":
+        return ("dsa",)
+    return (spec.cmp_block, spec.cmp_stride, spec.slc_block)
+
+
+def _build(spec: Spec | DSASpec, seqlens: tuple, device: torch.device,
            from_shape: bool | None = None) -> Layout:
-    """The tables; `from_shape` (default: when all lengths are equal) picks the shape-only path."""
+    """The tables; `from_shape` (default: when all lengths are equal) picks the shape-only path.
+    A DSA spec has no compressed tokens or selection blocks (Nc = 0 per sequence)."""
     B = len(seqlens)
-    ncs = tuple(spec.num_cmp(n) for n in seqlens)
-    nbp = _pow2_at_least(max(spec.num_blocks(n) for n in seqlens))
+    nsa = spec.family == "nsa"
+    ncs = tuple(spec.num_cmp(n) if nsa else 0 for n in seqlens)
+    nbp = _pow2_at_least(max(spec.num_blocks(n) for n in seqlens)) if nsa else 1
+    stride = spec.cmp_stride if nsa else 1
     if from_shape is None:
         from_shape = all(n is seqlens[0] or n == seqlens[0] for n in seqlens)
     if from_shape:
@@ -203,7 +215,7 @@ def _build(spec: Spec, seqlens: tuple, device: torch.device,
         cseq = cmp // nc if nc else cmp
         tables = dict(tok_pos=tok - seq * T, tok_cstart=seq * nc, tok_ncmp=torch.full_like(tok, nc),
                       tok_seq=seq, tok_seqlen=torch.full_like(tok, T), tok_kbase=seq * T,
-                      cmp_src=cseq * T + (cmp - cseq * nc) * spec.cmp_stride)
+                      cmp_src=cseq * T + (cmp - cseq * nc) * stride)
         tables = {k: t.to(I32) for k, t in tables.items()}
         return Layout(seqlens=tuple(seqlens), device=device, n_cmp=B * nc, nbp=nbp, ncs=ncs,
                       uniform=True, **tables)
@@ -215,7 +227,7 @@ def _build(spec: Spec, seqlens: tuple, device: torch.device,
     tok_pos = torch.arange(sum(seqlens)) - tok_start[seq_of_tok]
     seq_of_cmp = torch.repeat_interleave(torch.arange(B), nct, output_size=sum(ncs))
     cmp_idx = torch.arange(sum(ncs)) - cmp_start[seq_of_cmp]
-    cmp_src = tok_start[seq_of_cmp] + cmp_idx * spec.cmp_stride
+    cmp_src = tok_start[seq_of_cmp] + cmp_idx * stride
     packed = torch.stack([tok_pos, cmp_start[seq_of_tok], nct[seq_of_tok], seq_of_tok,
                           lens[seq_of_tok], tok_start[seq_of_tok]]).to(I32).to(device)
     return Layout(seqlens=tuple(seqlens), device=device, tok_pos=packed[0], tok_cstart=packed[1],

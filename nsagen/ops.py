@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
@@ -23,7 +22,10 @@ from .checks import check_inputs
 from .codegen import module_name, render
 from .configspace import ConfigOverrides
 from .decode import DecodeCache
-from .launch import direct_launches, interpreted_in_float32, kernels_available, pack
+from .dsa_ops import DSAOp
+from .dsa_spec import DSASpec
+from .launch import (direct_launches, fallback_notice, interpreted_in_float32,
+                     kernels_available, pack)
 from .layout import build_layout
 from .resources import prebuilt_module
 from .spec import Spec
@@ -31,7 +33,6 @@ from .target import Target, current
 from .specfile import load_spec
 
 log = logging.getLogger("nsagen")
-_warned_fallback = False
 
 
 class NSAOp:
@@ -121,7 +122,7 @@ class NSAOp:
                 return out[0].to(q.dtype), out[1]
             return out.to(q.dtype)
         if not kernels_available(q.device):
-            _fallback_notice(q.device)
+            fallback_notice(q.device)
             return reference.nsa(q, k, v, gates, spec, k_cmp, v_cmp, cu_seqlens, return_indices,
                                  k_win=k_win, v_win=v_win)
         B, T = prob.batch, prob.seq_len
@@ -249,22 +250,14 @@ def _register_training_op(nsa: NSAOp):
     return fwd_op
 
 
-def _fallback_notice(device: torch.device) -> None:
-    global _warned_fallback
-    if not _warned_fallback:
-        _warned_fallback = True
-        msg = (f"nsagen: no GPU for tensors on {device} and TRITON_INTERPRET is not 1; "
-               "running the PyTorch reference instead of the generated kernels")
-        log.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+_BUILT: dict[str, NSAOp | DSAOp] = {}
 
 
-_BUILT: dict[str, NSAOp] = {}
-
-
-def build(spec: Spec | str | os.PathLike, target: Target | None = None) -> NSAOp:
+def build(spec: Spec | DSASpec | str | os.PathLike,
+          target: Target | None = None) -> NSAOp | DSAOp:
     """Generate (or reuse from the cache) the module for a spec, planned for `target` (default:
-    the GPU at hand, else the default preset), import it, return the op."""
+    the GPU at hand, else the default preset), import it, return the op (an NSAOp, or a DSAOp
+    for an `attention: dsa` spec)."""
     if isinstance(spec, (str, os.PathLike)):
         spec = load_spec(spec)
     if not hasattr(spec, "check_kernels"):
@@ -282,5 +275,5 @@ def build(spec: Spec | str | os.PathLike, target: Target | None = None) -> NSAOp
         else:
             mod, path, reused = load_module(name, source)
             log.info("nsagen: %s %s (%s)", "loaded" if reused else "built", name, path)
-        _BUILT[name] = NSAOp(spec, mod, path, target)
+        _BUILT[name] = (DSAOp if spec.family == "dsa" else NSAOp)(spec, mod, path, target)
     return _BUILT[name]

@@ -327,15 +327,23 @@ def _dsa_probs(spec: DSASpec, q, k, idx) -> tuple[torch.Tensor, torch.Tensor, to
     return _masked_softmax(s, ok[:, :, None, None, :]), pos, ok
 
 
-def _dsa_core(spec: DSASpec, q, k, v, q_idx, k_idx, w_idx):
+def dsa_sparse_attention(spec: DSASpec, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+    """The attention of a DSA layer over given selected positions idx [B, T, topk] (-1 padded;
+    one sequence per batch row): o [B, T, HQ, Dv]. `v=None` means v = k[..., :Dv]. Lets a test
+    check a kernel's output on the positions the kernel chose."""
     B, T, HQ, Dk = q.shape
     H, Dv = spec.heads_kv, spec.dim_v
     v = k[..., :Dv] if v is None else v
-    idx = dsa_select(spec, dsa_index_scores(q_idx, k_idx, w_idx))
     p, pos, _ = _dsa_probs(spec, q, k, idx)
     vg = torch.gather(v, 1, pos.reshape(B, -1)[..., None, None].expand(-1, -1, H, Dv))
     o = torch.einsum("bthgs,btshd->bthgd", p, vg.view(B, T, -1, H, Dv))
-    return o.reshape(B, T, HQ, Dv), idx
+    return o.reshape(B, T, HQ, Dv)
+
+
+def _dsa_core(spec: DSASpec, q, k, v, q_idx, k_idx, w_idx):
+    idx = dsa_select(spec, dsa_index_scores(q_idx, k_idx, w_idx))
+    return dsa_sparse_attention(spec, q, k, v, idx), idx
 
 
 def dsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, q_idx: torch.Tensor,

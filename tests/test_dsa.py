@@ -228,14 +228,15 @@ def test_spec_errors_name_the_key(change, key, rule):
     assert info.value.key == key and rule in str(info.value)
 
 
-def test_shipped_dsa_specs_and_no_kernels_yet():
+def test_shipped_dsa_specs_build_their_forward():
     names = sorted(shipped_specs("dsa"))
     assert names == ["dsa-gqa", "dsa-v32"]
     for name in names:
         s = load_spec(name)
         assert s.family == "dsa" and s.name == name
-    with pytest.raises(SpecError, match="does not generate DSA kernels yet"):
-        nsagen.build("dsa-v32")
+        op = nsagen.build(s)
+        assert type(op).__name__ == "DSAOp" and op.module.URI == s.uri
+        assert op.module_name.startswith(s.uri + "_")
 
 
 def test_every_shipped_spec_is_named_after_its_family():
@@ -245,8 +246,8 @@ def test_every_shipped_spec_is_named_after_its_family():
 
 def test_dsa_op_graph_and_explain(capsys):
     """The family's graph: indexer -> top-k -> sparse attention -> o, and the indexer loss from
-    the indexer's scores and the attention's LSE; `generate --explain` prints it and then
-    refuses to build."""
+    the indexer's scores and the attention's LSE; `generate --explain` prints it with the
+    kernels each node lowers to, and the decisions."""
     from nsagen.cli import main
     from nsagen.ir import build_graph
 
@@ -258,7 +259,8 @@ def test_dsa_op_graph_and_explain(capsys):
                  ("q_idx", "indexer"), ("k", "sparse_attn")]:
         assert g.has_edge(a, b), (a, b)
     assert g.edges["topk_tokens", "sparse_attn"]["shape"][2] == 1024
-    assert main(["generate", "dsa-gqa", "--explain"]) == 2
-    out = capsys.readouterr()
-    assert "topk_tokens [topk_tokens] {'topk': 1024}" in out.out
-    assert "does not generate DSA kernels yet" in out.err
+    assert main(["generate", "dsa-gqa", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "topk_tokens [topk_tokens] {'topk': 1024}  -> kernel dsa_topk" in out
+    assert "indexer [indexer]" in out and "-> kernel dsa_indexer" in out
+    assert "[tiles] dsa_attention:" in out and "decode step: no kernels yet" in out

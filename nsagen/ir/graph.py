@@ -113,7 +113,7 @@ def dsa_graph(spec: DSASpec) -> nx.DiGraph:
     for a, b, tensor, shape in (
             ("q_idx", "indexer", "q_idx", (B, T, HI, DI)), ("k_idx", "indexer", "k_idx", (B, T, DI)),
             ("w_idx", "indexer", "w_idx", (B, T, HI)),
-            ("indexer", "topk_tokens", "scores (streamed, never stored)", (B, T, T)),
+            ("indexer", "topk_tokens", "scores (one chunk of queries at a time)", (B, T, T)),
             ("topk_tokens", "sparse_attn", "indices", (B, T, K)),
             ("q", "sparse_attn", "q", (B, T, HQ, Dk)), ("k", "sparse_attn", "k", (B, T, H, Dk)),
             ("v", "sparse_attn", "v (or k[..., :Dv])", (B, T, H, Dv)),

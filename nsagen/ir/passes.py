@@ -226,7 +226,7 @@ def _backward(g: nx.DiGraph, spec: Spec, why: list[str], target: Target) -> list
                        config=KERNELS[n].default(spec, target, why)) for n, nodes in names]
 
 
-def lower(spec: Spec, target: Target | None = None) -> Plan:
+def lower_nsa(spec: Spec, target: Target | None = None) -> Plan:
     """Run every pass on the spec's forward graph and return the kernel plan, for `target`
     (default: the GPU at hand, else the default preset; nsagen.target)."""
     target = target or current()

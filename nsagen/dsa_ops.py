@@ -1,0 +1,77 @@
+"""The DSA op a model calls: validation, packing, dispatch to the generated kernels or the
+reference (docs/algorithm.md section 8).
+
+`nsagen.build(spec)` returns a :class:`DSAOp` for an `attention: dsa` spec. Its forward runs the
+generated indexer, top-k and sparse-attention kernels on CUDA tensors (or on the CPU with
+TRITON_INTERPRET=1), and the reference otherwise. The backward, the indexer loss and decoding
+are not generated yet: a call that needs a gradient is refused with a clear error, and
+`indexer_loss` computes the reference.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from . import reference
+from .checks import check_dsa_inputs
+from .dsa_spec import DSASpec
+from .launch import (direct_launches, fallback_notice, interpreted_in_float32,
+                     kernels_available, pack)
+from .layout import build_layout
+from .target import Target
+
+
+class DSAOp:
+    """DeepSeek Sparse Attention for one spec, backed by a generated, cached Triton module."""
+
+    def __init__(self, spec: DSASpec, module: ModuleType, path: Path, target: Target):
+        self.spec = spec
+        self.module = module
+        self.path = path
+        self.target = target
+        self.name = module.URI
+        self.module_name = module.__name__
+        self.configs: dict[str, dict] = {}     # explicit per-kernel launch configs
+
+    def __repr__(self) -> str:
+        return f"DSAOp({self.spec.name!r}, module={self.path})"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
+                 q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor,
+                 cu_seqlens: torch.Tensor | None = None, return_indices: bool = False):
+        """o [B, T, HQ, Dv] (and the selected positions [B, T, topk] int32, ascending and -1
+        padded, with `return_indices`). `v=None` means v = k[..., :Dv] (read in place)."""
+        spec = self.spec
+        prob = check_dsa_inputs(spec, q, k, v, q_idx, k_idx, w_idx, cu_seqlens)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (q, k, v, q_idx, k_idx, w_idx)):
+            raise NotImplementedError(
+                "DSA: the backward kernels are not generated yet; call the op under "
+                "torch.no_grad() (inference), or use nsagen.reference.dsa for gradients")
+        if not kernels_available(q.device):
+            fallback_notice(q.device)
+            return reference.dsa(q, k, v, q_idx, k_idx, w_idx, spec, cu_seqlens, return_indices)
+        dtype = q.dtype
+        if interpreted_in_float32(q):          # the interpreter computes bfloat16 wrongly
+            q, k = q.float(), k.float()
+            v = None if v is None else v.float()
+        if interpreted_in_float32(q_idx) or q_idx.dtype != k_idx.dtype:
+            q_idx, k_idx = q_idx.float(), k_idx.float()
+        B, T = prob.batch, prob.seq_len
+        lay = build_layout(spec, prob.seqlens, q.device)
+        kp = pack(k)
+        # v = k[..., :Dv] keeps k's strides: the kernel reads it in place
+        vp = kp[..., :spec.dim_v] if v is None else pack(v)
+        with direct_launches():
+            o, idx, _ = self.module.forward(pack(q), kp, vp, pack(q_idx), pack(k_idx),
+                                            pack(w_idx), lay, configs=self.configs)
+        o = o.view(B, T, spec.heads_q, spec.dim_v).to(dtype)
+        return (o, idx.view(B, T, spec.topk)) if return_indices else o
+
+    def indexer_loss(self, q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor,
+                     k_idx: torch.Tensor, w_idx: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        """The indexer's training loss (summed over batch and tokens), differentiable to q_idx,
+        k_idx and w_idx. Computed by the reference: its kernels are not generated yet."""
+        return reference.dsa_indexer_loss(q, k, q_idx, k_idx, w_idx, self.spec, dense=dense)

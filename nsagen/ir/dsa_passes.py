@@ -1,0 +1,42 @@
+"""Lowering a DSA spec (docs/algorithm.md section 8): the passes that map its op graph onto the
+DSA kernels, each recording its decisions, as `ir.passes` does for NSA."""
+from __future__ import annotations
+
+from ..dsa_spec import DSASpec
+from ..kernels import KERNELS
+from ..kernels.dsa import dim_split, head_rows
+from ..target import Target, current
+from .graph import build_graph
+from .passes import Decisions, KernelPlan, Plan
+
+# op-graph node -> the kernel that computes it, in launch order
+_PARTITION = (("indexer", "dsa_indexer"), ("topk_tokens", "dsa_topk"),
+              ("sparse_attn", "dsa_attention"))
+
+
+def lower_dsa(spec: DSASpec, target: Target | None = None) -> Plan:
+    """The forward plan of a DSA layer for `target` (default: the GPU at hand, else the default
+    preset): indexer scores, token top-k and sparse attention, each with its default config."""
+    target = target or current()
+    g = build_graph(spec)
+    why = Decisions().during("target")
+    why.append(f"target {target.name} (sm_{target.arch}): {target.sm_count} SMs, "
+               f"{target.smem_per_block // 1024} KiB shared memory per program")
+    why.during("partition")
+    why.append("indexer and top-k are separate kernels: the scores of one chunk of query tiles "
+               "(at most DSA_SCORE_BYTES) are written, then selected, so memory stays "
+               "O(chunk x T) rather than O(T^2)")
+    dka, dkb = dim_split(spec.dim_qk)
+    why.append(f"sparse_attn: keys {spec.dim_qk} wide are read as {dka}"
+               + (f" + {dkb} columns" if dkb else " columns")
+               + ("; v is the key's first columns when no v is given (MLA)"
+                  if spec.dim_v <= spec.dim_qk else ""))
+    why.append("indexer_loss is computed by nsagen.reference.dsa_indexer_loss (no kernel yet)")
+    why.during("tiles")
+    kernels = []
+    for node, name in _PARTITION:
+        params = dict(rows=head_rows(spec)) if name == "dsa_attention" else {}
+        kernels.append(KernelPlan(name, KERNELS[name].template, (node,), params=params,
+                                  config=KERNELS[name].default(spec, target, why)))
+        g.nodes[node]["kernel"] = name
+    return Plan(spec=spec, graph=g, kernels=kernels, decisions=why, target=target)

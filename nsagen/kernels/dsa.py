@@ -1,0 +1,123 @@
+"""The DSA kernels (docs/algorithm.md section 8): the indexer's scores, the token top-k and the
+sparse attention over the selected tokens. Each is defined once: template, default launch config
+(with its reason), tunable config space and launch signature."""
+from __future__ import annotations
+
+import itertools
+
+import triton
+
+from ..dsa_spec import DSASpec
+from ..target import Target
+from .base import KernelDef
+from .signature import (WARPS, WARPS_STAGES, cfg, consts, ptrs, scalars, signature, strides,
+                        values)
+
+
+def dim_split(d: int) -> tuple[int, int]:
+    """A head dim as two power-of-two tiles: the largest power of two <= d, and the rest padded
+    to a power of two (0 when d is one). 576 = 512 + 64 (MLA's c_kv and rope parts), 192 = 128
+    + 64, 128 = 128 + 0: a key row never pads to the next power of two (1024 for 576)."""
+    a = 1 << (d.bit_length() - 1)
+    return a, (triton.next_power_of_2(d - a) if d > a else 0)
+
+
+def index_rows(spec: DSASpec) -> int:
+    """Indexer heads padded to a power of two (rows per token of the indexer tile)."""
+    return triton.next_power_of_2(spec.indexer_heads)
+
+
+def head_rows(spec: DSASpec) -> int:
+    """Query heads per attention program: the KV head's G heads, padded to at least 16 rows
+    (tensor-core tiles) and split in blocks of at most 64."""
+    return max(16, min(64, triton.next_power_of_2(spec.group)))
+
+
+# ---------------------------------------------------------------------------- dsa_indexer
+def _indexer_default(spec: DSASpec, target: Target, why: list) -> dict:
+    hip = index_rows(spec)
+    bt = max(1, 128 // hip)
+    why.append(f"dsa_indexer tile: {bt} token(s) x {hip} indexer heads = {bt * hip} rows against "
+               f"64 keys; the ReLU, the head weights and the head sum are applied in registers, "
+               f"so only [tokens, keys] scores are written (one chunk of query tiles at a time)")
+    return dict(BT=bt, BK=64, num_warps=4, num_stages=2)
+
+
+def _indexer_space(spec: DSASpec, default: dict, target: Target, smem: int):
+    hip = index_rows(spec)
+    return [dict(default, BT=bt, BK=bk, num_warps=nw, num_stages=ns)
+            for bt, bk, nw, ns in itertools.product(sorted({max(1, 64 // hip), max(1, 128 // hip)}),
+                                                    [32, 64, 128], [4, 8], [2, 3])], []
+
+
+def _indexer_launch(spec: DSASpec, flags: dict) -> dict:
+    bdi = max(16, triton.next_power_of_2(spec.indexer_dim))
+    return dict(main=signature(
+        ptrs("qi=q_idx", "ki=k_idx", "w=w_idx", "score", "tile_tok", "tile_len",
+             "tok_pos=lay.tok_pos"),
+        scalars("tile0"), strides("q_idx", "qit", "qih"), strides("k_idx", "kit"),
+        strides("w_idx", "wt"), strides("score", "sr"),
+        values(HI=spec.indexer_heads, HIP=index_rows(spec), DI=spec.indexer_dim, BDI=bdi),
+        consts(PREC="prec"), cfg("BT", "BK"), options=WARPS_STAGES))
+
+
+# ---------------------------------------------------------------------------- dsa_topk
+def _topk_default(spec: DSASpec, target: Target, why: list) -> dict:
+    kp = triton.next_power_of_2(spec.topk)
+    why.append(f"dsa_topk: one program per token keeps its best {kp} (score, position) keys in "
+               f"registers and merges {kp} scored keys at a time into them (a bitonic sort of "
+               f"{2 * kp} 64-bit keys: score bits above, reversed position below, so ties go "
+               f"to the lower position); the {spec.topk} picks are written ascending")
+    return dict(num_warps=4 if kp <= 512 else 8)
+
+
+def _topk_space(spec: DSASpec, default: dict, target: Target, smem: int):
+    return [dict(default, num_warps=nw) for nw in (2, 4, 8, 16)], []
+
+
+def _topk_launch(spec: DSASpec, flags: dict) -> dict:
+    return dict(main=signature(
+        ptrs("score", "idx", "tile_tok", "tile_len", "tok_pos=lay.tok_pos"),
+        scalars("tile0"), strides("score", "sr"), strides("idx", "it"),
+        values(K=spec.topk, KP=triton.next_power_of_2(spec.topk)), consts(BT="bt"),
+        options=WARPS))
+
+
+# ---------------------------------------------------------------------------- dsa_attention
+def _attention_default(spec: DSASpec, target: Target, why: list) -> dict:
+    bh = head_rows(spec)
+    dka, dkb = dim_split(spec.dim_qk)
+    bk = 64 if dka + dkb + triton.next_power_of_2(spec.dim_v) <= 512 else 32
+    why.append(f"dsa_attention: one program per token x KV head x block of {bh} of its "
+               f"{spec.group} query heads ({'padded' if bh > spec.group else 'rows'}); the "
+               f"selected keys are gathered {bk} at a time and shared by the block's heads; "
+               f"the {spec.dim_qk}-wide key is read as {dka}" + (f" + {dkb}" if dkb else "")
+               + " columns")
+    return dict(BK=bk, num_warps=4 if bh <= 16 else 8, num_stages=2)
+
+
+def _attention_space(spec: DSASpec, default: dict, target: Target, smem: int):
+    return [dict(default, BK=bk, num_warps=nw, num_stages=ns)
+            for bk, nw, ns in itertools.product([16, 32, 64], [4, 8], [1, 2, 3])], []
+
+
+def _attention_launch(spec: DSASpec, flags: dict) -> dict:
+    dka, dkb = dim_split(spec.dim_qk)
+    return dict(main=signature(
+        ptrs("q", "k", "v", "idx", "o", "lse", "tok_pos=lay.tok_pos"),
+        strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
+        strides("idx", "it"), strides("o", "ot", "oh"),
+        consts(qk_scale="QK_SCALE", H="H_KV", G="GROUP"),
+        values(BH=head_rows(spec), DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
+               BDV=triton.next_power_of_2(spec.dim_v), K=spec.topk),
+        consts(PREC="prec"), cfg("BK"), options=WARPS_STAGES))
+
+
+DSA = (
+    KernelDef("dsa_indexer", "dsa_indexer.py.jinja", "forward", _indexer_default,
+              _indexer_space, _indexer_launch, ("indexer",)),
+    KernelDef("dsa_topk", "dsa_topk.py.jinja", "forward", _topk_default, _topk_space,
+              _topk_launch, ("topk_tokens",)),
+    KernelDef("dsa_attention", "dsa_attention.py.jinja", "forward", _attention_default,
+              _attention_space, _attention_launch, ("sparse_attn",)),
+)

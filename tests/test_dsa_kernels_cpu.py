@@ -1,0 +1,106 @@
+"""The generated DSA forward (indexer, top-k, sparse attention) under Triton's interpreter,
+against the float64 reference: MQA and GQA, v given or read from k, odd lengths, sequences
+shorter than topk (dense), packed sequences, float32 and float16."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import nsagen  # noqa: E402
+from nsagen import reference  # noqa: E402
+from nsagen.dsa_spec import DSASpec  # noqa: E402
+from nsagen.spec import SpecError  # noqa: E402
+
+from dsa_checks import check_forward, dsa_inputs, rel_err  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="CPU tests run the kernels under the interpreter")
+
+
+def spec_of(kv=1, dk=24, dv=16, topk=16, hq=4, hi=2, di=8):
+    return DSASpec(name="dsa-test", heads_q=hq, heads_kv=kv, dim_qk=dk, dim_v=dv,
+                   indexer_heads=hi, indexer_dim=di, topk=topk, dtype="float32")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv,with_v", [(1, True), (1, False), (2, True), (2, False)])
+def test_forward_matches_reference(kv, with_v, dtype):
+    spec = spec_of(kv=kv)
+    op = nsagen.build(spec)
+    lens = [45]
+    x, _ = dsa_inputs(spec, lens, dtype, "cpu", seed=kv * 10 + with_v)
+    check_forward(op, x, lens, dtype)
+
+
+def test_packed_sequences_and_dense_below_topk():
+    """Sequences longer and shorter than topk (the short ones are dense causal attention), and
+    one of a single token, packed in one row."""
+    spec = spec_of(kv=2, topk=16)
+    op = nsagen.build(spec)
+    lens = [40, 1, 9, 23]
+    x, _ = dsa_inputs(spec, lens, torch.float32, "cpu", seed=3)
+    check_forward(op, x, lens, torch.float32)
+
+
+def test_wide_keys_split_in_two_tiles():
+    """A key wider than a power of two (as MLA's 576 = 512 + 64) is read as two column tiles;
+    v = k[..., :Dv] read in place; an indexer with heads and dim not powers of two."""
+    spec = spec_of(kv=1, dk=40, dv=32, topk=8, hq=3, hi=3, di=12)
+    op = nsagen.build(spec)
+    lens = [30]
+    x, _ = dsa_inputs(spec, lens, torch.float32, "cpu", seed=5, with_v=False)
+    check_forward(op, x, lens, torch.float32)
+
+
+def test_ties_go_to_the_lower_position():
+    """Integer inputs make many scores equal: the picks must be the reference's exactly."""
+    spec = spec_of(topk=8)
+    op = nsagen.build(spec)
+    g = torch.Generator().manual_seed(0)
+    T = 33
+    r = lambda *s: torch.randint(-1, 2, s, generator=g).float()  # noqa: E731
+    x = dict(q=torch.randn(1, T, 4, 24, generator=g), k=torch.randn(1, T, 1, 24, generator=g),
+             v=torch.randn(1, T, 1, 16, generator=g), q_idx=r(1, T, 2, 8), k_idx=r(1, T, 8),
+             w_idx=r(1, T, 2))
+    with torch.no_grad():
+        o, idx = op(**x, return_indices=True)
+    ref_o, ref_idx = reference.dsa(*(t.double() for t in x.values()), spec, return_indices=True)
+    assert torch.equal(idx, ref_idx)
+    assert rel_err(o, ref_o) < 1e-4
+
+
+def test_op_call_batch_varlen_and_dtype():
+    """The op's public call: a batch of two, a packed call with cu_seqlens, and bfloat16 inputs
+    (computed in float32 under the interpreter, returned in bfloat16)."""
+    spec = spec_of(kv=2)
+    op = nsagen.build(spec)
+    g = torch.Generator().manual_seed(1)
+    B, T = 2, 21
+    x = dict(q=torch.randn(B, T, 4, 24, generator=g), k=torch.randn(B, T, 2, 24, generator=g),
+             v=torch.randn(B, T, 2, 16, generator=g), q_idx=torch.randn(B, T, 2, 8, generator=g),
+             k_idx=torch.randn(B, T, 8, generator=g), w_idx=torch.randn(B, T, 2, generator=g))
+    with torch.no_grad():
+        o = op(**x)
+        packed = op(*(t.reshape(1, B * T, *t.shape[2:]) for t in x.values()),
+                    cu_seqlens=torch.tensor([0, T, 2 * T], dtype=torch.int32))
+        o16 = op(**{k: t.bfloat16() for k, t in x.items()})
+    ref = reference.dsa(*(t.double() for t in x.values()), spec)
+    assert o.shape == (B, T, 4, 16) and rel_err(o, ref) < 1e-4
+    assert torch.allclose(packed.view(B, T, 4, 16), o, atol=1e-5)
+    ref16 = reference.dsa(*(t.bfloat16().double() for t in x.values()), spec)
+    assert o16.dtype == torch.bfloat16 and rel_err(o16, ref16) < 1e-2
+
+
+def test_gradients_and_unsupported_specs_are_refused_by_name():
+    spec = spec_of()
+    op = nsagen.build(spec)
+    x, _ = dsa_inputs(spec, [8], torch.float32, "cpu", seed=0)
+    x["q"].requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="backward kernels are not generated yet"):
+        op(**x)
+    with pytest.raises(SpecError, match="indexer.key_dtype"):
+        nsagen.build(spec.replace(key_dtype="float8_e4m3"))
+    with pytest.raises(SpecError, match="indexer.topk"):
+        nsagen.build(spec.replace(topk=8192))
