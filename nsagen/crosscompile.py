@@ -19,6 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .ir.passes import decode_splits
+from .layout import build_layout
 from .tune.compile import recording, variant_key
 from .tune.workloads import DecodeSetup, packed_args, random_inputs
 
@@ -45,8 +46,12 @@ def record_launches(op, seq_len: int = 300, dtype=torch.bfloat16, decode_batch: 
                            "kernels are not compiled")
     spec = op.spec
     cfg = dict(op.module.CONFIGS, **(configs or {}))
-    x = random_inputs(spec, seq_len, 1, "cpu", dtype)
     calls: list = []
+    if spec.family == "dsa":
+        with recording(calls), torch.no_grad():
+            _record_dsa(op, seq_len, dtype, cfg)
+        return _distinct(calls)
+    x = random_inputs(spec, seq_len, 1, "cpu", dtype)
     with recording(calls), torch.no_grad():
         args, lay, kw, vw = packed_args(op, x)
         op.module.forward(*args, lay, kw, vw, configs=cfg)
@@ -62,10 +67,33 @@ def record_launches(op, seq_len: int = 300, dtype=torch.bfloat16, decode_batch: 
         if hasattr(op.module, "decode_step"):
             splits = decode_splits(spec, decode_batch, decode_len)
             DecodeSetup(op, decode_batch, decode_len, "cpu", dtype).make(splits)(configs or {})()
+    return _distinct(calls)
+
+
+def _distinct(calls: list) -> list[tuple]:
     seen: dict = {}
     for fn, a, _grid, kwargs in calls:
         seen.setdefault(variant_key(fn, a, kwargs), (fn, a, kwargs))
     return list(seen.values())
+
+
+def _record_dsa(op, seq_len: int, dtype: torch.dtype, cfg: dict) -> None:
+    """A DSA forward and backward on random packed CPU tensors (launches recorded, nothing
+    computed; v read from k's first columns when Dv <= Dk, as MLA's layers call it)."""
+    spec = op.spec
+    n = seq_len
+
+    def r(*shape):
+        return torch.randn(*shape).to(dtype)
+
+    q, k = r(n, spec.heads_q, spec.dim_qk), r(n, spec.heads_kv, spec.dim_qk)
+    v = None if spec.dim_v <= spec.dim_qk else r(n, spec.heads_kv, spec.dim_v)
+    lay = build_layout(spec, (n,), "cpu")
+    vv = k[..., :spec.dim_v] if v is None else v
+    o, idx, lse = op.module.forward(q, k, vv, r(n, spec.indexer_heads, spec.indexer_dim),
+                                    r(n, spec.indexer_dim), r(n, spec.indexer_heads), lay,
+                                    configs=cfg)
+    op.module.backward(torch.randn_like(o), q, k, v, idx, o, lse, lay, configs=cfg)
 
 
 def _signature(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:

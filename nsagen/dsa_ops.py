@@ -1,11 +1,11 @@
 """The DSA op a model calls: validation, packing, dispatch to the generated kernels or the
 reference (docs/algorithm.md section 8).
 
-`nsagen.build(spec)` returns a :class:`DSAOp` for an `attention: dsa` spec. Its forward runs the
+`nsagen.build(spec)` returns a :class:`DSAOp` for an `attention: dsa` spec. It runs the
 generated indexer, top-k and sparse-attention kernels on CUDA tensors (or on the CPU with
-TRITON_INTERPRET=1), and the reference otherwise. The backward, the indexer loss and decoding
-are not generated yet: a call that needs a gradient is refused with a clear error, and
-`indexer_loss` computes the reference.
+TRITON_INTERPRET=1), and the reference otherwise; autograd reaches q, k and v through the
+generated backward (the selection is not differentiated). The indexer loss and decoding are not
+generated yet: `indexer_loss` computes the reference.
 """
 from __future__ import annotations
 
@@ -45,11 +45,6 @@ class DSAOp:
         padded, with `return_indices`). `v=None` means v = k[..., :Dv] (read in place)."""
         spec = self.spec
         prob = check_dsa_inputs(spec, q, k, v, q_idx, k_idx, w_idx, cu_seqlens)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (q, k, v, q_idx, k_idx, w_idx)):
-            raise NotImplementedError(
-                "DSA: the backward kernels are not generated yet; call the op under "
-                "torch.no_grad() (inference), or use nsagen.reference.dsa for gradients")
         if not kernels_available(q.device):
             fallback_notice(q.device)
             return reference.dsa(q, k, v, q_idx, k_idx, w_idx, spec, cu_seqlens, return_indices)
@@ -61,12 +56,9 @@ class DSAOp:
             q_idx, k_idx = q_idx.float(), k_idx.float()
         B, T = prob.batch, prob.seq_len
         lay = build_layout(spec, prob.seqlens, q.device)
-        kp = pack(k)
-        # v = k[..., :Dv] keeps k's strides: the kernel reads it in place
-        vp = kp[..., :spec.dim_v] if v is None else pack(v)
         with direct_launches():
-            o, idx, _ = self.module.forward(pack(q), kp, vp, pack(q_idx), pack(k_idx),
-                                            pack(w_idx), lay, configs=self.configs)
+            o, idx = _SparseAttention.apply(pack(q), pack(k), pack(v), pack(q_idx), pack(k_idx),
+                                            pack(w_idx), self, lay)
         o = o.view(B, T, spec.heads_q, spec.dim_v).to(dtype)
         return (o, idx.view(B, T, spec.topk)) if return_indices else o
 
@@ -75,3 +67,27 @@ class DSAOp:
         """The indexer's training loss (summed over batch and tokens), differentiable to q_idx,
         k_idx and w_idx. Computed by the reference: its kernels are not generated yet."""
         return reference.dsa_indexer_loss(q, k, q_idx, k_idx, w_idx, self.spec, dense=dense)
+
+
+class _SparseAttention(torch.autograd.Function):
+    """The generated forward on packed tensors, differentiable to q, k and v by the generated
+    backward; v None means v = k[..., :Dv], read in place (its gradient lands in dk)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_idx, k_idx, w_idx, op, lay):
+        dv = op.spec.dim_v
+        o, idx, lse = op.module.forward(q, k, k[..., :dv] if v is None else v, q_idx, k_idx,
+                                        w_idx, lay, configs=op.configs)
+        ctx.save_for_backward(q, k, v, idx, o, lse)
+        ctx.op, ctx.lay = op, lay
+        ctx.mark_non_differentiable(idx)
+        return o, idx
+
+    @staticmethod
+    def backward(ctx, do, _didx):
+        q, k, v, idx, o, lse = ctx.saved_tensors
+        with direct_launches():
+            dq, dk, dv = ctx.op.module.backward(do, q, k, v, idx, o, lse, ctx.lay,
+                                                configs=ctx.op.configs)
+        return (dq.to(q.dtype), dk.to(k.dtype), None if v is None else dv.to(v.dtype),
+                None, None, None, None, None)

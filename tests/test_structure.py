@@ -97,12 +97,14 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 
 def test_backward_tile_steps_live_once():
-    """The backward's tile prologue, dq step and dk/dv step are device functions of
-    _helpers.py.jinja; the branch templates call them instead of repeating their bodies."""
+    """The NSA backward's tile prologue, dq step and dk/dv step are device functions of
+    _helpers.py.jinja; the three branch templates call them instead of repeating their bodies.
+    (DSA's backward is one pass per token over gathered keys, dq and the dK/dV atomics from the
+    same P: a loop of its own.)"""
     steps = {"dS = P (dP - delta)": "ds = p * (dp - delta[:, None])",
              "the gated dO load": "_load_gated_do(",
              "the LSE load": "lse = tl.load(lse_ptr"}
-    for path in sorted(TEMPLATES.glob("*_bwd.py.jinja")):
+    for path in [TEMPLATES / f"{b}_attention_bwd.py.jinja" for b in ("cmp", "slc", "win")]:
         text = path.read_text()
         for what, code in steps.items():
             assert code not in text, f"{path.name} repeats {what}"

@@ -39,4 +39,11 @@ def lower_dsa(spec: DSASpec, target: Target | None = None) -> Plan:
         kernels.append(KernelPlan(name, KERNELS[name].template, (node,), params=params,
                                   config=KERNELS[name].default(spec, target, why)))
         g.nodes[node]["kernel"] = name
-    return Plan(spec=spec, graph=g, kernels=kernels, decisions=why, target=target)
+    why.during("backward")
+    why.append("backward: sparse_attn only (the selection is not differentiated); the "
+               "indexer's gradient comes from the indexer loss")
+    backward = [KernelPlan("dsa_attention_bwd", KERNELS["dsa_attention_bwd"].template,
+                           ("sparse_attn",), params=dict(rows=head_rows(spec)),
+                           config=KERNELS["dsa_attention_bwd"].default(spec, target, why))]
+    return Plan(spec=spec, graph=g, kernels=kernels, decisions=why, backward=backward,
+                target=target)

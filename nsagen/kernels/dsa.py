@@ -1,5 +1,5 @@
 """The DSA kernels (docs/algorithm.md section 8): the indexer's scores, the token top-k and the
-sparse attention over the selected tokens. Each is defined once: template, default launch config
+sparse attention over the selected tokens, forward and backward. Each is defined once: template, default launch config
 (with its reason), tunable config space and launch signature."""
 from __future__ import annotations
 
@@ -113,6 +113,35 @@ def _attention_launch(spec: DSASpec, flags: dict) -> dict:
         consts(PREC="prec"), cfg("BK"), options=WARPS_STAGES))
 
 
+# ---------------------------------------------------------------------------- dsa_attention_bwd
+def _attention_bwd_default(spec: DSASpec, target: Target, why: list) -> dict:
+    bh = head_rows(spec)
+    why.append(f"dsa_attention_bwd: the forward's programs again (token x KV head x {bh} "
+               "heads); dq in registers, dK and dV of each step's gathered keys added "
+               "atomically into fp32 buffers")
+    return dict(BK=32 if spec.dim_qk + spec.dim_v <= 512 else 16, num_warps=4 if bh <= 16 else 8,
+                num_stages=1)
+
+
+def _attention_bwd_space(spec: DSASpec, default: dict, target: Target, smem: int):
+    return [dict(default, BK=bk, num_warps=nw, num_stages=ns)
+            for bk, nw, ns in itertools.product([16, 32, 64], [4, 8], [1, 2])], []
+
+
+def _attention_bwd_launch(spec: DSASpec, flags: dict) -> dict:
+    dka, dkb = dim_split(spec.dim_qk)
+    return dict(main=signature(
+        ptrs("q", "k", "v", "idx", "do", "lse", "delta", "dq", "dk", "dv",
+             "tok_pos=lay.tok_pos"),
+        strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
+        strides("idx", "it"), strides("do", "ot", "oh"), strides("dq", "dqt", "dqh"),
+        strides("dk", "dkt", "dkh"), strides("dv", "dvt", "dvh"),
+        consts(qk_scale="QK_SCALE", sm_scale="SM_SCALE", H="H_KV", G="GROUP"),
+        values(BH=head_rows(spec), DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
+               BDV=triton.next_power_of_2(spec.dim_v), K=spec.topk),
+        consts(PREC="prec"), cfg("BK"), options=WARPS_STAGES))
+
+
 DSA = (
     KernelDef("dsa_indexer", "dsa_indexer.py.jinja", "forward", _indexer_default,
               _indexer_space, _indexer_launch, ("indexer",)),
@@ -120,4 +149,7 @@ DSA = (
               _topk_launch, ("topk_tokens",)),
     KernelDef("dsa_attention", "dsa_attention.py.jinja", "forward", _attention_default,
               _attention_space, _attention_launch, ("sparse_attn",)),
+    KernelDef("dsa_attention_bwd", "dsa_attention_bwd.py.jinja", "backward",
+              _attention_bwd_default, _attention_bwd_space, _attention_bwd_launch,
+              ("sparse_attn",)),
 )
