@@ -96,8 +96,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             _error(_os_error(err))
         else:
             print(f"ok {path} {spec.uri}" + ("" if spec.family == "nsa" else
-                                               " (forward and backward kernels; indexer loss and "
-                                               "decode by the reference)"))
+                                               " (kernels for prefill, backward and the sparse "
+                                               "indexer loss; decode by the reference)"))
             continue
         status = 2
     return status

@@ -78,8 +78,9 @@ def _distinct(calls: list) -> list[tuple]:
 
 
 def _record_dsa(op, seq_len: int, dtype: torch.dtype, cfg: dict) -> None:
-    """A DSA forward and backward on random packed CPU tensors (launches recorded, nothing
-    computed; v read from k's first columns when Dv <= Dk, as MLA's layers call it)."""
+    """A DSA forward and backward and the indexer loss's on random packed CPU tensors (launches
+    recorded, nothing computed; v read from k's first columns when Dv <= Dk, as MLA's layers
+    call it)."""
     spec = op.spec
     n = seq_len
 
@@ -90,10 +91,12 @@ def _record_dsa(op, seq_len: int, dtype: torch.dtype, cfg: dict) -> None:
     v = None if spec.dim_v <= spec.dim_qk else r(n, spec.heads_kv, spec.dim_v)
     lay = build_layout(spec, (n,), "cpu")
     vv = k[..., :spec.dim_v] if v is None else v
-    o, idx, lse = op.module.forward(q, k, vv, r(n, spec.indexer_heads, spec.indexer_dim),
-                                    r(n, spec.indexer_dim), r(n, spec.indexer_heads), lay,
-                                    configs=cfg)
+    qi, ki, wi = (r(n, spec.indexer_heads, spec.indexer_dim), r(n, spec.indexer_dim),
+                  r(n, spec.indexer_heads))
+    o, idx, lse = op.module.forward(q, k, vv, qi, ki, wi, lay, configs=cfg)
     op.module.backward(torch.randn_like(o), q, k, v, idx, o, lse, lay, configs=cfg)
+    loss, saved = op.module.indexer_loss(q, k, qi, ki, wi, idx, lse, lay, configs=cfg)
+    op.module.indexer_loss_backward(loss, q, k, qi, ki, wi, idx, lse, saved, lay, configs=cfg)
 
 
 def _signature(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:

@@ -4,8 +4,9 @@ reference (docs/algorithm.md section 8).
 `nsagen.build(spec)` returns a :class:`DSAOp` for an `attention: dsa` spec. It runs the
 generated indexer, top-k and sparse-attention kernels on CUDA tensors (or on the CPU with
 TRITON_INTERPRET=1), and the reference otherwise; autograd reaches q, k and v through the
-generated backward (the selection is not differentiated). The indexer loss and decoding are not
-generated yet: `indexer_loss` computes the reference.
+generated backward (the selection is not differentiated). `indexer_loss` runs the generated
+loss kernels (sparse stage; the dense warm-up stage is the reference's), differentiable to the
+indexer's inputs. Decoding is not generated yet.
 """
 from __future__ import annotations
 
@@ -65,8 +66,32 @@ class DSAOp:
     def indexer_loss(self, q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor,
                      k_idx: torch.Tensor, w_idx: torch.Tensor, dense: bool = False) -> torch.Tensor:
         """The indexer's training loss (summed over batch and tokens), differentiable to q_idx,
-        k_idx and w_idx. Computed by the reference: its kernels are not generated yet."""
-        return reference.dsa_indexer_loss(q, k, q_idx, k_idx, w_idx, self.spec, dense=dense)
+        k_idx and w_idx only (docs/algorithm.md section 8). The sparse stage runs the generated
+        kernels: the forward's selection and LSE, then the loss kernel; the dense warm-up
+        stage (`dense=True`) is computed by the reference."""
+        spec = self.spec
+        prob = check_dsa_inputs(spec, q, k, None, q_idx, k_idx, w_idx, values=False)
+        if dense or not kernels_available(q.device):
+            if not dense:
+                fallback_notice(q.device)
+            return reference.dsa_indexer_loss(q, k, q_idx, k_idx, w_idx, spec, dense=dense)
+        dtype = q_idx.dtype
+        q, k = q.detach(), k.detach()
+        if interpreted_in_float32(q):
+            q, k = q.float(), k.float()
+        if interpreted_in_float32(q_idx) or q_idx.dtype != k_idx.dtype:
+            q_idx, k_idx = q_idx.float(), k_idx.float()
+        lay = build_layout(spec, prob.seqlens, q.device)
+        qp, kp, qi, ki, wi = pack(q), pack(k), pack(q_idx), pack(k_idx), pack(w_idx)
+        with torch.no_grad(), direct_launches():
+            # the attention's LSE does not depend on v: any value rows do (k's, when they fit)
+            vp = (kp[..., :spec.dim_v] if spec.dim_v <= spec.dim_qk else
+                  kp.new_zeros(kp.shape[0], spec.heads_kv, spec.dim_v))
+            _, idx, lse = self.module.forward(qp, kp, vp, qi.detach(), ki.detach(), wi.detach(),
+                                              lay, configs=self.configs)
+        with direct_launches():
+            loss = _IndexerLoss.apply(qi, ki, wi, qp, kp, idx, lse, self, lay)
+        return loss.to(dtype)
 
 
 class _SparseAttention(torch.autograd.Function):
@@ -91,3 +116,26 @@ class _SparseAttention(torch.autograd.Function):
                                                 configs=ctx.op.configs)
         return (dq.to(q.dtype), dk.to(k.dtype), None if v is None else dv.to(v.dtype),
                 None, None, None, None, None)
+
+
+class _IndexerLoss(torch.autograd.Function):
+    """The summed sparse-stage indexer loss from the generated kernels, differentiable to the
+    packed q_idx, k_idx and w_idx."""
+
+    @staticmethod
+    def forward(ctx, q_idx, k_idx, w_idx, q, k, idx, lse, op, lay):
+        loss, saved = op.module.indexer_loss(q, k, q_idx, k_idx, w_idx, idx, lse, lay,
+                                             configs=op.configs)
+        ctx.save_for_backward(q_idx, k_idx, w_idx, q, k, idx, lse, saved)
+        ctx.op, ctx.lay = op, lay
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        q_idx, k_idx, w_idx, q, k, idx, lse, saved = ctx.saved_tensors
+        dloss = g.float().expand(q.shape[0])
+        with direct_launches():
+            dqi, dki, dw = ctx.op.module.indexer_loss_backward(
+                dloss, q, k, q_idx, k_idx, w_idx, idx, lse, saved, ctx.lay, configs=ctx.op.configs)
+        return (dqi.to(q_idx.dtype), dki.to(k_idx.dtype), dw.to(w_idx.dtype),
+                None, None, None, None, None, None)

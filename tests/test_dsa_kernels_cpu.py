@@ -130,3 +130,29 @@ def test_unsupported_specs_are_refused_by_name():
         nsagen.build(spec.replace(key_dtype="float8_e4m3"))
     with pytest.raises(SpecError, match="indexer.topk"):
         nsagen.build(spec.replace(topk=8192))
+
+
+@pytest.mark.parametrize("kv,dk,dtype", [(1, 24, torch.float32), (2, 40, torch.float32),
+                                         (1, 24, torch.float16)])
+def test_indexer_loss_and_its_gradient_match_reference(kv, dk, dtype):
+    """The sparse-stage loss kernel and its backward against the float64 reference (value and
+    gradients to q_idx, k_idx, w_idx; none to q or k), a batch of two with a short row."""
+    spec = spec_of(kv=kv, dk=dk, topk=16)
+    op = nsagen.build(spec)
+    g = torch.Generator().manual_seed(kv + dk)
+    B, T = 2, 29
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    x = dict(q=r(B, T, 4, dk), k=r(B, T, kv, dk), q_idx=r(B, T, 2, 8), k_idx=r(B, T, 8),
+             w_idx=r(B, T, 2))
+    for n in ("q_idx", "k_idx", "w_idx", "q"):
+        x[n].requires_grad_(True)
+    loss = op.indexer_loss(**x)
+    grads = torch.autograd.grad(loss, [x["q_idx"], x["k_idx"], x["w_idx"]])
+    ref_in = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
+    ref = reference.dsa_indexer_loss(**ref_in, spec=spec)
+    want = torch.autograd.grad(ref, [ref_in["q_idx"], ref_in["k_idx"], ref_in["w_idx"]])
+    tol = 1e-4 if dtype == torch.float32 else 5e-3
+    assert loss.dtype == dtype and abs(loss.item() - ref.item()) <= tol * max(1.0, abs(ref.item()))
+    for name, a, b in zip(("q_idx", "k_idx", "w_idx"), grads, want):
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+    assert torch.autograd.grad(loss, x["q"], allow_unused=True)[0] is None

@@ -11,7 +11,7 @@ from .passes import Decisions, KernelPlan, Plan
 
 # op-graph node -> the kernel that computes it, in launch order
 _PARTITION = (("indexer", "dsa_indexer"), ("topk_tokens", "dsa_topk"),
-              ("sparse_attn", "dsa_attention"))
+              ("sparse_attn", "dsa_attention"), ("indexer_loss", "dsa_indexer_loss"))
 
 
 def lower_dsa(spec: DSASpec, target: Target | None = None) -> Plan:
@@ -31,7 +31,9 @@ def lower_dsa(spec: DSASpec, target: Target | None = None) -> Plan:
                + (f" + {dkb} columns" if dkb else " columns")
                + ("; v is the key's first columns when no v is given (MLA)"
                   if spec.dim_v <= spec.dim_qk else ""))
-    why.append("indexer_loss is computed by nsagen.reference.dsa_indexer_loss (no kernel yet)")
+    why.append("indexer_loss (sparse stage): a kernel of its own, run by the op's indexer_loss "
+               "after the forward has chosen S_t and saved the attention's LSE; its dense "
+               "warm-up stage is computed by nsagen.reference.dsa_indexer_loss")
     why.during("tiles")
     kernels = []
     for node, name in _PARTITION:

@@ -1,5 +1,6 @@
-"""The DSA kernels (docs/algorithm.md section 8): the indexer's scores, the token top-k and the
-sparse attention over the selected tokens, forward and backward. Each is defined once: template, default launch config
+"""The DSA kernels (docs/algorithm.md section 8): the indexer's scores, the token top-k, the
+sparse attention over the selected tokens (forward and backward) and the indexer's loss (forward
+and backward). Each is defined once: template, default launch config
 (with its reason), tunable config space and launch signature."""
 from __future__ import annotations
 
@@ -142,6 +143,39 @@ def _attention_bwd_launch(spec: DSASpec, flags: dict) -> dict:
         consts(PREC="prec"), cfg("BK"), options=WARPS_STAGES))
 
 
+# ---------------------------------------------------------------------------- dsa_indexer_loss
+def _loss_default(spec: DSASpec, target: Target, why: list) -> dict:
+    why.append("dsa_indexer_loss: one program per token over its picks, 32 at a time: the "
+               "attention target recomputed from q, k and the saved LSE for every query head, "
+               "the index scores recomputed; forward and backward store only two numbers per "
+               "token (Z and the index scores' LSE), never [T, topk]")
+    return dict(BK=32, num_warps=4, num_stages=1)
+
+
+def _loss_space(spec: DSASpec, default: dict, target: Target, smem: int):
+    return [dict(default, BK=bk, num_warps=nw) for bk, nw in itertools.product([16, 32, 64],
+                                                                               [4, 8])], []
+
+
+def _loss_launch(spec: DSASpec, flags: dict) -> dict:
+    dka, dkb = dim_split(spec.dim_qk)
+    common = (strides("q", "qt", "qh"), strides("k", "kt", "kh"),
+              strides("q_idx", "qit", "qih"), strides("k_idx", "kit"), strides("w_idx", "wt"),
+              strides("idx", "it"), strides("saved", "sv"),
+              consts(qk_scale="QK_SCALE", H="H_KV", G="GROUP"),
+              values(BH=head_rows(spec), DK=spec.dim_qk, DKA=dka, DKB=dkb,
+                     DI=spec.indexer_dim, BDI=max(16, triton.next_power_of_2(spec.indexer_dim)),
+                     HI=spec.indexer_heads, HIP=max(16, index_rows(spec)), K=spec.topk),
+              consts(PREC="prec"), cfg("BK"))
+    inputs = ("q", "k", "qi=q_idx", "ki=k_idx", "w=w_idx", "idx", "lse")
+    return dict(
+        fwd=signature(ptrs(*inputs, "loss", "saved", "tok_pos=lay.tok_pos"), *common,
+                      options=WARPS_STAGES),
+        bwd=signature(ptrs(*inputs, "saved", "dloss", "dqi", "dki", "dw", "tok_pos=lay.tok_pos"),
+                      *common, strides("dqi", "dqit", "dqih"), strides("dki", "dkit"),
+                      strides("dw", "dwt"), options=WARPS_STAGES))
+
+
 DSA = (
     KernelDef("dsa_indexer", "dsa_indexer.py.jinja", "forward", _indexer_default,
               _indexer_space, _indexer_launch, ("indexer",)),
@@ -149,6 +183,8 @@ DSA = (
               _topk_launch, ("topk_tokens",)),
     KernelDef("dsa_attention", "dsa_attention.py.jinja", "forward", _attention_default,
               _attention_space, _attention_launch, ("sparse_attn",)),
+    KernelDef("dsa_indexer_loss", "dsa_indexer_loss.py.jinja", "forward", _loss_default,
+              _loss_space, _loss_launch, ("indexer_loss",)),
     KernelDef("dsa_attention_bwd", "dsa_attention_bwd.py.jinja", "backward",
               _attention_bwd_default, _attention_bwd_space, _attention_bwd_launch,
               ("sparse_attn",)),
