@@ -157,7 +157,7 @@ def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bo
             "tuned": bool(op.tuned_tables), "ceilings": ceil, "rows": rows}
 
 
-def _timed(fn, backward: bool, leaves):
+def timed(fn, backward: bool, leaves):
     """Time fn() (forward) or fn() followed by its backward w.r.t. `leaves`."""
     if not backward:
         with torch.no_grad():
@@ -184,7 +184,7 @@ def _dense_rows(row: dict, q, k, v, G: int, backward: bool = False) -> None:
     for name, be in (("flash_ms", SDPBackend.FLASH_ATTENTION), ("cudnn_ms", SDPBackend.CUDNN_ATTENTION)):
         try:
             with sdpa_kernel([be]):
-                row[name] = _timed(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
+                row[name] = timed(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
                                    backward, [qt, kt, vt])
         except Exception as err:
             log.info("nsagen bench: %s failed: %s", name, str(err)[:120])
@@ -202,7 +202,7 @@ def _flex_window(flex, q, k, v, G: int, w: int, backward: bool = False) -> float
             return (qi >= ki) & (qi - ki < w)
 
         bm = create_block_mask(swa, None, None, T, T, device=q.device)
-        return _timed(lambda: flex_fn(qt, kt, vt, block_mask=bm), backward, [qt, kt, vt])
+        return timed(lambda: flex_fn(qt, kt, vt, block_mask=bm), backward, [qt, kt, vt])
     except Exception as err:
         log.info("nsagen bench: flex failed: %s", str(err)[:160])
         return None
@@ -215,7 +215,7 @@ def _fla_row(fla, spec: Spec, q, k, v, gates, backward: bool = False) -> float |
         g_slc = gates[..., 1].contiguous()
         f = lambda: fla(q, k, v, g_cmp=g_cmp, g_slc=g_slc, block_counts=spec.slc_count,  # noqa: E731
                         block_size=spec.slc_block)
-        return _timed(f, backward, [q, k, v, g_cmp, g_slc])
+        return timed(f, backward, [q, k, v, g_cmp, g_slc])
     except Exception as err:
         log.info("nsagen bench: fla parallel_nsa failed: %s", str(err)[:160])
         return None
@@ -283,13 +283,13 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
             # the step alone (attention over L tokens), as a breakdown
             cache.append(k_t, v_t, **step_extra)
             step = lambda: cache.step(q, gates)  # noqa: E731
-            _time_decode(row, "step", step, dev, breakdown=False)
+            time_decode(row, "step", step, dev, breakdown=False)
             cache.rewind(1)
             # what a user runs each step: append the token, then attend (the cache is rewound by
             # one token after each call, one more tiny launch, so every call sees L tokens)
             whole = lambda: (cache.decode(q, k_t, v_t, gates, **step_extra),  # noqa: E731
                              cache.rewind(1))
-            _time_decode(row, "nsagen", whole, dev, breakdown)
+            time_decode(row, "nsagen", whole, dev, breakdown)
             nbytes = float(costmodel.evaluate(bytes_expr, T=L, B=B))
             best = min(x for x in (row.get("nsagen_us"), row.get("nsagen_graph_us")) if x)
             row["nsa_bytes"] = nbytes
@@ -328,7 +328,7 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
             "ceilings": ceil, "rows": rows}
 
 
-def _time_decode(row: dict, name: str, f, dev: str, breakdown: bool) -> None:
+def time_decode(row: dict, name: str, f, dev: str, breakdown: bool) -> None:
     """Eager median (`<name>_us`), CUDA-graph median (`<name>_graph_us`) and, with `breakdown`,
     per-kernel times of a decode call."""
     f()
@@ -363,7 +363,13 @@ def format_table(doc: dict) -> str:
                 ("FA2 ms", "flash_ms", "{:.3f}"), ("cuDNN ms", "cudnn_ms", "{:.3f}"),
                 ("fla NSA ms", "fla_ms", "{:.3f}"), ("Flex win ms", "flex_window_ms", "{:.3f}"),
                 ("x FA2", "speedup_vs_flash", "{:.2f}"), ("x cuDNN", "speedup_vs_cudnn", "{:.2f}"),
-                ("x fla", "speedup_vs_fla", "{:.2f}"), ("TFLOP/s", "nsagen_TFLOPs", "{:.0f}"),
+                ("x fla", "speedup_vs_fla", "{:.2f}"), ("SDPA ms", "sdpa_ms", "{:.3f}"),
+                ("x SDPA", "speedup_vs_sdpa", "{:.2f}"),
+                ("indexer+top-k ms", "indexer_topk_ms", "{:.3f}"),
+                ("attention ms", "attention_ms", "{:.3f}"), ("TFLOP/s", "nsagen_TFLOPs", "{:.0f}"),
+                ("indexer TFLOP/s", "indexer_TFLOPs", "{:.0f}"),
+                ("attention TFLOP/s", "attention_TFLOPs", "{:.0f}"),
+                ("attention bwd TFLOP/s", "attention_bwd_TFLOPs", "{:.0f}"),
                 ("of floor", "floor_frac", "{:.0%}")]
     present = [c for c in cols if any(r.get(c[1]) is not None for r in doc["rows"])]
     lines = [head, "", "| " + " | ".join(c[0] for c in present) + " |",

@@ -6,7 +6,7 @@ generated indexer, top-k and sparse-attention kernels on CUDA tensors (or on the
 TRITON_INTERPRET=1), and the reference otherwise; autograd reaches q, k and v through the
 generated backward (the selection is not differentiated). `indexer_loss` runs the generated
 loss kernels (sparse stage; the dense warm-up stage is the reference's), differentiable to the
-indexer's inputs. Decoding is not generated yet.
+indexer's inputs. `new_cache` gives a decode cache whose steps run the same kernels.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 
 from . import reference
 from .checks import check_dsa_inputs
+from .dsa_decode import DSACache
 from .dsa_spec import DSASpec
 from .launch import (direct_launches, fallback_notice, interpreted_in_float32,
                      kernels_available, pack)
@@ -38,6 +39,12 @@ class DSAOp:
 
     def __repr__(self) -> str:
         return f"DSAOp({self.spec.name!r}, module={self.path})"
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype: torch.dtype | None = None,
+                  with_values: bool = True) -> DSACache:
+        """An empty decode cache (nsagen.dsa_decode.DSACache) for `batch` sequences of up to
+        `max_len` tokens; `with_values=False` keeps no values (v = k[..., :Dv], as MLA)."""
+        return DSACache(self, batch, max_len, device, dtype, with_values)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
                  q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor,

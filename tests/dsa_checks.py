@@ -58,18 +58,18 @@ def check_forward(op, x, lens, dtype):
     spec = op.spec
     o, idx = run_poisoned(op, x, lens)
     assert not torch.isnan(o).any(), "an output element was not written"
-    x64 = {k: None if t is None else t.double().cpu() for k, t in x.items()}
+    x64 = {k: None if t is None else t.double() for k, t in x.items()}     # on their device
     t0 = 0
     for n in lens:
         sl = slice(t0, t0 + n)
         part = {k: None if t is None else t[:, sl] for k, t in x64.items()}
         score = reference.dsa_index_scores(part["q_idx"], part["k_idx"], part["w_idx"])[0]
         ref_idx = reference.dsa_select(spec, score[None])[0]
-        got = idx[sl].cpu().long()
+        got = idx[sl].long()
         check_selection(spec, got, ref_idx.long(), score, dtype)
         ref_o = reference.dsa_sparse_attention(spec, part["q"], part["k"], part["v"],
                                                got[None].to(torch.int32))[0]
-        err = rel_err(o[sl].cpu(), ref_o)
+        err = rel_err(o[sl], ref_o)
         assert err < TOL[dtype], f"output rel err {err:.2e} (sequence of {n})"
         t0 += n
 
@@ -78,7 +78,7 @@ def check_selection(spec, got, ref, score, dtype):
     """Ascending picks, -1 only after them, min(topk, t + 1) of them, none in the future; the
     picks' scores equal the reference's best scores within the dtype's tolerance."""
     T = got.shape[0]
-    pos = torch.arange(T)[:, None]
+    pos = torch.arange(T, device=got.device)[:, None]
     valid = got >= 0
     assert (valid.sum(1) == torch.clamp(pos[:, 0] + 1, max=spec.topk)).all(), "wrong pick count"
     assert not (valid[:, 1:] & ~valid[:, :-1]).any(), "a -1 before a pick"

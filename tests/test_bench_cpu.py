@@ -67,3 +67,53 @@ def test_bench_decode_pdl_switch_is_restored(monkeypatch):
                              progress=lambda m: None, pdl=False)
     assert seen and not any(seen) and mod.DECODE_PDL == before
     assert doc["pdl"] is False and "dependent launches off" in bench.format_table(doc)
+
+
+def _small_dsa(**kw):
+    from nsagen.dsa_spec import DSASpec
+
+    args = dict(name="dsa-bench", heads_q=4, heads_kv=1, dim_qk=24, dim_v=16, indexer_heads=2,
+                indexer_dim=8, topk=8)
+    args.update(kw)
+    return DSASpec(**args)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_dsa_bench_rows_and_table(monkeypatch, tmp_path, backward):
+    """`nsagen bench` of a DSA spec: every timed call runs, FLOPs are counted from the spec
+    (indexer over causal pairs, attention over the picks), the table and JSON are written."""
+    from nsagen import dsa_bench
+
+    calls = []
+    monkeypatch.setattr(bench, "median_ms", lambda fn, warmup=25, rep=100:
+                        (fn(), calls.append(fn), 2.0)[2])
+    monkeypatch.setattr(bench, "ceilings", lambda device="cuda": {"copy_TBps": 1.0,
+                                                                  "mm_TFLOPs": 100.0})
+    spec = _small_dsa()
+    doc = dsa_bench.bench_dsa(spec, [6, 20], baselines=False, backward=backward, device="cpu",
+                              progress=lambda m: None)
+    assert doc["mode"] == ("forward+backward" if backward else "forward") and len(calls) == 2
+    fl = dsa_bench.dsa_flops(spec, 20)
+    assert fl["indexer"] == 20 * 21 / 2 * 2 * 8 * 2
+    assert fl["attention"] == (8 * 9 / 2 + 12 * 8) * 4 * (24 + 16) * 2
+    r = doc["rows"][1]
+    assert r["nsagen_ms"] == 2.0 and r["nsagen_TFLOPs"] > 0
+    assert "| 20 | 2.000 |" in bench.format_table(doc)
+    bench.write_results(doc, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["T"] == 6
+
+
+@pytest.mark.parametrize("kv,dv", [(1, 16), (2, 24)])
+def test_dsa_bench_decode_rows(monkeypatch, kv, dv):
+    """Decode rows of a DSA spec (MLA-style cache without values when Dv < Dk): the whole step
+    and the attention alone are timed; the cache is rewound after each timed step."""
+    from nsagen import dsa_bench
+
+    monkeypatch.setattr(bench, "median_ms", lambda fn, warmup=25, rep=100: (fn(), 0.01)[1])
+    spec = _small_dsa(heads_kv=kv, dim_v=dv)
+    doc = dsa_bench.bench_dsa_decode(spec, [12], [2], baselines=False, device="cpu",
+                                     progress=lambda m: None)
+    r = doc["rows"][0]
+    assert doc["mode"] == "decode" and r["B"] == 2 and r["T"] == 12
+    assert r["nsagen_us"] == 10.0 and r["step_us"] == 10.0
+    assert "| 2 | 12 | 10.0 |" in bench.format_table(doc)

@@ -156,3 +156,33 @@ def test_indexer_loss_and_its_gradient_match_reference(kv, dk, dtype):
     for name, a, b in zip(("q_idx", "k_idx", "w_idx"), grads, want):
         assert rel_err(a, b) < tol, (name, rel_err(a, b))
     assert torch.autograd.grad(loss, x["q"], allow_unused=True)[0] is None
+
+
+@pytest.mark.parametrize("kv,with_values", [(1, False), (2, True)])
+def test_decoding_token_by_token_equals_the_prefill(kv, with_values):
+    """A cache prefilled with different lengths per sequence, then one token per step: each
+    step's output equals the prefill's row for that token (float64 reference on the same
+    sequences), and its picks are the prefill's picks by score."""
+    spec = spec_of(kv=kv, topk=8)
+    op = nsagen.build(spec)
+    g = torch.Generator().manual_seed(7 + kv)
+    B, T, L = 2, 19, 24
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = dict(q=r(B, T, 4, 24), k=r(B, T, kv, 24), v=r(B, T, kv, 16) if with_values else None,
+             q_idx=r(B, T, 2, 8), k_idx=r(B, T, 8), w_idx=r(B, T, 2))
+    ref = reference.dsa(*(None if t is None else t.double() for t in x.values()), spec)
+    cache = op.new_cache(B, L, with_values=with_values)
+    start = torch.tensor([5, 11])
+    cache.prefill(x["k"], x["v"], x["k_idx"], start)
+    rows = torch.arange(B)
+    steps = T - int(start.max())           # every sequence gets a token each step
+    for step in range(steps):
+        t = start + step
+        pick = lambda n: None if x[n] is None else x[n][rows, t]  # noqa: E731
+        o, idx = cache.decode(pick("q"), pick("k"), pick("v"), pick("q_idx"), pick("k_idx"),
+                              pick("w_idx"), return_indices=True)
+        assert rel_err(o, ref[rows, t]) < 1e-4, (step, rel_err(o, ref[rows, t]))
+        assert ((idx >= 0).sum(1) == torch.clamp(t + 1, max=spec.topk)).all()
+    assert torch.equal(cache.lens, (start + steps).to(torch.int32))
+    cache.rewind(2)
+    assert torch.equal(cache.lens, (start + steps - 2).to(torch.int32))

@@ -55,7 +55,7 @@ def _indexer_launch(spec: DSASpec, flags: dict) -> dict:
     bdi = max(16, triton.next_power_of_2(spec.indexer_dim))
     return dict(main=signature(
         ptrs("qi=q_idx", "ki=k_idx", "w=w_idx", "score", "tile_tok", "tile_len",
-             "tok_pos=lay.tok_pos"),
+             "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
         scalars("tile0"), strides("q_idx", "qit", "qih"), strides("k_idx", "kit"),
         strides("w_idx", "wt"), strides("score", "sr"),
         values(HI=spec.indexer_heads, HIP=index_rows(spec), DI=spec.indexer_dim, BDI=bdi),
@@ -105,7 +105,8 @@ def _attention_space(spec: DSASpec, default: dict, target: Target, smem: int):
 def _attention_launch(spec: DSASpec, flags: dict) -> dict:
     dka, dkb = dim_split(spec.dim_qk)
     return dict(main=signature(
-        ptrs("q", "k", "v", "idx", "o", "lse", "tok_pos=lay.tok_pos"),
+        ptrs("q", "k", "v", "idx", "o", "lse", "tok_pos=lay.tok_pos",
+             "tok_kbase=lay.tok_kbase"),
         strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
         strides("idx", "it"), strides("o", "ot", "oh"),
         consts(qk_scale="QK_SCALE", H="H_KV", G="GROUP"),
@@ -133,7 +134,7 @@ def _attention_bwd_launch(spec: DSASpec, flags: dict) -> dict:
     dka, dkb = dim_split(spec.dim_qk)
     return dict(main=signature(
         ptrs("q", "k", "v", "idx", "do", "lse", "delta", "dq", "dk", "dv",
-             "tok_pos=lay.tok_pos"),
+             "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
         strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
         strides("idx", "it"), strides("do", "ot", "oh"), strides("dq", "dqt", "dqh"),
         strides("dk", "dkt", "dkh"), strides("dv", "dvt", "dvh"),
@@ -168,10 +169,10 @@ def _loss_launch(spec: DSASpec, flags: dict) -> dict:
                      HI=spec.indexer_heads, HIP=max(16, index_rows(spec)), K=spec.topk),
               consts(PREC="prec"), cfg("BK"))
     inputs = ("q", "k", "qi=q_idx", "ki=k_idx", "w=w_idx", "idx", "lse")
+    tables = ("tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase")
     return dict(
-        fwd=signature(ptrs(*inputs, "loss", "saved", "tok_pos=lay.tok_pos"), *common,
-                      options=WARPS_STAGES),
-        bwd=signature(ptrs(*inputs, "saved", "dloss", "dqi", "dki", "dw", "tok_pos=lay.tok_pos"),
+        fwd=signature(ptrs(*inputs, "loss", "saved", *tables), *common, options=WARPS_STAGES),
+        bwd=signature(ptrs(*inputs, "saved", "dloss", "dqi", "dki", "dw", *tables),
                       *common, strides("dqi", "dqit", "dqih"), strides("dki", "dkit"),
                       strides("dw", "dwt"), options=WARPS_STAGES))
 

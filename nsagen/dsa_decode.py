@@ -1,0 +1,124 @@
+"""Decoding for a DSA layer: a cache of keys (and values) and indexer keys per sequence, and a
+step that appends one token per sequence and attends with it (docs/algorithm.md section 8).
+
+The step runs the same generated kernels as the prefill: the new token of each sequence is a
+query of its own, whose keys start at its sequence's row of the cache (`tok_kbase`), so the
+indexer scores the cached keys, the top-k picks among them and the sparse attention reads the
+picks, with no host synchronisation (the lengths stay on the device) and fixed shapes, so a
+step can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .launch import direct_launches, interpreted_in_float32
+
+I32 = torch.int32
+
+
+@dataclass
+class StepLayout:
+    """The tables the DSA kernels read, for one query per sequence of a cache of `capacity`
+    rows per sequence: the query of sequence b is token b, at position lens[b] - 1, with its
+    keys from cache row b * capacity."""
+
+    lens: torch.Tensor
+    capacity: int
+    seqlens: tuple = ()
+    tok_pos: torch.Tensor = None
+    tok_kbase: torch.Tensor = None
+    _tiles: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        batch = self.lens.shape[0]
+        self.seqlens = (self.capacity,)          # the score buffer's width (no host sync)
+        self.tok_pos = self.lens - 1
+        self.tok_kbase = torch.arange(batch, dtype=I32, device=self.lens.device) * self.capacity
+        self._tiles[0] = (torch.arange(batch, dtype=I32, device=self.lens.device),
+                          torch.ones(batch, dtype=I32, device=self.lens.device))
+
+    def tiles(self, bt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One tile per query (each sequence has one token this step)."""
+        return self._tiles[0]
+
+
+class DSACache:
+    """Keys, values (unless they are the keys' first Dv columns, as in MLA) and indexer keys of
+    `batch` sequences of up to `max_len` tokens, with their lengths on the device."""
+
+    def __init__(self, op, batch: int, max_len: int, device=None, dtype: torch.dtype | None = None,
+                 with_values: bool = True):
+        spec = op.spec
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"new_cache: batch and max_len must be >= 1, got {batch}, {max_len}")
+        if not with_values and spec.dim_v > spec.dim_qk:
+            raise ValueError(f"new_cache: with_values=False reads v from k's first Dv columns, "
+                             f"but head_dim.v ({spec.dim_v}) exceeds head_dim.qk ({spec.dim_qk})")
+        self.op, self.spec = op, spec
+        self.batch, self.max_len = batch, max_len
+        device = torch.device(device or "cpu")
+        dtype = dtype or getattr(torch, spec.dtype)
+        H = spec.heads_kv
+        self.k = torch.zeros(batch, max_len, H, spec.dim_qk, dtype=dtype, device=device)
+        self.v = (torch.zeros(batch, max_len, H, spec.dim_v, dtype=dtype, device=device)
+                  if with_values else None)
+        self.k_idx = torch.zeros(batch, max_len, spec.indexer_dim, dtype=dtype, device=device)
+        self.lens = torch.zeros(batch, dtype=I32, device=device)
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor | None, k_idx: torch.Tensor,
+                lens: torch.Tensor) -> None:
+        """Set the cache to the first lens[b] tokens of k [B, T, H, Dk], v, k_idx [B, T, DI]."""
+        T = k.shape[1]
+        if T > self.max_len:
+            raise ValueError(f"prefill: {T} tokens exceed the cache's max_len {self.max_len}")
+        self.k[:, :T] = k
+        if self.v is not None:
+            if v is None:
+                raise ValueError("prefill: this cache holds values; give v")
+            self.v[:, :T] = v
+        self.k_idx[:, :T] = k_idx
+        self.lens.copy_(lens.to(I32))
+
+    def append(self, k_t: torch.Tensor, v_t: torch.Tensor | None, k_idx_t: torch.Tensor) -> None:
+        """Write one token per sequence (k_t [B, H, Dk], v_t [B, H, Dv] or None, k_idx_t [B, DI])
+        at position lens[b] and advance the lengths (device-side: no host sync)."""
+        rows = torch.arange(self.batch, device=self.lens.device)
+        at = self.lens.long().clamp(max=self.max_len - 1)
+        self.k[rows, at] = k_t.to(self.k.dtype)
+        if self.v is not None:
+            self.v[rows, at] = v_t.to(self.v.dtype)
+        self.k_idx[rows, at] = k_idx_t.to(self.k_idx.dtype)
+        self.lens += 1
+
+    def step(self, q: torch.Tensor, q_idx: torch.Tensor, w_idx: torch.Tensor,
+             return_indices: bool = False):
+        """Attend with the last appended token of each sequence: q [B, HQ, Dk], q_idx [B, HI, DI],
+        w_idx [B, HI] -> o [B, HQ, Dv] (and its picks [B, topk], positions in the sequence)."""
+        spec, mod = self.spec, self.op.module
+        dtype = q.dtype
+        k, v, ki = self.k, self.v, self.k_idx
+        if interpreted_in_float32(k):        # the interpreter computes bfloat16 wrongly
+            k, ki = k.float(), ki.float()
+            v = None if v is None else v.float()
+        q = q.to(k.dtype).contiguous()
+        q_idx = q_idx.to(ki.dtype).contiguous()
+        B, L = self.batch, self.max_len
+        kp = k.view(B * L, spec.heads_kv, spec.dim_qk)
+        vp = kp[..., :spec.dim_v] if v is None else v.view(B * L, spec.heads_kv, spec.dim_v)
+        lay = StepLayout(self.lens, L)
+        with torch.no_grad(), direct_launches():
+            o, idx, _ = mod.forward(q, kp, vp, q_idx, ki.view(B * L, spec.indexer_dim),
+                                    w_idx.contiguous(), lay, configs=self.op.configs)
+        o = o.to(dtype)
+        return (o, idx) if return_indices else o
+
+    def decode(self, q, k_t, v_t, q_idx, k_idx_t, w_idx, return_indices: bool = False):
+        """One decode step as a model runs it: append the token, then attend with it."""
+        self.append(k_t, v_t, k_idx_t)
+        return self.step(q, q_idx, w_idx, return_indices)
+
+    def rewind(self, n: int = 1) -> None:
+        """Forget the last n tokens of every sequence (speculative decoding, benchmarks)."""
+        self.lens.sub_(n).clamp_(min=0)
