@@ -162,3 +162,25 @@ def check_dsa_inputs(spec: DSASpec, q, k, v, q_idx, k_idx, w_idx, cu_seqlens=Non
             raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
     lens = _seqlens(cu_seqlens, B, T, q.device)
     return Problem(batch=B, seq_len=T, seqlens=lens)
+
+
+def check_dsa_step(spec: DSASpec, batch: int, device: torch.device, **tensors) -> None:
+    """Check one DSA decode step's tensors (one token per sequence) by name: q [B, HQ, Dk],
+    k_t [B, H, Dk], v_t [B, H, Dv], q_idx [B, HI, DI], k_idx_t [B, DI], w_idx [B, HI]; a None
+    is not checked. All floating point, on the cache's device."""
+    want = {"q": ((batch, spec.heads_q, spec.dim_qk), "[B, HQ, Dk]"),
+            "k_t": ((batch, spec.heads_kv, spec.dim_qk), "[B, H, Dk]"),
+            "v_t": ((batch, spec.heads_kv, spec.dim_v), "[B, H, Dv]"),
+            "q_idx": ((batch, spec.indexer_heads, spec.indexer_dim), "[B, HI, DI]"),
+            "k_idx_t": ((batch, spec.indexer_dim), "[B, DI]"),
+            "w_idx": ((batch, spec.indexer_heads), "[B, HI]")}
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        _shape(name, t, *want[name])
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: on {t.device}, but the cache is on {device}")

@@ -96,7 +96,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             _error(_os_error(err))
         else:
             print(f"ok {path} {spec.uri}" + ("" if spec.family == "nsa" else
-                                               " (DSA: prefill, backward, sparse indexer loss "
+                                               " (DSA: prefill, backward, indexer loss "
                                                "and decode kernels)"))
             continue
         status = 2

@@ -95,8 +95,13 @@ def _record_dsa(op, seq_len: int, dtype: torch.dtype, cfg: dict) -> None:
                   r(n, spec.indexer_heads))
     o, idx, lse = op.module.forward(q, k, vv, qi, ki, wi, lay, configs=cfg)
     op.module.backward(torch.randn_like(o), q, k, v, idx, o, lse, lay, configs=cfg)
-    loss, saved = op.module.indexer_loss(q, k, qi, ki, wi, idx, lse, lay, configs=cfg)
-    op.module.indexer_loss_backward(loss, q, k, qi, ki, wi, idx, lse, saved, lay, configs=cfg)
+    for dense in (False, True):
+        if dense:
+            lse = op.module.dense_lse(q, k, lay, configs=cfg)
+        loss, saved = op.module.indexer_loss(q, k, qi, ki, wi, idx, lse, lay, configs=cfg,
+                                             dense=dense)
+        op.module.indexer_loss_backward(loss, q, k, qi, ki, wi, idx, lse, saved, lay,
+                                        configs=cfg, dense=dense)
 
 
 def _signature(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:

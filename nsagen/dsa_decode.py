@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import check_dsa_step
 from .launch import direct_launches, interpreted_in_float32
 
 I32 = torch.int32
@@ -70,6 +71,10 @@ class DSACache:
     def prefill(self, k: torch.Tensor, v: torch.Tensor | None, k_idx: torch.Tensor,
                 lens: torch.Tensor) -> None:
         """Set the cache to the first lens[b] tokens of k [B, T, H, Dk], v, k_idx [B, T, DI]."""
+        spec = self.spec
+        if k.dim() != 4 or k.shape[0] != self.batch or k.shape[2:] != (spec.heads_kv, spec.dim_qk):
+            raise ValueError(f"prefill: k: expected [B={self.batch}, T, H, Dk], got "
+                             f"{tuple(k.shape)}")
         T = k.shape[1]
         if T > self.max_len:
             raise ValueError(f"prefill: {T} tokens exceed the cache's max_len {self.max_len}")
@@ -84,6 +89,10 @@ class DSACache:
     def append(self, k_t: torch.Tensor, v_t: torch.Tensor | None, k_idx_t: torch.Tensor) -> None:
         """Write one token per sequence (k_t [B, H, Dk], v_t [B, H, Dv] or None, k_idx_t [B, DI])
         at position lens[b] and advance the lengths (device-side: no host sync)."""
+        check_dsa_step(self.spec, self.batch, self.k.device, k_t=k_t, v_t=v_t, k_idx_t=k_idx_t)
+        if (v_t is None) != (self.v is None):
+            raise ValueError("v_t: " + ("this cache holds values; give v_t" if v_t is None else
+                                        "this cache reads v from k (with_values=False); pass None"))
         rows = torch.arange(self.batch, device=self.lens.device)
         at = self.lens.long().clamp(max=self.max_len - 1)
         self.k[rows, at] = k_t.to(self.k.dtype)
@@ -97,6 +106,7 @@ class DSACache:
         """Attend with the last appended token of each sequence: q [B, HQ, Dk], q_idx [B, HI, DI],
         w_idx [B, HI] -> o [B, HQ, Dv] (and its picks [B, topk], positions in the sequence)."""
         spec, mod = self.spec, self.op.module
+        check_dsa_step(spec, self.batch, self.k.device, q=q, q_idx=q_idx, w_idx=w_idx)
         dtype = q.dtype
         k, v, ki = self.k, self.v, self.k_idx
         if interpreted_in_float32(k):        # the interpreter computes bfloat16 wrongly

@@ -5,8 +5,7 @@ reference (docs/algorithm.md section 8).
 generated indexer, top-k and sparse-attention kernels on CUDA tensors (or on the CPU with
 TRITON_INTERPRET=1), and the reference otherwise; autograd reaches q, k and v through the
 generated backward (the selection is not differentiated). `indexer_loss` runs the generated
-loss kernels (sparse stage; the dense warm-up stage is the reference's), differentiable to the
-indexer's inputs. `new_cache` gives a decode cache whose steps run the same kernels.
+loss kernels (sparse stage, or the dense warm-up), differentiable to the indexer's inputs. `new_cache` gives a decode cache whose steps run the same kernels.
 """
 from __future__ import annotations
 
@@ -73,14 +72,13 @@ class DSAOp:
     def indexer_loss(self, q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor,
                      k_idx: torch.Tensor, w_idx: torch.Tensor, dense: bool = False) -> torch.Tensor:
         """The indexer's training loss (summed over batch and tokens), differentiable to q_idx,
-        k_idx and w_idx only (docs/algorithm.md section 8). The sparse stage runs the generated
-        kernels: the forward's selection and LSE, then the loss kernel; the dense warm-up
-        stage (`dense=True`) is computed by the reference."""
+        k_idx and w_idx only (docs/algorithm.md section 8), from the generated kernels: the
+        sparse stage over the forward's picks with its LSE, or (`dense=True`, the warm-up) over
+        every earlier key with the dense attention's LSE."""
         spec = self.spec
         prob = check_dsa_inputs(spec, q, k, None, q_idx, k_idx, w_idx, values=False)
-        if dense or not kernels_available(q.device):
-            if not dense:
-                fallback_notice(q.device)
+        if not kernels_available(q.device):
+            fallback_notice(q.device)
             return reference.dsa_indexer_loss(q, k, q_idx, k_idx, w_idx, spec, dense=dense)
         dtype = q_idx.dtype
         q, k = q.detach(), k.detach()
@@ -91,13 +89,17 @@ class DSAOp:
         lay = build_layout(spec, prob.seqlens, q.device)
         qp, kp, qi, ki, wi = pack(q), pack(k), pack(q_idx), pack(k_idx), pack(w_idx)
         with torch.no_grad(), direct_launches():
-            # the attention's LSE does not depend on v: any value rows do (k's, when they fit)
-            vp = (kp[..., :spec.dim_v] if spec.dim_v <= spec.dim_qk else
-                  kp.new_zeros(kp.shape[0], spec.heads_kv, spec.dim_v))
-            _, idx, lse = self.module.forward(qp, kp, vp, qi.detach(), ki.detach(), wi.detach(),
-                                              lay, configs=self.configs)
+            if dense:
+                idx = None
+                lse = self.module.dense_lse(qp, kp, lay, configs=self.configs)
+            else:
+                # the attention's LSE does not depend on v: any value rows do (k's, if they fit)
+                vp = (kp[..., :spec.dim_v] if spec.dim_v <= spec.dim_qk else
+                      kp.new_zeros(kp.shape[0], spec.heads_kv, spec.dim_v))
+                _, idx, lse = self.module.forward(qp, kp, vp, qi.detach(), ki.detach(),
+                                                  wi.detach(), lay, configs=self.configs)
         with direct_launches():
-            loss = _IndexerLoss.apply(qi, ki, wi, qp, kp, idx, lse, self, lay)
+            loss = _IndexerLoss.apply(qi, ki, wi, qp, kp, idx, lse, self, lay, dense)
         return loss.to(dtype)
 
 
@@ -130,11 +132,13 @@ class _IndexerLoss(torch.autograd.Function):
     packed q_idx, k_idx and w_idx."""
 
     @staticmethod
-    def forward(ctx, q_idx, k_idx, w_idx, q, k, idx, lse, op, lay):
+    def forward(ctx, q_idx, k_idx, w_idx, q, k, idx, lse, op, lay, dense):
+        if idx is None:          # the dense stage reads no picks
+            idx = torch.empty(q.shape[0], 1, dtype=torch.int32, device=q.device)
         loss, saved = op.module.indexer_loss(q, k, q_idx, k_idx, w_idx, idx, lse, lay,
-                                             configs=op.configs)
+                                             configs=op.configs, dense=dense)
         ctx.save_for_backward(q_idx, k_idx, w_idx, q, k, idx, lse, saved)
-        ctx.op, ctx.lay = op, lay
+        ctx.op, ctx.lay, ctx.dense = op, lay, dense
         return loss.sum()
 
     @staticmethod
@@ -143,6 +147,7 @@ class _IndexerLoss(torch.autograd.Function):
         dloss = g.float().expand(q.shape[0])
         with direct_launches():
             dqi, dki, dw = ctx.op.module.indexer_loss_backward(
-                dloss, q, k, q_idx, k_idx, w_idx, idx, lse, saved, ctx.lay, configs=ctx.op.configs)
+                dloss, q, k, q_idx, k_idx, w_idx, idx, lse, saved, ctx.lay,
+                configs=ctx.op.configs, dense=ctx.dense)
         return (dqi.to(q_idx.dtype), dki.to(k_idx.dtype), dw.to(w_idx.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)

@@ -132,11 +132,15 @@ def test_unsupported_specs_are_refused_by_name():
         nsagen.build(spec.replace(topk=8192))
 
 
-@pytest.mark.parametrize("kv,dk,dtype", [(1, 24, torch.float32), (2, 40, torch.float32),
-                                         (1, 24, torch.float16)])
-def test_indexer_loss_and_its_gradient_match_reference(kv, dk, dtype):
-    """The sparse-stage loss kernel and its backward against the float64 reference (value and
-    gradients to q_idx, k_idx, w_idx; none to q or k), a batch of two with a short row."""
+@pytest.mark.parametrize("kv,dk,dtype,dense", [(1, 24, torch.float32, False),
+                                               (2, 40, torch.float32, False),
+                                               (1, 24, torch.float16, False),
+                                               (2, 24, torch.float32, True),
+                                               (1, 40, torch.float16, True)])
+def test_indexer_loss_and_its_gradient_match_reference(kv, dk, dtype, dense):
+    """The loss kernel (sparse stage, or the dense warm-up) and its backward against the
+    float64 reference (value and gradients to q_idx, k_idx, w_idx; none to q or k), a batch of
+    two."""
     spec = spec_of(kv=kv, dk=dk, topk=16)
     op = nsagen.build(spec)
     g = torch.Generator().manual_seed(kv + dk)
@@ -146,10 +150,10 @@ def test_indexer_loss_and_its_gradient_match_reference(kv, dk, dtype):
              w_idx=r(B, T, 2))
     for n in ("q_idx", "k_idx", "w_idx", "q"):
         x[n].requires_grad_(True)
-    loss = op.indexer_loss(**x)
+    loss = op.indexer_loss(**x, dense=dense)
     grads = torch.autograd.grad(loss, [x["q_idx"], x["k_idx"], x["w_idx"]])
     ref_in = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
-    ref = reference.dsa_indexer_loss(**ref_in, spec=spec)
+    ref = reference.dsa_indexer_loss(**ref_in, spec=spec, dense=dense)
     want = torch.autograd.grad(ref, [ref_in["q_idx"], ref_in["k_idx"], ref_in["w_idx"]])
     tol = 1e-4 if dtype == torch.float32 else 5e-3
     assert loss.dtype == dtype and abs(loss.item() - ref.item()) <= tol * max(1.0, abs(ref.item()))
@@ -186,3 +190,18 @@ def test_decoding_token_by_token_equals_the_prefill(kv, with_values):
     assert torch.equal(cache.lens, (start + steps).to(torch.int32))
     cache.rewind(2)
     assert torch.equal(cache.lens, (start + steps - 2).to(torch.int32))
+
+
+def test_decode_inputs_are_checked_by_name():
+    spec = spec_of(kv=2)
+    cache = nsagen.build(spec).new_cache(2, 16)
+    k_t, v_t, ki = torch.randn(2, 2, 24), torch.randn(2, 2, 16), torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"k_t: expected shape \[B, H, Dk\]"):
+        cache.append(torch.randn(2, 1, 24), v_t, ki)
+    with pytest.raises(ValueError, match="v_t: this cache holds values"):
+        cache.append(k_t, None, ki)
+    cache.append(k_t, v_t, ki)
+    with pytest.raises(TypeError, match="w_idx: expected a floating-point dtype"):
+        cache.step(torch.randn(2, 4, 24), torch.randn(2, 2, 8), torch.ones(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="prefill: k: expected"):
+        cache.prefill(torch.randn(3, 4, 2, 24), None, torch.randn(3, 4, 8), torch.tensor([1, 2, 3]))

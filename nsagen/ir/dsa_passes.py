@@ -31,9 +31,9 @@ def lower_dsa(spec: DSASpec, target: Target | None = None) -> Plan:
                + (f" + {dkb} columns" if dkb else " columns")
                + ("; v is the key's first columns when no v is given (MLA)"
                   if spec.dim_v <= spec.dim_qk else ""))
-    why.append("indexer_loss (sparse stage): a kernel of its own, run by the op's indexer_loss "
-               "after the forward has chosen S_t and saved the attention's LSE; its dense "
-               "warm-up stage is computed by nsagen.reference.dsa_indexer_loss")
+    why.append("indexer_loss: a kernel of its own, run by the op's indexer_loss after the "
+               "forward has chosen S_t and saved the attention's LSE (sparse stage), or after "
+               "dsa_attention has run densely for the dense attention's LSE (warm-up stage)")
     why.during("tiles")
     kernels = []
     for node, name in _PARTITION:

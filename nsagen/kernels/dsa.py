@@ -112,7 +112,7 @@ def _attention_launch(spec: DSASpec, flags: dict) -> dict:
         consts(qk_scale="QK_SCALE", H="H_KV", G="GROUP"),
         values(BH=head_rows(spec), DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
                BDV=triton.next_power_of_2(spec.dim_v), K=spec.topk),
-        consts(PREC="prec"), cfg("BK"), options=WARPS_STAGES))
+        consts(PREC="prec", DENSE="dense"), cfg("BK"), options=WARPS_STAGES))
 
 
 # ---------------------------------------------------------------------------- dsa_attention_bwd
@@ -167,7 +167,7 @@ def _loss_launch(spec: DSASpec, flags: dict) -> dict:
               values(BH=head_rows(spec), DK=spec.dim_qk, DKA=dka, DKB=dkb,
                      DI=spec.indexer_dim, BDI=max(16, triton.next_power_of_2(spec.indexer_dim)),
                      HI=spec.indexer_heads, HIP=max(16, index_rows(spec)), K=spec.topk),
-              consts(PREC="prec"), cfg("BK"))
+              consts(PREC="prec", DENSE="dense"), cfg("BK"))
     inputs = ("q", "k", "qi=q_idx", "ki=k_idx", "w=w_idx", "idx", "lse")
     tables = ("tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase")
     return dict(
