@@ -144,11 +144,7 @@ def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bo
             if row.get(name):
                 row["speedup_vs_" + name[:-3]] = row[name] / row["nsagen_ms"]
         rows.append(row)
-        progress("   " + ", ".join(f"{k_}={v_:.3f}" if isinstance(v_, float) else f"{k_}={v_}"
-                                   for k_, v_ in row.items() if k_ != "kernels_ms"))
-        if breakdown:
-            for name, ms in list(row["kernels_ms"].items())[:16]:
-                progress(f"      {ms:8.3f} ms  {name[:100]}")
+        report_row(progress, row, "ms", 16)
         del q, k, v, gates, x
         if dev == "cuda":
             torch.cuda.empty_cache()
@@ -316,16 +312,23 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
                         log.info("nsagen bench: fla decode failed: %s", str(err)[:120])
                 del ks, vs
             rows.append(row)
-            progress("   " + ", ".join(f"{a}={b:.3f}" if isinstance(b, float) else f"{a}={b}"
-                                       for a, b in row.items() if a != "kernels_us"))
-            for name, us in list(row.get("kernels_us", {}).items())[:8]:
-                progress(f"      {us:8.2f} us  {name[:100]}")
+            report_row(progress, row, "us", 8)
             del cache
             if dev == "cuda":
                 torch.cuda.empty_cache()
     return {"spec": spec.to_dict(), "uri": op.name, "mode": "decode", "env": environment(),
             "tuned": bool(op.tuned_tables), "pdl": bool(op.module.DECODE_PDL) and dev == "cuda",
             "ceilings": ceil, "rows": rows}
+
+
+def report_row(progress, row: dict, unit: str, kernels: int) -> None:
+    """Progress lines for one results row: its figures, then its `kernels` longest kernels
+    (`kernels_<unit>`)."""
+    times = f"kernels_{unit}"
+    progress("   " + ", ".join(f"{a}={b:.3f}" if isinstance(b, float) else f"{a}={b}"
+                               for a, b in row.items() if a != times))
+    for name, t in list(row.get(times, {}).items())[:kernels]:
+        progress(f"      {t:8.3f} {unit}  {name[:100]}")
 
 
 def time_decode(row: dict, name: str, f, dev: str, breakdown: bool) -> None:

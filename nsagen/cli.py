@@ -232,13 +232,7 @@ def _run_bench(spec: Spec, seq_lens: list[int], json_path: str | None, baselines
     bench.require_gpu(command)
     doc = bench.bench_forward(spec, seq_lens, baselines=baselines, breakdown=breakdown,
                               progress=lambda m: print(m, flush=True), backward=backward)
-    print()
-    print(bench.format_table(doc))
-    mode = "fwdbwd" if backward else "forward"
-    path = Path(json_path) if json_path else Path("bench-results") / f"{spec.name}-{mode}.json"
-    bench.write_results(doc, path)
-    print(f"results written to {path}")
-    return 0
+    return _emit(doc, json_path, f"{spec.name}-{'fwdbwd' if backward else 'forward'}")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -254,12 +248,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                  args.batch or [1, 8, 64], baselines=not args.no_baselines,
                                  progress=lambda m: print(m, flush=True),
                                  breakdown=args.breakdown, pdl=not args.no_pdl)
-        print()
-        print(bench.format_table(doc))
-        path = Path(args.json) if args.json else Path("bench-results") / f"{spec.name}-decode.json"
-        bench.write_results(doc, path)
-        print(f"results written to {path}")
-        return 0
+        return _emit(doc, args.json, f"{spec.name}-decode")
     return _run_bench(spec, args.seq_len or [8192, 16384, 32768, 65536], args.json,
                       baselines=not args.no_baselines, breakdown=args.breakdown,
                       backward=args.backward)
@@ -278,9 +267,15 @@ def _run_dsa_bench(spec, args: argparse.Namespace) -> int:
                                   baselines=not args.no_baselines, breakdown=args.breakdown,
                                   progress=say, backward=args.backward)
         mode = "fwdbwd" if args.backward else "forward"
+    return _emit(doc, args.json, f"{spec.name}-{mode}")
+
+
+def _emit(doc: dict, json_path: str | None, default_name: str) -> int:
+    """Print a results document's table and write its JSON (`json_path`, or
+    bench-results/<default_name>.json)."""
     print()
     print(bench.format_table(doc))
-    path = Path(args.json) if args.json else Path("bench-results") / f"{spec.name}-{mode}.json"
+    path = Path(json_path) if json_path else Path("bench-results") / f"{default_name}.json"
     bench.write_results(doc, path)
     print(f"results written to {path}")
     return 0

@@ -130,10 +130,7 @@ def bench_dsa(spec: DSASpec, seq_lens: list[int], batch: int = 1, baselines: boo
                 row["sdpa_ms"] = min(dense)
                 row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["nsagen_ms"]
         rows.append(row)
-        progress("   " + ", ".join(f"{a}={b:.3f}" if isinstance(b, float) else f"{a}={b}"
-                                   for a, b in row.items() if a != "kernels_ms"))
-        for name, ms in list(row.get("kernels_ms", {}).items())[:8]:
-            progress(f"      {ms:8.3f} ms  {name[:100]}")
+        bench.report_row(progress, row, "ms", 8)
         del x
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -184,8 +181,7 @@ def bench_dsa_decode(spec: DSASpec, cache_lens: list[int], batches: list[int],
                 except Exception as err:
                     log.info("nsagen bench: sdpa decode failed: %s", str(err)[:120])
             rows.append(row)
-            progress("   " + ", ".join(f"{a}={b:.3f}" if isinstance(b, float) else f"{a}={b}"
-                                       for a, b in row.items() if a != "kernels_us"))
+            bench.report_row(progress, row, "us", 8)
             del cache
             if device == "cuda":
                 torch.cuda.empty_cache()
