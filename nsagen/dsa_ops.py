@@ -5,7 +5,8 @@ reference (docs/algorithm.md section 8).
 generated indexer, top-k and sparse-attention kernels on CUDA tensors (or on the CPU with
 TRITON_INTERPRET=1), and the reference otherwise; autograd reaches q, k and v through the
 generated backward (the selection is not differentiated). `indexer_loss` runs the generated
-loss kernels (sparse stage, or the dense warm-up), differentiable to the indexer's inputs. `new_cache` gives a decode cache whose steps run the same kernels.
+loss kernels (sparse stage, or the dense warm-up), differentiable to the indexer's inputs.
+`new_cache` gives a decode cache whose steps run the same kernels.
 """
 from __future__ import annotations
 
@@ -56,11 +57,7 @@ class DSAOp:
             fallback_notice(q.device)
             return reference.dsa(q, k, v, q_idx, k_idx, w_idx, spec, cu_seqlens, return_indices)
         dtype = q.dtype
-        if interpreted_in_float32(q):          # the interpreter computes bfloat16 wrongly
-            q, k = q.float(), k.float()
-            v = None if v is None else v.float()
-        if interpreted_in_float32(q_idx) or q_idx.dtype != k_idx.dtype:
-            q_idx, k_idx = q_idx.float(), k_idx.float()
+        q, k, v, q_idx, k_idx = _kernel_dtypes(q, k, v, q_idx, k_idx)
         B, T = prob.batch, prob.seq_len
         lay = build_layout(spec, prob.seqlens, q.device)
         with direct_launches():
@@ -81,11 +78,7 @@ class DSAOp:
             fallback_notice(q.device)
             return reference.dsa_indexer_loss(q, k, q_idx, k_idx, w_idx, spec, dense=dense)
         dtype = q_idx.dtype
-        q, k = q.detach(), k.detach()
-        if interpreted_in_float32(q):
-            q, k = q.float(), k.float()
-        if interpreted_in_float32(q_idx) or q_idx.dtype != k_idx.dtype:
-            q_idx, k_idx = q_idx.float(), k_idx.float()
+        q, k, _, q_idx, k_idx = _kernel_dtypes(q.detach(), k.detach(), None, q_idx, k_idx)
         lay = build_layout(spec, prob.seqlens, q.device)
         qp, kp, qi, ki, wi = pack(q), pack(k), pack(q_idx), pack(k_idx), pack(w_idx)
         with torch.no_grad(), direct_launches():
@@ -101,6 +94,17 @@ class DSAOp:
         with direct_launches():
             loss = _IndexerLoss.apply(qi, ki, wi, qp, kp, idx, lse, self, lay, dense)
         return loss.to(dtype)
+
+
+def _kernel_dtypes(q, k, v, q_idx, k_idx):
+    """The inputs as the kernels take them: float32 where the interpreter would compute
+    bfloat16 wrongly, and the indexer's query and keys in one dtype (differentiable casts)."""
+    if interpreted_in_float32(q):
+        q, k = q.float(), k.float()
+        v = None if v is None else v.float()
+    if interpreted_in_float32(q_idx) or q_idx.dtype != k_idx.dtype:
+        q_idx, k_idx = q_idx.float(), k_idx.float()
+    return q, k, v, q_idx, k_idx
 
 
 class _SparseAttention(torch.autograd.Function):
@@ -128,8 +132,8 @@ class _SparseAttention(torch.autograd.Function):
 
 
 class _IndexerLoss(torch.autograd.Function):
-    """The summed sparse-stage indexer loss from the generated kernels, differentiable to the
-    packed q_idx, k_idx and w_idx."""
+    """The summed indexer loss (sparse stage, or the dense warm-up) from the generated kernels,
+    differentiable to the packed q_idx, k_idx and w_idx."""
 
     @staticmethod
     def forward(ctx, q_idx, k_idx, w_idx, q, k, idx, lse, op, lay, dense):
