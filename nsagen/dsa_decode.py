@@ -22,27 +22,33 @@ I32 = torch.int32
 @dataclass
 class StepLayout:
     """The tables the DSA kernels read, for one query per sequence of a cache of `capacity`
-    rows per sequence: the query of sequence b is token b, at position lens[b] - 1, with its
-    keys from cache row b * capacity."""
+    rows per sequence: the query of sequence b is token b, at position lens[b] - 1 (`refresh`
+    writes it before each step), with its keys from cache row b * capacity. Built once per
+    cache, so a step allocates no tables."""
 
-    lens: torch.Tensor
+    batch: int
     capacity: int
+    device: torch.device
     seqlens: tuple = ()
     tok_pos: torch.Tensor = None
     tok_kbase: torch.Tensor = None
-    _tiles: dict = field(default_factory=dict, repr=False)
+    _tiles: tuple = field(default=(), repr=False)
 
     def __post_init__(self):
-        batch = self.lens.shape[0]
+        rows = torch.arange(self.batch, dtype=I32, device=self.device)
         self.seqlens = (self.capacity,)          # the score buffer's width (no host sync)
-        self.tok_pos = self.lens - 1
-        self.tok_kbase = torch.arange(batch, dtype=I32, device=self.lens.device) * self.capacity
-        self._tiles[0] = (torch.arange(batch, dtype=I32, device=self.lens.device),
-                          torch.ones(batch, dtype=I32, device=self.lens.device))
+        self.tok_pos = torch.zeros_like(rows)
+        self.tok_kbase = rows * self.capacity
+        self._tiles = (rows, torch.ones_like(rows))
+
+    def refresh(self, lens: torch.Tensor) -> "StepLayout":
+        """The query positions for the lengths `lens` (on the device, in place)."""
+        torch.sub(lens, 1, out=self.tok_pos)
+        return self
 
     def tiles(self, bt: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One tile per query (each sequence has one token this step)."""
-        return self._tiles[0]
+        return self._tiles
 
 
 class DSACache:
@@ -67,6 +73,7 @@ class DSACache:
                   if with_values else None)
         self.k_idx = torch.zeros(batch, max_len, spec.indexer_dim, dtype=dtype, device=device)
         self.lens = torch.zeros(batch, dtype=I32, device=device)
+        self._layout = StepLayout(batch, max_len, device)
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor | None, k_idx: torch.Tensor,
                 lens: torch.Tensor) -> None:
@@ -117,7 +124,7 @@ class DSACache:
         B, L = self.batch, self.max_len
         kp = k.view(B * L, spec.heads_kv, spec.dim_qk)
         vp = kp[..., :spec.dim_v] if v is None else v.view(B * L, spec.heads_kv, spec.dim_v)
-        lay = StepLayout(self.lens, L)
+        lay = self._layout.refresh(self.lens)
         with torch.no_grad(), direct_launches():
             o, idx, _ = mod.forward(q, kp, vp, q_idx, ki.view(B * L, spec.indexer_dim),
                                     w_idx.contiguous(), lay, configs=self.op.configs)
