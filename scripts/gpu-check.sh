@@ -6,6 +6,7 @@
 #   EXTRA_SPECS="c d"     specs benchmarked alone at EXTRA_TS (default 64k)
 #   BWD_SPECS="a"         specs benchmarked forward+backward with baselines at BENCH_TS
 #   DECODE_SPECS="a"      specs benchmarked in decoding (B 1, 8, 64; caches 8k..128k)
+#   (DSA specs work in each list: `nsagen bench` times their prefill, backward and decode)
 set -u
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -16,7 +17,7 @@ fi
 nsagen() { python3 -m nsagen.cli "$@"; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-TESTS=${TESTS:-tests/test_kernels_gpu.py tests/test_backward_gpu.py tests/test_decode_gpu.py tests/test_tune_gpu.py tests/test_nn_gpu.py}
+TESTS=${TESTS:-tests/test_kernels_gpu.py tests/test_backward_gpu.py tests/test_decode_gpu.py tests/test_tune_gpu.py tests/test_nn_gpu.py tests/test_dsa_kernels_gpu.py}
 if [ "$TESTS" != none ]; then
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q --maxfail=${MAXFAIL:-8} $TESTS 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 fi
