@@ -184,3 +184,14 @@ def check_dsa_step(spec: DSASpec, batch: int, device: torch.device, **tensors) -
             raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{name}: on {t.device}, but the cache is on {device}")
+
+
+def check_fp8_keys_device(spec: DSASpec, device: torch.device) -> None:
+    """FP8 indexer keys run on FP8 tensor cores: refuse a GPU older than sm_89 by name (the
+    interpreter on the CPU emulates them)."""
+    if not spec.fp8_keys or device.type != "cuda":
+        return
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        raise ValueError(f"indexer.key_dtype float8_e4m3 needs FP8 tensor cores (sm_89 or newer); "
+                         f"{device} is sm_{cap[0]}{cap[1]}: use key_dtype bfloat16 there")

@@ -25,7 +25,8 @@ from .tune.workloads import DecodeSetup, packed_args, random_inputs
 
 _PTR_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
               torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64",
-              torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+              torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+              torch.float8_e4m3fn: "fp8e4nv"}
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checks import check_dsa_step
+from .checks import check_dsa_step, check_fp8_keys_device
 from .launch import direct_launches, interpreted_in_float32
 
 I32 = torch.int32
@@ -53,7 +53,9 @@ class StepLayout:
 
 class DSACache:
     """Keys, values (unless they are the keys' first Dv columns, as in MLA) and indexer keys of
-    `batch` sequences of up to `max_len` tokens, with their lengths on the device."""
+    `batch` sequences of up to `max_len` tokens, with their lengths on the device. With FP8
+    indexer keys (the spec's `indexer.key_dtype`) the cache stores them in float8_e4m3 with one
+    fp32 scale per token (`k_idx_scale`), as the kernels read them."""
 
     def __init__(self, op, batch: int, max_len: int, device=None, dtype: torch.dtype | None = None,
                  with_values: bool = True):
@@ -71,7 +73,11 @@ class DSACache:
         self.k = torch.zeros(batch, max_len, H, spec.dim_qk, dtype=dtype, device=device)
         self.v = (torch.zeros(batch, max_len, H, spec.dim_v, dtype=dtype, device=device)
                   if with_values else None)
-        self.k_idx = torch.zeros(batch, max_len, spec.indexer_dim, dtype=dtype, device=device)
+        check_fp8_keys_device(spec, device)
+        self.k_idx = torch.zeros(batch, max_len, spec.indexer_dim, device=device,
+                                 dtype=torch.float8_e4m3fn if spec.fp8_keys else dtype)
+        self.k_idx_scale = (torch.zeros(batch, max_len, dtype=torch.float32, device=device)
+                            if spec.fp8_keys else None)
         self.lens = torch.zeros(batch, dtype=I32, device=device)
         self._layout = StepLayout(batch, max_len, device)
 
@@ -90,8 +96,17 @@ class DSACache:
             if v is None:
                 raise ValueError("prefill: this cache holds values; give v")
             self.v[:, :T] = v
-        self.k_idx[:, :T] = k_idx
+        self._write_keys((slice(None), slice(0, T)), k_idx)
         self.lens.copy_(lens.to(I32))
+
+    def _write_keys(self, where, k_idx: torch.Tensor) -> None:
+        """Store indexer keys at cache index `where`, quantized when the cache keeps FP8."""
+        if self.k_idx_scale is None:
+            self.k_idx[where] = k_idx.to(self.k_idx.dtype)
+            return
+        k8, scale = self.op.module.quantize_keys(k_idx.reshape(-1, k_idx.shape[-1]))
+        self.k_idx[where] = k8.view(k_idx.shape)
+        self.k_idx_scale[where] = scale.view(k_idx.shape[:-1])
 
     def append(self, k_t: torch.Tensor, v_t: torch.Tensor | None, k_idx_t: torch.Tensor) -> None:
         """Write one token per sequence (k_t [B, H, Dk], v_t [B, H, Dv] or None, k_idx_t [B, DI])
@@ -105,7 +120,7 @@ class DSACache:
         self.k[rows, at] = k_t.to(self.k.dtype)
         if self.v is not None:
             self.v[rows, at] = v_t.to(self.v.dtype)
-        self.k_idx[rows, at] = k_idx_t.to(self.k_idx.dtype)
+        self._write_keys((rows, at), k_idx_t)
         self.lens += 1
 
     def step(self, q: torch.Tensor, q_idx: torch.Tensor, w_idx: torch.Tensor,
@@ -116,18 +131,21 @@ class DSACache:
         check_dsa_step(spec, self.batch, self.k.device, q=q, q_idx=q_idx, w_idx=w_idx)
         dtype = q.dtype
         k, v, ki = self.k, self.v, self.k_idx
+        fp8 = self.k_idx_scale is not None
         if interpreted_in_float32(k):        # the interpreter computes bfloat16 wrongly
-            k, ki = k.float(), ki.float()
+            k, ki = k.float(), ki if fp8 else ki.float()
             v = None if v is None else v.float()
         q = q.to(k.dtype).contiguous()
-        q_idx = q_idx.to(ki.dtype).contiguous()
+        q_idx = q_idx.to(k.dtype if fp8 else ki.dtype).contiguous()
+        k_scale = self.k_idx_scale.view(-1) if fp8 else None
         B, L = self.batch, self.max_len
         kp = k.view(B * L, spec.heads_kv, spec.dim_qk)
         vp = kp[..., :spec.dim_v] if v is None else v.view(B * L, spec.heads_kv, spec.dim_v)
         lay = self._layout.refresh(self.lens)
         with torch.no_grad(), direct_launches():
             o, idx, _ = mod.forward(q, kp, vp, q_idx, ki.view(B * L, spec.indexer_dim),
-                                    w_idx.contiguous(), lay, configs=self.op.configs)
+                                    w_idx.contiguous(), lay, configs=self.op.configs,
+                                    k_scale=k_scale)
         o = o.to(dtype)
         return (o, idx) if return_indices else o
 

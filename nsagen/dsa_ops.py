@@ -16,7 +16,7 @@ from types import ModuleType
 import torch
 
 from . import reference
-from .checks import check_dsa_inputs
+from .checks import check_dsa_inputs, check_fp8_keys_device
 from .dsa_decode import DSACache
 from .dsa_spec import DSASpec
 from .launch import (direct_launches, fallback_notice, interpreted_in_float32,
@@ -56,6 +56,7 @@ class DSAOp:
         if not kernels_available(q.device):
             fallback_notice(q.device)
             return reference.dsa(q, k, v, q_idx, k_idx, w_idx, spec, cu_seqlens, return_indices)
+        check_fp8_keys_device(spec, q.device)
         dtype = q.dtype
         q, k, v, q_idx, k_idx = _kernel_dtypes(q, k, v, q_idx, k_idx)
         B, T = prob.batch, prob.seq_len
@@ -77,6 +78,7 @@ class DSAOp:
         if not kernels_available(q.device):
             fallback_notice(q.device)
             return reference.dsa_indexer_loss(q, k, q_idx, k_idx, w_idx, spec, dense=dense)
+        check_fp8_keys_device(spec, q.device)
         dtype = q_idx.dtype
         q, k, _, q_idx, k_idx = _kernel_dtypes(q.detach(), k.detach(), None, q_idx, k_idx)
         lay = build_layout(spec, prob.seqlens, q.device)

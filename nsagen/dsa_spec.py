@@ -114,16 +114,16 @@ class DSASpec:
 
     def check_kernels(self) -> None:
         """Raise SpecError for what the spec language allows but the generated kernels do not
-        (yet) take: the top-k keeps its picks in registers (topk <= TOPK_KERNEL_MAX), and the
-        indexer reads its keys in the model's dtype (no FP8 keys yet)."""
+        take: the top-k keeps its picks in registers (topk <= TOPK_KERNEL_MAX)."""
         if self.topk > TOPK_KERNEL_MAX:
             raise SpecError(self.source, "indexer.topk", self.topk,
                             f"the generated top-k keeps its picks on chip: at most "
                             f"{TOPK_KERNEL_MAX} (nsagen.reference.dsa takes any)")
-        if self.key_dtype != "bfloat16":
-            raise SpecError(self.source, "indexer.key_dtype", self.key_dtype,
-                            "FP8 indexer keys are not generated yet; use bfloat16 "
-                            "(nsagen.reference.dsa computes either)")
+
+    @property
+    def fp8_keys(self) -> bool:
+        """Whether the kernels store the indexer keys in float8_e4m3 (one scale per token)."""
+        return self.key_dtype == "float8_e4m3"
 
     @property
     def group(self) -> int:

@@ -296,6 +296,15 @@ def dsa_index_scores(q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tens
     return torch.einsum("bqj,bqjs->bqs", w_idx, torch.relu(torch.einsum("bqjd,bsd->bqjs", q_idx, kk)))
 
 
+def fp8_rows(x: torch.Tensor) -> torch.Tensor:
+    """The values FP8 indexer kernels compute with (docs/algorithm.md section 8): each row of
+    the last dim scaled so its largest magnitude is 448, rounded to float8_e4m3, scaled back;
+    float64. The scale is computed in float32, as the kernels do."""
+    scale = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448.0
+    x8 = (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return x8.double() * scale.double()
+
+
 def dsa_select(spec: DSASpec, score: torch.Tensor) -> torch.Tensor:
     """S_t from index scores [B, T, T] (causal mask applied here): the min(topk, t + 1) keys of
     largest score, ties to the lower position, ascending, padded with -1 -> [B, T, topk] int32."""

@@ -3,7 +3,8 @@
 Outputs are poisoned before the launch, so an element the kernels do not write fails. The
 selection is compared by score: where a near-tie in low precision flips the last picks, the
 chosen set must score as well as the reference's, and the output is then checked against the
-reference attention on the positions the kernels chose.
+reference attention on the positions the kernels chose. With FP8 indexer keys the reference
+scores the values the kernels compute with (`reference.fp8_rows`), so the check stays as tight.
 """
 from __future__ import annotations
 
@@ -63,7 +64,10 @@ def check_forward(op, x, lens, dtype):
     for n in lens:
         sl = slice(t0, t0 + n)
         part = {k: None if t is None else t[:, sl] for k, t in x64.items()}
-        score = reference.dsa_index_scores(part["q_idx"], part["k_idx"], part["w_idx"])[0]
+        qi, ki = part["q_idx"], part["k_idx"]
+        if spec.fp8_keys:
+            qi, ki = reference.fp8_rows(qi), reference.fp8_rows(ki)
+        score = reference.dsa_index_scores(qi, ki, part["w_idx"])[0]
         ref_idx = reference.dsa_select(spec, score[None])[0]
         got = idx[sl].long()
         check_selection(spec, got, ref_idx.long(), score, dtype)

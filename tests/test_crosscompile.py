@@ -20,7 +20,7 @@ def _has_nvidia_backend() -> bool:
 
 
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="Triton without its NVIDIA backend")
-@pytest.mark.parametrize("name", ["nsa-d128", "nsa-paper", "dsa-v32"])
+@pytest.mark.parametrize("name", ["nsa-d128", "nsa-paper", "dsa-v32", "dsa-v32-fp8"])
 def test_every_kernel_compiles_for_sm90(name):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-m", "nsagen.cli", "build", name, "--arch", "90"],

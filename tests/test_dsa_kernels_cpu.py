@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -52,6 +54,24 @@ def test_wide_keys_split_in_two_tiles():
     lens = [30]
     x, _ = dsa_inputs(spec, lens, torch.float32, "cpu", seed=5, with_v=False)
     check_forward(op, x, lens, torch.float32)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("bk,kb", [(16, 1), (16, 2), (32, 16)])
+def test_indexer_key_blocks_per_program(bk, kb, fp8):
+    """Programs of KB blocks of BK keys: a block past the tile's last token is skipped, a
+    program's last blocks run short; scores and picks unchanged (bf16 and FP8 keys)."""
+    spec = spec_of(kv=2, topk=8)
+    if fp8:
+        spec = spec.replace(key_dtype="float8_e4m3")
+    op = nsagen.build(spec)
+    lens = [45, 3, 20]
+    x, _ = dsa_inputs(spec, lens, torch.float32, "cpu", seed=bk + kb)
+    op.configs = {"dsa_indexer": dict(op.module.CONFIGS["dsa_indexer"], BK=bk, KB=kb)}
+    try:
+        check_forward(op, x, lens, torch.float32)
+    finally:
+        op.configs = {}
 
 
 def test_ties_go_to_the_lower_position():
@@ -124,12 +144,16 @@ def test_gradients_match_reference(kv, with_v, dtype):
         assert a.dtype == dtype and rel_err(a, b) < tol, (n, rel_err(a, b))
 
 
-def test_unsupported_specs_are_refused_by_name():
+def test_unsupported_specs_are_refused_by_name(monkeypatch):
     spec = spec_of()
-    with pytest.raises(SpecError, match="indexer.key_dtype"):
-        nsagen.build(spec.replace(key_dtype="float8_e4m3"))
     with pytest.raises(SpecError, match="indexer.topk"):
         nsagen.build(spec.replace(topk=8192))
+    # FP8 keys need FP8 tensor cores: a GPU before sm_89 is refused by name
+    from nsagen.checks import check_fp8_keys_device
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match="float8_e4m3 needs FP8 tensor cores.*sm_80"):
+        check_fp8_keys_device(spec.replace(key_dtype="float8_e4m3"), torch.device("cuda", 0))
+    check_fp8_keys_device(spec, torch.device("cuda", 0))     # bf16 keys run anywhere
 
 
 @pytest.mark.parametrize("kv,dk,dtype,dense", [(1, 24, torch.float32, False),
@@ -205,3 +229,82 @@ def test_decode_inputs_are_checked_by_name():
         cache.step(torch.randn(2, 4, 24), torch.randn(2, 2, 8), torch.ones(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="prefill: k: expected"):
         cache.prefill(torch.randn(3, 4, 2, 24), None, torch.randn(3, 4, 8), torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv,di", [(1, 8), (2, 40)])
+def test_fp8_indexer_keys(kv, di, dtype):
+    """FP8 indexer keys: the picks score as well as the float64 reference's on the quantized
+    values (tight), the output is the reference attention on them, and the FP8 picks differ
+    from the unquantized ones only where quantization moves scores (by score, loosely)."""
+    spec = spec_of(kv=kv, di=di, topk=8).replace(key_dtype="float8_e4m3")
+    op = nsagen.build(spec)
+    lens = [37, 5]
+    x, cu = dsa_inputs(spec, lens, dtype, "cpu", seed=11 + kv)
+    check_forward(op, x, lens, dtype)
+    with torch.no_grad():
+        o, idx = op(*x.values(), cu_seqlens=cu, return_indices=True)
+    exact = reference.dsa_index_scores(*(x[n].double() for n in ("q_idx", "k_idx", "w_idx")))[0]
+    got = idx[0].long()
+    mine = torch.where(got >= 0, exact.gather(1, got.clamp(min=0)), 0.0).sum(1)
+    ref_idx = reference.dsa(*(t.double() for t in x.values()), spec, cu_seqlens=cu,
+                            return_indices=True)[1][0].long()
+    best = torch.where(ref_idx >= 0, exact.gather(1, ref_idx.clamp(min=0)), 0.0).sum(1)
+    # the summed exact scores of the FP8 picks fall short of the best by quantization error only
+    assert ((best - mine) <= 0.05 * exact.abs().amax()).all()
+
+
+def test_fp8_keys_decode_cache_stores_fp8_and_matches_the_prefill():
+    spec = spec_of(kv=1, topk=8).replace(key_dtype="float8_e4m3")
+    op = nsagen.build(spec)
+    g = torch.Generator().manual_seed(4)
+    B, T = 2, 14
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = dict(q=r(B, T, 4, 24), k=r(B, T, 1, 24), v=r(B, T, 1, 16), q_idx=r(B, T, 2, 8),
+             k_idx=r(B, T, 8), w_idx=r(B, T, 2))
+    cache = op.new_cache(B, 16)
+    assert cache.k_idx.dtype == torch.float8_e4m3fn and cache.k_idx_scale.shape == (B, 16)
+    start = torch.tensor([9, 12])
+    cache.prefill(x["k"], x["v"], x["k_idx"], start)
+    rows = torch.arange(B)
+    t = start
+    pick = {n: x[n][rows, t] for n in x}
+    o, idx = cache.decode(pick["q"], pick["k"], pick["v"], pick["q_idx"], pick["k_idx"],
+                          pick["w_idx"], return_indices=True)
+    with torch.no_grad():
+        full_o, full_idx = op(*x.values(), return_indices=True)
+    # the step scores the same quantized keys as the prefill: the same picks, the same output
+    assert torch.equal(idx, full_idx[rows, t])
+    assert rel_err(o, full_o[rows, t]) < 1e-5
+
+
+_E4M3_ROWS = None     # the generated module's in-register quantizer, set by the test below
+
+
+@triton.jit
+def _quantize_rows(x_ptr, y_ptr, s_ptr, N: tl.constexpr):
+    r = tl.arange(0, 16)[:, None] * N + tl.arange(0, N)[None, :]
+    y, s = _E4M3_ROWS(tl.load(x_ptr + r))
+    tl.store(y_ptr + r, y.to(tl.float8e4nv).to(tl.float32))
+    tl.store(s_ptr + tl.arange(0, 16), s)
+
+
+def test_fp8_query_rounding_in_registers_equals_the_stored_keys_rounding():
+    """The indexer quantizes its query rows in registers exactly as keys are stored (torch's
+    round-to-nearest-even float8_e4m3 with a per-row scale): every magnitude from subnormal to
+    448, zero rows, ties."""
+    global _E4M3_ROWS
+    mod = nsagen.build(spec_of().replace(key_dtype="float8_e4m3")).module
+    _E4M3_ROWS = mod._e4m3_rows
+    N = 256
+    x = torch.randn(16, N, generator=torch.Generator().manual_seed(0))
+    x *= torch.logspace(-8, 3, 16)[:, None]
+    x[0] = torch.arange(N) * (448 / 255)
+    x[1, : N // 2] = 1e-30
+    x[2] = 0
+    x[3, 0], x[3, 1:] = 448, torch.linspace(-0.02, 0.02, N - 1) * 448
+    y, s = torch.empty(16, N), torch.empty(16)
+    _quantize_rows[(1,)](x, y, s, N)
+    k8, scale = mod.quantize_keys(x)
+    assert torch.equal(s, scale)
+    assert torch.equal(y, k8.float())

@@ -38,28 +38,33 @@ def head_rows(spec: DSASpec) -> int:
 def _indexer_default(spec: DSASpec, target: Target, why: list) -> dict:
     hip = index_rows(spec)
     bt = max(1, 128 // hip)
-    why.append(f"dsa_indexer tile: {bt} token(s) x {hip} indexer heads = {bt * hip} rows against "
+    kb = 8
+    why.append(f"dsa_indexer tile: {bt} token(s) x {hip} indexer heads = {bt * hip} rows, loaded "
+               f"{'and quantized to FP8 ' if spec.fp8_keys else ''}once, against {kb} blocks of "
                f"64 keys; the ReLU, the head weights and the head sum are applied in registers, "
                f"so only [tokens, keys] scores are written (one chunk of query tiles at a time)")
-    return dict(BT=bt, BK=64, num_warps=4, num_stages=2)
+    return dict(BT=bt, BK=64, KB=kb, num_warps=4, num_stages=2)
 
 
 def _indexer_space(spec: DSASpec, default: dict, target: Target, smem: int):
     hip = index_rows(spec)
-    return [dict(default, BT=bt, BK=bk, num_warps=nw, num_stages=ns)
-            for bt, bk, nw, ns in itertools.product(sorted({max(1, 64 // hip), max(1, 128 // hip)}),
-                                                    [32, 64, 128], [4, 8], [2, 3])], []
+    return [dict(default, BT=bt, BK=bk, KB=kb, num_warps=nw, num_stages=ns)
+            for bt, bk, kb, nw, ns in itertools.product(
+                sorted({max(1, 64 // hip), max(1, 128 // hip)}), [32, 64, 128], [1, 4, 16],
+                [4, 8], [2, 3])], []
 
 
 def _indexer_launch(spec: DSASpec, flags: dict) -> dict:
-    bdi = max(16, triton.next_power_of_2(spec.indexer_dim))
+    # FP8 products take k in steps of 32 on the tensor cores
+    bdi = max(32 if spec.fp8_keys else 16, triton.next_power_of_2(spec.indexer_dim))
     return dict(main=signature(
-        ptrs("qi=q_idx", "ki=k_idx", "w=w_idx", "score", "tile_tok", "tile_len",
+        ptrs("qi=q_idx", "ki=k_idx", "ks=k_scale", "w=w_idx", "score", "tile_tok", "tile_len",
              "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
         scalars("tile0"), strides("q_idx", "qit", "qih"), strides("k_idx", "kit"),
         strides("w_idx", "wt"), strides("score", "sr"),
-        values(HI=spec.indexer_heads, HIP=index_rows(spec), DI=spec.indexer_dim, BDI=bdi),
-        consts(PREC="prec"), cfg("BT", "BK"), options=WARPS_STAGES))
+        values(HI=spec.indexer_heads, HIP=index_rows(spec), DI=spec.indexer_dim, BDI=bdi,
+               FP8=spec.fp8_keys),
+        consts(PREC="prec"), cfg("BT", "BK", "KB"), options=WARPS_STAGES))
 
 
 # ---------------------------------------------------------------------------- dsa_topk
