@@ -7,13 +7,20 @@ TRITON_INTERPRET=1), and the reference otherwise; autograd reaches q, k and v th
 generated backward (the selection is not differentiated). `indexer_loss` runs the generated
 loss kernels (sparse stage, or the dense warm-up), differentiable to the indexer's inputs.
 `new_cache` gives a decode cache whose steps run the same kernels.
+
+The training paths are torch.library ops (`nsagen::<module>_fwd`, `_bwd`, `_loss`, `_loss_bwd`,
+kernels launched through wrap_triton) tied together by register_autograd, so
+`torch.compile(fullgraph=True)` traces through them; calls without gradients launch directly.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from types import ModuleType
+from typing import Optional
 
 import torch
+from torch import Tensor  # noqa: F401  (resolves the op signatures' string annotations)
+from torch.library import triton_op
 
 from . import reference
 from .checks import check_dsa_inputs, check_fp8_keys_device
@@ -21,7 +28,7 @@ from .dsa_decode import DSACache
 from .dsa_spec import DSASpec
 from .launch import (direct_launches, fallback_notice, interpreted_in_float32,
                      kernels_available, pack)
-from .layout import build_layout
+from .layout import build_layout, layout_of_call
 from .target import Target
 
 
@@ -36,6 +43,8 @@ class DSAOp:
         self.name = module.URI
         self.module_name = module.__name__
         self.configs: dict[str, dict] = {}     # explicit per-kernel launch configs
+        self.op_name = f"nsagen::{module.__name__}".replace("-", "_")
+        self._train_op, self._loss_op = _register_ops(self)
 
     def __repr__(self) -> str:
         return f"DSAOp({self.spec.name!r}, module={self.path})"
@@ -60,42 +69,40 @@ class DSAOp:
         dtype = q.dtype
         q, k, v, q_idx, k_idx = _kernel_dtypes(q, k, v, q_idx, k_idx)
         B, T = prob.batch, prob.seq_len
-        lay = build_layout(spec, prob.seqlens, q.device)
-        with direct_launches():
-            o, idx = _SparseAttention.apply(pack(q), pack(k), pack(v), pack(q_idx), pack(k_idx),
-                                            pack(w_idx), self, lay)
-        o = o.view(B, T, spec.heads_q, spec.dim_v).to(dtype)
-        return (o, idx.view(B, T, spec.topk)) if return_indices else o
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v)):
+            o, idx, _ = self._train_op(q, k, v, q_idx.detach(), k_idx.detach(), w_idx.detach(),
+                                       cu_seqlens)
+        else:
+            lay = build_layout(spec, prob.seqlens, q.device)
+            with direct_launches():
+                o, idx, _ = self.module.forward(
+                    pack(q), pack(k), None if v is None else pack(v), pack(q_idx), pack(k_idx),
+                    pack(w_idx), lay, configs=self.configs)
+            o, idx = o.view(B, T, spec.heads_q, spec.dim_v), idx.view(B, T, spec.topk)
+        o = o.to(dtype)
+        return (o, idx) if return_indices else o
 
     def indexer_loss(self, q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor,
-                     k_idx: torch.Tensor, w_idx: torch.Tensor, dense: bool = False) -> torch.Tensor:
+                     k_idx: torch.Tensor, w_idx: torch.Tensor, dense: bool = False,
+                     cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """The indexer's training loss (summed over batch and tokens), differentiable to q_idx,
         k_idx and w_idx only (docs/algorithm.md section 8), from the generated kernels: the
         sparse stage over the forward's picks with its LSE, or (`dense=True`, the warm-up) over
         every earlier key with the dense attention's LSE."""
         spec = self.spec
-        prob = check_dsa_inputs(spec, q, k, None, q_idx, k_idx, w_idx, values=False)
+        prob = check_dsa_inputs(spec, q, k, None, q_idx, k_idx, w_idx, cu_seqlens, values=False)
         if not kernels_available(q.device):
             fallback_notice(q.device)
-            return reference.dsa_indexer_loss(q, k, q_idx, k_idx, w_idx, spec, dense=dense)
+            if cu_seqlens is None:
+                return reference.dsa_indexer_loss(q, k, q_idx, k_idx, w_idx, spec, dense=dense)
+            return sum(reference.dsa_indexer_loss(*(t[:, a:a + n] for t in
+                                                    (q, k, q_idx, k_idx, w_idx)), spec, dense=dense)
+                       for a, n in zip(cu_seqlens.tolist(), prob.seqlens))
         check_fp8_keys_device(spec, q.device)
         dtype = q_idx.dtype
         q, k, _, q_idx, k_idx = _kernel_dtypes(q.detach(), k.detach(), None, q_idx, k_idx)
-        lay = build_layout(spec, prob.seqlens, q.device)
-        qp, kp, qi, ki, wi = pack(q), pack(k), pack(q_idx), pack(k_idx), pack(w_idx)
-        with torch.no_grad(), direct_launches():
-            if dense:
-                idx = None
-                lse = self.module.dense_lse(qp, kp, lay, configs=self.configs)
-            else:
-                # the attention's LSE does not depend on v: any value rows do (k's, if they fit)
-                vp = (kp[..., :spec.dim_v] if spec.dim_v <= spec.dim_qk else
-                      kp.new_zeros(kp.shape[0], spec.heads_kv, spec.dim_v))
-                _, idx, lse = self.module.forward(qp, kp, vp, qi.detach(), ki.detach(),
-                                                  wi.detach(), lay, configs=self.configs)
-        with direct_launches():
-            loss = _IndexerLoss.apply(qi, ki, wi, qp, kp, idx, lse, self, lay, dense)
-        return loss.to(dtype)
+        loss = self._loss_op(q, k, q_idx, k_idx, w_idx, cu_seqlens, dense)[0]
+        return loss.sum().to(dtype)
 
 
 def _kernel_dtypes(q, k, v, q_idx, k_idx):
@@ -109,51 +116,85 @@ def _kernel_dtypes(q, k, v, q_idx, k_idx):
     return q, k, v, q_idx, k_idx
 
 
-class _SparseAttention(torch.autograd.Function):
-    """The generated forward on packed tensors, differentiable to q, k and v by the generated
-    backward; v None means v = k[..., :Dv], read in place (its gradient lands in dk)."""
+def _register_ops(op: DSAOp):
+    """Register the sparse attention (`_fwd` / `_bwd`) and the indexer loss (`_loss` /
+    `_loss_bwd`) of one module as torch.library triton ops with their autograd formulas: the
+    attention differentiable to q, k and v, the loss to q_idx, k_idx and w_idx."""
+    spec, mod = op.spec, op.module
+    HQ, DV, TOPK = spec.heads_q, spec.dim_v, spec.topk
 
-    @staticmethod
-    def forward(ctx, q, k, v, q_idx, k_idx, w_idx, op, lay):
-        dv = op.spec.dim_v
-        o, idx, lse = op.module.forward(q, k, k[..., :dv] if v is None else v, q_idx, k_idx,
-                                        w_idx, lay, configs=op.configs)
-        ctx.save_for_backward(q, k, v, idx, o, lse)
-        ctx.op, ctx.lay = op, lay
-        ctx.mark_non_differentiable(idx)
-        return o, idx
+    def fwd(q: Tensor, k: Tensor, v: Optional[Tensor], q_idx: Tensor, k_idx: Tensor,
+            w_idx: Tensor, cu_seqlens: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        B, T = q.shape[:2]
+        lay = layout_of_call(spec, q, cu_seqlens)
+        o, idx, lse = mod.forward(pack(q), pack(k), None if v is None else pack(v), pack(q_idx),
+                                  pack(k_idx), pack(w_idx), lay, configs=op.configs)
+        return o.view(B, T, HQ, DV), idx.view(B, T, TOPK), lse
 
-    @staticmethod
-    def backward(ctx, do, _didx):
-        q, k, v, idx, o, lse = ctx.saved_tensors
-        with direct_launches():
-            dq, dk, dv = ctx.op.module.backward(do, q, k, v, idx, o, lse, ctx.lay,
-                                                configs=ctx.op.configs)
-        return (dq.to(q.dtype), dk.to(k.dtype), None if v is None else dv.to(v.dtype),
-                None, None, None, None, None)
+    def bwd(do: Tensor, q: Tensor, k: Tensor, v: Optional[Tensor], idx: Tensor, o: Tensor,
+            lse: Tensor, cu_seqlens: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        B, T = q.shape[:2]
+        lay = layout_of_call(spec, q, cu_seqlens)
+        dq, dk, dv = mod.backward(pack(do), pack(q), pack(k), None if v is None else pack(v),
+                                  idx.view(B * T, TOPK), pack(o), lse, lay, configs=op.configs)
+        dv = q.new_empty(0) if dv is None else dv.to(v.dtype).view(B, T, *dv.shape[1:])
+        return (dq.to(q.dtype).view(B, T, *dq.shape[1:]),
+                dk.to(k.dtype).view(B, T, *dk.shape[1:]), dv)
 
+    def loss(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, w_idx: Tensor,
+             cu_seqlens: Optional[Tensor], dense: bool
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        lay = layout_of_call(spec, q, cu_seqlens)
+        qp, kp, qi, ki, wi = pack(q), pack(k), pack(q_idx), pack(k_idx), pack(w_idx)
+        if dense:                     # the warm-up reads no picks: a placeholder column
+            idx = torch.empty(qp.shape[0], 1, dtype=torch.int32, device=q.device)
+            lse = mod.dense_lse(qp, kp, lay, configs=op.configs)
+        else:
+            # the attention's LSE does not depend on v: k's first columns stand in when they fit
+            vp = None if DV <= spec.dim_qk else kp.new_zeros(kp.shape[0], spec.heads_kv, DV)
+            _, idx, lse = mod.forward(qp, kp, vp, qi, ki, wi, lay, configs=op.configs)
+        per_token, saved = mod.indexer_loss(qp, kp, qi, ki, wi, idx, lse, lay,
+                                            configs=op.configs, dense=dense)
+        return per_token, idx, lse, saved
 
-class _IndexerLoss(torch.autograd.Function):
-    """The summed indexer loss (sparse stage, or the dense warm-up) from the generated kernels,
-    differentiable to the packed q_idx, k_idx and w_idx."""
+    def loss_bwd(dloss: Tensor, q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor,
+                 w_idx: Tensor, idx: Tensor, lse: Tensor, saved: Tensor,
+                 cu_seqlens: Optional[Tensor], dense: bool) -> tuple[Tensor, Tensor, Tensor]:
+        lay = layout_of_call(spec, q, cu_seqlens)
+        dqi, dki, dw = mod.indexer_loss_backward(dloss, pack(q), pack(k), pack(q_idx),
+                                                 pack(k_idx), pack(w_idx), idx, lse, saved, lay,
+                                                 configs=op.configs, dense=dense)
+        return (dqi.to(q_idx.dtype).view(q_idx.shape), dki.to(k_idx.dtype).view(k_idx.shape),
+                dw.to(w_idx.dtype).view(w_idx.shape))
 
-    @staticmethod
-    def forward(ctx, q_idx, k_idx, w_idx, q, k, idx, lse, op, lay, dense):
-        if idx is None:          # the dense stage reads no picks
-            idx = torch.empty(q.shape[0], 1, dtype=torch.int32, device=q.device)
-        loss, saved = op.module.indexer_loss(q, k, q_idx, k_idx, w_idx, idx, lse, lay,
-                                             configs=op.configs, dense=dense)
-        ctx.save_for_backward(q_idx, k_idx, w_idx, q, k, idx, lse, saved)
-        ctx.op, ctx.lay, ctx.dense = op, lay, dense
-        return loss.sum()
+    fwd_op = triton_op(op.op_name + "_fwd", mutates_args={})(fwd)
+    bwd_op = triton_op(op.op_name + "_bwd", mutates_args={})(bwd)
+    loss_op = triton_op(op.op_name + "_loss", mutates_args={})(loss)
+    loss_bwd_op = triton_op(op.op_name + "_loss_bwd", mutates_args={})(loss_bwd)
 
-    @staticmethod
-    def backward(ctx, g):
-        q_idx, k_idx, w_idx, q, k, idx, lse, saved = ctx.saved_tensors
-        dloss = g.float().expand(q.shape[0])
-        with direct_launches():
-            dqi, dki, dw = ctx.op.module.indexer_loss_backward(
-                dloss, q, k, q_idx, k_idx, w_idx, idx, lse, saved, ctx.lay,
-                configs=ctx.op.configs, dense=ctx.dense)
-        return (dqi.to(q_idx.dtype), dki.to(k_idx.dtype), dw.to(w_idx.dtype),
-                None, None, None, None, None, None, None)
+    def setup_fwd(ctx, inputs, output):
+        q, k, v, _, _, _, cu = inputs
+        o, idx, lse = output
+        ctx.has_v = v is not None
+        ctx.save_for_backward(q, k, v, idx, o, lse, cu)
+
+    def backward_fwd(ctx, do, _didx, _dlse):
+        q, k, v, idx, o, lse, cu = ctx.saved_tensors
+        dq, dk, dv = bwd_op(do.contiguous(), q, k, v, idx, o, lse, cu)
+        return dq, dk, dv if ctx.has_v else None, None, None, None, None
+
+    def setup_loss(ctx, inputs, output):
+        q, k, q_idx, k_idx, w_idx, cu, dense = inputs
+        _, idx, lse, saved = output
+        ctx.dense = dense
+        ctx.save_for_backward(q, k, q_idx, k_idx, w_idx, idx, lse, saved, cu)
+
+    def backward_loss(ctx, dloss, _didx, _dlse, _dsaved):
+        q, k, q_idx, k_idx, w_idx, idx, lse, saved, cu = ctx.saved_tensors
+        dqi, dki, dw = loss_bwd_op(dloss.float().contiguous(), q, k, q_idx, k_idx, w_idx, idx,
+                                   lse, saved, cu, ctx.dense)
+        return None, None, dqi, dki, dw, None, None
+
+    fwd_op.register_autograd(backward_fwd, setup_context=setup_fwd)
+    loss_op.register_autograd(backward_loss, setup_context=setup_loss)
+    return fwd_op, loss_op

@@ -233,3 +233,15 @@ def _build(spec: Spec | DSASpec, seqlens: tuple, device: torch.device,
     return Layout(seqlens=tuple(seqlens), device=device, tok_pos=packed[0], tok_cstart=packed[1],
                   tok_ncmp=packed[2], cmp_src=cmp_src.to(I32).to(device), n_cmp=sum(ncs),
                   nbp=nbp, tok_seq=packed[3], tok_seqlen=packed[4], tok_kbase=packed[5], ncs=ncs)
+
+
+def layout_of_call(spec: Spec | DSASpec, q: torch.Tensor,
+                   cu_seqlens: torch.Tensor | None) -> Layout:
+    """The layout inside a registered op: from q's shape alone when there is no cu_seqlens
+    (traceable by torch.compile), else from the lengths read on the host."""
+    if cu_seqlens is None:
+        lens = (q.shape[1],) * q.shape[0]
+    else:
+        cu = cu_seqlens.tolist()
+        lens = tuple(b - a for a, b in zip(cu[:-1], cu[1:]))
+    return build_layout(spec, lens, q.device)

@@ -26,7 +26,7 @@ from .dsa_ops import DSAOp
 from .dsa_spec import DSASpec
 from .launch import (direct_launches, fallback_notice, interpreted_in_float32,
                      kernels_available, pack)
-from .layout import build_layout
+from .layout import build_layout, layout_of_call
 from .resources import prebuilt_module
 from .spec import Spec
 from .target import Target, current
@@ -160,16 +160,6 @@ def mean_compress_backward(dk_cmp: torch.Tensor, lay, spec: Spec, n_tok: int) ->
     return out
 
 
-def _layout(spec: Spec, q: torch.Tensor, cu_seqlens: torch.Tensor | None):
-    """The layout inside the registered ops: from the shape alone when there is no cu_seqlens
-    (traceable by torch.compile), else from the lengths read on the host."""
-    if cu_seqlens is None:
-        lens = (q.shape[1],) * q.shape[0]
-    else:
-        lens = tuple(b - a for a, b in zip(cu_seqlens.tolist()[:-1], cu_seqlens.tolist()[1:]))
-    return build_layout(spec, lens, q.device)
-
-
 def _register_training_op(nsa: NSAOp):
     """Register `nsagen::<module>_fwd` / `_bwd` as torch.library triton ops (kernels launched
     through wrap_triton) and tie them together with register_autograd."""
@@ -180,7 +170,7 @@ def _register_training_op(nsa: NSAOp):
             cu_seqlens: Optional[Tensor]
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         B, T = q.shape[:2]
-        lay = _layout(spec, q, cu_seqlens)
+        lay = layout_of_call(spec, q, cu_seqlens)
         o, idx, saved = mod.forward(
             pack(q), pack(k), pack(v), pack(gates), pack(k_cmp), pack(v_cmp), lay,
             pack(k_win), pack(v_win), configs=nsa.configs_for(q.device, max(lay.seqlens)),
@@ -198,7 +188,7 @@ def _register_training_op(nsa: NSAOp):
             v_win: Optional[Tensor], cu_seqlens: Optional[Tensor], user_cmp: bool
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         B, T = q.shape[:2]
-        lay = _layout(spec, q, cu_seqlens)
+        lay = layout_of_call(spec, q, cu_seqlens)
         # the caller's k_cmp/v_cmp are [B, Nc, H, D]; ones made by mean compression come packed
         # [Nc_total, H, D] (possibly with no rows); a 1-d placeholder means no compressed branch
         if user_cmp:

@@ -230,7 +230,7 @@ def test_spec_errors_name_the_key(change, key, rule):
 
 def test_shipped_dsa_specs_build_their_forward():
     names = sorted(shipped_specs("dsa"))
-    assert names == ["dsa-gqa", "dsa-v32"]
+    assert names == ["dsa-gqa", "dsa-v32", "dsa-v32-fp8"]
     for name in names:
         s = load_spec(name)
         assert s.family == "dsa" and s.name == name

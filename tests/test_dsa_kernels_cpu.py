@@ -308,3 +308,28 @@ def test_fp8_query_rounding_in_registers_equals_the_stored_keys_rounding():
     k8, scale = mod.quantize_keys(x)
     assert torch.equal(s, scale)
     assert torch.equal(y, k8.float())
+
+
+def test_training_paths_are_registered_ops_and_the_loss_takes_packed_sequences():
+    """The attention and the loss run as torch.library ops (what torch.compile traces); the
+    loss of packed sequences (cu_seqlens) is the sum of each sequence's, gradients included."""
+    spec = spec_of(kv=2)
+    op = nsagen.build(spec)
+    name = op.op_name.split("::")[1]
+    for suffix in ("_fwd", "_bwd", "_loss", "_loss_bwd"):
+        assert hasattr(torch.ops.nsagen, name + suffix), suffix
+    lens = [17, 9, 1]
+    x, cu = dsa_inputs(spec, lens, torch.float32, "cpu", seed=4)
+    del x["v"]
+    for n in ("q_idx", "k_idx", "w_idx"):
+        x[n].requires_grad_(True)
+    loss = op.indexer_loss(**x, cu_seqlens=cu)
+    got = torch.autograd.grad(loss, [x["q_idx"], x["k_idx"], x["w_idx"]])
+    ref_in = {n: t.detach().double().requires_grad_(True) for n, t in x.items()}
+    ref = sum(reference.dsa_indexer_loss(*(ref_in[n][:, a:a + m] for n in
+                                           ("q", "k", "q_idx", "k_idx", "w_idx")), spec)
+              for a, m in zip(cu.tolist(), lens))
+    want = torch.autograd.grad(ref, [ref_in["q_idx"], ref_in["k_idx"], ref_in["w_idx"]])
+    assert abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-4
