@@ -168,14 +168,27 @@ def _dot_exact_a(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _kv_rows(tab_row, kpos, kmask, PAGE: tl.constexpr):
+    """Decoding: the cache rows holding positions kpos of one sequence. A contiguous cache
+    (PAGE 0) keeps position p at row p of the sequence (kpos returned as it is); a paged one
+    at row page * PAGE + p % PAGE of the pool (int64), the page read from the sequence's page
+    table (tab_row)."""
+    rows = kpos
+    if PAGE != 0:
+        page = tl.load(tab_row + kpos // PAGE, mask=kmask, other=0)
+        rows = page.to(tl.int64) * PAGE + kpos % PAGE
+    return rows
+
+
+@triton.jit
 def _decode_attend(q, k_base, v_base, kpos, kmask, m_i, l_i, acc, stride_kt, stride_vt,
-                   qk_scale, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
-                   BDV: tl.constexpr, PREC: tl.constexpr):
+                   qk_scale, tab_row, PAGE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
     """Decoding: one online-softmax step of the G query rows over the keys at positions kpos
-    (where kmask; the positions may be gathered from anywhere in the cache)."""
+    (where kmask; the positions may be gathered from anywhere in the cache, paged or not)."""
     offs_dk = tl.arange(0, BDK)
     offs_dv = tl.arange(0, BDV)
-    rows = kpos.to(tl.int64)[:, None]
+    rows = _kv_rows(tab_row, kpos, kmask, PAGE).to(tl.int64)[:, None]
     kt = tl.load(k_base + rows * stride_kt + offs_dk[None, :],
                  mask=kmask[:, None] & (offs_dk[None, :] < DK), other=0.0)
     vt = tl.load(v_base + rows * stride_vt + offs_dv[None, :],
@@ -187,8 +200,9 @@ def _decode_attend(q, k_base, v_base, kpos, kmask, m_i, l_i, acc, stride_kt, str
 
 @triton.jit
 def _decode_window(q, kw_base, vw_base, pos, chunk, win_keys, m_i, l_i, acc, stride_kt,
-                   stride_vt, qk_scale, W: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                   BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, BK: tl.constexpr):
+                   stride_vt, qk_scale, tab_row, PAGE: tl.constexpr, W: tl.constexpr,
+                   DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                   PREC: tl.constexpr, BK: tl.constexpr):
     """Decoding: chunk `chunk` (win_keys keys) of the window max(0, pos - W + 1) .. pos."""
     offs_k = tl.arange(0, BK)
     lo = tl.maximum(pos - W + 1, 0) + chunk * win_keys
@@ -196,7 +210,8 @@ def _decode_window(q, kw_base, vw_base, pos, chunk, win_keys, m_i, l_i, acc, str
     for k0 in range(lo, hi, BK):
         kpos = k0 + offs_k
         m_i, l_i, acc = _decode_attend(q, kw_base, vw_base, kpos, kpos < hi, m_i, l_i, acc,
-                                       stride_kt, stride_vt, qk_scale, DK, DV, BDK, BDV, PREC)
+                                       stride_kt, stride_vt, qk_scale, tab_row, PAGE, DK, DV,
+                                       BDK, BDV, PREC)
     return m_i, l_i, acc
 
 
@@ -1139,13 +1154,14 @@ def _decode_cmp_chunks(n, n_split, L: tl.constexpr, STRIDE: tl.constexpr, R2: tl
 
 @triton.jit
 def decode_cmp(
-    q_ptr, kc_ptr, vc_ptr, kw_ptr, vw_ptr, lens_ptr, mp_ptr, lp_ptr, accp_ptr, imp_ptr, impm_ptr,
-    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_wkb, stride_wkt, stride_wkh, stride_wvb, stride_wvt, stride_wvh, qk_scale, n_split,
-    n_part, win_keys, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
-    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
-    R1: tl.constexpr, R2: tl.constexpr, CQ: tl.constexpr, NBP: tl.constexpr, NPART: tl.constexpr,
-    PREC: tl.constexpr, BC: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr,
+    q_ptr, kc_ptr, vc_ptr, kw_ptr, vw_ptr, lens_ptr, mp_ptr, lp_ptr, accp_ptr, ktab_ptr, ctab_ptr,
+    stride_ktab, stride_ctab, imp_ptr, impm_ptr, stride_qb, stride_qh, stride_kb, stride_kt,
+    stride_kh, stride_vb, stride_vt, stride_vh, stride_wkb, stride_wkt, stride_wkh, stride_wvb,
+    stride_wvt, stride_wvh, qk_scale, n_split, n_part, win_keys, PAGE: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, R1: tl.constexpr,
+    R2: tl.constexpr, CQ: tl.constexpr, NBP: tl.constexpr, NPART: tl.constexpr, PREC: tl.constexpr,
+    BC: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr,
 ):
     tl.static_assert(BDK >= DK and BDV >= DV and GP >= G and GP >= 16)
     tl.static_assert(BC % R2 == 0, "a compressed tile covers whole selection blocks")
@@ -1172,8 +1188,9 @@ def decode_cmp(
         ja = sp * cb                        # this chunk's selection blocks: ja .. jb - 1
         jb = tl.minimum(ja + cb, nbo)
         c_hi = tl.minimum(jb * R2, nvis)    # their compressed keys: ja * R2 .. c_hi - 1
-        k_base = kc_ptr + b * stride_kb + g * stride_kh
+        k_base = kc_ptr + b * stride_kb + g * stride_kh   # paged: the pool (stride_kb is 0)
         v_base = vc_ptr + b * stride_vb + g * stride_vh
+        ctab_row = ctab_ptr + b * stride_ctab
         row = (b * H + g) * G + hh          # importance rows: [B * H * G, NPART, NBP] parts and
         offs_bj = tl.arange(0, BJ)          # [B * H * G, NBP] tile maxima (at j // BJ)
         r_off = tl.arange(0, R2)            # a key's offset inside its block
@@ -1184,7 +1201,8 @@ def decode_cmp(
         for j0 in range(ja, jb, BJ):
             cidx = j0 * R2 + offs_c
             c_ok = cidx < c_hi
-            kc = tl.load(k_base + cidx[:, None] * stride_kt + offs_dk[None, :],
+            crow = _kv_rows(ctab_row, cidx, c_ok, PAGE)
+            kc = tl.load(k_base + crow[:, None] * stride_kt + offs_dk[None, :],
                          mask=c_ok[:, None] & dmask_k, other=0.0)
             s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
             s = tl.where(c_ok[None, :] & row_ok[:, None], s, float("-inf"))
@@ -1193,7 +1211,7 @@ def decode_cmp(
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vc = tl.load(v_base + cidx[:, None] * stride_vt + offs_dv[None, :],
+            vc = tl.load(v_base + crow[:, None] * stride_vt + offs_dv[None, :],
                          mask=c_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
             m_i = m_new
@@ -1217,27 +1235,32 @@ def decode_cmp(
             q, kw_ptr + b * stride_wkb + g * stride_wkh, vw_ptr + b * stride_wvb + g * stride_wvh,
             n - 1, sp - n_split, win_keys, tl.full([GP], float("-inf"), dtype=tl.float32),
             tl.zeros([GP], dtype=tl.float32), tl.zeros([GP, BDV], dtype=tl.float32),
-            stride_wkt, stride_wvt, qk_scale, W, DK, DV, BDK, BDV, PREC, BW)
+            stride_wkt, stride_wvt, qk_scale, ktab_ptr + b * stride_ktab, PAGE, W, DK, DV, BDK,
+            BDV, PREC, BW)
         _decode_release(PDL)
         _decode_store_partial(mp_ptr, lp_ptr, accp_ptr, part, hh, row_ok, m_w, l_w, acc_w, GP,
                               BDV, True)
 
 
-def launch_decode_cmp(q, k_cmp, v_cmp, kw, vw, lens, work, splits, cfg, prec):
-    """Partials of the compressed branch and the window for every (split, KV head, sequence)."""
+def launch_decode_cmp(q, k_cmp, v_cmp, kw, vw, lens, work, splits, cfg, prec, pages=None):
+    """Partials of the compressed branch and the window for every (split, KV head, sequence);
+    `pages` (decode_pages) when the caches are paged pools."""
+    pg = _decode_pages(pages, lens)
     B = q.shape[0]
     n_split = splits["cmp"]
     pdl = _decode_pdl(q.device)
     grid = (n_split + work["n_win"], H_KV, B)
     _launch(decode_cmp)[grid](
         q, k_cmp, v_cmp, kw, vw, lens, work["part_m"], work["part_l"], work["part_acc"],
+        pg["table"], pg["cmp_table"], pg["table"].stride(0), pg["cmp_table"].stride(0),
         work["imp"], work["imp_m"], q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1),
         k_cmp.stride(2), v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2), kw.stride(0),
         kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2), QK_SCALE, n_split,
-        work["n_part"], splits["win_keys"], H=H_KV, G=GROUP, GP=DECODE_ROWS, DK=DIM_QK, DV=DIM_V,
-        BDK=BLOCK_DK, BDV=BLOCK_DV, L=32, STRIDE=16, R1=2, R2=4, CQ=splits["cmp_quantum"],
-        NBP=work["nbp"], NPART=DECODE_PARTS, PREC=prec, BC=cfg["BC"], W=512, BW=cfg["BW"], PDL=pdl,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl)
+        work["n_part"], splits["win_keys"], PAGE=pg["size"], H=H_KV, G=GROUP, GP=DECODE_ROWS,
+        DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=32, STRIDE=16, R1=2, R2=4,
+        CQ=splits["cmp_quantum"], NBP=work["nbp"], NPART=DECODE_PARTS, PREC=prec, BC=cfg["BC"],
+        W=512, BW=cfg["BW"], PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        launch_pdl=pdl)
 
 
 @triton.jit
@@ -1364,15 +1387,15 @@ def launch_decode_select(lens, idx, work, splits, cfg, bj):
 
 @triton.jit
 def decode_slc(
-    q_ptr, k_ptr, v_ptr, lens_ptr, idx_ptr, mp_ptr, lp_ptr, accp_ptr, stride_qb, stride_qh,
-    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ib, stride_ih,
-    qk_scale, part0, n_part, win_keys, g_ptr, o_ptr, count_ptr, stride_gb, stride_gh, stride_ob,
-    stride_oh, n_cmp_split, n_win, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr,
-    N: tl.constexpr, W: tl.constexpr, SPB: tl.constexpr, PREC: tl.constexpr, BK: tl.constexpr,
-    PDL: tl.constexpr, MERGE: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
-    R2: tl.constexpr, CQ: tl.constexpr, HAS_GATES: tl.constexpr, BDVC: tl.constexpr,
-    SB: tl.constexpr, ONE: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, lens_ptr, idx_ptr, mp_ptr, lp_ptr, accp_ptr, ktab_ptr, ctab_ptr,
+    stride_ktab, stride_ctab, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb,
+    stride_vt, stride_vh, stride_ib, stride_ih, qk_scale, part0, n_part, win_keys, g_ptr, o_ptr,
+    count_ptr, stride_gb, stride_gh, stride_ob, stride_oh, n_cmp_split, n_win, PAGE: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, N: tl.constexpr, W: tl.constexpr,
+    SPB: tl.constexpr, PREC: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
+    MERGE: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, R2: tl.constexpr, CQ: tl.constexpr,
+    HAS_GATES: tl.constexpr, BDVC: tl.constexpr, SB: tl.constexpr, ONE: tl.constexpr,
 ):
     tl.static_assert(BDK >= DK and BDV >= DV and GP >= G and GP >= 16)
     _decode_wait(PDL)
@@ -1386,8 +1409,9 @@ def decode_slc(
     offs_dk = tl.arange(0, BDK)
     q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + offs_dk[None, :],
                 mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
-    k_base = k_ptr + b * stride_kb + g * stride_kh
+    k_base = k_ptr + b * stride_kb + g * stride_kh     # paged: the pool (stride_kb is 0)
     v_base = v_ptr + b * stride_vb + g * stride_vh
+    tab_row = ktab_ptr + b * stride_ktab
 
     m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
@@ -1403,7 +1427,8 @@ def decode_slc(
         kpos = blk * LB + slot % LB
         kmask = (blk >= 0) & (kpos <= pos)
         m_i, l_i, acc = _decode_attend(q, k_base, v_base, kpos, kmask, m_i, l_i, acc,
-                                       stride_kt, stride_vt, qk_scale, DK, DV, BDK, BDV, PREC)
+                                       stride_kt, stride_vt, qk_scale, tab_row, PAGE, DK, DV,
+                                       BDK, BDV, PREC)
     _decode_release(PDL)
     _decode_store_partial(mp_ptr, lp_ptr, accp_ptr, (b * H + g) * n_part + part0 + sp, hh,
                           row_ok, m_i, l_i, acc, GP, BDV, True)
@@ -1420,8 +1445,10 @@ def decode_slc(
                                  HAS_GATES, SB, ONE)
 
 
-def launch_decode_slc(q, k, v, lens, idx, work, splits, cfg, prec, gates=None, o=None):
-    """Partials of the selected-block branch for every (split, KV head, sequence)."""
+def launch_decode_slc(q, k, v, lens, idx, work, splits, cfg, prec, gates=None, o=None, pages=None):
+    """Partials of the selected-block branch for every (split, KV head, sequence);
+    `pages` (decode_pages) when the caches are paged pools."""
+    pg = _decode_pages(pages, lens)
     B = q.shape[0]
     pdl = _decode_pdl(q.device)
     spb = splits["slc_blocks"]
@@ -1431,12 +1458,13 @@ def launch_decode_slc(q, k, v, lens, idx, work, splits, cfg, prec, gates=None, o
     g = gates if gates is not None else o
     sb, one = _decode_merge_sb(cfg, work)
     _launch(decode_slc)[(n_prog, H_KV, B)](
-        q, k, v, lens, ix, work["part_m"], work["part_l"], work["part_acc"], q.stride(0),
+        q, k, v, lens, ix, work["part_m"], work["part_l"], work["part_acc"], pg["table"],
+        pg["cmp_table"], pg["table"].stride(0), pg["cmp_table"].stride(0), q.stride(0),
         q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         six[0], six[1], QK_SCALE, part0, work["n_part"], splits["win_keys"], g, o,
         work["count_merge"], g.stride(0), g.stride(1), o.stride(0), o.stride(1), work["n_cmp"],
-        work["n_win"], H=H_KV, G=GROUP, GP=DECODE_ROWS, DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK,
-        BDV=BLOCK_DV, LB=64, N=16, W=512, SPB=spb, PREC=prec, BK=bk, PDL=pdl,
+        work["n_win"], PAGE=pg["size"], H=H_KV, G=GROUP, GP=DECODE_ROWS, DK=DIM_QK, DV=DIM_V,
+        BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N=16, W=512, SPB=spb, PREC=prec, BK=bk, PDL=pdl,
         MERGE=bool(cfg["MERGE"]), L=32, STRIDE=16, R2=4, CQ=splits["cmp_quantum"],
         HAS_GATES=gates is not None, BDVC=min(cfg["BDVC"], BLOCK_DV), SB=sb, ONE=one,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl)
@@ -1604,16 +1632,24 @@ def launch_decode_combine(gates, o, lens, work, splits, cfg):
 @triton.jit
 def decode_append(
     kt_ptr, vt_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, kct_ptr, vct_ptr, kwt_ptr, vwt_ptr, kw_ptr,
-    vw_ptr, lens_ptr, s_ktb, s_kth, s_vtb, s_vth, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_kcb, s_kct,
-    s_kch, s_vcb, s_vct, s_vch, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    vw_ptr, lens_ptr, ktab_ptr, ctab_ptr, stride_ktab, stride_ctab, s_ktb, s_kth, s_vtb, s_vth,
+    s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_kcb, s_kct, s_kch, s_vcb, s_vct, s_vch,
+    PAGE: tl.constexpr, COUNTED: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
     HAS_CMP: tl.constexpr, LEARNED: tl.constexpr, SEP: tl.constexpr, BH: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    pos = tl.load(lens_ptr + b).to(tl.int64)
-    n = pos + 1
+    if COUNTED:
+        n = tl.load(lens_ptr + b).to(tl.int64)
+        pos = n - 1
+    else:
+        pos = tl.load(lens_ptr + b).to(tl.int64)
+        n = pos + 1
     emit = (n >= L) & ((n - L) % STRIDE == 0)
     ci = tl.maximum(n - L, 0) // STRIDE
+    tab_row = ktab_ptr + b * stride_ktab
+    row = _kv_rows(tab_row, pos, True, PAGE)
+    crow = _kv_rows(ctab_ptr + b * stride_ctab, ci, emit, PAGE)
     dk = tl.arange(0, BDK)[None, :]
     dv = tl.arange(0, BDV)[None, :]
     for h0 in tl.static_range(0, H, BH):
@@ -1622,12 +1658,12 @@ def decode_append(
         mv = (h < H) & (dv < DV)
         kt = tl.load(kt_ptr + b * s_ktb + h * s_kth + dk, mask=mk, other=0.0)
         vt = tl.load(vt_ptr + b * s_vtb + h * s_vth + dv, mask=mv, other=0.0)
-        tl.store(k_ptr + b * s_kb + pos * s_kt + h * s_kh + dk, kt, mask=mk)
-        tl.store(v_ptr + b * s_vb + pos * s_vt + h * s_vh + dv, vt, mask=mv)
+        tl.store(k_ptr + b * s_kb + row * s_kt + h * s_kh + dk, kt, mask=mk)
+        tl.store(v_ptr + b * s_vb + row * s_vt + h * s_vh + dv, vt, mask=mv)
         if SEP:
-            tl.store(kw_ptr + b * s_kb + pos * s_kt + h * s_kh + dk,
+            tl.store(kw_ptr + b * s_kb + row * s_kt + h * s_kh + dk,
                      tl.load(kwt_ptr + b * s_ktb + h * s_kth + dk, mask=mk, other=0.0), mask=mk)
-            tl.store(vw_ptr + b * s_vb + pos * s_vt + h * s_vh + dv,
+            tl.store(vw_ptr + b * s_vb + row * s_vt + h * s_vh + dv,
                      tl.load(vwt_ptr + b * s_vtb + h * s_vth + dv, mask=mv, other=0.0), mask=mv)
         if HAS_CMP:
             if emit:
@@ -1638,25 +1674,31 @@ def decode_append(
                     nk = kt.to(tl.float32)
                     nv = vt.to(tl.float32)
                     for j in range(1, L):
-                        nk += tl.load(k_ptr + b * s_kb + (pos - j) * s_kt + h * s_kh + dk,
+                        rj = _kv_rows(tab_row, pos - j, True, PAGE)
+                        nk += tl.load(k_ptr + b * s_kb + rj * s_kt + h * s_kh + dk,
                                       mask=mk, other=0.0).to(tl.float32)
-                        nv += tl.load(v_ptr + b * s_vb + (pos - j) * s_vt + h * s_vh + dv,
+                        nv += tl.load(v_ptr + b * s_vb + rj * s_vt + h * s_vh + dv,
                                       mask=mv, other=0.0).to(tl.float32)
                     nk = nk / L
                     nv = nv / L
-                tl.store(kc_ptr + b * s_kcb + ci * s_kct + h * s_kch + dk,
+                tl.store(kc_ptr + b * s_kcb + crow * s_kct + h * s_kch + dk,
                          nk.to(kc_ptr.dtype.element_ty), mask=mk)
-                tl.store(vc_ptr + b * s_vcb + ci * s_vct + h * s_vch + dv,
+                tl.store(vc_ptr + b * s_vcb + crow * s_vct + h * s_vch + dv,
                          nv.to(vc_ptr.dtype.element_ty), mask=mv)
-    tl.store(lens_ptr + b, n.to(tl.int32))
+    if not COUNTED:
+        tl.store(lens_ptr + b, n.to(tl.int32))
 
 
 def launch_decode_append(k_t, v_t, k, v, k_cmp, v_cmp, lens, k_cmp_t=None, v_cmp_t=None,
-                       k_win_t=None, v_win_t=None, k_win=None, v_win=None):
+                       k_win_t=None, v_win_t=None, k_win=None, v_win=None, pages=None,
+                       counted=False):
     """Append one token per sequence: k_t, v_t [B, H, D] at position lens[b] of the caches
     k, v [B, L, H, D]; emit the compressed token into k_cmp, v_cmp [B, Nc, H, D] when due
-    (mean, or the given k_cmp_t, v_cmp_t); lens [B] int32 advances by one. One launch, no host
+    (mean, or the given k_cmp_t, v_cmp_t); lens [B] int32 advances by one. With `counted`,
+    lens already counts the token (written at lens[b] - 1; lens unchanged). `pages`
+    (decode_pages) addresses paged pools, given as k, v, k_cmp, v_cmp. One launch, no host
     sync."""
+    pg = _decode_pages(pages, lens)
     k_t, v_t = k_t.contiguous(), v_t.contiguous()
     learned = k_cmp_t is not None
     sep = k_win is not None
@@ -1668,12 +1710,13 @@ def launch_decode_append(k_t, v_t, k, v, k_cmp, v_cmp, lens, k_cmp_t=None, v_cmp
     kc, vc = (k_cmp, v_cmp) if k_cmp is not None else (k, v)
     bh = min(H_KV, max(1, 4096 // max(BLOCK_DK, BLOCK_DV)))
     _launch(decode_append)[(k_t.shape[0],)](
-        k_t, v_t, k, v, kc, vc, kct, vct, kwt, vwt, kw, vw, lens, k_t.stride(0), k_t.stride(1),
+        k_t, v_t, k, v, kc, vc, kct, vct, kwt, vwt, kw, vw, lens, pg["table"], pg["cmp_table"],
+        pg["table"].stride(0), pg["cmp_table"].stride(0), k_t.stride(0), k_t.stride(1),
         v_t.stride(0), v_t.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0),
-        vc.stride(1), vc.stride(2), H=H_KV, DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=32,
-        STRIDE=16, HAS_CMP=k_cmp is not None, LEARNED=learned, SEP=sep,
-        BH=triton.next_power_of_2(bh), num_warps=4)
+        vc.stride(1), vc.stride(2), PAGE=pg["size"], COUNTED=counted, H=H_KV, DK=DIM_QK, DV=DIM_V,
+        BDK=BLOCK_DK, BDV=BLOCK_DV, L=32, STRIDE=16, HAS_CMP=k_cmp is not None, LEARNED=learned,
+        SEP=sep, BH=triton.next_power_of_2(bh), num_warps=4)
 
 
 # decode: rows per program (the G heads of a KV head, padded for tensor-core tiles) and the IR's
@@ -1712,6 +1755,29 @@ def _decode_configs(configs):
     return cfg
 
 
+def decode_pages(block_table, cmp_block_table, page_size):
+    """The page tables of a paged cache as the decode kernels take them: int32 [B, max_pages]
+    tables of raw and compressed tokens (page p of a sequence holds its positions
+    p * page_size ..), and the page size. Pools are passed through pool_view."""
+    return dict(table=block_table, cmp_table=cmp_block_table, size=page_size)
+
+
+def pool_view(pool, batch):
+    """A paged pool [num_pages, page_size, H, D] as the decode kernels address it: rows
+    [B, num_pages * page_size, H, D] with batch stride 0 (the page tables pick the rows)."""
+    n, p = pool.shape[:2]
+    return pool.view(1, n * p, *pool.shape[2:]).expand(batch, -1, -1, -1)
+
+
+def _decode_pages(pages, lens):
+    """`pages` (decode_pages), or for a contiguous cache page size 0 and a stand-in table that
+    is never read."""
+    if pages is None:
+        t = lens.view(1, -1)
+        return dict(table=t, cmp_table=t, size=0)
+    return pages
+
+
 def decode_workspace(batch, max_len, splits, device):
     """Scratch of decode steps for `batch` sequences of up to `max_len` tokens: the float32
     split partials (max, sum, P@V) of every branch in one buffer per (sequence, KV head)
@@ -1746,12 +1812,13 @@ def decode_workspace(batch, max_len, splits, device):
 
 
 def decode_step(q, gates, k, v, k_cmp, v_cmp, lens, splits, work, k_win=None, v_win=None,
-                configs=None, out=None):
+                configs=None, out=None, pages=None):
     """One decode step: q [B, HQ, Dk] of each sequence at position lens[b] - 1 over its cache rows
     k, v [B, L, H, D] (tokens 0 .. lens[b] - 1), compressed k_cmp, v_cmp [B, Nc, H, D]; gates
     [B, HQ, 3] or None; lens [B] int32 on the device (read only by the kernels: no host sync).
     `splits` from nsagen.ir.passes.decode_splits, `work` from decode_workspace with the same
-    splits. Returns (o [B, HQ, Dv], block indices [B, H, n] int32 or None).
+    splits. A paged cache passes its pools through pool_view and `pages` (decode_pages).
+    Returns (o [B, HQ, Dv], block indices [B, H, n] int32 or None).
     """
     cfg = _decode_configs(configs)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -1762,11 +1829,13 @@ def decode_step(q, gates, k, v, k_cmp, v_cmp, lens, splits, work, k_win=None, v_
     if kw.stride() != k.stride() or vw.stride() != v.stride():
         raise ValueError("k_win, v_win: expected the layout of k, v")
     idx = None
-    launch_decode_cmp(q, k_cmp, v_cmp, kw, vw, lens, work, splits, cfg["decode_cmp"], prec)
+    launch_decode_cmp(q, k_cmp, v_cmp, kw, vw, lens, work, splits, cfg["decode_cmp"], prec,
+                      pages)
     idx = torch.empty(B, H_KV, 16, dtype=torch.int32, device=q.device)
     launch_decode_select(lens, idx, work, splits, cfg["decode_select"],
                          cfg["decode_cmp"]["BC"] // 4)
-    launch_decode_slc(q, k, v, lens, idx, work, splits, cfg["decode_slc"], prec, gates, o)
+    launch_decode_slc(q, k, v, lens, idx, work, splits, cfg["decode_slc"], prec, gates, o,
+                      pages)
     if not cfg["decode_slc"]["MERGE"]:   # otherwise decode_slc's last programs merged
         launch_decode_combine(gates, o, lens, work, splits, cfg["decode_combine"])
     return o, idx

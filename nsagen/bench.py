@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from . import __version__, costmodel
+from . import __version__, costmodel, paged
 from .ops import build
 from .spec import Spec
 from .tune.timing import capture_graph, median_ms, profile_kernels
@@ -219,7 +219,7 @@ def _fla_row(fla, spec: Spec, q, k, v, gates, backward: bool = False) -> float |
 
 def bench_decode(spec: Spec, cache_lens: list[int], batches: list[int], baselines: bool = True,
                  progress=print, device: str = "cuda", breakdown: bool = False,
-                 pdl: bool = True) -> dict:
+                 pdl: bool = True, page_size: int = 64) -> dict:
     """One-token decode steps as a user runs them, `cache.decode` (append the token, then
     attend), eager and replayed from a CUDA graph, with the attention alone (`cache.step`) as a
     breakdown, beside SDPA decoding (GQA) and fla. Each timed call is followed by a one-token
@@ -229,19 +229,22 @@ def bench_decode(spec: Spec, cache_lens: list[int], batches: list[int], baseline
     Reports microseconds and the rate on the bytes NSA must read (cost model) against the
     measured copy bandwidth, and the split counts the IR chose for each batch; `breakdown`
     adds the time of each decode kernel. `pdl=False` launches the decode kernels one after
-    another, without programmatic dependent launch (for A/B runs).
+    another, without programmatic dependent launch (for A/B runs). With `page_size` the same
+    whole step is also timed over shuffled page pools (`op.append_paged` + `op.decode_paged`,
+    what a serving engine runs); 0 leaves it out.
     """
     op = build(spec)
     pdl_before = op.module.DECODE_PDL
     op.module.DECODE_PDL = pdl_before and pdl
     try:
-        return _bench_decode(op, spec, cache_lens, batches, baselines, progress, device, breakdown)
+        return _bench_decode(op, spec, cache_lens, batches, baselines, progress, device, breakdown,
+                             page_size)
     finally:
         op.module.DECODE_PDL = pdl_before
 
 
 def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], baselines: bool,
-                  progress, dev: str, breakdown: bool) -> dict:
+                  progress, dev: str, breakdown: bool, page_size: int) -> dict:
     """bench_decode's rows, with the module's launch mode already set."""
     dt = torch.bfloat16
     ceil = ceilings(dev) if dev == "cuda" else {"copy_TBps": float("nan"), "mm_TFLOPs": float("nan")}
@@ -286,6 +289,20 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
             whole = lambda: (cache.decode(q, k_t, v_t, gates, **step_extra),  # noqa: E731
                              cache.rewind(1))
             time_decode(row, "nsagen", whole, dev, breakdown)
+            if page_size and not cache.separate:
+                # the same step over page pools (shuffled pages), as an engine runs it: the
+                # engine's lengths stay at L, so each call writes the same token again
+                cache.append(k_t, v_t, **step_extra)
+                kp, vp, kcp, vcp, table, ctable, lens = paged.to_pages(cache, page_size)
+                cache.rewind(1)
+
+                def paged_step():
+                    op.append_paged(k_t, v_t, kp, vp, kcp, vcp, table, ctable, lens,
+                                    **step_extra)
+                    return op.decode_paged(q, gates, kp, vp, kcp, vcp, table, ctable, lens)
+                time_decode(row, "paged", paged_step, dev, breakdown=False)
+                row["page_size"] = page_size
+                del kp, vp, kcp, vcp
             nbytes = float(costmodel.evaluate(bytes_expr, T=L, B=B))
             best = min(x for x in (row.get("nsagen_us"), row.get("nsagen_graph_us")) if x)
             row["nsa_bytes"] = nbytes
@@ -358,7 +375,8 @@ def format_table(doc: dict) -> str:
         cols = [("B", "B", "{:d}"), ("cache", "T", "{:d}"),
                 ("step us (append + attend)", "nsagen_us", "{:.1f}"),
                 ("graph us", "nsagen_graph_us", "{:.1f}"),
-                ("attend only, graph us", "step_graph_us", "{:.1f}"), ("SDPA us", "sdpa_us", "{:.1f}"),
+                ("attend only, graph us", "step_graph_us", "{:.1f}"),
+                ("paged graph us", "paged_graph_us", "{:.1f}"), ("SDPA us", "sdpa_us", "{:.1f}"),
                 ("fla us", "fla_us", "{:.1f}"), ("x SDPA", "speedup_vs_sdpa", "{:.2f}"),
                 ("TB/s on NSA bytes", "TBps", "{:.2f}"), ("of copy", "copy_frac", "{:.0%}")]
     else:

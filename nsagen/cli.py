@@ -47,6 +47,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
 def _error(message: str) -> None:
     print(f"nsagen: error: {message}", file=sys.stderr)
 
@@ -247,7 +251,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         doc = bench.bench_decode(spec, args.seq_len or [8192, 16384, 32768, 65536, 131072],
                                  args.batch or [1, 8, 64], baselines=not args.no_baselines,
                                  progress=lambda m: print(m, flush=True),
-                                 breakdown=args.breakdown, pdl=not args.no_pdl)
+                                 breakdown=args.breakdown, pdl=not args.no_pdl,
+                                 page_size=args.page_size)
         return _emit(doc, args.json, f"{spec.name}-decode")
     return _run_bench(spec, args.seq_len or [8192, 16384, 32768, 65536], args.json,
                       baselines=not args.no_baselines, breakdown=args.breakdown,
@@ -446,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pdl", action="store_true",
                    help="--decode: launch the decode kernels without programmatic dependent "
                         "launch (sm_90+), to compare")
+    p.add_argument("--page-size", type=_non_negative_int, default=64, metavar="P",
+                   help="--decode: also time the step over shuffled page pools of P tokens "
+                        "(op.append_paged + op.decode_paged, as a serving engine runs it); "
+                        "0 leaves it out (default 64)")
     p.add_argument("--untuned", action="store_true",
                    help="ignore tuned tables: launch with the IR's default configs and splits")
     p.set_defaults(func=_cmd_bench)

@@ -68,7 +68,37 @@ def record_launches(op, seq_len: int = 300, dtype=torch.bfloat16, decode_batch: 
         if hasattr(op.module, "decode_step"):
             splits = decode_splits(spec, decode_batch, decode_len)
             DecodeSetup(op, decode_batch, decode_len, "cpu", dtype).make(splits)(configs or {})()
+            if not (spec.kv_per_branch == "separate" and spec.has("win")):
+                _record_paged(op, decode_batch, decode_len, dtype, splits, configs or {})
     return _distinct(calls)
+
+
+def _record_paged(op, B: int, max_len: int, dtype: torch.dtype, splits: dict, cfg: dict,
+                  page: int = 64) -> None:
+    """A paged append and decode step (the engines' path: page tables, PAGE constexpr) over
+    pools of shuffled pages, launches recorded."""
+    spec, mod = op.spec, op.module
+    H, n_raw = spec.heads_kv, -(-max_len // page)
+    n_cmp = -(-max(1, spec.num_cmp(n_raw * page)) // page)
+    n_pages = B * (n_raw + n_cmp)
+    table = torch.randperm(n_pages).to(torch.int32)
+    pages = mod.decode_pages(table[:B * n_raw].view(B, n_raw),
+                             table[B * n_raw:].view(B, n_cmp), page)
+    pools = [mod.pool_view(torch.zeros(n_pages, page, H, d, dtype=dtype), B)
+             for d in (spec.dim_qk, spec.dim_v, spec.dim_qk, spec.dim_v)]
+    lens = torch.full((B,), max_len // 2, dtype=torch.int32)
+    uses_cmp = spec.has("cmp") or spec.has("slc")
+    kc, vc = (pools[2], pools[3]) if uses_cmp else (None, None)
+    learned = dict(k_cmp_t=torch.randn(B, H, spec.dim_qk).to(dtype),
+                   v_cmp_t=torch.randn(B, H, spec.dim_v).to(dtype)) \
+        if spec.learned_compression else {}
+    mod.launch_decode_append(torch.randn(B, H, spec.dim_qk).to(dtype),
+                             torch.randn(B, H, spec.dim_v).to(dtype), pools[0], pools[1], kc, vc,
+                             lens, pages=pages, counted=True, **learned)
+    mod.decode_step(torch.randn(B, spec.heads_q, spec.dim_qk).to(dtype),
+                    torch.rand(B, spec.heads_q, 3).to(dtype), pools[0], pools[1], kc, vc, lens,
+                    splits, mod.decode_workspace(B, max_len, splits, "cpu"), configs=cfg,
+                    pages=pages)
 
 
 def _distinct(calls: list) -> list[tuple]:

@@ -27,6 +27,7 @@ from .dsa_spec import DSASpec
 from .launch import (direct_launches, fallback_notice, interpreted_in_float32,
                      kernels_available, pack)
 from .layout import build_layout, layout_of_call
+from .paged import PagedSteps
 from .resources import prebuilt_module
 from .spec import Spec
 from .target import Target, current
@@ -51,6 +52,7 @@ class NSAOp:
         self._tables_loaded = False
         self.op_name = f"nsagen::{module.__name__}".replace("-", "_")
         self._train_op = _register_training_op(self)
+        self._paged: PagedSteps | None = None
 
     def __repr__(self) -> str:
         return f"NSAOp({self.spec.name!r}, module={self.path})"
@@ -108,6 +110,27 @@ class NSAOp:
         """An empty decode cache (nsagen.decode.DecodeCache) for this op, in the spec's dtype
         unless `dtype` says otherwise."""
         return DecodeCache(self, batch, max_len, device, dtype)
+
+    def append_paged(self, k_t, v_t, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
+                     cmp_block_table, seq_lens, k_cmp_t=None, v_cmp_t=None) -> None:
+        """Serving engines: write token seq_lens[b] - 1 of each sequence (k_t, v_t [B, H, D])
+        into its page of the pools [num_pages, page_size, H, D] and emit the compressed token
+        its length completes (seq_lens already counts the token). One launch, no host sync;
+        see nsagen.paged and docs/serving.md."""
+        self._paged_steps().append(k_t, v_t, k_pages, v_pages, k_cmp_pages, v_cmp_pages,
+                                   block_table, cmp_block_table, seq_lens, k_cmp_t, v_cmp_t)
+
+    def decode_paged(self, q, gates, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
+                     cmp_block_table, seq_lens) -> torch.Tensor:
+        """Serving engines: o [B, HQ, Dv] of q [B, HQ, Dk] at position seq_lens[b] - 1 over the
+        paged pools, equal to that row of the prefill. No host sync; see nsagen.paged."""
+        return self._paged_steps().decode(q, gates, k_pages, v_pages, k_cmp_pages, v_cmp_pages,
+                                          block_table, cmp_block_table, seq_lens)
+
+    def _paged_steps(self) -> PagedSteps:
+        if self._paged is None:
+            self._paged = PagedSteps(self)
+        return self._paged
 
     def __call__(self, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
                  return_indices=False, k_win=None, v_win=None):

@@ -44,10 +44,11 @@ def test_bench_decode_rows_and_table(monkeypatch):
     monkeypatch.setattr(bench, "median_ms", lambda fn, warmup=25, rep=100: (fn(), 0.01)[1])
     spec = scaled(nsagen.load_spec("nsa-d128"))
     doc = bench.bench_decode(spec, [12, 40], [1, 2], baselines=False, device="cpu",
-                             progress=lambda m: None)
+                             progress=lambda m: None, page_size=8)
     assert doc["mode"] == "decode" and len(doc["rows"]) == 4
     r = doc["rows"][-1]
     assert r["B"] == 2 and r["T"] == 40 and r["nsagen_us"] == 10.0 and r["nsa_bytes"] > 0
+    assert r["paged_us"] == 10.0 and r["page_size"] == 8
     assert "| 2 | 40 | 10.0 |" in bench.format_table(doc)
 
 

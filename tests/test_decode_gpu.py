@@ -210,3 +210,76 @@ def test_dependent_launches_change_no_result():
     for b in (0, B - 1):
         t = int(cache.lens[b]) - 1
         _check_step(spec, serial[b], serial_idx[b], q[b], cache.k[b], cache.v[b], gates[b], t)
+
+
+def test_paged_decode_equals_the_contiguous_cache_and_replays_in_a_graph():
+    """Shuffled 64-token pages (the first two shared by sequences 0 and 1, which have the same
+    prompt there): append_paged + decode_paged equal a contiguous cache's steps with the same
+    splits, eagerly and replayed from a CUDA graph."""
+    spec = nsagen.load_spec("nsa-d128")
+    op = nsagen.build(spec)
+    B, T, page = 4, 5000, 64
+    H, HQ, Dk, Dv = spec.heads_kv, spec.heads_q, spec.dim_qk, spec.dim_v
+    torch.manual_seed(3)
+    q = torch.randn(B, T, HQ, Dk, device="cuda", dtype=BF16)
+    k = torch.randn(B, T, H, Dk, device="cuda", dtype=BF16)
+    v = torch.randn(B, T, H, Dv, device="cuda", dtype=BF16)
+    gates = torch.rand(B, T, HQ, 3, device="cuda", dtype=BF16)
+    k[1, :2 * page], v[1, :2 * page] = k[0, :2 * page], v[0, :2 * page]
+    n_raw = -(-T // page)
+    n_cmp = -(-spec.num_cmp(n_raw * page) // page)
+    perm = torch.randperm(B * (n_raw + n_cmp) + 7, device="cuda").to(torch.int32)
+    table = perm[:B * n_raw].view(B, n_raw).clone()
+    table[1, :2] = table[0, :2]
+    cmp_table = perm[B * n_raw:B * (n_raw + n_cmp)].view(B, n_cmp).clone()
+    pools = [torch.zeros(perm.numel(), page, H, d, device="cuda", dtype=BF16)
+             for d in (Dk, Dv, Dk, Dv)]
+    splits = op._paged_steps().state(B, n_raw * page, torch.device("cuda"))[0]
+    cache = DecodeCache(op, B, n_raw * page, device="cuda", dtype=BF16, splits=dict(splits))
+    prompt = torch.tensor([4000, 4000, 123, 4990], dtype=torch.int32, device="cuda")
+    cache.prefill(k[:, :4990], v[:, :4990], prompt)
+    # the engine's prefill: the contiguous cache's rows copied into their pages
+    for b in range(B):
+        n, nc = int(prompt[b]), spec.num_cmp(int(prompt[b]))
+        for pool, src, tab, m in ((pools[0], cache.k, table, n), (pools[1], cache.v, table, n),
+                                  (pools[2], cache.k_cmp, cmp_table, nc),
+                                  (pools[3], cache.v_cmp, cmp_table, nc)):
+            pos = torch.arange(m, device="cuda")
+            pool[tab[b, pos // page].long(), pos % page] = src[b, :m]
+    rows = torch.arange(B, device="cuda")
+    seq_lens = prompt.clone()
+    xin = dict(q=q[rows, prompt.long()].clone(), k=k[rows, prompt.long()].clone(),
+               v=v[rows, prompt.long()].clone(), g=gates[rows, prompt.long()].clone())
+
+    def paged_step():
+        seq_lens.add_(1)
+        op.append_paged(xin["k"], xin["v"], *pools, table, cmp_table, seq_lens)
+        return op.decode_paged(xin["q"], xin["g"], *pools, table, cmp_table, seq_lens)
+
+    def feed(t):
+        for n, src in (("q", q), ("k", k), ("v", v), ("g", gates)):
+            xin[n].copy_(src[rows, t])
+
+    for step in range(2):                      # eager
+        t = (prompt + step).long()
+        feed(t)
+        o = paged_step()
+        want = cache.decode(xin["q"], xin["k"], xin["v"], xin["g"])
+        assert rel_err(o, want) < 1e-3, (step, rel_err(o, want))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):              # warm-up on a copy of the lengths
+        saved = seq_lens.clone()
+        paged_step()
+        seq_lens.copy_(saved)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_step()
+    for step in range(2, 5):                   # replays
+        t = (prompt + step).long()
+        feed(t)
+        graph.replay()
+        want = cache.decode(xin["q"], xin["k"], xin["v"], xin["g"])
+        assert torch.equal(seq_lens, cache.lens)
+        assert rel_err(out, want) < 1e-3, (step, rel_err(out, want))

@@ -107,10 +107,17 @@ def _append_space(spec: Spec, default: dict, target: Target, smem: int):
     return [], []        # one small launch per step: nothing to tune
 
 
+# a paged cache's page tables (raw and compressed tokens) and page size; a contiguous cache
+# passes page size 0 and tables that are never read (nsa_module's _decode_pages)
+_PAGES = (ptrs('ktab=pg["table"]', 'ctab=pg["cmp_table"]')
+          + scalars('stride_ktab=pg["table"].stride(0)', 'stride_ctab=pg["cmp_table"].stride(0)')
+          + consts(PAGE='pg["size"]'))
+
+
 def _append_launch(spec: Spec, flags: dict) -> dict:
     return dict(main=signature(
         ptrs("kt=k_t", "vt=v_t", "k", "v", "kc", "vc", "kct", "vct", "kwt", "vwt", "kw", "vw",
-             "lens"),
+             "lens"), _PAGES, consts(COUNTED="counted"),
         strides("k_t", "ktb", "kth", prefix="s_"), strides("v_t", "vtb", "vth", prefix="s_"),
         strides("k", "kb", "kt", "kh", prefix="s_"), strides("v", "vb", "vt", "vh", prefix="s_"),
         strides("kc", "kcb", "kct", "kch", prefix="s_"),
@@ -123,7 +130,7 @@ def _append_launch(spec: Spec, flags: dict) -> dict:
 
 def _cmp_launch(spec: Spec, flags: dict) -> dict:
     return dict(main=signature(
-        ptrs("q", "kc=k_cmp", "vc=v_cmp", "kw", "vw", "lens"), _PARTIALS,
+        ptrs("q", "kc=k_cmp", "vc=v_cmp", "kw", "vw", "lens"), _PARTIALS, _PAGES,
         ptrs('imp=work["imp"]', 'impm=work["imp_m"]'),
         strides("q", "qb", "qh"), strides("k_cmp", "kb", "kt", "kh"),
         strides("v_cmp", "vb", "vt", "vh"), strides("kw", "wkb", "wkt", "wkh"),
@@ -156,7 +163,7 @@ def _slc_launch(spec: Spec, flags: dict) -> dict:
     branch into o, so it also takes the gates, o and the merge's sizes."""
     merge = flags.get("merge", False)
     return dict(main=signature(
-        ptrs("q", "k", "v", "lens", "idx=ix"), _PARTIALS,
+        ptrs("q", "k", "v", "lens", "idx=ix"), _PARTIALS, _PAGES,
         strides("q", "qb", "qh"), strides("k", "kb", "kt", "kh"), strides("v", "vb", "vt", "vh"),
         scalars("stride_ib=six[0]", "stride_ih=six[1]", "qk_scale=QK_SCALE", "part0",
                 'n_part=work["n_part"]', 'win_keys=splits["win_keys"]'),
