@@ -1,5 +1,5 @@
-"""nsagen: a compiler that turns a YAML spec of a sparse attention layer (Native Sparse Attention;
-DeepSeek Sparse Attention's spec and reference so far) into Triton kernels."""
+"""nsagen: a compiler that turns a YAML spec of a sparse attention layer (Native Sparse Attention,
+DeepSeek Sparse Attention) into Triton kernels: forward, backward and decoding."""
 from __future__ import annotations
 
 __version__ = "0.1.0"

@@ -28,6 +28,7 @@ from .launch import (direct_launches, fallback_notice, interpreted_in_float32,
                      kernels_available, pack)
 from .layout import build_layout, layout_of_call
 from .paged import PagedSteps
+from .paged_cache import PagedCache
 from .resources import prebuilt_module
 from .spec import Spec
 from .target import Target, current
@@ -110,6 +111,12 @@ class NSAOp:
         """An empty decode cache (nsagen.decode.DecodeCache) for this op, in the spec's dtype
         unless `dtype` says otherwise."""
         return DecodeCache(self, batch, max_len, device, dtype)
+
+    def new_paged_cache(self, num_pages: int, page_size: int, max_len: int, device=None,
+                        dtype: torch.dtype | None = None) -> PagedCache:
+        """Page pools shared by sequences that join, fork and leave between decode steps
+        (nsagen.paged_cache.PagedCache), for users without a serving engine."""
+        return PagedCache(self, num_pages, page_size, max_len, device, dtype)
 
     def append_paged(self, k_t, v_t, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
                      cmp_block_table, seq_lens, k_cmp_t=None, v_cmp_t=None) -> None:

@@ -130,7 +130,7 @@ class PagedSteps:
         given learned k_cmp_t, v_cmp_t [B, H, D])."""
         spec = self.op.spec
         B = _batch(k_t, "k_t")
-        _token_check(spec, k_t, v_t, k_cmp_t, v_cmp_t, B)
+        check_token(spec, k_t, v_t, k_cmp_t, v_cmp_t, B)
         page = check_paged(spec, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
                            cmp_block_table, seq_lens, B, k_t.dtype, k_t.device)
         uses_cmp = spec.has("cmp") or spec.has("slc")
@@ -152,16 +152,7 @@ class PagedSteps:
         that row of the prefill."""
         spec = self.op.spec
         B = _batch(q, "q")
-        if tuple(q.shape) != (B, spec.heads_q, spec.dim_qk):
-            raise ValueError(f"q: expected [B, HQ, Dk] = {(B, spec.heads_q, spec.dim_qk)}, got "
-                             f"{tuple(q.shape)}")
-        if gates is not None and (not isinstance(gates, torch.Tensor) or
-                                  tuple(gates.shape) != (B, spec.heads_q, 3)):
-            raise ValueError(f"gates: expected [B, HQ, 3] = {(B, spec.heads_q, 3)}, got "
-                             f"{_describe(gates)}")
-        if gates is not None and (gates.dtype != q.dtype or gates.device != q.device):
-            raise TypeError(f"gates: expected {q.dtype} on {q.device}, got {gates.dtype} on "
-                            f"{gates.device}")
+        check_query(spec, q, gates, B)
         page = check_paged(spec, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
                            cmp_block_table, seq_lens, B, q.dtype, q.device)
         uses_cmp = spec.has("cmp") or spec.has("slc")
@@ -191,13 +182,30 @@ class PagedSteps:
         return o.to(dtype)
 
 
+def check_query(spec, q, gates, B: int) -> None:
+    """Refuse a step's q [B, HQ, Dk] or gates [B, HQ, 3] by name."""
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q: expected a torch.Tensor [B, HQ, Dk], got {type(q).__name__}")
+    if tuple(q.shape) != (B, spec.heads_q, spec.dim_qk):
+        raise ValueError(f"q: expected [B, HQ, Dk] = {(B, spec.heads_q, spec.dim_qk)}, got "
+                         f"{tuple(q.shape)}")
+    if gates is not None and (not isinstance(gates, torch.Tensor) or
+                              tuple(gates.shape) != (B, spec.heads_q, 3)):
+        raise ValueError(f"gates: expected [B, HQ, 3] = {(B, spec.heads_q, 3)}, got "
+                         f"{_describe(gates)}")
+    if gates is not None and (gates.dtype != q.dtype or gates.device != q.device):
+        raise TypeError(f"gates: expected {q.dtype} on {q.device}, got {gates.dtype} on "
+                        f"{gates.device}")
+
+
 def _batch(t, name: str) -> int:
     if not isinstance(t, torch.Tensor) or t.dim() != 3:
         raise ValueError(f"{name}: expected a 3-d tensor [B, heads, D], got {_describe(t)}")
     return t.shape[0]
 
 
-def _token_check(spec, k_t, v_t, k_cmp_t, v_cmp_t, B: int) -> None:
+def check_token(spec, k_t, v_t, k_cmp_t, v_cmp_t, B: int) -> None:
+    """Refuse a step's new token k_t, v_t [B, H, D] (and compressed k_cmp_t, v_cmp_t) by name."""
     H = spec.heads_kv
     for name, t, d in (("k_t", k_t, spec.dim_qk), ("v_t", v_t, spec.dim_v),
                        ("k_cmp_t", k_cmp_t, spec.dim_qk), ("v_cmp_t", v_cmp_t, spec.dim_v)):

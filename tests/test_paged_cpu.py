@@ -202,3 +202,90 @@ def test_a_contiguous_cache_moved_to_pages_decodes_the_same():
     moved = to_pages(cache, 8)
     for a, b in zip(moved[:4], (kp, vp, kcp, vcp)):
         assert torch.equal(a, b)
+
+
+def _reference_rows(spec, k, v, q, gates):
+    d = torch.float64
+    return nsagen.reference.nsa(q[None].to(d), k[None].to(d), v[None].to(d), gates[None].to(d),
+                                spec)[0]
+
+
+@pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only machines")
+def test_paged_cache_continuous_batching_fork_and_free():
+    """PagedCache: sequences join with prompts, decode together, one forks (the branches share
+    full pages, copy the partial one, then diverge), one leaves and a new one joins on its
+    pages; every step equals each sequence's own prefill row."""
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    op = nsagen.build(spec)
+    op.configs = {n: c for n, c in SMALL_TILES.items() if n in op.module.DECODE_CONFIGS}
+    g = torch.Generator().manual_seed(31)
+    H, HQ, Dk, Dv = spec.heads_kv, spec.heads_q, spec.dim_qk, spec.dim_v
+
+    def seq(T):
+        return dict(k=torch.randn(T, H, Dk, generator=g), v=torch.randn(T, H, Dv, generator=g),
+                    q=torch.randn(T, HQ, Dk, generator=g), g=torch.rand(T, HQ, 3, generator=g))
+
+    try:
+        cache = op.new_paged_cache(num_pages=40, page_size=8, max_len=64, dtype=torch.float32)
+        toks = {}
+        for T, prompt in ((40, 13), (40, 3)):
+            s = seq(T)
+            sid = cache.add(s["k"][:prompt], s["v"][:prompt])
+            toks[sid] = s
+
+        def step(ids):
+            n = [cache.length(i) for i in ids]
+            pick = {key: torch.stack([toks[i][key][p] for i, p in zip(ids, n)])
+                    for key in ("q", "k", "v", "g")}
+            o = cache.decode(ids, pick["q"], pick["k"], pick["v"], pick["g"])
+            for b, (i, p) in enumerate(zip(ids, n)):
+                want = _reference_rows(spec, toks[i]["k"][:p + 1], toks[i]["v"][:p + 1],
+                                       toks[i]["q"][:p + 1], toks[i]["g"][:p + 1])[p]
+                assert rel_err(o[b], want) < 1e-4, (i, p, rel_err(o[b], want))
+
+        for _ in range(6):
+            step([0, 1])
+        # fork sequence 0 at 19 tokens: the branch takes sequence 0's first 19 tokens, then
+        # tokens of its own
+        fork = cache.fork(0)
+        branch = seq(40)
+        for key in branch:
+            branch[key][:19] = toks[0][key][:19]
+        toks[fork] = branch
+        before = cache.free_pages
+        for _ in range(7):
+            step([1, fork, 0])
+        cache.free(1)
+        late = cache.add(seq(1)["k"][:0], seq(1)["v"][:0])     # joins empty, then decodes
+        toks[late] = seq(30)
+        for _ in range(5):
+            step([late, 0, fork])
+        assert cache.length(0) == 13 + 6 + 7 + 5 and cache.length(fork) == 19 + 7 + 5
+        assert before[0] > cache.free_pages[0]
+        for i in (0, fork, late):
+            cache.free(i)
+        assert cache.free_pages[0] == 40       # every page back, the shared ones once
+    finally:
+        op.configs = {}
+
+
+def test_paged_cache_refuses_by_name_and_changes_nothing():
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    op = nsagen.build(spec)
+    H, HQ = spec.heads_kv, spec.heads_q
+    cache = op.new_paged_cache(num_pages=3, page_size=8, max_len=32, dtype=torch.float32)
+    sid = cache.add(torch.randn(16, H, spec.dim_qk), torch.randn(16, H, spec.dim_v))
+    q, gates = torch.randn(1, HQ, spec.dim_qk), torch.rand(1, HQ, 3)
+    k_t, v_t = torch.randn(1, H, spec.dim_qk), torch.randn(1, H, spec.dim_v)
+    free = cache.free_pages
+    with pytest.raises(ValueError, match="v_t: expected"):
+        cache.decode([sid], q, k_t, v_t[:, :, :2], gates)
+    with pytest.raises(ValueError, match="gates: expected"):
+        cache.decode([sid], q, k_t, v_t, gates[:, :2])
+    with pytest.raises(RuntimeError, match="out of pages"):
+        cache.add(torch.randn(17, H, spec.dim_qk), torch.randn(17, H, spec.dim_v))
+    with pytest.raises(KeyError, match="no sequence 7"):
+        cache.free(7)
+    with pytest.raises(ValueError, match="k: expected"):
+        cache.add(torch.randn(4, H + 1, spec.dim_qk), torch.randn(4, H, spec.dim_v))
+    assert cache.free_pages == free and cache.length(sid) == 16
