@@ -1308,10 +1308,10 @@ def decode_cmp(
     stride_ktab, stride_ctab, imp_ptr, impm_ptr, stride_qb, stride_qh, stride_kb, stride_kt,
     stride_kh, stride_vb, stride_vt, stride_vh, stride_wkb, stride_wkt, stride_wkh, stride_wvb,
     stride_wvt, stride_wvh, qk_scale, n_split, n_part, win_keys, PAGE: tl.constexpr,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, R1: tl.constexpr,
-    R2: tl.constexpr, CQ: tl.constexpr, NBP: tl.constexpr, NPART: tl.constexpr, PREC: tl.constexpr,
-    BC: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr,
+    CPAGE: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
+    R1: tl.constexpr, R2: tl.constexpr, CQ: tl.constexpr, NBP: tl.constexpr, NPART: tl.constexpr,
+    PREC: tl.constexpr, BC: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr,
 ):
     tl.static_assert(BDK >= DK and BDV >= DV and GP >= G and GP >= 16)
     tl.static_assert(BC % R2 == 0, "a compressed tile covers whole selection blocks")
@@ -1351,7 +1351,7 @@ def decode_cmp(
         for j0 in range(ja, jb, BJ):
             cidx = j0 * R2 + offs_c
             c_ok = cidx < c_hi
-            crow = _kv_rows(ctab_row, cidx, c_ok, PAGE)
+            crow = _kv_rows(ctab_row, cidx, c_ok, CPAGE)
             kc = tl.load(k_base + crow[:, None] * stride_kt + offs_dk[None, :],
                          mask=c_ok[:, None] & dmask_k, other=0.0)
             s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
@@ -1406,11 +1406,11 @@ def launch_decode_cmp(q, k_cmp, v_cmp, kw, vw, lens, work, splits, cfg, prec, pa
         work["imp"], work["imp_m"], q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1),
         k_cmp.stride(2), v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2), kw.stride(0),
         kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2), QK_SCALE, n_split,
-        work["n_part"], splits["win_keys"], PAGE=pg["size"], H=H_KV, G=GROUP, GP=DECODE_ROWS,
-        DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=32, STRIDE=16, R1=2, R2=4,
-        CQ=splits["cmp_quantum"], NBP=work["nbp"], NPART=DECODE_PARTS, PREC=prec, BC=cfg["BC"],
-        W=512, BW=cfg["BW"], PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        launch_pdl=pdl)
+        work["n_part"], splits["win_keys"], PAGE=pg["size"], CPAGE=pg["cmp_size"], H=H_KV, G=GROUP,
+        GP=DECODE_ROWS, DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=32, STRIDE=16, R1=2,
+        R2=4, CQ=splits["cmp_quantum"], NBP=work["nbp"], NPART=DECODE_PARTS, PREC=prec,
+        BC=cfg["BC"], W=512, BW=cfg["BW"], PDL=pdl, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], launch_pdl=pdl)
 
 
 @triton.jit
@@ -1541,9 +1541,9 @@ def decode_slc(
     stride_ktab, stride_ctab, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb,
     stride_vt, stride_vh, stride_ib, stride_ih, qk_scale, part0, n_part, win_keys, g_ptr, o_ptr,
     count_ptr, stride_gb, stride_gh, stride_ob, stride_oh, n_cmp_split, n_win, PAGE: tl.constexpr,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, N: tl.constexpr, W: tl.constexpr,
-    SPB: tl.constexpr, PREC: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
+    CPAGE: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, N: tl.constexpr,
+    W: tl.constexpr, SPB: tl.constexpr, PREC: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     MERGE: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, R2: tl.constexpr, CQ: tl.constexpr,
     HAS_GATES: tl.constexpr, BDVC: tl.constexpr, SB: tl.constexpr, ONE: tl.constexpr,
 ):
@@ -1613,9 +1613,9 @@ def launch_decode_slc(q, k, v, lens, idx, work, splits, cfg, prec, gates=None, o
         q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         six[0], six[1], QK_SCALE, part0, work["n_part"], splits["win_keys"], g, o,
         work["count_merge"], g.stride(0), g.stride(1), o.stride(0), o.stride(1), work["n_cmp"],
-        work["n_win"], PAGE=pg["size"], H=H_KV, G=GROUP, GP=DECODE_ROWS, DK=DIM_QK, DV=DIM_V,
-        BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N=16, W=512, SPB=spb, PREC=prec, BK=bk, PDL=pdl,
-        MERGE=bool(cfg["MERGE"]), L=32, STRIDE=16, R2=4, CQ=splits["cmp_quantum"],
+        work["n_win"], PAGE=pg["size"], CPAGE=pg["cmp_size"], H=H_KV, G=GROUP, GP=DECODE_ROWS,
+        DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N=16, W=512, SPB=spb, PREC=prec,
+        BK=bk, PDL=pdl, MERGE=bool(cfg["MERGE"]), L=32, STRIDE=16, R2=4, CQ=splits["cmp_quantum"],
         HAS_GATES=gates is not None, BDVC=min(cfg["BDVC"], BLOCK_DV), SB=sb, ONE=one,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl)
 
@@ -1784,9 +1784,10 @@ def decode_append(
     kt_ptr, vt_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, kct_ptr, vct_ptr, kwt_ptr, vwt_ptr, kw_ptr,
     vw_ptr, lens_ptr, ktab_ptr, ctab_ptr, stride_ktab, stride_ctab, s_ktb, s_kth, s_vtb, s_vth,
     s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_kcb, s_kct, s_kch, s_vcb, s_vct, s_vch,
-    PAGE: tl.constexpr, COUNTED: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
-    HAS_CMP: tl.constexpr, LEARNED: tl.constexpr, SEP: tl.constexpr, BH: tl.constexpr,
+    PAGE: tl.constexpr, CPAGE: tl.constexpr, COUNTED: tl.constexpr, H: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr,
+    STRIDE: tl.constexpr, HAS_CMP: tl.constexpr, LEARNED: tl.constexpr, SEP: tl.constexpr,
+    BH: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     if COUNTED:
@@ -1799,7 +1800,7 @@ def decode_append(
     ci = tl.maximum(n - L, 0) // STRIDE
     tab_row = ktab_ptr + b * stride_ktab
     row = _kv_rows(tab_row, pos, True, PAGE)
-    crow = _kv_rows(ctab_ptr + b * stride_ctab, ci, emit, PAGE)
+    crow = _kv_rows(ctab_ptr + b * stride_ctab, ci, emit, CPAGE)
     dk = tl.arange(0, BDK)[None, :]
     dv = tl.arange(0, BDV)[None, :]
     for h0 in tl.static_range(0, H, BH):
@@ -1864,9 +1865,10 @@ def launch_decode_append(k_t, v_t, k, v, k_cmp, v_cmp, lens, k_cmp_t=None, v_cmp
         pg["table"].stride(0), pg["cmp_table"].stride(0), k_t.stride(0), k_t.stride(1),
         v_t.stride(0), v_t.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0),
-        vc.stride(1), vc.stride(2), PAGE=pg["size"], COUNTED=counted, H=H_KV, DK=DIM_QK, DV=DIM_V,
-        BDK=BLOCK_DK, BDV=BLOCK_DV, L=32, STRIDE=16, HAS_CMP=k_cmp is not None, LEARNED=learned,
-        SEP=sep, BH=triton.next_power_of_2(bh), num_warps=4)
+        vc.stride(1), vc.stride(2), PAGE=pg["size"], CPAGE=pg["cmp_size"], COUNTED=counted, H=H_KV,
+        DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=32, STRIDE=16,
+        HAS_CMP=k_cmp is not None, LEARNED=learned, SEP=sep, BH=triton.next_power_of_2(bh),
+        num_warps=4)
 
 
 # decode: rows per program (the G heads of a KV head, padded for tensor-core tiles) and the IR's
@@ -1905,11 +1907,13 @@ def _decode_configs(configs):
     return cfg
 
 
-def decode_pages(block_table, cmp_block_table, page_size):
+def decode_pages(block_table, cmp_block_table, page_size, cmp_page_size=None):
     """The page tables of a paged cache as the decode kernels take them: int32 [B, max_pages]
     tables of raw and compressed tokens (page p of a sequence holds its positions
-    p * page_size ..), and the page size. Pools are passed through pool_view."""
-    return dict(table=block_table, cmp_table=cmp_block_table, size=page_size)
+    p * page_size ..), and the page sizes (the compressed pool's defaults to the raw one's).
+    Pools are passed through pool_view."""
+    return dict(table=block_table, cmp_table=cmp_block_table, size=page_size,
+                cmp_size=page_size if cmp_page_size is None else cmp_page_size)
 
 
 def pool_view(pool, batch):
@@ -1924,7 +1928,7 @@ def _decode_pages(pages, lens):
     is never read."""
     if pages is None:
         t = lens.view(1, -1)
-        return dict(table=t, cmp_table=t, size=0)
+        return dict(table=t, cmp_table=t, size=0, cmp_size=0)
     return pages
 
 

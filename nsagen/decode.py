@@ -89,6 +89,7 @@ class DecodeCache:
         self._tuned = tuned_cfg
         self.splits = decode_splits(spec, batch, max_len, target)
         self._work, probed = None, None
+        self._multi: dict = {}   # S -> (splits, workspace, page table) of S-token steps
         if dev.type == "cuda" and not tuned_splits and not splits:
             # count waves with what the compiled kernels leave room for on an SM
             self._work = op.module.decode_workspace(batch, max_len, self.splits, dev)
@@ -309,11 +310,86 @@ class DecodeCache:
                v_cmp_t: torch.Tensor | None = None, k_win_t: torch.Tensor | None = None,
                v_win_t: torch.Tensor | None = None) -> torch.Tensor:
         """Append the new token's k, v, then attend with its q: one decoding step. Every
-        argument is checked first, so a refused call leaves the cache as it was."""
+        argument is checked first, so a refused call leaves the cache as it was.
+
+        Several new tokens per sequence (speculative decoding's drafts, a chunk of a prompt):
+        q [B, S, HQ, Dk], k_t, v_t [B, S, H, D], gates [B, S, HQ, 3] (learned compression:
+        k_cmp_t, v_cmp_t [B, S, H, D], entry s being the compressed token that new token s
+        completes, if it completes one). The S tokens are appended in order and the S queries
+        attend at once, token s to the cache and new tokens 0..s: o [B, S, HQ, Dv], equal to the
+        prefill's rows."""
+        if isinstance(q, torch.Tensor) and q.dim() == 4:
+            return self._decode_tokens(q, k_t, v_t, gates, k_cmp_t, v_cmp_t, k_win_t, v_win_t)
         self._check_token(k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t)
         self._check_query(q, gates)
         self._append(k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t)
         return self._step(q, gates)
+
+    def _decode_tokens(self, q, k_t, v_t, gates, k_cmp_t, v_cmp_t, k_win_t, v_win_t):
+        """decode() with S new tokens per sequence (q [B, S, HQ, Dk])."""
+        B, S = q.shape[:2]
+        if B != self.batch or S < 1:
+            raise ValueError(f"q: expected [B={self.batch}, S >= 1, HQ, Dk], got {tuple(q.shape)}")
+        if self._longest + S > self.max_len:
+            raise ValueError(f"cache full: {S} more tokens exceed max_len={self.max_len}")
+
+        def at(t, s):
+            if t is None:
+                return None
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[:2] != (B, S):
+                raise ValueError(f"expected every step tensor as [B={B}, S={S}, ...] like q, got "
+                                 f"{_describe(t)}")
+            return t[:, s]
+
+        toks = [tuple(at(t, s) for t in (k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t))
+                for s in range(S)]
+        for s in range(S):
+            self._check_token(*toks[s])
+            self._check_query(at(q, s), at(gates, s))
+            self._longest += 1          # the capacity check of the next token sees this one
+        self._longest -= S
+        for s in range(S):
+            self._append(*toks[s])
+        return self._attend_tokens(q, gates)
+
+    def _attend_tokens(self, q, gates):
+        """The S newest tokens of every sequence attend at once: query (b, s) is a row of its
+        own over sequence b's cache rows, with length lens[b] - S + s + 1 (the decode kernels
+        read the cache as one page per sequence)."""
+        spec, B, S, L = self.spec, self.batch, q.shape[1], self.max_len
+        dev = q.device
+        lens = (self.lens[:, None] - S + 1
+                + torch.arange(S, dtype=torch.int32, device=dev)).reshape(-1)
+        qv = q.reshape(B * S, *q.shape[2:])
+        gv = None if gates is None else gates.reshape(B * S, *gates.shape[2:])
+        caches = [self.k, self.v, self.k_cmp, self.v_cmp]
+        caches += [self.k_win, self.v_win] if self.separate else [None, None]
+        if not kernels_available(dev):
+            rows = torch.arange(B, device=dev).repeat_interleave(S)
+            k, v, kc, vc, kw, vw = (None if t is None else t[rows] for t in caches)
+            uses_cmp = spec.has("cmp") or spec.has("slc")
+            o = reference.nsa_decode_step(qv, k, v, gv, spec, kc if uses_cmp else None,
+                                          vc if uses_cmp else None, cache_seqlens=lens,
+                                          k_win=kw, v_win=vw)
+            return o.view(B, S, *o.shape[1:])
+        if S not in self._multi:
+            target = current(dev if dev.type == "cuda" else None)
+            splits = decode_splits(spec, B * S, L, target)
+            work = self.op.module.decode_workspace(B * S, L, splits, dev)
+            table = torch.arange(B, dtype=torch.int32, device=dev).repeat_interleave(S)[:, None]
+            self._multi[S] = (splits, work, table)
+        splits, work, table = self._multi[S]
+        mod, dtype = self.op.module, q.dtype
+        if interpreted_in_float32(q):   # the interpreter's bfloat16 is wrong: compute in float32
+            qv, gv = qv.float(), None if gv is None else gv.float()
+            caches = [None if t is None else t.float() for t in caches]
+        k, v, kc, vc, kw, vw = (None if t is None else mod.pool_view(t, B * S) for t in caches)
+        pages = mod.decode_pages(table, table, L, self.k_cmp.shape[1])
+        with direct_launches():
+            o, _ = mod.decode_step(qv.contiguous(), None if gv is None else gv.contiguous(), k,
+                                   v, kc, vc, lens, splits, work, kw, vw,
+                                   configs=self._launch_configs(), pages=pages)
+        return o.to(dtype).view(B, S, *o.shape[1:])
 
 
 def _describe(t) -> str:

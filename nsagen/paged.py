@@ -127,8 +127,22 @@ class PagedSteps:
                cmp_block_table, seq_lens, k_cmp_t=None, v_cmp_t=None) -> None:
         """Write token seq_lens[b] - 1 of every sequence (k_t, v_t [B, H, D]) into its page and
         emit the compressed token its length completes (mean of the last l tokens, or the
-        given learned k_cmp_t, v_cmp_t [B, H, D])."""
+        given learned k_cmp_t, v_cmp_t [B, H, D]). With S new tokens per sequence (k_t, v_t
+        [B, S, H, D], seq_lens counting all of them) they are written in order, one launch
+        each."""
         spec = self.op.spec
+        if isinstance(k_t, torch.Tensor) and k_t.dim() == 4:
+            B, S = k_t.shape[:2]
+            toks = [tuple(_token_of(t, s, B, S) for t in (k_t, v_t, k_cmp_t, v_cmp_t))
+                    for s in range(S)]
+            for tok in toks:
+                check_token(spec, *tok, B)
+            check_paged(spec, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
+                        cmp_block_table, seq_lens, B, k_t.dtype, k_t.device)
+            for s, (kt, vt, kct, vct) in enumerate(toks):
+                self.append(kt, vt, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
+                            cmp_block_table, seq_lens - (S - 1 - s), kct, vct)
+            return None
         B = _batch(k_t, "k_t")
         check_token(spec, k_t, v_t, k_cmp_t, v_cmp_t, B)
         page = check_paged(spec, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
@@ -149,8 +163,24 @@ class PagedSteps:
     def decode(self, q, gates, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
                cmp_block_table, seq_lens) -> torch.Tensor:
         """o [B, HQ, Dv] of q [B, HQ, Dk] at position seq_lens[b] - 1 of each sequence: equal to
-        that row of the prefill."""
+        that row of the prefill. With S new tokens per sequence (q [B, S, HQ, Dk], gates
+        [B, S, HQ, 3]) token s is at position seq_lens[b] - S + s and sees the tokens up to
+        it: o [B, S, HQ, Dv], every query attending at once."""
         spec = self.op.spec
+        if isinstance(q, torch.Tensor) and q.dim() == 4:
+            B, S = q.shape[:2]
+            for s in range(S):
+                check_query(spec, q[:, s], _token_of(gates, s, B, S), B)
+            check_paged(spec, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
+                        cmp_block_table, seq_lens, B, q.dtype, q.device)
+            lens = (seq_lens[:, None] - S + 1
+                    + torch.arange(S, dtype=I32, device=q.device)).reshape(-1)
+            tables = [None if t is None else t.repeat_interleave(S, 0)
+                      for t in (block_table, cmp_block_table)]
+            o = self.decode(q.reshape(B * S, *q.shape[2:]),
+                            None if gates is None else gates.reshape(B * S, *gates.shape[2:]),
+                            k_pages, v_pages, k_cmp_pages, v_cmp_pages, *tables, lens)
+            return o.view(B, S, *o.shape[1:])
         B = _batch(q, "q")
         check_query(spec, q, gates, B)
         page = check_paged(spec, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
@@ -180,6 +210,16 @@ class PagedSteps:
                                    k, v, kc if uses_cmp else None, vc if uses_cmp else None,
                                    seq_lens, splits, work, configs=cfg, pages=pages)
         return o.to(dtype)
+
+
+def _token_of(t, s: int, B: int, S: int):
+    """Token s of a [B, S, ...] step tensor (None stays None)."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[:2]) != (B, S):
+        raise ValueError(f"expected every step tensor as [B={B}, S={S}, ...], got "
+                         f"{_describe(t)}")
+    return t[:, s]
 
 
 def check_query(spec, q, gates, B: int) -> None:

@@ -317,3 +317,85 @@ def test_append_kernel_equals_the_torch_append(name, variant, monkeypatch):
                                        2 * spec.cmp_block + 3]
     caches[0].rewind(10)
     assert caches[0].lens.tolist() == [n - 10 for n in caches[1].lens.tolist()]
+
+
+def _tokens_vs_prefill(spec, prompt_lens, T, chunks, dtype=torch.float32, seed=0,
+                       configs=None):
+    """Steps of several new tokens per sequence (chunks: S of each step) from ragged prompts:
+    every new token's output equals its row of the float64 prefill."""
+    B = len(prompt_lens)
+    op = nsagen.build(spec)
+    x = make_inputs(spec, B, T, dtype, "cpu", seed)
+    q, k, v, gates = x["q"], x["k"], x["v"], x["gates"]
+    kc_all, vc_all = (x["k_cmp"], x["v_cmp"]) if spec.learned_compression else (None, None)
+    kw, vw = x["k_win"], x["v_win"]
+
+    def d(t):
+        return None if t is None else t.double()
+
+    ref = nsagen.reference.nsa(d(q), d(k), d(v), d(gates), spec, d(kc_all), d(vc_all),
+                               k_win=d(kw), v_win=d(vw))
+    if configs is not None:
+        configs = {n: c for n, c in configs.items() if n in op.module.DECODE_CONFIGS}
+    cache = DecodeCache(op, B, T, device="cpu", dtype=dtype, configs=configs)
+    P = max(prompt_lens)
+    cache.prefill(k[:, :P], v[:, :P], torch.tensor(prompt_lens, dtype=torch.int32),
+                  k_cmp=None if kc_all is None else kc_all[:, :spec.num_cmp(P)],
+                  v_cmp=None if vc_all is None else vc_all[:, :spec.num_cmp(P)],
+                  k_win=None if kw is None else kw[:, :P], v_win=None if vw is None else vw[:, :P])
+    pos = torch.tensor(prompt_lens)
+    rows = torch.arange(B)
+    for S in chunks:
+        t = pos[:, None] + torch.arange(S)                       # [B, S] positions
+        pick = lambda a: None if a is None else a[rows[:, None], t]  # noqa: E731
+        extra = {}
+        if spec.learned_compression:
+            i = torch.clamp((t + 1 - spec.cmp_block) // spec.cmp_stride, min=0)
+            extra = dict(k_cmp_t=kc_all[rows[:, None], i], v_cmp_t=vc_all[rows[:, None], i])
+        if kw is not None:
+            extra.update(k_win_t=pick(kw), v_win_t=pick(vw))
+        o = cache.decode(pick(q), pick(k), pick(v), pick(gates), **extra)
+        assert o.shape == (B, S, spec.heads_q, spec.dim_v)
+        err = rel_err(o, ref[rows[:, None], t])
+        assert err < TOL.get(dtype, 1e-4), (S, err)
+        pos = pos + S
+    assert torch.equal(cache.lens, pos.to(torch.int32))
+
+
+@pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only machines")
+@pytest.mark.parametrize("name", ["nsa-d128", "nsa-paper"])
+def test_kernels_decode_several_tokens_per_step(name):
+    """S = 3, 1, 5, 2 new tokens per step from ragged prompts (one below l): the drafts see
+    the cache and the drafts before them, crossing emission points and block edges."""
+    spec = scaled(nsagen.load_spec(name))
+    _tokens_vs_prefill(spec, [2, 21, 40], T=52, chunks=[3, 1, 5, 2], seed=5,
+                       configs=SMALL_TILES)
+
+
+@pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only machines")
+def test_kernels_decode_several_tokens_separate_kv():
+    spec = scaled(nsagen.load_spec("nsa-d128")).replace(kv_per_branch="separate")
+    _tokens_vs_prefill(spec, [6, 13], T=24, chunks=[4, 4], seed=6)
+
+
+def test_reference_fallback_several_tokens(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = scaled(nsagen.load_spec("nsa-paper"))
+    _tokens_vs_prefill(spec, [4, 11], T=24, chunks=[3, 4], dtype=torch.float64, seed=7)
+
+
+def test_several_tokens_refused_calls_change_nothing():
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    cache = nsagen.build(spec).new_cache(2, 12, dtype=torch.float32)
+    H, HQ = spec.heads_kv, spec.heads_q
+    q = torch.randn(2, 3, HQ, spec.dim_qk)
+    k_t, v_t = torch.randn(2, 3, H, spec.dim_qk), torch.randn(2, 3, H, spec.dim_v)
+    with pytest.raises(ValueError, match="like q"):
+        cache.decode(q, k_t[:, :2], v_t)
+    with pytest.raises(ValueError, match="v_t: expected"):
+        cache.decode(q, k_t, v_t[..., :3])
+    for _ in range(4):
+        cache.decode(q, k_t, v_t)
+    with pytest.raises(ValueError, match="cache full"):
+        cache.decode(q[:, :1], k_t[:, :1], v_t[:, :1])
+    assert cache.lens.tolist() == [12, 12]

@@ -283,3 +283,30 @@ def test_paged_decode_equals_the_contiguous_cache_and_replays_in_a_graph():
         want = cache.decode(xin["q"], xin["k"], xin["v"], xin["g"])
         assert torch.equal(seq_lens, cache.lens)
         assert rel_err(out, want) < 1e-3, (step, rel_err(out, want))
+
+
+def test_several_tokens_per_step_bf16():
+    """Four draft tokens per sequence over a 5000-token cache: each equals its row of the
+    reference on the blocks the kernels chose."""
+    spec = nsagen.load_spec("nsa-d128")
+    op = nsagen.build(spec)
+    B, T, S = 2, 5000, 4
+    torch.manual_seed(8)
+    q = torch.randn(B, T, spec.heads_q, spec.dim_qk, device="cuda", dtype=BF16)
+    k = torch.randn(B, T, spec.heads_kv, spec.dim_qk, device="cuda", dtype=BF16)
+    v = torch.randn(B, T, spec.heads_kv, spec.dim_v, device="cuda", dtype=BF16)
+    gates = torch.rand(B, T, spec.heads_q, 3, device="cuda", dtype=BF16)
+    cache = op.new_cache(B, T, device="cuda", dtype=BF16)
+    prompt = [4000, 4093]
+    cache.prefill(k[:, :4093], v[:, :4093], torch.tensor(prompt, dtype=torch.int32, device="cuda"))
+    rows = torch.arange(B, device="cuda")[:, None]
+    t = torch.tensor(prompt, device="cuda")[:, None] + torch.arange(S, device="cuda")
+    o = cache.decode(q[rows, t], k[rows, t], v[rows, t], gates[rows, t])
+    assert o.shape == (B, S, spec.heads_q, spec.dim_v)
+    for b in range(B):
+        for s in range(S):
+            p = int(t[b, s])
+            want, _, _ = _ref_row(spec, q[b, p], k[b], v[b], gates[b, p], p)
+            # bf16 picks may differ from the reference's on near-ties: compare loosely here;
+            # the selection itself is checked by score in the one-token tests
+            assert rel_err(o[b, s], want) < 5e-2, (b, s, rel_err(o[b, s], want))

@@ -289,3 +289,48 @@ def test_paged_cache_refuses_by_name_and_changes_nothing():
     with pytest.raises(ValueError, match="k: expected"):
         cache.add(torch.randn(4, H + 1, spec.dim_qk), torch.randn(4, H, spec.dim_v))
     assert cache.free_pages == free and cache.length(sid) == 16
+
+
+@pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only machines")
+@pytest.mark.parametrize("name", ["nsa-d128", "nsa-paper"])
+def test_paged_several_tokens_per_step(name):
+    """S new tokens per sequence (seq_lens counting all of them) over shuffled pages: written
+    in order, every draft equals its prefill row."""
+    spec = scaled(nsagen.load_spec(name))
+    op = nsagen.build(spec)
+    B, T, page = 2, 40, 8
+    x = make_inputs(spec, B, T, torch.float32, "cpu", 13)
+    q, k, v, gates = x["q"], x["k"], x["v"], x["gates"]
+    kc_all, vc_all = (x["k_cmp"], x["v_cmp"]) if spec.learned_compression else (None, None)
+
+    def d(t):
+        return None if t is None else t.double()
+
+    ref = nsagen.reference.nsa(d(q), d(k), d(v), d(gates), spec, d(kc_all), d(vc_all))
+    pools = Pools(spec, B, T, page, torch.float32, 13)
+    kc_ref = kc_all if kc_all is not None else nsagen.reference.mean_compress(k, spec)
+    vc_ref = vc_all if vc_all is not None else nsagen.reference.mean_compress(v, spec)
+    prompt = [5, 17]
+    for b, n in enumerate(prompt):
+        pg, off = pools.write(b, torch.arange(n), None, None)
+        pools.k[pg, off], pools.v[pg, off] = k[b, :n], v[b, :n]
+        c = torch.arange(spec.num_cmp(n))
+        pg, off = pools.write(b, c, None, None, pools.cmp_table)
+        pools.kc[pg, off], pools.vc[pg, off] = kc_ref[b, c], vc_ref[b, c]
+    op.configs = {n: c for n, c in SMALL_TILES.items() if n in op.module.DECODE_CONFIGS}
+    try:
+        pos, rows = torch.tensor(prompt), torch.arange(B)[:, None]
+        for S in (3, 1, 6):
+            t = pos[:, None] + torch.arange(S)
+            lens = (pos + S).to(torch.int32)
+            extra = {}
+            if spec.learned_compression:
+                i = torch.clamp((t + 1 - spec.cmp_block) // spec.cmp_stride, min=0)
+                extra = dict(k_cmp_t=kc_all[rows, i], v_cmp_t=vc_all[rows, i])
+            op.append_paged(k[rows, t], v[rows, t], *pools.args(lens), **extra)
+            o = op.decode_paged(q[rows, t], gates[rows, t], *pools.args(lens))
+            assert o.shape == (B, S, spec.heads_q, spec.dim_v)
+            assert rel_err(o, ref[rows, t]) < 1e-4, (S, rel_err(o, ref[rows, t]))
+            pos = pos + S
+    finally:
+        op.configs = {}

@@ -111,7 +111,7 @@ def _append_space(spec: Spec, default: dict, target: Target, smem: int):
 # passes page size 0 and tables that are never read (nsa_module's _decode_pages)
 _PAGES = (ptrs('ktab=pg["table"]', 'ctab=pg["cmp_table"]')
           + scalars('stride_ktab=pg["table"].stride(0)', 'stride_ctab=pg["cmp_table"].stride(0)')
-          + consts(PAGE='pg["size"]'))
+          + consts(PAGE='pg["size"]', CPAGE='pg["cmp_size"]'))
 
 
 def _append_launch(spec: Spec, flags: dict) -> dict:
