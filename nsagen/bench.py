@@ -69,6 +69,28 @@ def _fla():
         return None
 
 
+def _fa3():
+    """FlashAttention-3's forward (the `fa3-fwd` wheel, built for Hopper), if it loads."""
+    try:
+        from fa3_fwd_interface import flash_attn_func  # type: ignore
+
+        return flash_attn_func
+    except Exception as err:  # optional
+        log.info("nsagen bench: FlashAttention-3 (fa3-fwd) not importable (%s)", str(err)[:120])
+        return None
+
+
+def _fa4():
+    """FlashAttention-4 (`flash-attn-4`, CuTe DSL), if it loads."""
+    try:
+        from flash_attn.cute import flash_attn_func  # type: ignore
+
+        return flash_attn_func
+    except Exception as err:  # optional
+        log.info("nsagen bench: FlashAttention-4 not importable (%s)", str(err)[:120])
+        return None
+
+
 def _flex():
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -140,7 +162,10 @@ def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bo
                 row["flex_window_ms"] = _flex_window(flex, qd, kd, vd, G, spec.window, backward)
             if fla is not None:
                 row["fla_ms"] = _fla_row(fla, spec, qd, kd, vd, gd, backward)
-        for name in ("flash_ms", "cudnn_ms", "fla_ms"):
+        dense = [row[n] for n in DENSE if row.get(n)]
+        if dense:
+            row["best_dense_ms"] = min(dense)
+        for name in ("flash_ms", "cudnn_ms", "fla_ms", "best_dense_ms"):
             if row.get(name):
                 row["speedup_vs_" + name[:-3]] = row[name] / row["nsagen_ms"]
         rows.append(row)
@@ -169,8 +194,29 @@ def timed(fn, backward: bool, leaves):
     return median_ms(fb)
 
 
+DENSE = ("flash_ms", "cudnn_ms", "fa3_ms", "fa4_ms")    # the dense baselines, best one reported
+
+
+def _first(out):
+    """The output tensor of an attention call that may also return its LSE."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def _dense_rows(row: dict, q, k, v, G: int, backward: bool = False) -> None:
+    """Dense causal attention at the same shapes: SDPA's FlashAttention-2 and cuDNN backends,
+    FlashAttention-3 (forward only, as its wheel ships) and FlashAttention-4 where they load
+    (GQA native, [B, T, H, D]); `best_dense_ms` is the fastest of them."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for name, fn in (("fa3_ms", None if backward else _fa3()), ("fa4_ms", _fa4())):
+        if fn is None or k.shape[-1] != v.shape[-1]:
+            continue
+        qc, kc, vc = (t.detach().clone() for t in (q, k, v))
+        try:
+            row[name] = timed(lambda: _first(fn(qc, kc, vc, causal=True)), backward, [qc, kc, vc])
+        except Exception as err:
+            log.info("nsagen bench: %s failed: %s", name, str(err)[:120])
+        del qc, kc, vc
 
     qt = q.transpose(1, 2).contiguous()
     kt = k.repeat_interleave(G, 2).transpose(1, 2).contiguous()
@@ -382,6 +428,9 @@ def format_table(doc: dict) -> str:
     else:
         cols = [("T", "T", "{:d}"), ("nsagen ms", "nsagen_ms", "{:.3f}"),
                 ("FA2 ms", "flash_ms", "{:.3f}"), ("cuDNN ms", "cudnn_ms", "{:.3f}"),
+                ("FA3 ms", "fa3_ms", "{:.3f}"), ("FA4 ms", "fa4_ms", "{:.3f}"),
+                ("best dense ms", "best_dense_ms", "{:.3f}"),
+                ("x best dense", "speedup_vs_best_dense", "{:.2f}"),
                 ("fla NSA ms", "fla_ms", "{:.3f}"), ("Flex win ms", "flex_window_ms", "{:.3f}"),
                 ("x FA2", "speedup_vs_flash", "{:.2f}"), ("x cuDNN", "speedup_vs_cudnn", "{:.2f}"),
                 ("x fla", "speedup_vs_fla", "{:.2f}"), ("SDPA ms", "sdpa_ms", "{:.3f}"),

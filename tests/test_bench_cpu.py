@@ -40,6 +40,51 @@ def test_bench_rows_and_table(monkeypatch, tmp_path, backward):
     assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["T"] == 9
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_dense_baselines_and_the_best_of_them(monkeypatch, backward):
+    """FlashAttention-3 (forward only) and -4 join SDPA's backends where they load; the row
+    reports the fastest dense baseline and nsagen against it; a baseline that fails (here
+    FlashAttention-4, and cuDNN on the CPU) is left out, never fatal."""
+    seen = []
+
+    def fake_fa(q, k, v, causal=False):
+        seen.append((tuple(q.shape), tuple(k.shape), causal))
+        G = q.shape[2] // k.shape[2]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.repeat_interleave(G, 2).transpose(1, 2),
+            v.repeat_interleave(G, 2).transpose(1, 2), is_causal=True)
+        return o.transpose(1, 2), None
+
+    def broken(*a, **k):
+        raise RuntimeError("not on this GPU")
+
+    def fake_bench(fn, warmup=25, rep=100):
+        fn()
+        return 3.0 if seen else 2.0          # nsagen first, then FlashAttention-3
+
+    monkeypatch.setattr(bench, "median_ms", fake_bench)
+    monkeypatch.setattr(bench, "ceilings", lambda device="cuda": {"copy_TBps": 1.0, "mm_TFLOPs": 100.0})
+    monkeypatch.setattr(bench, "_fa3", lambda: fake_fa)
+    monkeypatch.setattr(bench, "_fa4", lambda: broken)
+    monkeypatch.setattr(bench, "_fla", lambda: None)
+    monkeypatch.setattr(bench, "_flex", lambda: None)
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    doc = bench.bench_forward(spec, [24], baselines=True, backward=backward, device="cpu",
+                              progress=lambda m: None)
+    r = doc["rows"][0]
+    assert "fa4_ms" not in r and "cudnn_ms" not in r
+    if backward:                  # the fa3-fwd wheel has no backward
+        assert not seen and "fa3_ms" not in r
+    else:
+        assert seen and seen[0][2] and seen[0][0] == (1, 24, spec.heads_q, spec.dim_qk)
+        assert r["fa3_ms"] == 3.0
+    present = [r[n] for n in bench.DENSE if n in r]
+    assert r.get("best_dense_ms") == (min(present) if present else None)
+    if present:
+        assert r["speedup_vs_best_dense"] == r["best_dense_ms"] / 2.0
+        assert "x best dense" in bench.format_table(doc)
+
+
 def test_bench_decode_rows_and_table(monkeypatch):
     monkeypatch.setattr(bench, "median_ms", lambda fn, warmup=25, rep=100: (fn(), 0.01)[1])
     spec = scaled(nsagen.load_spec("nsa-d128"))
