@@ -64,7 +64,7 @@ def _seqlens(cu_seqlens, B: int, T: int, device: torch.device) -> tuple[int, ...
 
 
 def check_inputs(spec: Spec, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
-                 k_win=None, v_win=None) -> Problem:
+                 k_win=None, v_win=None, q_cmp=None) -> Problem:
     """Check shapes, dtypes and devices of an NSA call against the spec; return its sizes."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -83,6 +83,9 @@ def check_inputs(spec: Spec, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seq
     _shape("k", k, (B, T, H, spec.dim_qk), "[B, T, H, Dk]")
     _shape("v", v, (B, T, H, spec.dim_v), "[B, T, H, Dv]")
     named = [("k", k), ("v", v)]
+    if q_cmp is not None:
+        _shape("q_cmp", q_cmp, (B, T, HQ, Dk), "[B, T, HQ, Dk] (like q)")
+        named.append(("q_cmp", q_cmp))
     if gates is not None:
         _shape("gates", gates, (B, T, HQ, 3), "[B, T, HQ, 3] (cmp, slc, win)")
         named.append(("gates", gates))

@@ -248,21 +248,25 @@ class DecodeCache:
 
     # ------------------------------------------------------------------ attention
     def step(self, q: torch.Tensor, gates: torch.Tensor | None = None,
-             return_indices: bool = False):
+             return_indices: bool = False, q_cmp: torch.Tensor | None = None):
         """Attention of q [B, HQ, Dk] at position len - 1 of each row: o [B, HQ, Dv], equal to
-        that row of the prefill over the cached tokens."""
-        self._check_query(q, gates)
-        return self._step(q, gates, return_indices)
+        that row of the prefill over the cached tokens. `q_cmp` (default q) is the query of the
+        compressed branch and the block scores."""
+        self._check_query(q, gates, q_cmp)
+        return self._step(q, gates, return_indices, q_cmp)
 
-    def _check_query(self, q, gates) -> None:
+    def _check_query(self, q, gates, q_cmp=None) -> None:
         spec = self.spec
         dt, dev = self.k.dtype, self.k.device
         _expect("q", q, (self.batch, spec.heads_q, spec.dim_qk), "[B, HQ, Dk]", dt, dev)
+        if q_cmp is not None:
+            _expect("q_cmp", q_cmp, (self.batch, spec.heads_q, spec.dim_qk), "[B, HQ, Dk]", dt,
+                    dev)
         if gates is not None:
             _expect("gates", gates, (self.batch, spec.heads_q, 3), "[B, HQ, 3] (cmp, slc, win)",
                     dt, dev)
 
-    def _step(self, q, gates, return_indices: bool = False):
+    def _step(self, q, gates, return_indices: bool = False, q_cmp=None):
         spec = self.spec
         kw = self.k_win if self.separate else None
         vw = self.v_win if self.separate else None
@@ -271,7 +275,7 @@ class DecodeCache:
             vc = self.v_cmp if kc is not None else None
             return reference.nsa_decode_step(
                 q, self.k, self.v, gates, spec, kc, vc, cache_seqlens=self.lens,
-                return_indices=return_indices, k_win=kw, v_win=vw)
+                return_indices=return_indices, k_win=kw, v_win=vw, q_cmp=q_cmp)
 
         if self._work is None:
             self._work = self.op.module.decode_workspace(self.batch, self.max_len, self.splits,
@@ -279,13 +283,14 @@ class DecodeCache:
         k, v, kc, vc = self.k, self.v, self.k_cmp, self.v_cmp
         dtype = q.dtype
         if interpreted_in_float32(q):   # the interpreter's bfloat16 is wrong: compute in float32
-            q, gates, k, v, kc, vc, kw, vw = (None if t is None else t.float()
-                                              for t in (q, gates, k, v, kc, vc, kw, vw))
+            q, gates, k, v, kc, vc, kw, vw, q_cmp = (
+                None if t is None else t.float() for t in (q, gates, k, v, kc, vc, kw, vw, q_cmp))
         with direct_launches():
             o, idx = self.op.module.decode_step(
                 q.contiguous(), None if gates is None else gates.contiguous(), k, v,
                 kc, vc, self.lens, self.splits, self._work, kw, vw,
-                configs=self._launch_configs())
+                configs=self._launch_configs(),
+                q_cmp=None if q_cmp is None else q_cmp.contiguous())
         o = o.to(dtype)
         if return_indices:
             if idx is None:
@@ -308,9 +313,11 @@ class DecodeCache:
     def decode(self, q: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
                gates: torch.Tensor | None = None, k_cmp_t: torch.Tensor | None = None,
                v_cmp_t: torch.Tensor | None = None, k_win_t: torch.Tensor | None = None,
-               v_win_t: torch.Tensor | None = None) -> torch.Tensor:
-        """Append the new token's k, v, then attend with its q: one decoding step. Every
-        argument is checked first, so a refused call leaves the cache as it was.
+               v_win_t: torch.Tensor | None = None,
+               q_cmp: torch.Tensor | None = None) -> torch.Tensor:
+        """Append the new token's k, v, then attend with its q (and q_cmp, the compressed
+        branch's query, default q): one decoding step. Every argument is checked first, so a
+        refused call leaves the cache as it was.
 
         Several new tokens per sequence (speculative decoding's drafts, a chunk of a prompt):
         q [B, S, HQ, Dk], k_t, v_t [B, S, H, D], gates [B, S, HQ, 3] (learned compression:
@@ -319,13 +326,14 @@ class DecodeCache:
         attend at once, token s to the cache and new tokens 0..s: o [B, S, HQ, Dv], equal to the
         prefill's rows."""
         if isinstance(q, torch.Tensor) and q.dim() == 4:
-            return self._decode_tokens(q, k_t, v_t, gates, k_cmp_t, v_cmp_t, k_win_t, v_win_t)
+            return self._decode_tokens(q, k_t, v_t, gates, k_cmp_t, v_cmp_t, k_win_t, v_win_t,
+                                       q_cmp)
         self._check_token(k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t)
-        self._check_query(q, gates)
+        self._check_query(q, gates, q_cmp)
         self._append(k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t)
-        return self._step(q, gates)
+        return self._step(q, gates, q_cmp=q_cmp)
 
-    def _decode_tokens(self, q, k_t, v_t, gates, k_cmp_t, v_cmp_t, k_win_t, v_win_t):
+    def _decode_tokens(self, q, k_t, v_t, gates, k_cmp_t, v_cmp_t, k_win_t, v_win_t, q_cmp=None):
         """decode() with S new tokens per sequence (q [B, S, HQ, Dk])."""
         B, S = q.shape[:2]
         if B != self.batch or S < 1:
@@ -345,14 +353,14 @@ class DecodeCache:
                 for s in range(S)]
         for s in range(S):
             self._check_token(*toks[s])
-            self._check_query(at(q, s), at(gates, s))
+            self._check_query(at(q, s), at(gates, s), at(q_cmp, s))
             self._longest += 1          # the capacity check of the next token sees this one
         self._longest -= S
         for s in range(S):
             self._append(*toks[s])
-        return self._attend_tokens(q, gates)
+        return self._attend_tokens(q, gates, q_cmp)
 
-    def _attend_tokens(self, q, gates):
+    def _attend_tokens(self, q, gates, q_cmp=None):
         """The S newest tokens of every sequence attend at once: query (b, s) is a row of its
         own over sequence b's cache rows, with length lens[b] - S + s + 1 (the decode kernels
         read the cache as one page per sequence)."""
@@ -361,6 +369,7 @@ class DecodeCache:
         lens = (self.lens[:, None] - S + 1
                 + torch.arange(S, dtype=torch.int32, device=dev)).reshape(-1)
         qv = q.reshape(B * S, *q.shape[2:])
+        qcv = None if q_cmp is None else q_cmp.reshape(B * S, *q_cmp.shape[2:])
         gv = None if gates is None else gates.reshape(B * S, *gates.shape[2:])
         caches = [self.k, self.v, self.k_cmp, self.v_cmp]
         caches += [self.k_win, self.v_win] if self.separate else [None, None]
@@ -370,7 +379,7 @@ class DecodeCache:
             uses_cmp = spec.has("cmp") or spec.has("slc")
             o = reference.nsa_decode_step(qv, k, v, gv, spec, kc if uses_cmp else None,
                                           vc if uses_cmp else None, cache_seqlens=lens,
-                                          k_win=kw, v_win=vw)
+                                          k_win=kw, v_win=vw, q_cmp=qcv)
             return o.view(B, S, *o.shape[1:])
         if S not in self._multi:
             target = current(dev if dev.type == "cuda" else None)
@@ -382,13 +391,15 @@ class DecodeCache:
         mod, dtype = self.op.module, q.dtype
         if interpreted_in_float32(q):   # the interpreter's bfloat16 is wrong: compute in float32
             qv, gv = qv.float(), None if gv is None else gv.float()
+            qcv = None if qcv is None else qcv.float()
             caches = [None if t is None else t.float() for t in caches]
         k, v, kc, vc, kw, vw = (None if t is None else mod.pool_view(t, B * S) for t in caches)
         pages = mod.decode_pages(table, table, L, self.k_cmp.shape[1])
         with direct_launches():
             o, _ = mod.decode_step(qv.contiguous(), None if gv is None else gv.contiguous(), k,
                                    v, kc, vc, lens, splits, work, kw, vw,
-                                   configs=self._launch_configs(), pages=pages)
+                                   configs=self._launch_configs(), pages=pages,
+                                   q_cmp=None if qcv is None else qcv.contiguous())
         return o.to(dtype).view(B, S, *o.shape[1:])
 
 

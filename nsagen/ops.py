@@ -128,11 +128,11 @@ class NSAOp:
                                    block_table, cmp_block_table, seq_lens, k_cmp_t, v_cmp_t)
 
     def decode_paged(self, q, gates, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
-                     cmp_block_table, seq_lens) -> torch.Tensor:
+                     cmp_block_table, seq_lens, q_cmp=None) -> torch.Tensor:
         """Serving engines: o [B, HQ, Dv] of q [B, HQ, Dk] at position seq_lens[b] - 1 over the
         paged pools, equal to that row of the prefill. No host sync; see nsagen.paged."""
         return self._paged_steps().decode(q, gates, k_pages, v_pages, k_cmp_pages, v_cmp_pages,
-                                          block_table, cmp_block_table, seq_lens)
+                                          block_table, cmp_block_table, seq_lens, q_cmp)
 
     def _paged_steps(self) -> PagedSteps:
         if self._paged is None:
@@ -140,32 +140,38 @@ class NSAOp:
         return self._paged
 
     def __call__(self, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
-                 return_indices=False, k_win=None, v_win=None):
-        """o [B, T, HQ, Dv] (and block indices [B, T, H, n] if return_indices); see docs/algorithm.md."""
+                 return_indices=False, k_win=None, v_win=None, q_cmp=None):
+        """o [B, T, HQ, Dv] (and block indices [B, T, H, n] if return_indices); see docs/algorithm.md.
+        `q_cmp` [B, T, HQ, Dk] (default q) is the query of the compressed branch and of the block
+        scores, e.g. without the rotary embedding the other branches' q carries."""
         spec = self.spec
-        prob = check_inputs(spec, q, k, v, gates, k_cmp, v_cmp, cu_seqlens, k_win, v_win)
+        if q_cmp is q:      # one query for every branch: today's op exactly
+            q_cmp = None
+        prob = check_inputs(spec, q, k, v, gates, k_cmp, v_cmp, cu_seqlens, k_win, v_win, q_cmp)
         if kernels_available(q.device) and interpreted_in_float32(q):
             out = self(q.float(), k.float(), v.float(), _float32(gates), _float32(k_cmp),
                        _float32(v_cmp), cu_seqlens, return_indices, _float32(k_win),
-                       _float32(v_win))
+                       _float32(v_win), _float32(q_cmp))
             if return_indices:
                 return out[0].to(q.dtype), out[1]
             return out.to(q.dtype)
         if not kernels_available(q.device):
             fallback_notice(q.device)
             return reference.nsa(q, k, v, gates, spec, k_cmp, v_cmp, cu_seqlens, return_indices,
-                                 k_win=k_win, v_win=v_win)
+                                 k_win=k_win, v_win=v_win, q_cmp=q_cmp)
         B, T = prob.batch, prob.seq_len
         if torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (q, k, v, gates, k_cmp, v_cmp, k_win, v_win)):
-            o, idx, *_ = self._train_op(q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu_seqlens)
+                t is not None and t.requires_grad
+                for t in (q, k, v, gates, k_cmp, v_cmp, k_win, v_win, q_cmp)):
+            o, idx, *_ = self._train_op(q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu_seqlens,
+                                        q_cmp)
         else:
             lay = build_layout(spec, prob.seqlens, q.device)
             with direct_launches():
                 o, idx, _ = self.module.forward(
                     pack(q), pack(k), pack(v), pack(gates), pack(k_cmp), pack(v_cmp), lay,
                     pack(k_win), pack(v_win),
-                    configs=self.configs_for(q.device, max(prob.seqlens)))
+                    configs=self.configs_for(q.device, max(prob.seqlens)), q_cmp=pack(q_cmp))
             o = o.view(B, T, spec.heads_q, spec.dim_v)
         if not return_indices:
             return o
@@ -197,14 +203,14 @@ def _register_training_op(nsa: NSAOp):
 
     def fwd(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor], k_cmp: Optional[Tensor],
             v_cmp: Optional[Tensor], k_win: Optional[Tensor], v_win: Optional[Tensor],
-            cu_seqlens: Optional[Tensor]
+            cu_seqlens: Optional[Tensor], q_cmp: Optional[Tensor] = None
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         B, T = q.shape[:2]
         lay = layout_of_call(spec, q, cu_seqlens)
         o, idx, saved = mod.forward(
             pack(q), pack(k), pack(v), pack(gates), pack(k_cmp), pack(v_cmp), lay,
             pack(k_win), pack(v_win), configs=nsa.configs_for(q.device, max(lay.seqlens)),
-            save=True)
+            save=True, q_cmp=pack(q_cmp))
         # compressed k/v computed here (mean) are outputs; the caller's own are never returned
         mine = k_cmp is None and saved["k_cmp"] is not None
         kc = saved["k_cmp"] if mine else q.new_empty(0)
@@ -215,8 +221,9 @@ def _register_training_op(nsa: NSAOp):
 
     def bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor], idx: Tensor,
             ob: Tensor, lse: Tensor, kc: Tensor, vc: Tensor, k_win: Optional[Tensor],
-            v_win: Optional[Tensor], cu_seqlens: Optional[Tensor], user_cmp: bool
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            v_win: Optional[Tensor], cu_seqlens: Optional[Tensor], user_cmp: bool,
+            q_cmp: Optional[Tensor] = None
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         B, T = q.shape[:2]
         lay = layout_of_call(spec, q, cu_seqlens)
         # the caller's k_cmp/v_cmp are [B, Nc, H, D]; ones made by mean compression come packed
@@ -227,7 +234,7 @@ def _register_training_op(nsa: NSAOp):
                      v_cmp=vc if vc.dim() == 3 else None)
         g = mod.backward(pack(do), pack(q), pack(k), pack(v), pack(gates),
                          idx if idx.numel() else None, saved, lay, pack(k_win), pack(v_win),
-                         configs=nsa.configs_for(q.device, max(lay.seqlens)))
+                         configs=nsa.configs_for(q.device, max(lay.seqlens)), q_cmp=pack(q_cmp))
         dk, dv = g["dk"], g["dv"]
         dk_cmp, dv_cmp = q.new_empty(0), q.new_empty(0)  # outputs may not alias each other
         if "dk_cmp" in g:
@@ -244,27 +251,31 @@ def _register_training_op(nsa: NSAOp):
         return (unpack(g["dq"]), unpack(dk), unpack(dv),
                 unpack(g["dgates"]) if gates is not None else q.new_empty(0), dk_cmp, dv_cmp,
                 unpack(g["dk_win"]) if "dk_win" in g else q.new_empty(0),
-                unpack(g["dv_win"]) if "dv_win" in g else q.new_empty(0))
+                unpack(g["dv_win"]) if "dv_win" in g else q.new_empty(0),
+                unpack(g["dq_cmp"]) if "dq_cmp" in g else q.new_empty(0))
 
     fwd_op = triton_op(nsa.op_name + "_fwd", mutates_args={})(fwd)
     bwd_op = triton_op(nsa.op_name + "_bwd", mutates_args={})(bwd)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu = inputs
+        q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu, q_cmp = inputs
         _, idx, ob, lse, kc, vc = output
         user_cmp = k_cmp is not None
         ctx.user_cmp, ctx.has_gates = user_cmp, gates is not None
-        ctx.has_win = k_win is not None
+        ctx.has_win, ctx.has_qc = k_win is not None, q_cmp is not None
         ctx.save_for_backward(q, k, v, gates, idx, ob, lse, k_cmp if user_cmp else kc,
-                              v_cmp if user_cmp else vc, k_win, v_win, cu)
+                              v_cmp if user_cmp else vc, k_win, v_win, cu, q_cmp)
 
     def backward(ctx, do, *_):
-        q, k, v, gates, idx, ob, lse, kc, vc, k_win, v_win, cu = ctx.saved_tensors
-        dq, dk, dv, dg, dkc, dvc, dkw, dvw = bwd_op(do.contiguous(), q, k, v, gates, idx, ob,
-                                                    lse, kc, vc, k_win, v_win, cu, ctx.user_cmp)
+        q, k, v, gates, idx, ob, lse, kc, vc, k_win, v_win, cu, q_cmp = ctx.saved_tensors
+        dq, dk, dv, dg, dkc, dvc, dkw, dvw, dqc = bwd_op(
+            do.contiguous(), q, k, v, gates, idx, ob, lse, kc, vc, k_win, v_win, cu,
+            ctx.user_cmp, q_cmp)
+        if ctx.has_qc and dqc.numel() == 0:   # no compressed output: q_cmp only picks blocks
+            dqc = torch.zeros_like(q_cmp)
         return (dq, dk, dv, dg if ctx.has_gates else None, dkc if ctx.user_cmp else None,
                 dvc if ctx.user_cmp else None, dkw if ctx.has_win else None,
-                dvw if ctx.has_win else None, None)
+                dvw if ctx.has_win else None, None, dqc if ctx.has_qc else None)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
     return fwd_op

@@ -161,16 +161,19 @@ class PagedSteps:
                                      v_cmp_t, pages=pages, counted=True)
 
     def decode(self, q, gates, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
-               cmp_block_table, seq_lens) -> torch.Tensor:
+               cmp_block_table, seq_lens, q_cmp=None) -> torch.Tensor:
         """o [B, HQ, Dv] of q [B, HQ, Dk] at position seq_lens[b] - 1 of each sequence: equal to
         that row of the prefill. With S new tokens per sequence (q [B, S, HQ, Dk], gates
         [B, S, HQ, 3]) token s is at position seq_lens[b] - S + s and sees the tokens up to
-        it: o [B, S, HQ, Dv], every query attending at once."""
+        it: o [B, S, HQ, Dv], every query attending at once. `q_cmp` (the shape of q; default
+        q) is the query of the compressed branch and the block scores."""
         spec = self.op.spec
         if isinstance(q, torch.Tensor) and q.dim() == 4:
             B, S = q.shape[:2]
             for s in range(S):
                 check_query(spec, q[:, s], _token_of(gates, s, B, S), B)
+                if q_cmp is not None:
+                    check_query(spec, _token_of(q_cmp, s, B, S), None, B)
             check_paged(spec, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
                         cmp_block_table, seq_lens, B, q.dtype, q.device)
             lens = (seq_lens[:, None] - S + 1
@@ -179,10 +182,16 @@ class PagedSteps:
                       for t in (block_table, cmp_block_table)]
             o = self.decode(q.reshape(B * S, *q.shape[2:]),
                             None if gates is None else gates.reshape(B * S, *gates.shape[2:]),
-                            k_pages, v_pages, k_cmp_pages, v_cmp_pages, *tables, lens)
+                            k_pages, v_pages, k_cmp_pages, v_cmp_pages, *tables, lens,
+                            None if q_cmp is None else q_cmp.reshape(B * S, *q_cmp.shape[2:]))
             return o.view(B, S, *o.shape[1:])
         B = _batch(q, "q")
         check_query(spec, q, gates, B)
+        if q_cmp is not None:
+            check_query(spec, q_cmp, None, B)
+            if q_cmp.dtype != q.dtype or q_cmp.device != q.device:
+                raise TypeError(f"q_cmp: expected {q.dtype} on {q.device}, got {q_cmp.dtype} on "
+                                f"{q_cmp.device}")
         page = check_paged(spec, k_pages, v_pages, k_cmp_pages, v_cmp_pages, block_table,
                            cmp_block_table, seq_lens, B, q.dtype, q.device)
         uses_cmp = spec.has("cmp") or spec.has("slc")
@@ -191,7 +200,7 @@ class PagedSteps:
             vc = gather_pages(v_cmp_pages, cmp_block_table) if uses_cmp else None
             return reference.nsa_decode_step(q, gather_pages(k_pages, block_table),
                                              gather_pages(v_pages, block_table), gates, spec,
-                                             kc, vc, cache_seqlens=seq_lens)
+                                             kc, vc, cache_seqlens=seq_lens, q_cmp=q_cmp)
         mod = self.op.module
         max_len = block_table.shape[1] * page
         splits, work, tuned = self.state(B, max_len, q.device)
@@ -202,13 +211,15 @@ class PagedSteps:
                  v_cmp_pages if uses_cmp else v_pages]
         if interpreted_in_float32(q):     # the interpreter's bfloat16 is wrong: float32 copies
             q, gates = q.float(), None if gates is None else gates.float()
+            q_cmp = None if q_cmp is None else q_cmp.float()
             pools = [p.float() for p in pools]
         k, v, kc, vc = (mod.pool_view(p, B) for p in pools)
         pages = mod.decode_pages(block_table, cmp_block_table if uses_cmp else block_table, page)
         with direct_launches():
             o, _ = mod.decode_step(q.contiguous(), None if gates is None else gates.contiguous(),
                                    k, v, kc if uses_cmp else None, vc if uses_cmp else None,
-                                   seq_lens, splits, work, configs=cfg, pages=pages)
+                                   seq_lens, splits, work, configs=cfg, pages=pages,
+                                   q_cmp=None if q_cmp is None else q_cmp.contiguous())
         return o.to(dtype)
 
 

@@ -139,8 +139,10 @@ def _win_attention(spec, qh, pos, k, v, scale):
     return torch.cat(outs, 1)
 
 
-def _nsa_core(spec: Spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win, block_indices=None):
-    """NSA for queries q [B, Tq, HQ, Dk] at positions pos [Tq] over keys k [B, Tk, H, Dk].
+def _nsa_core(spec: Spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win, block_indices=None,
+              q_cmp=None):
+    """NSA for queries q [B, Tq, HQ, Dk] at positions pos [Tq] over keys k [B, Tk, H, Dk];
+    q_cmp (default q) is the query of the compressed branch and of the block scores.
 
     Returns (o, indices, block scores); `block_indices` overrides the top-n choice.
     """
@@ -161,7 +163,8 @@ def _nsa_core(spec: Spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win, block
         nc = k_cmp.shape[1]
         ci = torch.arange(nc, device=q.device)
         vis = (ci[None, :] * spec.cmp_stride + spec.cmp_block - 1) <= pos[:, None]   # [Tq, Nc]
-        s = torch.einsum("bqhgd,bchd->bqhgc", qh, k_cmp) * scale
+        qc = qh if q_cmp is None else q_cmp.view(B, Tq, H, G, Dk)
+        s = torch.einsum("bqhgd,bchd->bqhgc", qc, k_cmp) * scale
         p_cmp = _masked_softmax(s, vis[None, :, None, None, :])
         if spec.has("cmp"):
             out = out + gate(torch.einsum("bqhgc,bchd->bqhgd", p_cmp, v_cmp), 0)
@@ -181,19 +184,22 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor |
         k_cmp: torch.Tensor | None = None, v_cmp: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None, return_indices: bool = False,
         k_win: torch.Tensor | None = None, v_win: torch.Tensor | None = None,
-        block_indices: torch.Tensor | None = None, return_scores: bool = False):
+        block_indices: torch.Tensor | None = None, return_scores: bool = False,
+        q_cmp: torch.Tensor | None = None):
     """NSA prefill: o [B, T, HQ, Dv] (and block indices [B, T, H, n] int32 if return_indices).
 
     Shapes and semantics: docs/algorithm.md. Computed in the inputs' dtype; differentiable.
+    `q_cmp` [B, T, HQ, Dk] (default q) is the query of the compressed branch and of the block
+    scores, e.g. without the rotary embedding the other branches' q carries.
     `block_indices` [B, T, H, n] replaces the top-n choice (to check a kernel's output on the
     blocks it chose when a near-tie flipped one); `return_scores` also returns the group-summed
     block importance [B, T, H, NB] (per-sequence NB, padded with 0 for varlen).
     """
-    prob = check_inputs(spec, q, k, v, gates, k_cmp, v_cmp, cu_seqlens, k_win, v_win)
+    prob = check_inputs(spec, q, k, v, gates, k_cmp, v_cmp, cu_seqlens, k_win, v_win, q_cmp)
     if cu_seqlens is None:
         pos = torch.arange(prob.seq_len, device=q.device)
         o, idx, score = _nsa_core(spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win,
-                                  block_indices)
+                                  block_indices, q_cmp)
     else:
         os_, idxs, scores = [], [], []
         t0 = c0 = 0
@@ -207,7 +213,8 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor |
                 None if gates is None else gates[:, sl],
                 None if k_cmp is None else k_cmp[:, cs], None if v_cmp is None else v_cmp[:, cs],
                 None if k_win is None else k_win[:, sl], None if v_win is None else v_win[:, sl],
-                None if block_indices is None else block_indices[:, sl])
+                None if block_indices is None else block_indices[:, sl],
+                None if q_cmp is None else q_cmp[:, sl])
             os_.append(o_s)
             idxs.append(i_s)
             scores.append(sc_s)
@@ -235,8 +242,9 @@ def nsa_decode_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     v_cmp: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
                     return_indices: bool = False,
                     k_win: torch.Tensor | None = None, v_win: torch.Tensor | None = None,
-                    block_indices: torch.Tensor | None = None):
-    """One decode step: q [B, HQ, Dk] at position t = len - 1 over the cache holding tokens 0..t.
+                    block_indices: torch.Tensor | None = None, q_cmp: torch.Tensor | None = None):
+    """One decode step: q [B, HQ, Dk] at position t = len - 1 over the cache holding tokens 0..t;
+    q_cmp [B, HQ, Dk] (default q) is the query of the compressed branch and the block scores.
 
     k_cache/v_cache are [B, L, H, D]; cache_seqlens [B] (int) gives each row's length (default L),
     so one batch can hold sequences of different lengths. k_cmp/v_cmp [B, Nc(L), H, D] hold each
@@ -246,6 +254,9 @@ def nsa_decode_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if q.dim() != 3 or q.shape[1:] != (spec.heads_q, spec.dim_qk):
         raise ValueError(f"q: expected [B, HQ={spec.heads_q}, Dk={spec.dim_qk}], got {tuple(q.shape)}")
     B = q.shape[0]
+    if q_cmp is not None and (not isinstance(q_cmp, torch.Tensor) or q_cmp.shape != q.shape):
+        raise ValueError(f"q_cmp: expected the shape of q {tuple(q.shape)}, got "
+                         f"{tuple(q_cmp.shape) if isinstance(q_cmp, torch.Tensor) else type(q_cmp).__name__}")
     for name, t, d in (("k_cache", k_cache, spec.dim_qk), ("v_cache", v_cache, spec.dim_v)):
         if t.dim() != 4 or t.shape[0] != B or t.shape[2:] != (spec.heads_kv, d):
             raise ValueError(f"{name}: expected [B={B}, L, H={spec.heads_kv}, {d}], "
@@ -279,7 +290,8 @@ def nsa_decode_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         pos = torch.tensor([n - 1], device=q.device)
         o, idx, _ = _nsa_core(spec, q[b:b + 1, None], pos, k_cache[sl], v_cache[sl],
                               None if gates is None else gates[b:b + 1, None], kc, vc, kw, vw,
-                              None if block_indices is None else block_indices[b:b + 1, None])
+                              None if block_indices is None else block_indices[b:b + 1, None],
+                              None if q_cmp is None else q_cmp[b:b + 1, None])
         outs.append(o[:, 0])
         idxs.append(idx[:, 0] if idx is not None else
                     q.new_full((1, spec.heads_kv, spec.slc_count), -1, dtype=torch.int32))

@@ -11,28 +11,49 @@ from kernel_checks import TOL, make_inputs, rel_err
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
-def check_backward(spec, B, T, dtype, device, seed=0, varlen_lens=None, ref_device=None):
-    """Gradients of every differentiable input against float64 autograd on the same blocks."""
+ALL = ("q", "k", "v", "gates", "k_cmp", "v_cmp", "k_win", "v_win", "q_cmp")
+
+
+def check_backward(spec, B, T, dtype, device, seed=0, varlen_lens=None, ref_device=None,
+                   q_cmp=False):
+    """Gradients of every differentiable input against float64 autograd on the same blocks;
+    with `q_cmp` the compressed branch and block scores get a query of their own."""
     op = nsagen.build(spec)
     x = make_inputs(spec, B, T, dtype, device, seed, varlen_lens)
-    names = [n for n in ("q", "k", "v", "gates", "k_cmp", "v_cmp", "k_win", "v_win")
-             if x[n] is not None]
+    x["q_cmp"] = None
+    if q_cmp:
+        gen = torch.Generator(device="cpu").manual_seed(seed + 7)
+        x["q_cmp"] = torch.randn(x["q"].shape, generator=gen).to(dtype).to(device)
+    names = [n for n in ALL if x[n] is not None]
     for n in names:
         x[n].requires_grad_(True)
     o, idx = op(x["q"], x["k"], x["v"], x["gates"], x["k_cmp"], x["v_cmp"], x["cu_seqlens"],
-                return_indices=True, k_win=x["k_win"], v_win=x["v_win"])
+                return_indices=True, k_win=x["k_win"], v_win=x["v_win"], q_cmp=x["q_cmp"])
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     do = torch.randn(o.shape, generator=gen).to(dtype).to(device)
     grads = torch.autograd.grad(o, [x[n] for n in names], do)
     rd = ref_device or device
     xr = {n: (x[n].detach().to(rd).double().requires_grad_(True) if n in names else None)
-          for n in ("q", "k", "v", "gates", "k_cmp", "v_cmp", "k_win", "v_win")}
+          for n in ALL}
     cu = None if x["cu_seqlens"] is None else x["cu_seqlens"].to(rd)
     ref = reference.nsa(xr["q"], xr["k"], xr["v"], xr["gates"], spec, xr["k_cmp"], xr["v_cmp"],
                         cu, k_win=xr["k_win"], v_win=xr["v_win"],
-                        block_indices=idx.to(rd) if spec.has("slc") else None)
+                        block_indices=idx.to(rd) if spec.has("slc") else None, q_cmp=xr["q_cmp"])
+    if spec.has("slc"):     # the kernels' blocks are the reference's own choice (by q_cmp)
+        ref_idx = reference.nsa(*(xr[n].detach() if xr[n] is not None else None
+                                  for n in ("q", "k", "v", "gates")), spec,
+                                None if xr["k_cmp"] is None else xr["k_cmp"].detach(),
+                                None if xr["v_cmp"] is None else xr["v_cmp"].detach(), cu,
+                                return_indices=True,
+                                k_win=None if xr["k_win"] is None else xr["k_win"].detach(),
+                                v_win=None if xr["v_win"] is None else xr["v_win"].detach(),
+                                q_cmp=None if xr["q_cmp"] is None else xr["q_cmp"].detach())[1]
+        if dtype == torch.float32:
+            assert torch.equal(idx.to(rd), ref_idx), "block choice differs from the reference"
     assert rel_err(o.detach().to(rd), ref.detach()) < TOL[dtype]
-    ref_grads = torch.autograd.grad(ref, [xr[n] for n in names], do.to(rd).double())
+    ref_grads = torch.autograd.grad(ref, [xr[n] for n in names], do.to(rd).double(),
+                                    allow_unused=True)
+    ref_grads = [torch.zeros_like(xr[n]) if g is None else g for n, g in zip(names, ref_grads)]
     errs = {}
     for n, got, want in zip(names, grads, ref_grads):
         assert got is not None and got.shape == want.shape, n

@@ -115,3 +115,35 @@ def test_selected_attention_loop_orders(slc_order, G):
     spec = scaled(nsagen.load_spec("nsa-d128")).replace(heads_q=2 * G, heads_kv=2)
     check_backward(spec, B=1, T=0, dtype=torch.float32, device="cpu", seed=20 + G,
                    varlen_lens=[29, 2, 40])
+
+
+@pytest.mark.parametrize("name,branches", [("nsa-d128", None), ("nsa-paper", None),
+                                           ("nsa-d128", ("slc", "win"))])
+def test_own_query_for_the_compressed_branch(name, branches):
+    """q_cmp (e.g. q without RoPE) drives the compressed branch and the block scores: the
+    output, the block choice and every gradient (dq from the other branches, dq_cmp from the
+    compressed one; zero where only the selection reads it) match the reference."""
+    spec = scaled(nsagen.load_spec(name))
+    if branches:
+        spec = spec.replace(branches=branches)
+    check_backward(spec, B=1, T=37, dtype=torch.float32, device="cpu", seed=21, q_cmp=True)
+    check_backward(spec, B=1, T=0, dtype=torch.float32, device="cpu", seed=22, q_cmp=True,
+                   varlen_lens=[9, 30])
+
+
+def test_q_cmp_equal_to_q_is_todays_op_bit_for_bit():
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    op = nsagen.build(spec)
+    from kernel_checks import make_inputs
+    x = make_inputs(spec, 1, 33, torch.float32, "cpu", 23)
+    for n in ("q", "k", "v", "gates"):
+        x[n].requires_grad_(True)
+    args = (x["q"], x["k"], x["v"], x["gates"])
+    o = op(*args)
+    g = torch.autograd.grad(o.square().sum(), args)
+    o2 = op(*args, q_cmp=x["q"])
+    g2 = torch.autograd.grad(o2.square().sum(), args)
+    assert torch.equal(o, o2)
+    assert all(torch.equal(a, b) for a, b in zip(g, g2))
+    with torch.no_grad():
+        assert torch.equal(op(*args), op(*args, q_cmp=x["q"]))

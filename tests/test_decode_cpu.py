@@ -399,3 +399,55 @@ def test_several_tokens_refused_calls_change_nothing():
     with pytest.raises(ValueError, match="cache full"):
         cache.decode(q[:, :1], k_t[:, :1], v_t[:, :1])
     assert cache.lens.tolist() == [12, 12]
+
+
+@pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only machines")
+@pytest.mark.parametrize("name", ["nsa-d128", "nsa-paper"])
+def test_kernels_decode_with_the_compressed_branchs_own_query(name):
+    """q_cmp drives the compressed branch and the block scores in decoding too: one-token
+    steps, an S-token step and the paged step equal the prefill rows with the same q_cmp."""
+    spec = scaled(nsagen.load_spec(name))
+    op = nsagen.build(spec)
+    B, T = 2, 40
+    x = make_inputs(spec, B, T, torch.float32, "cpu", 17)
+    q, k, v, gates = x["q"], x["k"], x["v"], x["gates"]
+    q_cmp = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+    kc_all, vc_all = (x["k_cmp"], x["v_cmp"]) if spec.learned_compression else (None, None)
+
+    def d(t):
+        return None if t is None else t.double()
+
+    ref = nsagen.reference.nsa(d(q), d(k), d(v), d(gates), spec, d(kc_all), d(vc_all),
+                               q_cmp=d(q_cmp))
+    plain = nsagen.reference.nsa(d(q), d(k), d(v), d(gates), spec, d(kc_all), d(vc_all))
+    assert rel_err(plain, ref) > 1e-2          # q_cmp matters here
+    cache = op.new_cache(B, T, dtype=torch.float32)
+    start = [20, 31]
+    cache.prefill(k[:, :31], v[:, :31], torch.tensor(start, dtype=torch.int32),
+                  k_cmp=None if kc_all is None else kc_all[:, :spec.num_cmp(31)],
+                  v_cmp=None if vc_all is None else vc_all[:, :spec.num_cmp(31)])
+    rows = torch.arange(B)
+    pos = torch.tensor(start)
+
+    def extra(t):
+        if not spec.learned_compression:
+            return {}
+        i = torch.clamp((t + 1 - spec.cmp_block) // spec.cmp_stride, min=0)
+        r = rows if t.dim() == 1 else rows[:, None]
+        return dict(k_cmp_t=kc_all[r, i], v_cmp_t=vc_all[r, i])
+
+    for _ in range(3):                       # one token per step
+        o = cache.decode(q[rows, pos], k[rows, pos], v[rows, pos], gates[rows, pos],
+                         q_cmp=q_cmp[rows, pos], **extra(pos))
+        assert rel_err(o, ref[rows, pos]) < 1e-4
+        pos = pos + 1
+    t = pos[:, None] + torch.arange(4)       # four at once
+    r = rows[:, None]
+    o = cache.decode(q[r, t], k[r, t], v[r, t], gates[r, t], q_cmp=q_cmp[r, t], **extra(t))
+    assert rel_err(o, ref[r, t]) < 1e-4
+    # the paged step over the same tokens
+    from nsagen.paged import to_pages
+    kp, vp, kcp, vcp, table, ctable, lens = to_pages(cache, 8)
+    o = op.decode_paged(q[rows, t[:, -1]], gates[rows, t[:, -1]], kp, vp, kcp, vcp, table,
+                        ctable, lens, q_cmp=q_cmp[rows, t[:, -1]])
+    assert rel_err(o, ref[rows, t[:, -1]]) < 1e-4

@@ -130,7 +130,7 @@ def _append_launch(spec: Spec, flags: dict) -> dict:
 
 def _cmp_launch(spec: Spec, flags: dict) -> dict:
     return dict(main=signature(
-        ptrs("q", "kc=k_cmp", "vc=v_cmp", "kw", "vw", "lens"), _PARTIALS, _PAGES,
+        ptrs("q", "qc", "kc=k_cmp", "vc=v_cmp", "kw", "vw", "lens"), _PARTIALS, _PAGES,
         ptrs('imp=work["imp"]', 'impm=work["imp_m"]'),
         strides("q", "qb", "qh"), strides("k_cmp", "kb", "kt", "kh"),
         strides("v_cmp", "vb", "vt", "vh"), strides("kw", "wkb", "wkt", "wkh"),
