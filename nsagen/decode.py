@@ -130,9 +130,12 @@ class DecodeCache:
         elif k_win is not None or v_win is not None:
             raise ValueError("k_win, v_win: only accepted when the spec has kv_per_branch: separate")
         nc = spec.num_cmp(T)
-        if spec.learned_compression and nc:
-            if k_cmp is None or v_cmp is None:
-                raise ValueError("k_cmp, v_cmp: required for a learned compression spec")
+        if (k_cmp is None) != (v_cmp is None):
+            raise ValueError("k_cmp, v_cmp: pass both or neither")
+        if spec.learned_compression and nc and k_cmp is None:
+            raise ValueError("k_cmp, v_cmp: required for a learned compression spec")
+        given_cmp = nc and k_cmp is not None   # mean specs: the caller's (un-rotated keys')
+        if given_cmp:
             _expect("k_cmp", k_cmp, (B, nc, H, spec.dim_qk), "[B, Nc(T), H, Dk]", dt, dev)
             _expect("v_cmp", v_cmp, (B, nc, H, spec.dim_v), "[B, Nc(T), H, Dv]", dt, dev)
         if seqlens is not None:
@@ -151,7 +154,7 @@ class DecodeCache:
         if self.separate:
             self.k_win[:, :T] = k_win
             self.v_win[:, :T] = v_win
-        if nc and spec.learned_compression:
+        if given_cmp:
             self.k_cmp[:, :nc] = k_cmp
             self.v_cmp[:, :nc] = v_cmp
         elif nc:
@@ -173,7 +176,9 @@ class DecodeCache:
                v_win_t: torch.Tensor | None = None) -> None:
         """Append one token per row: k_t, v_t [B, H, D]. With learned compression, k_cmp_t,
         v_cmp_t [B, H, D] hold the new compressed token for the rows that `emits()` (others are
-        ignored). Every argument is checked before anything is written."""
+        ignored); a mean spec may pass them too (its own mean, e.g. of un-rotated keys) instead
+        of the cache's mean of the keys it holds. Every argument is checked before anything is
+        written."""
         self._check_token(k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t)
         self._append(k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t)
 
@@ -193,14 +198,13 @@ class DecodeCache:
         elif k_win_t is not None or v_win_t is not None:
             raise ValueError("k_win_t, v_win_t: only accepted when the spec has "
                              "kv_per_branch: separate")
-        if spec.learned_compression:
-            if k_cmp_t is None or v_cmp_t is None:
-                raise ValueError("k_cmp_t, v_cmp_t: required for a learned compression spec")
+        if (k_cmp_t is None) != (v_cmp_t is None):
+            raise ValueError("k_cmp_t, v_cmp_t: pass both or neither")
+        if spec.learned_compression and k_cmp_t is None:
+            raise ValueError("k_cmp_t, v_cmp_t: required for a learned compression spec")
+        if k_cmp_t is not None:   # mean specs: the caller's mean (e.g. of un-rotated keys)
             _expect("k_cmp_t", k_cmp_t, (B, H, spec.dim_qk), "[B, H, Dk]", dt, dev)
             _expect("v_cmp_t", v_cmp_t, (B, H, spec.dim_v), "[B, H, Dv]", dt, dev)
-        elif k_cmp_t is not None or v_cmp_t is not None:
-            raise ValueError("k_cmp_t, v_cmp_t: only accepted for a learned compression spec "
-                             "(mean compression is computed by the cache)")
 
     def _append(self, k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t) -> None:
         spec = self.spec
@@ -224,7 +228,7 @@ class DecodeCache:
         emit = self.emits()
         n = self.lens.long() + 1
         i = torch.clamp((n - spec.cmp_block) // spec.cmp_stride, min=0)
-        if spec.learned_compression:
+        if k_cmp_t is not None:
             new_k, new_v = k_cmp_t, v_cmp_t
         else:
             window = torch.clamp(n[:, None] - spec.cmp_block, min=0) + torch.arange(

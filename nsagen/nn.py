@@ -13,6 +13,12 @@ docs/layer.md:
 - `mean` compression is computed by the op itself from the keys it is given, i.e. from rotated
   keys (so the fused compression kernel and the decode cache's own compression are used).
 - Values are never rotated.
+
+`rope` may also name the branches whose queries and keys are rotated, e.g.
+`rope=("slc", "win")`: the compressed branch and the block scores then read an un-rotated query
+(`q_cmp`) and un-rotated compressed keys (their mean, or phi's output), so the scores that pick
+blocks follow content rather than distance (docs/layer.md). The selected and window branches
+share one query, so they are rotated together.
 """
 from __future__ import annotations
 
@@ -135,9 +141,9 @@ def reference_op(spec: Spec) -> Callable:
     SparseAttention(op=...) to check or debug the layer against the PyTorch oracle."""
 
     def run(q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
-            return_indices=False, k_win=None, v_win=None):
+            return_indices=False, k_win=None, v_win=None, q_cmp=None):
         return reference.nsa(q, k, v, gates, spec, k_cmp, v_cmp, cu_seqlens, return_indices,
-                             k_win=k_win, v_win=v_win)
+                             k_win=k_win, v_win=v_win, q_cmp=q_cmp)
 
     run.spec = spec
     return run
@@ -159,8 +165,11 @@ class SparseAttention(nn.Module):
         hidden_size: model width. With `match_width` (default) it must equal
             heads.q * head_dim.v, as in a usual transformer block; pass `match_width=False` to
             project between different widths (e.g. the paper's Dk=192, Dv=128 heads).
-        rope: rotate queries and keys (see the module docstring for the placement);
-            `rope_theta` is the base.
+        rope: rotate queries and keys (see the module docstring for the placement): True, False,
+            or the branches to rotate (e.g. ("slc", "win"): the compressed branch and the block
+            scores un-rotated); `rope_theta` is the base.
+        gate_bias: initial gate logits per branch, e.g. {"cmp": 2.0} starts the compressed
+            gate at sigmoid(2) = 0.88 instead of 0.5 (default 0 for every branch).
         gate_hidden: width of the gate MLP (Linear -> SiLU -> Linear -> sigmoid), default
             max(16, hidden_size // 8); one gate per query head and branch.
         cmp_hidden: hidden width of the `mlp` compression (default 2 * head dim).
@@ -173,10 +182,11 @@ class SparseAttention(nn.Module):
     compression the compressed tokens are the op's mean of the selection keys.
     """
 
-    def __init__(self, spec: Spec | str | os.PathLike, hidden_size: int, *, rope: bool = True,
-                 rope_theta: float = 10000.0, gate_hidden: int | None = None,
-                 cmp_hidden: int | None = None, bias: bool = False, match_width: bool = True,
-                 op=None, device=None, dtype=None):
+    def __init__(self, spec: Spec | str | os.PathLike, hidden_size: int, *,
+                 rope: bool | tuple[str, ...] = True, rope_theta: float = 10000.0,
+                 gate_hidden: int | None = None, cmp_hidden: int | None = None,
+                 bias: bool = False, match_width: bool = True, op=None,
+                 gate_bias: dict[str, float] | None = None, device=None, dtype=None):
         super().__init__()
         if isinstance(spec, (str, os.PathLike)):
             spec = load_spec(spec)
@@ -195,7 +205,8 @@ class SparseAttention(nn.Module):
                     f"hidden_size: {hidden_size}: does not match the spec's heads.q * head_dim.v "
                     f"= {HQ} * {Dv} = {HQ * Dv} (use a spec with head_dim.v = "
                     f"{hidden_size // HQ}, or pass match_width=False to project between widths)")
-        if rope:
+        rope_cmp, rope_main = _rope_branches(rope)
+        if rope_cmp or rope_main:
             if Dk % 2:
                 raise ValueError(f"head_dim.qk: {Dk}: rotary embeddings need an even head dim "
                                  f"(or pass rope=False)")
@@ -206,10 +217,14 @@ class SparseAttention(nn.Module):
 
         self.spec, self.hidden_size = spec, hidden_size
         self.rope, self.rope_theta = rope, float(rope_theta)
+        self.rope_cmp, self.rope_main = rope_cmp, rope_main
         self.op = op
         fk = dict(device=device, dtype=dtype)
         self.uses_cmp = spec.has("cmp") or spec.has("slc")
         self.learned = self.uses_cmp and spec.learned_compression
+        # the layer makes the compressed tokens itself: learned phi, or a mean of keys rotated
+        # differently from the selected branch's (which the op's own mean would read)
+        self.own_cmp = self.learned or (self.uses_cmp and rope_cmp != rope_main)
         self.separate = spec.kv_per_branch == "separate"
         self.q_proj = nn.Linear(hidden_size, HQ * Dk, bias=bias, **fk)
         self.k_proj = nn.Linear(hidden_size, H * Dk, bias=bias, **fk)
@@ -221,7 +236,7 @@ class SparseAttention(nn.Module):
             self.k_win_proj = nn.Linear(hidden_size, H * Dk, bias=bias, **fk)
             self.v_win_proj = nn.Linear(hidden_size, H * Dv, bias=bias, **fk)
         self.o_proj = nn.Linear(HQ * Dv, hidden_size, bias=bias, **fk)
-        if self.learned:
+        if self.own_cmp:
             kw = dict(kind=spec.cmp_kind, block=spec.cmp_block, stride=spec.cmp_stride,
                       hidden=cmp_hidden, **fk)
             self.phi_k = Compression(dim=Dk, **kw)
@@ -230,9 +245,10 @@ class SparseAttention(nn.Module):
         gh = max(16, hidden_size // 8) if gate_hidden is None else gate_hidden
         self.gate = nn.Sequential(nn.Linear(hidden_size, gh, **fk), nn.SiLU(),
                                   nn.Linear(gh, HQ * len(self.gate_cols), **fk))
-        with torch.no_grad():  # gates start at sigmoid(0) = 0.5 for every head and branch
+        bias0 = _gate_bias(gate_bias, spec, self.gate_cols)
+        with torch.no_grad():  # gates start at sigmoid(bias), 0.5 unless gate_bias says
             self.gate[2].weight.zero_()
-            self.gate[2].bias.zero_()
+            self.gate[2].bias.copy_(torch.tensor(bias0).repeat(HQ).to(self.gate[2].bias))
 
     # ------------------------------------------------------------------ pieces
     def _op(self):
@@ -257,8 +273,15 @@ class SparseAttention(nn.Module):
             cols[c] = g[..., j]
         return torch.stack(cols, -1)
 
-    def _rot(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return apply_rope(x, pos, self.rope_theta) if self.rope else x
+    def _rot(self, x: torch.Tensor, pos: torch.Tensor, on: bool | None = None) -> torch.Tensor:
+        """x rotated at `pos` when `on` (default: the selected and window branches' choice)."""
+        on = self.rope_main if on is None else on
+        return apply_rope(x, pos, self.rope_theta) if on else x
+
+    def _cmp_source(self, k_raw: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The keys the layer's compression reads: un-rotated for learned phi (the output is
+        rotated at the window's end), the compressed branch's rotation for a mean."""
+        return k_raw if self.learned else self._rot(k_raw, pos, self.rope_cmp)
 
     def _heads(self, lin: nn.Linear, x: torch.Tensor, dim: int) -> torch.Tensor:
         return lin(x).unflatten(-1, (-1, dim))
@@ -277,9 +300,10 @@ class SparseAttention(nn.Module):
             raise ValueError(f"x: sequence length must be >= 1, got shape {tuple(x.shape)}")
 
     def project(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> dict:
-        """The op's inputs for x [B, T, hidden]: q, k, v, gates, k_cmp, v_cmp, k_win, v_win
-        (rotated as described in the module docstring), plus the un-rotated keys/values the
-        learned compression read (`k_src`, `v_src`), which decoding keeps."""
+        """The op's inputs for x [B, T, hidden]: q, k, v, gates, k_cmp, v_cmp, k_win, v_win and
+        q_cmp (None unless the compressed branch is rotated differently), rotated as described
+        in the module docstring, plus the keys/values the layer's compression read (`k_src`,
+        `v_src`), which decoding keeps."""
         s = self.spec
         B, T, _ = x.shape
         if cu_seqlens is None:
@@ -298,23 +322,27 @@ class SparseAttention(nn.Module):
         k = self._heads(self.k_proj, x, s.dim_qk)
         v = self._heads(self.v_proj, x, s.dim_v)
         out = dict(gates=self.gates(x), k_cmp=None, v_cmp=None, k_win=None, v_win=None,
-                   k_src=None, v_src=None)
-        if self.learned:
-            if self.separate:
+                   k_src=None, v_src=None, q_cmp=None)
+        if self.own_cmp:
+            if self.separate and self.learned:
                 ks = self._heads(self.k_cmp_proj, x, s.dim_qk)
                 vs = self._heads(self.v_cmp_proj, x, s.dim_v)
             else:
-                ks, vs = k, v
+                ks, vs = self._cmp_source(k, pos), v
             kc, vc = self.phi_k(ks, lens), self.phi_v(vs, lens)
-            ends = _window_ends(s, [T] if lens is None else lens, x.device)
-            out.update(k_cmp=self._rot(kc, ends), v_cmp=vc, k_src=ks, v_src=vs)
+            if self.learned:
+                ends = _window_ends(s, [T] if lens is None else lens, x.device)
+                kc = self._rot(kc, ends, self.rope_cmp)
+            out.update(k_cmp=kc, v_cmp=vc, k_src=ks, v_src=vs)
+        if self.uses_cmp and self.rope_cmp != self.rope_main:
+            out["q_cmp"] = self._rot(q, pos, self.rope_cmp)
         if self.separate and s.has("win"):
             out["k_win"] = self._rot(self._heads(self.k_win_proj, x, s.dim_qk), pos)
             out["v_win"] = self._heads(self.v_win_proj, x, s.dim_v)
         out.update(q=self._rot(q, pos), k=self._rot(k, pos), v=v)
         # the op takes one dtype for all inputs; under autocast a piece may come out in another
         dt = out["q"].dtype
-        for name in ("k", "v", "gates", "k_cmp", "v_cmp", "k_win", "v_win"):
+        for name in ("k", "v", "gates", "k_cmp", "v_cmp", "k_win", "v_win", "q_cmp"):
             if out[name] is not None and out[name].dtype != dt:
                 out[name] = out[name].to(dt)
         return out
@@ -336,7 +364,8 @@ class SparseAttention(nn.Module):
             return self._decode(x, cache)
         p = self.project(x, cu_seqlens)
         o = self._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
-                       cu_seqlens=cu_seqlens, k_win=p["k_win"], v_win=p["v_win"])
+                       cu_seqlens=cu_seqlens, k_win=p["k_win"], v_win=p["v_win"],
+                       **_q_cmp_arg(p))
         return self._out(o)
 
     # ------------------------------------------------------------------ decoding
@@ -366,7 +395,7 @@ class SparseAttention(nn.Module):
     def _prefill(self, x: torch.Tensor, cache: "SparseAttentionCache") -> torch.Tensor:
         p = self.project(x)
         o = self._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
-                       k_win=p["k_win"], v_win=p["v_win"])
+                       k_win=p["k_win"], v_win=p["v_win"], **_q_cmp_arg(p))
         dt = cache.dtype
         c = lambda t: None if t is None else t.to(dt)  # noqa: E731
         T = x.shape[1]
@@ -375,7 +404,7 @@ class SparseAttention(nn.Module):
             kc, vc = _blank_cmp(self.spec, (x.shape[0], self.spec.num_cmp(T)), x.device, dt)
         cache.kv.prefill(c(p["k"]), c(p["v"]), k_cmp=kc, v_cmp=vc,
                          k_win=c(p["k_win"]), v_win=c(p["v_win"]))
-        if self.learned:
+        if self.own_cmp:
             l = self.spec.cmp_block
             keep = torch.arange(max(0, T - l), T, device=x.device)
             cache.ring_k[:, keep % l] = p["k_src"][:, keep].to(dt)
@@ -390,25 +419,28 @@ class SparseAttention(nn.Module):
         B = x_t.shape[0]
         pos = cache.kv.lens.long()                 # position of the new token, per row
         rows = torch.arange(B, device=x_t.device)
-        q = self._rot(self._heads(self.q_proj, x_t, s.dim_qk), pos)
+        q_raw = self._heads(self.q_proj, x_t, s.dim_qk)
+        q = self._rot(q_raw, pos)
         k_raw = self._heads(self.k_proj, x_t, s.dim_qk)
         v = self._heads(self.v_proj, x_t, s.dim_v)
         gates = self.gates(x_t)
         extra = {}
-        if self.learned:
+        if self.own_cmp:
             l = s.cmp_block
-            if self.separate:
+            if self.separate and self.learned:
                 ks = self._heads(self.k_cmp_proj, x_t, s.dim_qk)
                 vs = self._heads(self.v_cmp_proj, x_t, s.dim_v)
             else:
-                ks, vs = k_raw, v
+                ks, vs = self._cmp_source(k_raw, pos), v
             cache.ring_k[rows, pos % l] = ks.to(dt)
             cache.ring_v[rows, pos % l] = vs.to(dt)
             # the window that ends at this token (used only by the rows that emit now)
             slots = (pos[:, None] - l + 1 + torch.arange(l, device=pos.device)) % l
             wk = cache.ring_k[rows[:, None], slots].transpose(1, 2)      # [B, H, l, Dk]
             wv = cache.ring_v[rows[:, None], slots].transpose(1, 2)
-            kc = self._rot(self.phi_k.reduce(wk.to(ks.dtype)), pos)
+            kc = self.phi_k.reduce(wk.to(ks.dtype))
+            if self.learned:
+                kc = self._rot(kc, pos, self.rope_cmp)
             vc = self.phi_v.reduce(wv.to(vs.dtype))
             extra.update(k_cmp_t=kc.to(dt), v_cmp_t=vc.to(dt))
         elif s.learned_compression:  # learned kind, but neither cmp nor slc reads the tokens
@@ -419,9 +451,48 @@ class SparseAttention(nn.Module):
                                            pos).to(dt),
                          v_win_t=self._heads(self.v_win_proj, x_t, s.dim_v).to(dt))
         cache.kv.append(self._rot(k_raw, pos).to(dt), v.to(dt), **extra)
-        o = cache.kv.step(q.to(dt), gates.to(dt))
+        q_cmp = None
+        if self.uses_cmp and self.rope_cmp != self.rope_main:
+            q_cmp = self._rot(q_raw, pos, self.rope_cmp).to(dt)
+        o = cache.kv.step(q.to(dt), gates.to(dt), q_cmp=q_cmp)
         cache.length += 1
         return self._out(o)[:, None]
+
+
+def _rope_branches(rope) -> tuple[bool, bool]:
+    """(rotate the compressed path, rotate the selected and window branches) from `rope`."""
+    if isinstance(rope, bool):
+        return rope, rope
+    names = tuple(rope) if isinstance(rope, (tuple, list, set, frozenset)) else None
+    if names is None or not all(n in ("cmp", "slc", "win") for n in names):
+        raise ValueError(f"rope: expected True, False or branch names from cmp, slc, win, got "
+                         f"{str(rope)[:60]}")
+    if ("slc" in names) != ("win" in names):
+        raise ValueError("rope: the selected and window branches share one query: rotate both "
+                         "(slc and win) or neither")
+    return "cmp" in names, "slc" in names
+
+
+def _gate_bias(gate_bias, spec: Spec, cols: list[int]) -> list[float]:
+    """Initial gate logits of the spec's branches (in gate column order), 0 by default."""
+    names = ("cmp", "slc", "win")
+    if gate_bias is None:
+        return [0.0] * len(cols)
+    if not isinstance(gate_bias, dict):
+        raise ValueError(f"gate_bias: expected a dict of branch -> logit, got "
+                         f"{type(gate_bias).__name__}")
+    for key, val in gate_bias.items():
+        if key not in names or not spec.has(key):
+            raise ValueError(f"gate_bias: {str(key)[:20]!r} is not a branch of this spec "
+                             f"({', '.join(spec.branches)})")
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not abs(val) < 1e4:
+            raise ValueError(f"gate_bias[{key}]: expected a finite number, got {str(val)[:20]}")
+    return [float(gate_bias.get(names[c], 0.0)) for c in cols]
+
+
+def _q_cmp_arg(p: dict) -> dict:
+    """The op's q_cmp keyword when the layer has one (ops without it keep their signature)."""
+    return {} if p["q_cmp"] is None else {"q_cmp": p["q_cmp"]}
 
 
 def _blank_cmp(spec: Spec, lead: tuple, device, dtype):
@@ -450,7 +521,7 @@ class SparseAttentionCache:
         self.layer, self.batch, self.max_len, self.dtype = layer, batch, max_len, dtype
         self.kv = layer._op().new_cache(batch, max_len, device=device, dtype=dtype)
         self.length = 0   # tokens held per row (host-side; every row has the same length)
-        if layer.learned:
+        if layer.own_cmp:
             self.ring_k = torch.zeros(batch, s.cmp_block, s.heads_kv, s.dim_qk, device=device,
                                       dtype=dtype)
             self.ring_v = torch.zeros(batch, s.cmp_block, s.heads_kv, s.dim_v, device=device,

@@ -62,8 +62,8 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def check_against_reference(spec, B, T, seed, cu_seqlens=None):
-    a, b = pair(spec, seed)
+def check_against_reference(spec, B, T, seed, cu_seqlens=None, **kw):
+    a, b = pair(spec, seed, **kw)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(B, T, a.hidden_size, generator=g)
     xa, xb = x.clone().requires_grad_(), x.double().requires_grad_()
@@ -137,8 +137,8 @@ def _poison(cache):
             getattr(cache, name).fill_(float("nan"))
 
 
-def _decode_equals_forward(spec, B, T, prompt, seed, dtype=torch.float32):
-    layer = randomize(SparseAttention(spec, spec.heads_q * spec.dim_v), seed).to(dtype)
+def _decode_equals_forward(spec, B, T, prompt, seed, dtype=torch.float32, **kw):
+    layer = randomize(SparseAttention(spec, spec.heads_q * spec.dim_v, **kw), seed).to(dtype)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(B, T, layer.hidden_size, generator=g, dtype=dtype)
     with torch.no_grad():
@@ -164,6 +164,67 @@ def test_decode_equals_training_forward_learned_separate():
 @needs_interp
 def test_decode_equals_training_forward_mean():
     _decode_equals_forward(small_spec("mean"), B=1, T=14, prompt=9, seed=9)
+
+
+@needs_interp
+@pytest.mark.parametrize("kind,kv", [("mean", "shared"), ("mlp", "shared"), ("mlp", "separate")])
+def test_layer_with_an_unrotated_compressed_path(kind, kv):
+    """rope=("slc", "win"): the compressed branch and the block scores read an un-rotated
+    query (q_cmp) and un-rotated compressed keys; kernels against the reference layer (forward
+    and every gradient, packed sequences), and decoding against the training forward."""
+    spec = small_spec(kind, kv)
+    check_against_reference(spec, B=1, T=37, seed=41, rope=("slc", "win"))
+    check_against_reference(spec, B=1, T=21, seed=42, rope=("slc", "win"),
+                            cu_seqlens=torch.tensor([0, 6, 21], dtype=torch.int32))
+    _decode_equals_forward(spec, B=2, T=18, prompt=6, seed=43, rope=("slc", "win"))
+
+
+def test_rope_per_branch_reaches_the_op():
+    """What the op receives: q and k rotated, q_cmp un-rotated; a mean layer computes the
+    compressed keys itself (the mean of un-rotated keys) instead of the op's mean of rotated
+    ones; rope=True passes no q_cmp at all (today's call)."""
+    from nsagen.nn import apply_rope
+    spec = small_spec("mean")
+    seen = []
+
+    def op(q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None, k_win=None,
+           v_win=None, **kw):
+        seen.append(dict(q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, **kw))
+        return nsagen.reference.nsa(q, k, v, gates, spec, k_cmp, v_cmp, cu_seqlens,
+                                    k_win=k_win, v_win=v_win, **kw)
+
+    layer = randomize(SparseAttention(spec, 16, op=op, rope=("slc", "win")).double(), 5)
+    x = torch.randn(1, 20, 16, dtype=torch.float64)
+    layer(x)
+    got = seen[-1]
+    pos = torch.arange(20)
+    q_raw = layer.q_proj(x).unflatten(-1, (-1, spec.dim_qk))
+    k_raw = layer.k_proj(x).unflatten(-1, (-1, spec.dim_qk))
+    assert torch.allclose(got["q"], apply_rope(q_raw, pos))
+    assert torch.allclose(got["q_cmp"], q_raw)
+    assert torch.allclose(got["k"], apply_rope(k_raw, pos))
+    assert torch.allclose(got["k_cmp"], nsagen.reference.mean_compress(k_raw, spec))
+    plain = SparseAttention(spec, 16, op=op).double()
+    plain.load_state_dict(layer.state_dict())
+    plain(x)
+    assert "q_cmp" not in seen[-1] and seen[-1]["k_cmp"] is None
+    with pytest.raises(ValueError, match="share one query"):
+        SparseAttention(spec, 16, op=op, rope=("cmp", "slc"))
+    with pytest.raises(ValueError, match="rope: expected"):
+        SparseAttention(spec, 16, op=op, rope=("rot",))
+
+
+def test_gate_bias_starts_the_gates_where_asked():
+    spec = small_spec("mean")
+    layer = SparseAttention(spec, 16, op=reference_op(spec), gate_bias={"cmp": 2.0, "win": -1.0})
+    g = layer.gates(torch.randn(3, 16))
+    assert torch.allclose(g[..., 0], torch.sigmoid(torch.tensor(2.0)).expand(3, 2))
+    assert torch.allclose(g[..., 1], torch.full((3, 2), 0.5))
+    assert torch.allclose(g[..., 2], torch.sigmoid(torch.tensor(-1.0)).expand(3, 2))
+    with pytest.raises(ValueError, match="gate_bias: 'sel' is not a branch"):
+        SparseAttention(spec, 16, op=reference_op(spec), gate_bias={"sel": 1.0})
+    with pytest.raises(ValueError, match=r"gate_bias\[cmp\]: expected a finite number"):
+        SparseAttention(spec, 16, op=reference_op(spec), gate_bias={"cmp": float("nan")})
 
 
 def test_decode_reference_fallback_from_first_token(monkeypatch):
