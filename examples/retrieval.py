@@ -92,9 +92,11 @@ class FullAttention(nn.Module):
     """Causal full attention (SDPA) with the same projections, GQA heads and RoPE as the NSA
     layer (its compression, gates and sparsity aside)."""
 
-    def __init__(self, hidden: int, heads_q: int, heads_kv: int, dim: int, rope_theta: float):
+    def __init__(self, hidden: int, heads_q: int, heads_kv: int, dim: int, rope_theta: float,
+                 rope: bool = True):
         super().__init__()
         self.hq, self.hkv, self.dim, self.theta = heads_q, heads_kv, dim, rope_theta
+        self.rope = rope
         self.q_proj = nn.Linear(hidden, heads_q * dim, bias=False)
         self.k_proj = nn.Linear(hidden, heads_kv * dim, bias=False)
         self.v_proj = nn.Linear(hidden, heads_kv * dim, bias=False)
@@ -103,8 +105,10 @@ class FullAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         pos = torch.arange(T, device=x.device)
-        q = apply_rope(self.q_proj(x).unflatten(-1, (self.hq, self.dim)), pos, self.theta)
-        k = apply_rope(self.k_proj(x).unflatten(-1, (self.hkv, self.dim)), pos, self.theta)
+        q = self.q_proj(x).unflatten(-1, (self.hq, self.dim))
+        k = self.k_proj(x).unflatten(-1, (self.hkv, self.dim))
+        if self.rope:
+            q, k = apply_rope(q, pos, self.theta), apply_rope(k, pos, self.theta)
         v = self.v_proj(x).unflatten(-1, (self.hkv, self.dim))
         g = self.hq // self.hkv
         k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)    # GQA heads expanded
@@ -176,11 +180,16 @@ def build_model(kind: str, a, vocab: int, device) -> Model:
     if kind == "nsagen":
         spec = nsa_spec(a)
 
+        rope = {"all": True, "none": False, "no-cmp": ("slc", "win")}[a.rope]
+        bias = None if a.gate_bias_cmp is None else {"cmp": a.gate_bias_cmp}
+
         def make():
-            return SparseAttention(spec, a.hidden, rope_theta=a.rope_theta)
+            return SparseAttention(spec, a.hidden, rope_theta=a.rope_theta, rope=rope,
+                                   gate_bias=bias)
     else:
         def make():
-            return FullAttention(a.hidden, a.heads, a.kv_heads, dim, a.rope_theta)
+            return FullAttention(a.hidden, a.heads, a.kv_heads, dim, a.rope_theta,
+                                 rope=a.rope != "none")
     torch.manual_seed(a.seed)
     return Model(vocab, a.hidden, a.layers, make).to(device)
 
@@ -331,6 +340,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--cmp-kind", default="mlp", choices=["mean", "linear", "mlp"])
     p.add_argument("--kv-per-branch", default="shared", choices=["shared", "separate"])
     p.add_argument("--rope-theta", type=float, default=100000.0)
+    p.add_argument("--rope", default="all", choices=["all", "none", "no-cmp"],
+                   help="where RoPE goes: every branch (default), none (both models), or the "
+                        "NSA model's selected and window branches only (no-cmp: the compressed "
+                        "branch and the block scores un-rotated; full attention keeps RoPE)")
+    p.add_argument("--gate-bias-cmp", type=float, default=None,
+                   help="initial logit of the NSA model's compressed gate (default 0: 0.5)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     for k, v in GPU_DEFAULTS.items():
         flag = "--" + k.replace("_", "-")

@@ -398,3 +398,10 @@ def test_retrieval_example_smoke(tmp_path, monkeypatch):
         assert all(math.isfinite(c["loss"]) for c in r["curve"])
     assert nsa["params"] > full["params"]   # gates and learned compression
     assert saved["config"]["spec"]["compression"]["kind"] == "mlp"
+    # the diagnostic arms' switches: RoPE kept out of the compressed path, the gate started open
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        arm = mod.main([str(out), "--smoke", "--rope", "no-cmp", "--gate-bias-cmp", "2",
+                        "--cmp-kind", "mean"])
+    assert arm["config"]["rope"] == "no-cmp" and arm["config"]["gate_bias_cmp"] == 2.0
+    assert all(math.isfinite(c["loss"]) for r in arm["models"].values() for c in r["curve"])
