@@ -1210,9 +1210,10 @@ def launch_win_attention_bwd(q, k, v, gates, do, lse, delta, dq, dk, dv, lay, cf
 
 
 def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=None,
-            out=None, idx_out=None, save=False):
+            out=None, idx_out=None, save=False, q_cmp=None):
     """Packed forward: q [Ntok, HQ, Dk], k/v [Ntok, H, D], gates [Ntok, HQ, 3] or None,
-    k_cmp/v_cmp [Nc_total, H, D] or None, lay: nsagen.layout.Layout of the packed sequences.
+    k_cmp/v_cmp [Nc_total, H, D] or None, lay: nsagen.layout.Layout of the packed sequences;
+    q_cmp [Ntok, HQ, Dk] (default q) is the query of the compressed branch and block scores.
     Returns (o [Ntok, HQ, Dv], block indices [Ntok, H, n] int32 or None, saved), where saved is
     None, or with `save` the tensors the backward needs: per-branch ungated outputs
     [3, Ntok, HQ, Dv], their log2-domain LSEs [3, Ntok, HQ] (branch order cmp, slc, win) and the
@@ -1236,8 +1237,9 @@ def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=N
         launch_mean_compress(k, k_cmp, lay, cfg["mean_compress"])
         launch_mean_compress(v, v_cmp, lay, cfg["mean_compress"])
     score = torch.empty(n_tok, H_KV, lay.nbp, dtype=torch.float32, device=dev)
-    launch_cmp_attention(q, k_cmp, v_cmp, gates, o, score, lay, cfg["cmp_attention"], prec,
-                         None if ob is None else ob[0], None if lse is None else lse[0])
+    launch_cmp_attention(q if q_cmp is None else q_cmp, k_cmp, v_cmp, gates, o, score, lay,
+                         cfg["cmp_attention"], prec, None if ob is None else ob[0],
+                         None if lse is None else lse[0])
     idx = idx_out
     if idx is None:
         idx = torch.empty(n_tok, H_KV, 16, dtype=torch.int32, device=dev)
@@ -1250,10 +1252,12 @@ def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=N
     return o, idx, saved
 
 
-def backward(do, q, k, v, gates, idx, saved, lay, k_win=None, v_win=None, configs=None):
+def backward(do, q, k, v, gates, idx, saved, lay, k_win=None, v_win=None, configs=None,
+             q_cmp=None):
     """Gradients of the packed forward (no gradient through the block choice).
     do [Ntok, HQ, Dv]; saved: what forward(..., save=True) returned. Returns a dict with fp32
-    dq, dk, dv, dgates, and dk_cmp, dv_cmp (before any compression) and dk_win, dv_win when used.
+    dq, dk, dv, dgates, and dk_cmp, dv_cmp (before any compression), dk_win, dv_win and dq_cmp
+    (the compressed branch's part, when it has its own query q_cmp) when used.
     """
     cfg = dict(CONFIGS)
     cfg.update(configs or {})
@@ -1273,9 +1277,12 @@ def backward(do, q, k, v, gates, idx, saved, lay, k_win=None, v_win=None, config
     kc, vc = saved["k_cmp"], saved["v_cmp"]
     dkc = torch.zeros(kc.shape[0], H_KV, BLOCK_DK, dtype=f32, device=dev)
     dvc = torch.zeros(vc.shape[0], H_KV, BLOCK_DV, dtype=f32, device=dev)
-    launch_cmp_attention_bwd(q, kc, vc, gates, do, lse[0], delta[0], dq, dkc, dvc, lay,
-                             cfg["cmp_attention_bwd"], prec)
+    dqc = dq if q_cmp is None else torch.zeros_like(dq)
+    launch_cmp_attention_bwd(q if q_cmp is None else q_cmp, kc, vc, gates, do, lse[0], delta[0],
+                             dqc, dkc, dvc, lay, cfg["cmp_attention_bwd"], prec)
     out["dk_cmp"], out["dv_cmp"] = dkc[..., :DIM_QK], dvc[..., :DIM_V]
+    if q_cmp is not None:
+        out["dq_cmp"] = dqc[..., :DIM_QK]
     launch_slc_attention_bwd(q, k, v, gates, do, lse[1], delta[1], idx, dq, dk, dv, lay,
                              cfg["slc_attention_bwd"], prec)
     if k_win is None:
@@ -1304,10 +1311,10 @@ def _decode_cmp_chunks(n, n_split, L: tl.constexpr, STRIDE: tl.constexpr, R2: tl
 
 @triton.jit
 def decode_cmp(
-    q_ptr, kc_ptr, vc_ptr, kw_ptr, vw_ptr, lens_ptr, mp_ptr, lp_ptr, accp_ptr, ktab_ptr, ctab_ptr,
-    stride_ktab, stride_ctab, imp_ptr, impm_ptr, stride_qb, stride_qh, stride_kb, stride_kt,
-    stride_kh, stride_vb, stride_vt, stride_vh, stride_wkb, stride_wkt, stride_wkh, stride_wvb,
-    stride_wvt, stride_wvh, qk_scale, n_split, n_part, win_keys, PAGE: tl.constexpr,
+    q_ptr, qc_ptr, kc_ptr, vc_ptr, kw_ptr, vw_ptr, lens_ptr, mp_ptr, lp_ptr, accp_ptr, ktab_ptr,
+    ctab_ptr, stride_ktab, stride_ctab, imp_ptr, impm_ptr, stride_qb, stride_qh, stride_kb,
+    stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_wkb, stride_wkt, stride_wkh,
+    stride_wvb, stride_wvt, stride_wvh, qk_scale, n_split, n_part, win_keys, PAGE: tl.constexpr,
     CPAGE: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
     DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
     R1: tl.constexpr, R2: tl.constexpr, CQ: tl.constexpr, NBP: tl.constexpr, NPART: tl.constexpr,
@@ -1330,10 +1337,10 @@ def decode_cmp(
     offs_dv = tl.arange(0, BDV)
     offs_c = tl.arange(0, BC)
     dmask_k = offs_dk[None, :] < DK
-    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + offs_dk[None, :],
-                mask=row_ok[:, None] & dmask_k, other=0.0)
+    q_rows = b * stride_qb + head[:, None] * stride_qh + offs_dk[None, :]
     part = (b * H + g) * n_part + sp
-    if sp < n_split:   # a chunk of the compressed keys
+    if sp < n_split:   # a chunk of the compressed keys, with the compressed branch's query
+        q = tl.load(qc_ptr + q_rows, mask=row_ok[:, None] & dmask_k, other=0.0)
         nvis, nbo, cb, nact = _decode_cmp_chunks(n, n_split, L, STRIDE, R2, CQ)
         ja = sp * cb                        # this chunk's selection blocks: ja .. jb - 1
         jb = tl.minimum(ja + cb, nbo)
@@ -1381,6 +1388,7 @@ def decode_cmp(
         _decode_store_partial(mp_ptr, lp_ptr, accp_ptr, part, hh, ok, m_i, l_i, acc, GP, BDV,
                               True)
     else:
+        q = tl.load(q_ptr + q_rows, mask=row_ok[:, None] & dmask_k, other=0.0)
         m_w, l_w, acc_w = _decode_window(
             q, kw_ptr + b * stride_wkb + g * stride_wkh, vw_ptr + b * stride_wvb + g * stride_wvh,
             n - 1, sp - n_split, win_keys, tl.full([GP], float("-inf"), dtype=tl.float32),
@@ -1392,16 +1400,21 @@ def decode_cmp(
                               BDV, True)
 
 
-def launch_decode_cmp(q, k_cmp, v_cmp, kw, vw, lens, work, splits, cfg, prec, pages=None):
+def launch_decode_cmp(q, k_cmp, v_cmp, kw, vw, lens, work, splits, cfg, prec, pages=None,
+                       q_cmp=None):
     """Partials of the compressed branch and the window for every (split, KV head, sequence);
-    `pages` (decode_pages) when the caches are paged pools."""
+    `pages` (decode_pages) when the caches are paged pools; `q_cmp` (the layout of q; default
+    q) the compressed branch's query."""
+    qc = q if q_cmp is None else q_cmp
+    if qc.stride() != q.stride():
+        raise ValueError("q_cmp: expected the layout of q")
     pg = _decode_pages(pages, lens)
     B = q.shape[0]
     n_split = splits["cmp"]
     pdl = _decode_pdl(q.device)
     grid = (n_split + work["n_win"], H_KV, B)
     _launch(decode_cmp)[grid](
-        q, k_cmp, v_cmp, kw, vw, lens, work["part_m"], work["part_l"], work["part_acc"],
+        q, qc, k_cmp, v_cmp, kw, vw, lens, work["part_m"], work["part_l"], work["part_acc"],
         pg["table"], pg["cmp_table"], pg["table"].stride(0), pg["cmp_table"].stride(0),
         work["imp"], work["imp_m"], q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1),
         k_cmp.stride(2), v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2), kw.stride(0),
@@ -1966,12 +1979,13 @@ def decode_workspace(batch, max_len, splits, device):
 
 
 def decode_step(q, gates, k, v, k_cmp, v_cmp, lens, splits, work, k_win=None, v_win=None,
-                configs=None, out=None, pages=None):
+                configs=None, out=None, pages=None, q_cmp=None):
     """One decode step: q [B, HQ, Dk] of each sequence at position lens[b] - 1 over its cache rows
     k, v [B, L, H, D] (tokens 0 .. lens[b] - 1), compressed k_cmp, v_cmp [B, Nc, H, D]; gates
     [B, HQ, 3] or None; lens [B] int32 on the device (read only by the kernels: no host sync).
     `splits` from nsagen.ir.passes.decode_splits, `work` from decode_workspace with the same
     splits. A paged cache passes its pools through pool_view and `pages` (decode_pages).
+    `q_cmp` [B, HQ, Dk] (default q) is the query of the compressed branch and block scores.
     Returns (o [B, HQ, Dv], block indices [B, H, n] int32 or None).
     """
     cfg = _decode_configs(configs)
@@ -1984,7 +1998,7 @@ def decode_step(q, gates, k, v, k_cmp, v_cmp, lens, splits, work, k_win=None, v_
         raise ValueError("k_win, v_win: expected the layout of k, v")
     idx = None
     launch_decode_cmp(q, k_cmp, v_cmp, kw, vw, lens, work, splits, cfg["decode_cmp"], prec,
-                      pages)
+                      pages, q_cmp)
     idx = torch.empty(B, H_KV, 16, dtype=torch.int32, device=q.device)
     launch_decode_select(lens, idx, work, splits, cfg["decode_select"],
                          cfg["decode_cmp"]["BC"] // 4)
