@@ -39,17 +39,12 @@ def check_backward(spec, B, T, dtype, device, seed=0, varlen_lens=None, ref_devi
     ref = reference.nsa(xr["q"], xr["k"], xr["v"], xr["gates"], spec, xr["k_cmp"], xr["v_cmp"],
                         cu, k_win=xr["k_win"], v_win=xr["v_win"],
                         block_indices=idx.to(rd) if spec.has("slc") else None, q_cmp=xr["q_cmp"])
-    if spec.has("slc"):     # the kernels' blocks are the reference's own choice (by q_cmp)
-        ref_idx = reference.nsa(*(xr[n].detach() if xr[n] is not None else None
-                                  for n in ("q", "k", "v", "gates")), spec,
-                                None if xr["k_cmp"] is None else xr["k_cmp"].detach(),
-                                None if xr["v_cmp"] is None else xr["v_cmp"].detach(), cu,
-                                return_indices=True,
-                                k_win=None if xr["k_win"] is None else xr["k_win"].detach(),
-                                v_win=None if xr["v_win"] is None else xr["v_win"].detach(),
-                                q_cmp=None if xr["q_cmp"] is None else xr["q_cmp"].detach())[1]
-        if dtype == torch.float32:
-            assert torch.equal(idx.to(rd), ref_idx), "block choice differs from the reference"
+    if spec.has("slc") and dtype == torch.float32:   # the blocks are the reference's (q_cmp)
+        xd = {n: None if t is None else t.detach() for n, t in xr.items()}
+        ref_idx = reference.nsa(xd["q"], xd["k"], xd["v"], xd["gates"], spec, xd["k_cmp"],
+                                xd["v_cmp"], cu, return_indices=True, k_win=xd["k_win"],
+                                v_win=xd["v_win"], q_cmp=xd["q_cmp"])[1]
+        assert torch.equal(idx.to(rd), ref_idx), "block choice differs from the reference"
     assert rel_err(o.detach().to(rd), ref.detach()) < TOL[dtype]
     ref_grads = torch.autograd.grad(ref, [xr[n] for n in names], do.to(rd).double(),
                                     allow_unused=True)

@@ -99,3 +99,11 @@ def test_compile_fullgraph():
     Block()(q, k, v, gates).backward()
     for a, b in zip(grads, (q.grad, k.grad, v.grad, gates.grad)):
         assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["nsa-d128", "nsa-paper"])
+def test_own_query_for_the_compressed_branch_bf16(name):
+    """q_cmp drives the compressed branch and the block scores; dq_cmp from the compressed
+    branch's backward (the reference on the same blocks)."""
+    check_backward(nsagen.load_spec(name), B=1, T=3000, dtype=BF16, device="cuda", seed=5,
+                   q_cmp=True)
