@@ -51,6 +51,14 @@ class Pools:
         return (self.k, self.v, self.kc, self.vc, self.table, self.cmp_table, seq_lens)
 
 
+def _learned_tokens(spec, kc_all, vc_all, rows, t) -> dict:
+    """The compressed tokens that tokens t of rows complete (learned compression), else {}."""
+    if not spec.learned_compression:
+        return {}
+    i = torch.clamp((t + 1 - spec.cmp_block) // spec.cmp_stride, min=0)
+    return dict(k_cmp_t=kc_all[rows, i], v_cmp_t=vc_all[rows, i])
+
+
 def _paged_vs_prefill(spec, prompt_lens, T, dtype, seed, page=8, shared=0, configs=None):
     B = len(prompt_lens)
     op = nsagen.build(spec)
@@ -89,10 +97,7 @@ def _paged_vs_prefill(spec, prompt_lens, T, dtype, seed, page=8, shared=0, confi
             live = pos < T
             t = pos.clamp(max=T - 1)
             seq_lens = (t + 1).to(torch.int32)
-            extra = {}
-            if spec.learned_compression:
-                i = torch.clamp((t + 1 - spec.cmp_block) // spec.cmp_stride, min=0)
-                extra = dict(k_cmp_t=kc_all[rows, i], v_cmp_t=vc_all[rows, i])
+            extra = _learned_tokens(spec, kc_all, vc_all, rows, t)
             op.append_paged(k[rows, t], v[rows, t], *pools.args(seq_lens), **extra)
             o = op.decode_paged(q[rows, t], gates[rows, t], *pools.args(seq_lens))
             assert o.shape == (B, spec.heads_q, spec.dim_v) and o.dtype == dtype
@@ -323,10 +328,7 @@ def test_paged_several_tokens_per_step(name):
         for S in (3, 1, 6):
             t = pos[:, None] + torch.arange(S)
             lens = (pos + S).to(torch.int32)
-            extra = {}
-            if spec.learned_compression:
-                i = torch.clamp((t + 1 - spec.cmp_block) // spec.cmp_stride, min=0)
-                extra = dict(k_cmp_t=kc_all[rows, i], v_cmp_t=vc_all[rows, i])
+            extra = _learned_tokens(spec, kc_all, vc_all, rows, t)
             op.append_paged(k[rows, t], v[rows, t], *pools.args(lens), **extra)
             o = op.decode_paged(q[rows, t], gates[rows, t], *pools.args(lens))
             assert o.shape == (B, S, spec.heads_q, spec.dim_v)
