@@ -69,24 +69,25 @@ def _indexer_launch(spec: DSASpec, flags: dict) -> dict:
 
 # ---------------------------------------------------------------------------- dsa_topk
 def _topk_default(spec: DSASpec, target: Target, why: list) -> dict:
-    kp = triton.next_power_of_2(spec.topk)
-    why.append(f"dsa_topk: one program per token keeps its best {kp} (score, position) keys in "
-               f"registers and merges {kp} scored keys at a time into them (a bitonic sort of "
-               f"{2 * kp} 64-bit keys: score bits above, reversed position below, so ties go "
-               f"to the lower position); the {spec.topk} picks are written ascending")
-    return dict(num_warps=4 if kp <= 512 else 8)
+    rb = 11
+    why.append(f"dsa_topk: one program per token finds the {spec.topk}-th largest score by a "
+               f"radix select ({-(-32 // rb)} histogram passes of {rb}-bit digits over the "
+               f"row), then keeps, in position order, the scores above it and the first ones "
+               f"equal to it (ties to the lower position): the picks come out ascending, "
+               f"with no sort")
+    return dict(RB=rb, CH=2048, num_warps=8)
 
 
 def _topk_space(spec: DSASpec, default: dict, target: Target, smem: int):
-    return [dict(default, num_warps=nw) for nw in (2, 4, 8, 16)], []
+    return [dict(default, RB=rb, CH=ch, num_warps=nw)
+            for rb, ch, nw in itertools.product((8, 11), (1024, 2048, 4096), (4, 8, 16))], []
 
 
 def _topk_launch(spec: DSASpec, flags: dict) -> dict:
     return dict(main=signature(
         ptrs("score", "idx", "tile_tok", "tile_len", "tok_pos=lay.tok_pos"),
         scalars("tile0"), strides("score", "sr"), strides("idx", "it"),
-        values(K=spec.topk, KP=triton.next_power_of_2(spec.topk)), consts(BT="bt"),
-        options=WARPS))
+        values(K=spec.topk), consts(BT="bt"), cfg("RB", "CH"), options=WARPS))
 
 
 # ---------------------------------------------------------------------------- dsa_attention
