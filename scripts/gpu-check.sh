@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: run the GPU test modules in bf16, then the benchmarks; results go to $OUT
-# (default ./gpu-results). Uses the source tree; fla-core is picked up from .fla/*.whl if present.
+# (default ./gpu-results). Uses the source tree; fla-core (.fla/*.whl) and the FlashAttention-3
+# forward wheel (.whl/fa3_fwd-*.whl) are installed from the tree when present.
 #   TESTS=none            skip the tests
 #   BENCH_SPECS="a b"     specs benchmarked with baselines at BENCH_TS (default 8k..64k)
 #   EXTRA_SPECS="c d"     specs benchmarked alone at EXTRA_TS (default 64k)
@@ -13,6 +14,9 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NSAGEN_CACHE_DIR=/tmp/nsagen-cache
 if ls .fla/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/fla .fla/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/fla
+fi
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/whl .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/whl
 fi
 nsagen() { python3 -m nsagen.cli "$@"; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv | tee "$OUT/gpu.txt"
