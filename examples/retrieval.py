@@ -31,6 +31,14 @@ exactly as many steps, on the same learning-rate schedule.
     python examples/retrieval.py results/retrieval.json     # CUDA defaults (about 4-5 min, H200)
     python examples/retrieval.py /tmp/smoke.json --smoke    # tiny CPU run, a few seconds
 
+Every --log-every steps the NSA model is probed on a fixed batch at --probe-len tokens (0: off;
+outside the timed training): per layer, how often the block holding each query's needle is
+selected, against the share of the context that the same number of random blocks and the window
+would cover (a selection that learned nothing scores that); the window's reach; the gates'
+means; and the accuracy split by whether any branch could reach the needle.
+
+    python examples/retrieval.py results/arm2.json --rope no-cmp --curriculum 256,1024,2048
+
 On CUDA the models train under bf16 autocast (fp32 master weights); on the CPU in float32, where
 the NSA op runs nsagen's PyTorch reference (or the kernels under TRITON_INTERPRET=1, slowly).
 """
@@ -85,6 +93,15 @@ class Task:
         tgt = torch.full((n, T), IGNORE, dtype=torch.long)
         tgt[:, ctx::2] = val.gather(1, order)
         return tok.to(device), tgt.to(device)
+
+    def needles(self, tok: torch.Tensor) -> torch.Tensor:
+        """[n, P] position of the value that answers each query key (ctx + 2j), in the
+        context: the token the query's attention must reach."""
+        P = self.pairs
+        ctx = tok.shape[1] - 2 * P
+        asked = tok[:, ctx::2]                                          # [n, P]
+        hit = tok[:, None, :ctx] == asked[:, :, None]                   # [n, P, ctx]
+        return hit.float().argmax(-1) + 1
 
 
 # ------------------------------------------------------------------------------------ model
@@ -224,6 +241,58 @@ def length_at(step: int, a) -> int:
     return a.lengths[rest % len(a.lengths)]
 
 
+def probe(model: Model, a, task: Task, device, T: int) -> dict | None:
+    """Selection diagnostics of every NSA layer on a fixed batch of length T: how often the
+    block holding the needle is selected (against the share of the context a random choice of
+    the same blocks and window would cover), how often the window reaches it, the gates' means,
+    and the answers' accuracy split by whether any branch could reach the needle."""
+    attns = [b.attn for b in model.blocks]
+    if not isinstance(attns[0], SparseAttention):
+        return None
+    spec = attns[0].spec
+    tok, tgt = task.batch(a.probe_seqs, T, torch.Generator().manual_seed(a.seed + 777), device)
+    need = task.needles(tok).to(device)                                 # [n, P]
+    P = task.pairs
+    qpos = torch.arange(T - 2 * P, T, 2, device=device)                 # query key positions
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for m in attns]
+    try:
+        with torch.no_grad(), _autocast(device):
+            x = model.embed(tok)
+            for blk in model.blocks:
+                x = blk(x)
+            pred = model.head(model.norm(x[:, qpos])).argmax(-1)
+    finally:
+        for h in hooks:
+            h.remove()
+    right = pred == tgt[:, qpos]
+    dist = qpos[None, :] - need                                         # query minus needle
+    in_win = dist < spec.window if spec.has("win") else torch.zeros_like(dist, dtype=torch.bool)
+    random = ((spec.slc_count * spec.slc_block + (spec.window or 0)) / (qpos + 1.0)).clamp(max=1)
+    layers, reach_any = [], in_win.clone()
+    for attn, xin in zip(attns, inputs):
+        with torch.no_grad(), _autocast(device):
+            p = attn.project(xin)
+            kw = {} if p["q_cmp"] is None else {"q_cmp": p["q_cmp"]}
+            _, idx = attn._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
+                                return_indices=True, k_win=p["k_win"], v_win=p["v_win"], **kw)
+        blocks = idx[:, qpos]                                           # [n, P, H, n_sel]
+        hit = (blocks == (need // spec.slc_block)[:, :, None, None]).flatten(2).any(-1)
+        reach_any |= hit
+        g = p["gates"].float().mean((0, 1, 2))
+        layers.append({"needle_selected": round(hit.float().mean().item(), 4),
+                       "random_coverage": round(random.mean().item(), 4),
+                       "window_reaches": round(in_win.float().mean().item(), 4),
+                       "gate_cmp": round(g[0].item(), 4), "gate_slc": round(g[1].item(), 4),
+                       "gate_win": round(g[2].item(), 4)})
+
+    def acc(mask):
+        return round(right[mask].float().mean().item(), 4) if mask.any() else None
+
+    return {"T": T, "layers": layers, "reachable": round(reach_any.float().mean().item(), 4),
+            "acc_reachable": acc(reach_any), "acc_unreachable": acc(~reach_any)}
+
+
 def run_model(kind: str, a, task: Task, device, steps: int, time_limit: float | None) -> dict:
     """Warm up (compile), train `steps` steps (stopping early at `time_limit` seconds), eval.
 
@@ -257,7 +326,7 @@ def run_model(kind: str, a, task: Task, device, steps: int, time_limit: float | 
 
     gen = torch.Generator().manual_seed(a.seed)    # the same data for both models
     model.train()
-    curve, done = [], 0
+    curve, probes, done, probe_s = [], [], 0, 0.0
     per_len: dict[int, list[float]] = {}           # T -> [tokens, seconds]
     t_start = time.perf_counter()
     for step in range(steps):
@@ -277,17 +346,29 @@ def run_model(kind: str, a, task: Task, device, steps: int, time_limit: float | 
         acc_len[0] += tok.numel()
         acc_len[1] += time.perf_counter() - t_step
         done = step + 1
-        elapsed = time.perf_counter() - t_start
+        elapsed = time.perf_counter() - t_start - probe_s
         if step % a.log_every == 0 or done == steps:
             acc = correct.item() / (tgt != IGNORE).sum().item()
             curve.append({"step": step, "T": T, "loss": round(loss.item(), 4),
                           "acc": round(acc, 4)})
             print(f"  [{kind}] step {step:4d}  T={T:5d}  loss {loss.item():.3f}  "
                   f"acc {acc:.3f}  {elapsed:6.1f}s", flush=True)
+            if a.probe_len:      # diagnostics, outside the timed training
+                t_p = time.perf_counter()
+                model.eval()
+                pr = probe(model, a, task, device, a.probe_len)
+                model.train()
+                probe_s += time.perf_counter() - t_p
+                if pr is not None:
+                    probes.append(dict(step=step, **pr))
+                    sel = ", ".join(f"{x['needle_selected']:.2f}" for x in pr["layers"])
+                    print(f"  [{kind}]   probe T={pr['T']}: needle selected per layer {sel} "
+                          f"(random {pr['layers'][0]['random_coverage']:.2f}); reachable "
+                          f"{pr['reachable']:.2f}, acc there {pr['acc_reachable']}", flush=True)
         if time_limit is not None and elapsed > time_limit and done < steps:
             print(f"  [{kind}] time limit {time_limit:.0f}s reached after {done} steps", flush=True)
             break
-    train_s = time.perf_counter() - t_start
+    train_s = time.perf_counter() - t_start - probe_s
     tokens = sum(v[0] for v in per_len.values())
 
     model.eval()
@@ -312,7 +393,8 @@ def run_model(kind: str, a, task: Task, device, steps: int, time_limit: float | 
             "train_s": round(train_s, 2), "train_tokens_per_s": tokens / train_s,
             "train_tokens_per_s_by_length": {str(T): v[0] / v[1]
                                              for T, v in sorted(per_len.items())},
-            "eval_s": round(time.perf_counter() - t0, 2), "eval": evals, "curve": curve}
+            "eval_s": round(time.perf_counter() - t0, 2), "eval": evals, "curve": curve,
+            "probe": probes}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -320,11 +402,13 @@ GPU_DEFAULTS = dict(hidden=512, layers=4, heads=8, kv_heads=1, lengths="4096,819
                     curriculum="256,1024", curriculum_steps=300, tokens_per_step=32768,
                     steps=1800, eval_seqs=32, pairs=32, keys=256, values=64, filler=16, lr=5e-4,
                     warmup_steps=50, time_limit=120.0, cmp_block=32, cmp_stride=16,
-                    slc_block=64, slc_count=16, window=512, log_every=100)
+                    slc_block=64, slc_count=16, window=512, log_every=100, probe_len=4096,
+                    probe_seqs=4)
 SMOKE = dict(hidden=64, layers=2, heads=4, kv_heads=1, lengths="128", curriculum="64",
              curriculum_steps=1, tokens_per_step=256, steps=3, eval_seqs=2, pairs=4, keys=8,
              values=8, filler=8, lr=1e-3, warmup_steps=1, time_limit=None, cmp_block=16,
-             cmp_stride=8, slc_block=16, slc_count=4, window=32, log_every=1)
+             cmp_stride=8, slc_block=16, slc_count=4, window=32, log_every=1, probe_len=128,
+             probe_seqs=2)
 
 
 def parse(argv=None) -> argparse.Namespace:

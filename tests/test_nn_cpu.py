@@ -397,6 +397,14 @@ def test_retrieval_example_smoke(tmp_path, monkeypatch):
         assert 0.0 <= e["accuracy"] <= 1.0 and e["answers"] == 2 * 4
         assert all(math.isfinite(c["loss"]) for c in r["curve"])
     assert nsa["params"] > full["params"]   # gates and learned compression
+    # the selection probe, every logged step, per NSA layer
+    assert len(nsa["probe"]) == 3 and full["probe"] == []
+    pr = nsa["probe"][-1]
+    assert pr["T"] == 128 and len(pr["layers"]) == 2
+    for lay in pr["layers"]:
+        assert 0 <= lay["needle_selected"] <= 1 and 0 < lay["random_coverage"] <= 1
+        assert 0 < lay["gate_cmp"] < 1
+    assert 0 <= pr["reachable"] <= 1
     assert saved["config"]["spec"]["compression"]["kind"] == "mlp"
     # the diagnostic arms' switches: RoPE kept out of the compressed path, the gate started open
     with warnings.catch_warnings():
