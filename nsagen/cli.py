@@ -28,6 +28,7 @@ from .spec import Spec, SpecError, short_path, short_repr
 from .specfile import load_spec
 from .target import Target
 from .tune import compile as tune_compile
+from .tune.dsa import tune_dsa
 from .tune.search import tune as tune_spec
 from .tune.search import warm_build
 
@@ -77,8 +78,8 @@ def _load_for_kernels(path: str) -> Spec:
 
 
 def _nsa_only(spec, command: str) -> bool:
-    """Say so and return True when `command` does not handle the spec's family yet (DSA has no
-    tuner yet; `nsagen bench SPEC` times it)."""
+    """Say so and return True when `command` does not handle the spec's family yet
+    (`generate --bench` times NSA specs; `nsagen bench SPEC` times a DSA spec)."""
     if spec.family == "nsa":
         return False
     _error(f"{command}: {spec.name} is a {spec.family.upper()} spec; {command} handles NSA "
@@ -306,11 +307,18 @@ def format_tune_table(rows: list[dict]) -> str:
 def _cmd_tune(args: argparse.Namespace) -> int:
     """Search launch configs per shape bucket on this GPU and save the tuned table."""
     spec = _load_for_kernels(args.spec)
-    if _nsa_only(spec, "nsagen tune"):
-        return 2
     bench.require_gpu("nsagen tune")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     t0 = time.perf_counter()
+    if spec.family == "dsa":
+        path, rows = tune_dsa(spec, args.seq_len or list(DEFAULT_TUNE_LENS),
+                              progress=lambda m: print(m, flush=True), budget=args.budget,
+                              out_dir=args.out_dir, backward=not args.no_backward,
+                              kernels=args.kernel)
+        print()
+        print(format_tune_table(rows))
+        print(f"\ntuned table written to {path} ({time.perf_counter() - t0:.0f} s)")
+        return 0
     path, rows = tune_spec(
         spec, args.seq_len or list(DEFAULT_TUNE_LENS), batch=args.batch,
         progress=lambda m: print(m, flush=True),

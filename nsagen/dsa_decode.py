@@ -142,10 +142,10 @@ class DSACache:
         kp = k.view(B * L, spec.heads_kv, spec.dim_qk)
         vp = kp[..., :spec.dim_v] if v is None else v.view(B * L, spec.heads_kv, spec.dim_v)
         lay = self._layout.refresh(self.lens)
+        cfg = self.op.configs_for(self.k.device, self.max_len)
         with torch.no_grad(), direct_launches():
             o, idx, _ = mod.forward(q, kp, vp, q_idx, ki.view(B * L, spec.indexer_dim),
-                                    w_idx.contiguous(), lay, configs=self.op.configs,
-                                    k_scale=k_scale)
+                                    w_idx.contiguous(), lay, configs=cfg, k_scale=k_scale)
         o = o.to(dtype)
         return (o, idx) if return_indices else o
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor  # noqa: F401  (resolves the op signatures' string annotations)
 from torch.library import triton_op
 
-from . import reference
+from . import configspace, reference, tables
 from .checks import check_dsa_inputs, check_fp8_keys_device
 from .dsa_decode import DSACache
 from .dsa_spec import DSASpec
@@ -43,11 +43,43 @@ class DSAOp:
         self.name = module.URI
         self.module_name = module.__name__
         self.configs: dict[str, dict] = {}     # explicit per-kernel launch configs
+        self._tables: dict | None = None
+        self._tables_loaded = False
         self.op_name = f"nsagen::{module.__name__}".replace("-", "_")
         self._train_op, self._loss_op = _register_ops(self)
 
     def __repr__(self) -> str:
         return f"DSAOp({self.spec.name!r}, module={self.path})"
+
+    @property
+    def tuned_tables(self) -> dict | None:
+        """The buckets of this GPU's tuned table in use (None: untuned, or not loaded yet)."""
+        return self._tables
+
+    def use_tuned_tables(self, enabled: bool = True) -> None:
+        """Launch with this GPU's tuned table (the default) or, disabled, with the IR's default
+        configs."""
+        self._tables, self._tables_loaded = None, not enabled
+
+    def configs_for(self, device: torch.device, seq_len: int) -> dict:
+        """Launch configs for one call: the tuned table's bucket on a matching GPU, then the
+        explicit overrides in `self.configs`; kernels missing from both use the IR defaults."""
+        if device.type == "cuda" and not self._tables_loaded:
+            self._tables = tables.load(self.module_name, tables.device_meta(device.index),
+                                       check=self._table_entry_error)
+            self._tables_loaded = True
+        if self._tables is None:
+            return self.configs
+        cfg = tables.configs_for(self._tables, seq_len)
+        cfg.update(self.configs)
+        return cfg
+
+    def _table_entry_error(self, bucket: str, kernel: str, entry) -> str | None:
+        """Why an entry of a tuned table cannot launch this module's kernels (None if it can)."""
+        defaults = self.module.CONFIGS
+        if bucket.startswith("decode ") or kernel not in defaults:
+            return "not a kernel of this module"
+        return configspace.table_entry_error(self.spec, kernel, entry, defaults[kernel], False)
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype: torch.dtype | None = None,
                   with_values: bool = True) -> DSACache:
@@ -77,7 +109,7 @@ class DSAOp:
             with direct_launches():
                 o, idx, _ = self.module.forward(
                     pack(q), pack(k), None if v is None else pack(v), pack(q_idx), pack(k_idx),
-                    pack(w_idx), lay, configs=self.configs)
+                    pack(w_idx), lay, configs=self.configs_for(q.device, max(prob.seqlens)))
             o, idx = o.view(B, T, spec.heads_q, spec.dim_v), idx.view(B, T, spec.topk)
         o = o.to(dtype)
         return (o, idx) if return_indices else o
@@ -128,7 +160,8 @@ def _register_ops(op: DSAOp):
         B, T = q.shape[:2]
         lay = layout_of_call(spec, q, cu_seqlens)
         o, idx, lse = mod.forward(pack(q), pack(k), None if v is None else pack(v), pack(q_idx),
-                                  pack(k_idx), pack(w_idx), lay, configs=op.configs)
+                                  pack(k_idx), pack(w_idx), lay,
+                                  configs=op.configs_for(q.device, max(lay.seqlens)))
         return o.view(B, T, HQ, DV), idx.view(B, T, TOPK), lse
 
     def bwd(do: Tensor, q: Tensor, k: Tensor, v: Optional[Tensor], idx: Tensor, o: Tensor,
@@ -136,7 +169,8 @@ def _register_ops(op: DSAOp):
         B, T = q.shape[:2]
         lay = layout_of_call(spec, q, cu_seqlens)
         dq, dk, dv = mod.backward(pack(do), pack(q), pack(k), None if v is None else pack(v),
-                                  idx.view(B * T, TOPK), pack(o), lse, lay, configs=op.configs)
+                                  idx.view(B * T, TOPK), pack(o), lse, lay,
+                                  configs=op.configs_for(q.device, max(lay.seqlens)))
         dv = q.new_empty(0) if dv is None else dv.to(v.dtype).view(B, T, *dv.shape[1:])
         return (dq.to(q.dtype).view(B, T, *dq.shape[1:]),
                 dk.to(k.dtype).view(B, T, *dk.shape[1:]), dv)
@@ -145,25 +179,26 @@ def _register_ops(op: DSAOp):
              cu_seqlens: Optional[Tensor], dense: bool
              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         lay = layout_of_call(spec, q, cu_seqlens)
+        cfg = op.configs_for(q.device, max(lay.seqlens))
         qp, kp, qi, ki, wi = pack(q), pack(k), pack(q_idx), pack(k_idx), pack(w_idx)
         if dense:                     # the warm-up reads no picks: a placeholder column
             idx = torch.empty(qp.shape[0], 1, dtype=torch.int32, device=q.device)
-            lse = mod.dense_lse(qp, kp, lay, configs=op.configs)
+            lse = mod.dense_lse(qp, kp, lay, configs=cfg)
         else:
             # the attention's LSE does not depend on v: k's first columns stand in when they fit
             vp = None if DV <= spec.dim_qk else kp.new_zeros(kp.shape[0], spec.heads_kv, DV)
-            _, idx, lse = mod.forward(qp, kp, vp, qi, ki, wi, lay, configs=op.configs)
-        per_token, saved = mod.indexer_loss(qp, kp, qi, ki, wi, idx, lse, lay,
-                                            configs=op.configs, dense=dense)
+            _, idx, lse = mod.forward(qp, kp, vp, qi, ki, wi, lay, configs=cfg)
+        per_token, saved = mod.indexer_loss(qp, kp, qi, ki, wi, idx, lse, lay, configs=cfg,
+                                            dense=dense)
         return per_token, idx, lse, saved
 
     def loss_bwd(dloss: Tensor, q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor,
                  w_idx: Tensor, idx: Tensor, lse: Tensor, saved: Tensor,
                  cu_seqlens: Optional[Tensor], dense: bool) -> tuple[Tensor, Tensor, Tensor]:
         lay = layout_of_call(spec, q, cu_seqlens)
-        dqi, dki, dw = mod.indexer_loss_backward(dloss, pack(q), pack(k), pack(q_idx),
-                                                 pack(k_idx), pack(w_idx), idx, lse, saved, lay,
-                                                 configs=op.configs, dense=dense)
+        dqi, dki, dw = mod.indexer_loss_backward(
+            dloss, pack(q), pack(k), pack(q_idx), pack(k_idx), pack(w_idx), idx, lse, saved, lay,
+            configs=op.configs_for(q.device, max(lay.seqlens)), dense=dense)
         return (dqi.to(q_idx.dtype).view(q_idx.shape), dki.to(k_idx.dtype).view(k_idx.shape),
                 dw.to(w_idx.dtype).view(w_idx.shape))
 

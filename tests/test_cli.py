@@ -301,10 +301,10 @@ def test_gpu_commands_name_themselves_without_a_gpu(capsys, argv, command):
     assert capsys.readouterr().err == f"{command}: needs a CUDA GPU (none found)\n"
 
 
-def test_dsa_specs_validate_and_the_tuner_refuses_them_by_name(capsys):
+def test_dsa_specs_validate_and_generate_bench_refuses_them_by_name(capsys):
     assert main(["validate", "dsa-v32", "dsa-gqa"]) == 0
     out = capsys.readouterr().out
     assert out.count("ok ") == 2 and "decode kernels" in out
-    assert main(["tune", "dsa-gqa"]) == 2
+    assert main(["generate", "dsa-gqa", "--bench"]) == 2
     err = capsys.readouterr().err
     assert "dsa-gqa is a DSA spec" in err and "nsagen bench SPEC" in err

@@ -486,3 +486,58 @@ def test_recorded_launches_keep_no_buffer_of_the_pass(tmp_path):
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_tune_dsa_plumbing(tmp_path, monkeypatch):
+    """`nsagen tune` on a DSA spec: the forward, backward and loss kernels searched on their
+    own passes (timing stubbed), the winners checked against the float64 reference, the table
+    saved where asked."""
+    import torch
+
+    import nsagen
+    from nsagen.dsa_spec import DSASpec
+    from nsagen.tune import dsa, search
+
+    _interp()
+    spec = DSASpec(name="dsa-tune", heads_q=4, heads_kv=1, dim_qk=24, dim_v=16,
+                   indexer_heads=2, indexer_dim=8, topk=8, dtype="float32")
+    full = dsa.candidates
+    monkeypatch.setattr(dsa, "candidates", lambda *a, **kw: full(*a, **kw)[:2])
+    path, rows = dsa.tune_dsa(spec, [24], kernels=["dsa_topk", "dsa_attention_bwd",
+                                                   "dsa_indexer_loss"],
+                              device="cpu", dtype=torch.float32, timer=_halving(),
+                              progress=lambda m: None, check_len=24, out_dir=tmp_path)
+    op = nsagen.build(spec)
+    assert [r["kernel"] for r in rows] == ["dsa_topk", "dsa_attention_bwd", "dsa_indexer_loss"]
+    doc = json.loads(path.read_text())
+    assert path.is_relative_to(tmp_path) and doc["meta"]["module"] == op.module_name
+    got = doc["buckets"]["T<=1024"]
+    for k in ("dsa_topk", "dsa_attention_bwd", "dsa_indexer_loss"):
+        cands = full(spec, k, op.module.CONFIGS[k])
+        assert len(cands) > 1 and got[k] == cands[1], k      # the stub makes later ones win
+        assert op._table_entry_error("T<=1024", k, got[k]) is None
+    assert search.MARGIN > 0
+
+
+def test_tune_dsa_never_saves_what_the_reference_rejects(tmp_path, monkeypatch):
+    import torch
+
+    from nsagen.dsa_spec import DSASpec
+    from nsagen.tune import dsa
+
+    _interp()
+    spec = DSASpec(name="dsa-tune", heads_q=4, heads_kv=1, dim_qk=24, dim_v=16,
+                   indexer_heads=2, indexer_dim=8, topk=8, dtype="float32")
+    full = dsa.candidates
+    monkeypatch.setattr(dsa, "candidates", lambda *a, **kw: full(*a, **kw)[:2])
+
+    def broken(*a, **kw):
+        raise RuntimeError("relative error 0.5")
+
+    monkeypatch.setattr(dsa, "check_dsa", broken)
+    said = []
+    path, _ = dsa.tune_dsa(spec, [24], kernels=["dsa_topk"], device="cpu",
+                           dtype=torch.float32, timer=_halving(), progress=said.append,
+                           check_len=24, out_dir=tmp_path)
+    assert json.loads(path.read_text())["buckets"] == {}
+    assert any("fail the reference check" in m for m in said)

@@ -1,6 +1,8 @@
 """Tuning a small spec end to end on a CUDA GPU: forward, backward and decode searches with
 parallel compilation and profiler timings, reference checks, a saved table that the next op and
 DecodeCache launch with. Skipped without a GPU."""
+import json
+
 import pytest
 import torch
 
@@ -53,3 +55,18 @@ def test_profiler_attributes_kernel_times():
     run()
     t = timing.kernel_times(run, fwd, iters=2)
     assert set(t) == set(fwd) and all(v > 0 for v in t.values())
+
+
+def test_tune_dsa_on_the_gpu(tmp_path):
+    """The DSA search on real timings: a table is written and every saved entry is a config
+    the op accepts."""
+    from nsagen.tune.dsa import tune_dsa
+
+    spec = nsagen.load_spec("dsa-gqa").replace(topk=256)
+    path, rows = tune_dsa(spec, [4096], kernels=["dsa_topk", "dsa_attention"], budget=90,
+                          out_dir=tmp_path, progress=lambda m: None)
+    op = nsagen.build(spec)
+    assert {r["kernel"] for r in rows} <= {"dsa_topk", "dsa_attention"}
+    for bucket, entry in json.loads(path.read_text())["buckets"].items():
+        for k, cfg in entry.items():
+            assert op._table_entry_error(bucket, k, cfg) is None, (k, cfg)
