@@ -277,10 +277,13 @@ def probe(model: Model, a, task: Task, device, T: int) -> dict | None:
             _, idx = attn._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
                                 return_indices=True, k_win=p["k_win"], v_win=p["v_win"], **kw)
         blocks = idx[:, qpos]                                           # [n, P, H, n_sel]
-        hit = (blocks == (need // spec.slc_block)[:, :, None, None]).flatten(2).any(-1)
+        nb = need // spec.slc_block                                     # the needle's block
+        hit = (blocks == nb[:, :, None, None]).flatten(2).any(-1)
         reach_any |= hit
         g = p["gates"].float().mean((0, 1, 2))
+        rank, near_far = _block_scores(spec, p, qpos, nb)
         layers.append({"needle_selected": round(hit.float().mean().item(), 4),
+                       "needle_block_rank": round(rank, 2), "score_near_over_far": near_far,
                        "random_coverage": round(random.mean().item(), 4),
                        "window_reaches": round(in_win.float().mean().item(), 4),
                        "gate_cmp": round(g[0].item(), 4), "gate_slc": round(g[1].item(), 4),
@@ -291,6 +294,36 @@ def probe(model: Model, a, task: Task, device, T: int) -> dict | None:
 
     return {"T": T, "layers": layers, "reachable": round(reach_any.float().mean().item(), 4),
             "acc_reachable": acc(reach_any), "acc_unreachable": acc(~reach_any)}
+
+
+def _block_scores(spec, p: dict, qpos: torch.Tensor, nb: torch.Tensor) -> tuple[float, float]:
+    """From one layer's op inputs, the block importance of the query positions (the compressed
+    branch's probabilities mapped to selection blocks, summed over a KV head's query heads, as
+    docs/algorithm.md section 4): the needle block's mean rank (0 = best) and the mean score of
+    the 4 blocks nearest the query over that of the blocks further away (a score that follows
+    distance is well above 1)."""
+    q = (p["q_cmp"] if p["q_cmp"] is not None else p["q"])[:, qpos].double()   # [n, P, HQ, D]
+    kc = p["k_cmp"] if p["k_cmp"] is not None else nsagen.reference.mean_compress(p["k"], spec)
+    n, P, HQ, D = q.shape
+    H, nc = spec.heads_kv, kc.shape[1]
+    s = torch.einsum("nphgd,nchd->nphgc", q.view(n, P, H, HQ // H, D), kc.double())
+    vis = (torch.arange(nc, device=q.device) * spec.cmp_stride + spec.cmp_block - 1
+           <= qpos[:, None])                                            # [P, nc]
+    prob = torch.softmax(s * spec.softmax_scale + torch.where(vis, 0.0, -torch.inf)[None, :, None,
+                                                                                     None], -1)
+    prob = torch.nan_to_num(prob)
+    T = p["k"].shape[1]
+    score = torch.einsum("nphgc,cj->nphj", prob,
+                         nsagen.reference.block_weights(spec, nc, spec.num_blocks(T), q.device))
+    own = score.gather(-1, nb[:, :, None, None].expand(n, P, H, 1))
+    rank = (score > own).sum(-1).float().mean().item()
+    dist = qpos[:, None] // spec.slc_block - torch.arange(score.shape[-1], device=q.device)
+    near = (dist >= 0) & (dist < 4)
+    far = dist >= 4
+    by_pos = score.transpose(1, 2)                                      # [n, H, P, NB]
+    ratio = by_pos[..., near].mean() / by_pos[..., far].mean().clamp_min(1e-30) \
+        if far.any() else torch.tensor(float("nan"))
+    return rank, round(ratio.item(), 3)
 
 
 def run_model(kind: str, a, task: Task, device, steps: int, time_limit: float | None) -> dict:
