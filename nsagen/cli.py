@@ -315,16 +315,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                               progress=lambda m: print(m, flush=True), budget=args.budget,
                               out_dir=args.out_dir, backward=not args.no_backward,
                               kernels=args.kernel)
-        print()
-        print(format_tune_table(rows))
-        print(f"\ntuned table written to {path} ({time.perf_counter() - t0:.0f} s)")
-        return 0
-    path, rows = tune_spec(
-        spec, args.seq_len or list(DEFAULT_TUNE_LENS), batch=args.batch,
-        progress=lambda m: print(m, flush=True),
-        decode_batches=[] if args.no_decode else (args.decode_batch or list(DEFAULT_DECODE_BATCHES)),
-        decode_len=args.decode_len, budget=args.budget, out_dir=args.out_dir,
-        backward=not args.no_backward, kernels=args.kernel)
+    else:
+        decode = [] if args.no_decode else (args.decode_batch or list(DEFAULT_DECODE_BATCHES))
+        path, rows = tune_spec(
+            spec, args.seq_len or list(DEFAULT_TUNE_LENS), batch=args.batch,
+            progress=lambda m: print(m, flush=True), decode_batches=decode,
+            decode_len=args.decode_len, budget=args.budget, out_dir=args.out_dir,
+            backward=not args.no_backward, kernels=args.kernel)
     print()
     print(format_tune_table(rows))
     print(f"\ntuned table written to {path} ({time.perf_counter() - t0:.0f} s)")
