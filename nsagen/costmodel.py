@@ -41,6 +41,8 @@ B = sp.Symbol("B", integer=True, positive=True)
 """Batch size."""
 t = sp.Symbol("t", integer=True, nonnegative=True)
 """Query position, 0-indexed."""
+W = sp.Symbol("W", integer=True, positive=True)
+"""Ranks of a context-parallel group."""
 i = sp.Symbol("i", integer=True)
 """Compressed token index."""
 j = sp.Symbol("j", integer=True, nonnegative=True)
@@ -50,7 +52,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 INDEX_BYTES = 4   # int32 block indices
 LSE_BYTES = 4     # float32 log-sum-exp saved for the backward
 BWD_FACTOR = sp.Rational(5, 2)
-_SYMBOLS = {"T": T, "B": B, "t": t}
+_SYMBOLS = {"T": T, "B": B, "t": t, "W": W}
 
 
 # ---------------------------------------------------------------------------- index arithmetic
@@ -347,10 +349,37 @@ def slc_loop_costs(spec: Spec, target: Target) -> dict[str, float]:
     return {"query": query, "block": block}
 
 
+# ---------------------------------------------------------------------------- context parallel
+def cp_bytes(spec: Spec) -> dict[str, sp.Expr]:
+    """Bytes each of W ranks receives in one layer's training step over B sequences of T
+    tokens split zig-zag across the ranks (all-gather-KV context parallelism): the forward's
+    all-gather of k, v (the window's own k, v too; a learned compression's k_cmp, v_cmp) and
+    the backward's reduce-scatter of their gradients, both in the spec's dtype."""
+    x = _tensor_elems(spec, T)
+    kv = x["kv"]
+    if spec.learned_compression and _uses_cmp_scores(spec):
+        kv = kv + x["k_cmp"] + x["v_cmp"]
+    moved = B * (W - 1) / W * _elem(spec) * kv
+    return {"all_gather": moved, "reduce_scatter": moved}
+
+
+def cp_memory_bytes(spec: Spec) -> sp.Expr:
+    """What one layer keeps per rank between its forward and backward under all-gather-KV
+    context parallelism: its share of q, gates, o, the per-branch outputs and LSEs and the
+    block indices, and the gathered k, v and compressed k/v of the whole sequence."""
+    x = _tensor_elems(spec, T)
+    e = _elem(spec)
+    local = (x["q"] + x["gates"] + (1 + len(spec.branches)) * x["o"]) * e \
+        + LSE_BYTES * T * spec.heads_q * len(spec.branches) + INDEX_BYTES * x["idx"]
+    full = (x["kv"] + x["k_cmp"] + x["v_cmp"]) * e
+    return B * (local / W + full)
+
+
 def evaluate(expr: sp.Expr, T: int | None = None, B: int | None = None,
-             t: int | None = None) -> int | float:
-    """Substitute concrete values for T, B and t; an int when the result is integral, else a float."""
-    given = {"T": T, "B": B, "t": t}
+             t: int | None = None, W: int | None = None) -> int | float:
+    """Substitute concrete values for T, B, t and W; an int when the result is integral, else a
+    float."""
+    given = {"T": T, "B": B, "t": t, "W": W}
     subs = {_SYMBOLS[name]: sp.Integer(val) for name, val in given.items() if val is not None}
     v = sp.sympify(expr).subs(subs)
     if not v.is_number:

@@ -262,3 +262,25 @@ def test_evaluate():
     assert isinstance(S.evaluate(S.T / 2, T=3), float)
     with pytest.raises(ValueError, match="free symbols"):
         S.evaluate(S.T * S.B, T=3)
+
+
+def test_context_parallel_model():
+    """All-gather-KV context parallelism: a rank receives the (W - 1) / W of k and v it does
+    not hold (and gives back as much in the reduce-scatter); one rank moves nothing; what a
+    layer keeps per rank is its share of the query-side tensors plus the whole k and v."""
+    from nsagen import costmodel as cm
+
+    spec = nsagen.load_spec("nsa-d128")
+    T = 1 << 16
+    kv = T * spec.heads_kv * (spec.dim_qk + spec.dim_v) * 2          # bf16 k and v
+    moved = cm.cp_bytes(spec)
+    assert cm.evaluate(moved["all_gather"], T=T, B=1, W=1) == 0
+    assert cm.evaluate(moved["all_gather"], T=T, B=1, W=4) == kv * 3 // 4
+    assert cm.evaluate(moved["reduce_scatter"], T=T, B=2, W=2) == kv
+    mem = [cm.evaluate(cm.cp_memory_bytes(spec), T=T, B=1, W=w) for w in (1, 2, 8)]
+    assert mem[0] > mem[1] > mem[2] > kv
+    learned = nsagen.load_spec("nsa-paper")
+    nc = learned.num_cmp(T)
+    extra = nc * learned.heads_kv * (learned.dim_qk + learned.dim_v) * 2
+    kv_p = T * learned.heads_kv * (learned.dim_qk + learned.dim_v) * 2
+    assert cm.evaluate(cm.cp_bytes(learned)["all_gather"], T=T, B=1, W=2) == (kv_p + extra) // 2
