@@ -317,8 +317,8 @@ class DecodeCache:
     def decode(self, q: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
                gates: torch.Tensor | None = None, k_cmp_t: torch.Tensor | None = None,
                v_cmp_t: torch.Tensor | None = None, k_win_t: torch.Tensor | None = None,
-               v_win_t: torch.Tensor | None = None,
-               q_cmp: torch.Tensor | None = None) -> torch.Tensor:
+               v_win_t: torch.Tensor | None = None, q_cmp: torch.Tensor | None = None,
+               return_indices: bool = False):
         """Append the new token's k, v, then attend with its q (and q_cmp, the compressed
         branch's query, default q): one decoding step. Every argument is checked first, so a
         refused call leaves the cache as it was.
@@ -328,14 +328,16 @@ class DecodeCache:
         k_cmp_t, v_cmp_t [B, S, H, D], entry s being the compressed token that new token s
         completes, if it completes one). The S tokens are appended in order and the S queries
         attend at once, token s to the cache and new tokens 0..s: o [B, S, HQ, Dv], equal to the
-        prefill's rows."""
+        prefill's rows. `return_indices` also returns the selected blocks ([B, H, n], or
+        [B, S, H, n])."""
         if isinstance(q, torch.Tensor) and q.dim() == 4:
-            return self._decode_tokens(q, k_t, v_t, gates, k_cmp_t, v_cmp_t, k_win_t, v_win_t,
-                                       q_cmp)
+            o, idx = self._decode_tokens(q, k_t, v_t, gates, k_cmp_t, v_cmp_t, k_win_t, v_win_t,
+                                         q_cmp)
+            return (o, idx) if return_indices else o
         self._check_token(k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t)
         self._check_query(q, gates, q_cmp)
         self._append(k_t, v_t, k_cmp_t, v_cmp_t, k_win_t, v_win_t)
-        return self._step(q, gates, q_cmp=q_cmp)
+        return self._step(q, gates, return_indices, q_cmp)
 
     def _decode_tokens(self, q, k_t, v_t, gates, k_cmp_t, v_cmp_t, k_win_t, v_win_t, q_cmp=None):
         """decode() with S new tokens per sequence (q [B, S, HQ, Dk])."""
@@ -367,7 +369,8 @@ class DecodeCache:
     def _attend_tokens(self, q, gates, q_cmp=None):
         """The S newest tokens of every sequence attend at once: query (b, s) is a row of its
         own over sequence b's cache rows, with length lens[b] - S + s + 1 (the decode kernels
-        read the cache as one page per sequence)."""
+        read the cache as one page per sequence). Returns (o [B, S, HQ, Dv], the selected
+        blocks [B, S, H, n])."""
         spec, B, S, L = self.spec, self.batch, q.shape[1], self.max_len
         dev = q.device
         lens = (self.lens[:, None] - S + 1
@@ -381,10 +384,11 @@ class DecodeCache:
             rows = torch.arange(B, device=dev).repeat_interleave(S)
             k, v, kc, vc, kw, vw = (None if t is None else t[rows] for t in caches)
             uses_cmp = spec.has("cmp") or spec.has("slc")
-            o = reference.nsa_decode_step(qv, k, v, gv, spec, kc if uses_cmp else None,
-                                          vc if uses_cmp else None, cache_seqlens=lens,
-                                          k_win=kw, v_win=vw, q_cmp=qcv)
-            return o.view(B, S, *o.shape[1:])
+            o, idx = reference.nsa_decode_step(qv, k, v, gv, spec, kc if uses_cmp else None,
+                                               vc if uses_cmp else None, cache_seqlens=lens,
+                                               return_indices=True, k_win=kw, v_win=vw,
+                                               q_cmp=qcv)
+            return o.view(B, S, *o.shape[1:]), idx.view(B, S, *idx.shape[1:])
         if S not in self._multi:
             target = current(dev if dev.type == "cuda" else None)
             splits = decode_splits(spec, B * S, L, target)
@@ -400,11 +404,14 @@ class DecodeCache:
         k, v, kc, vc, kw, vw = (None if t is None else mod.pool_view(t, B * S) for t in caches)
         pages = mod.decode_pages(table, table, L, self.k_cmp.shape[1])
         with direct_launches():
-            o, _ = mod.decode_step(qv.contiguous(), None if gv is None else gv.contiguous(), k,
-                                   v, kc, vc, lens, splits, work, kw, vw,
-                                   configs=self._launch_configs(), pages=pages,
-                                   q_cmp=None if qcv is None else qcv.contiguous())
-        return o.to(dtype).view(B, S, *o.shape[1:])
+            o, idx = mod.decode_step(qv.contiguous(), None if gv is None else gv.contiguous(), k,
+                                     v, kc, vc, lens, splits, work, kw, vw,
+                                     configs=self._launch_configs(), pages=pages,
+                                     q_cmp=None if qcv is None else qcv.contiguous())
+        if idx is None:
+            idx = torch.full((B * S, spec.heads_kv, spec.slc_count), -1, dtype=torch.int32,
+                             device=dev)
+        return o.to(dtype).view(B, S, *o.shape[1:]), idx.view(B, S, *idx.shape[1:])
 
 
 def _describe(t) -> str:

@@ -333,8 +333,8 @@ def _tokens_vs_prefill(spec, prompt_lens, T, chunks, dtype=torch.float32, seed=0
     def d(t):
         return None if t is None else t.double()
 
-    ref = nsagen.reference.nsa(d(q), d(k), d(v), d(gates), spec, d(kc_all), d(vc_all),
-                               k_win=d(kw), v_win=d(vw))
+    ref, ref_idx = nsagen.reference.nsa(d(q), d(k), d(v), d(gates), spec, d(kc_all), d(vc_all),
+                                        k_win=d(kw), v_win=d(vw), return_indices=True)
     if configs is not None:
         configs = {n: c for n, c in configs.items() if n in op.module.DECODE_CONFIGS}
     cache = DecodeCache(op, B, T, device="cpu", dtype=dtype, configs=configs)
@@ -354,8 +354,11 @@ def _tokens_vs_prefill(spec, prompt_lens, T, chunks, dtype=torch.float32, seed=0
             extra = dict(k_cmp_t=kc_all[rows[:, None], i], v_cmp_t=vc_all[rows[:, None], i])
         if kw is not None:
             extra.update(k_win_t=pick(kw), v_win_t=pick(vw))
-        o = cache.decode(pick(q), pick(k), pick(v), pick(gates), **extra)
+        o, idx = cache.decode(pick(q), pick(k), pick(v), pick(gates), return_indices=True,
+                              **extra)
         assert o.shape == (B, S, spec.heads_q, spec.dim_v)
+        if spec.has("slc") and dtype == torch.float32:    # the reference's own blocks
+            assert torch.equal(idx, ref_idx[rows[:, None], t]), S
         err = rel_err(o, ref[rows[:, None], t])
         assert err < TOL.get(dtype, 1e-4), (S, err)
         pos = pos + S

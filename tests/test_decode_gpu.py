@@ -286,8 +286,8 @@ def test_paged_decode_equals_the_contiguous_cache_and_replays_in_a_graph():
 
 
 def test_several_tokens_per_step_bf16():
-    """Four draft tokens per sequence over a 5000-token cache: each equals its row of the
-    reference on the blocks the kernels chose."""
+    """Four draft tokens per sequence over a 5000-token cache: each one's picks score like the
+    reference's, and its output is the reference's on them."""
     spec = nsagen.load_spec("nsa-d128")
     op = nsagen.build(spec)
     B, T, S = 2, 5000, 4
@@ -301,12 +301,11 @@ def test_several_tokens_per_step_bf16():
     cache.prefill(k[:, :4093], v[:, :4093], torch.tensor(prompt, dtype=torch.int32, device="cuda"))
     rows = torch.arange(B, device="cuda")[:, None]
     t = torch.tensor(prompt, device="cuda")[:, None] + torch.arange(S, device="cuda")
-    o = cache.decode(q[rows, t], k[rows, t], v[rows, t], gates[rows, t])
+    o, idx = cache.decode(q[rows, t], k[rows, t], v[rows, t], gates[rows, t],
+                          return_indices=True)
     assert o.shape == (B, S, spec.heads_q, spec.dim_v)
     for b in range(B):
         for s in range(S):
             p = int(t[b, s])
-            want, _, _ = _ref_row(spec, q[b, p], k[b], v[b], gates[b, p], p)
-            # bf16 picks may differ from the reference's on near-ties: compare loosely here;
-            # the selection itself is checked by score in the one-token tests
-            assert rel_err(o[b, s], want) < 5e-2, (b, s, rel_err(o[b, s], want))
+            # the picks score like the reference's; the output is the reference's on them
+            _check_step(spec, o[b, s], idx[b, s], q[b, p], k[b], v[b], gates[b, p], p)

@@ -123,17 +123,19 @@ def _attention_launch(spec: DSASpec, flags: dict) -> dict:
 
 # ---------------------------------------------------------------------------- dsa_attention_bwd
 def _attention_bwd_default(spec: DSASpec, target: Target, why: list) -> dict:
-    bh = head_rows(spec)
+    wide = spec.dim_qk + spec.dim_v > 512
+    bh = min(head_rows(spec), 32) if wide else head_rows(spec)
+    fewer = ", fewer than the forward: a wide head keeps dq and dO on chip" if wide else ""
     why.append(f"dsa_attention_bwd: the forward's programs again (token x KV head x {bh} "
-               "heads); dq in registers, dK and dV of each step's gathered keys added "
-               "atomically into fp32 buffers")
-    return dict(BK=32 if spec.dim_qk + spec.dim_v <= 512 else 16, num_warps=4 if bh <= 16 else 8,
-                num_stages=1)
+               f"heads{fewer}); dq in registers, dK and dV of each step's gathered keys added "
+               f"atomically into fp32 buffers")
+    return dict(BH=bh, BK=16 if wide else 32, num_warps=4 if bh <= 16 else 8, num_stages=1)
 
 
 def _attention_bwd_space(spec: DSASpec, default: dict, target: Target, smem: int):
-    return [dict(default, BK=bk, num_warps=nw, num_stages=ns)
-            for bk, nw, ns in itertools.product([16, 32, 64], [4, 8], [1, 2])], []
+    rows = [b for b in (16, 32, 64) if b <= head_rows(spec)]
+    return [dict(default, BH=bh, BK=bk, num_warps=nw, num_stages=ns)
+            for bh, bk, nw, ns in itertools.product(rows, [16, 32, 64], [4, 8], [1, 2])], []
 
 
 def _attention_bwd_launch(spec: DSASpec, flags: dict) -> dict:
@@ -145,9 +147,9 @@ def _attention_bwd_launch(spec: DSASpec, flags: dict) -> dict:
         strides("idx", "it"), strides("do", "ot", "oh"), strides("dq", "dqt", "dqh"),
         strides("dk", "dkt", "dkh"), strides("dv", "dvt", "dvh"),
         consts(qk_scale="QK_SCALE", sm_scale="SM_SCALE", H="H_KV", G="GROUP"),
-        values(BH=head_rows(spec), DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
+        values(DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
                BDV=triton.next_power_of_2(spec.dim_v), K=spec.topk),
-        consts(PREC="prec"), cfg("BK"), options=WARPS_STAGES))
+        consts(PREC="prec"), cfg("BH", "BK"), options=WARPS_STAGES))
 
 
 # ---------------------------------------------------------------------------- dsa_indexer_loss
