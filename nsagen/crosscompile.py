@@ -5,9 +5,13 @@ instead of executed (nothing is computed); each distinct launch is then compiled
 Triton for the target (its bundled ptxas included). This checks, before any GPU time is spent,
 that every kernel a spec generates compiles with the configs it launches with, on this Triton.
 Needs Triton's NVIDIA backend and a process where TRITON_INTERPRET is off.
+
+The same recorded launches also go through torch's analysis of which tensors each kernel
+writes (`written_tensors`), which torch.library and torch.compile trust.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +21,11 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+try:   # torch's analysis of what a Triton kernel writes (torch.library's triton ops use it)
+    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+except ImportError:    # older torch
+    identify_accessed_tensors = None
 
 from .ir.passes import decode_splits
 from .layout import build_layout
@@ -193,4 +202,39 @@ def compile_for(op, arch: int = 90, seq_len: int = 300, dtype=torch.bfloat16,
         for done in pool.map(one, launches):    # in launch order, as they finish
             progress(f"  {done.kernel}: {done.seconds:.1f} s")
             out.append(done)
+    return out
+
+
+@contextlib.contextmanager
+def _reporting(target: GPUTarget):
+    """Triton's active driver reports `target` while inside (torch's analysis asks it for the
+    target to build TTIR for); the real driver is restored after."""
+    class _TargetOnly:
+        def get_current_target(self):
+            return target
+
+    config = triton.runtime.driver
+    before = config._active         # None on a machine without a GPU: reset_active would fail
+    config.set_active(_TargetOnly())
+    try:
+        yield
+    finally:
+        config._active = before
+
+
+def written_tensors(op, arch: int = 90, seq_len: int = 200) -> dict[str, set[str]]:
+    """The pointer arguments each recorded kernel of `op` writes, by torch's TTIR analysis.
+    torch.library's triton ops functionalize by it: a kernel said to write an input it only
+    reads makes that input look mutated, and opcheck and torch.compile(fullgraph=True) fail.
+    The analysis follows a store's address back through helper calls (loads in the kernel
+    body stop it), so an index computed inside a helper that loads counts the loaded tensor."""
+    if identify_accessed_tensors is None:
+        raise RuntimeError("this torch has no identify_accessed_tensors (torch >= 2.10 does)")
+    out: dict[str, set[str]] = {}
+    with _reporting(GPUTarget("cuda", arch, 32)):
+        for fn, args, kwargs in record_launches(op, seq_len):
+            named = dict(zip(fn.arg_names, args))
+            named.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+            found = identify_accessed_tensors(fn, named, {})
+            out.setdefault(fn.__name__, set()).update(d.name for d in found.read_writes.writes)
     return out

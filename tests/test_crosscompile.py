@@ -2,6 +2,7 @@
 Triton, on a machine without a GPU: `nsagen build SPEC --arch 90` records the launches of a
 forward, a backward and a decode step (DSA: forward and backward) and compiles each variant
 (ptxas included)."""
+import json
 import os
 import subprocess
 import sys
@@ -44,3 +45,32 @@ def test_refuses_to_cross_compile_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         record_launches(op)
+
+
+_WRITES = """
+import json, nsagen
+from nsagen.crosscompile import written_tensors
+op = nsagen.build(nsagen.load_spec({name!r}))
+print(json.dumps({{k: sorted(v) for k, v in written_tensors(op).items()}}))
+"""
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="Triton without its NVIDIA backend")
+@pytest.mark.parametrize("name", ["dsa-v32", "dsa-v32-fp8"])
+def test_dsa_kernels_write_only_their_outputs(name):
+    """torch's analysis (what torch.library's triton ops functionalize by) finds each DSA
+    kernel writing exactly its outputs: an input counted as written would look mutated, and
+    opcheck and torch.compile(fullgraph=True) fail on the op."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _WRITES.format(name=name)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    writes = json.loads(run.stdout.strip().splitlines()[-1])
+    assert writes == {
+        "dsa_indexer": ["score_ptr"],
+        "dsa_topk": ["idx_ptr"],
+        "dsa_attention": ["lse_ptr", "o_ptr"],
+        "dsa_attention_bwd": ["dk_ptr", "dq_ptr", "dv_ptr"],
+        "dsa_indexer_loss_fwd": ["loss_ptr", "saved_ptr"],
+        "dsa_indexer_loss_bwd": ["dki_ptr", "dqi_ptr", "dw_ptr"],
+    }

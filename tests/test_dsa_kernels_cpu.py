@@ -57,17 +57,19 @@ def test_wide_keys_split_in_two_tiles():
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("bk,kb", [(16, 1), (16, 2), (32, 16)])
-def test_indexer_key_blocks_per_program(bk, kb, fp8):
+@pytest.mark.parametrize("bk,kb,krows", [(16, 1, 0), (16, 2, 1), (32, 16, 0), (32, 4, 1)])
+def test_indexer_key_blocks_per_program(bk, kb, krows, fp8):
     """Programs of KB blocks of BK keys: a block past the tile's last token is skipped, a
-    program's last blocks run short; scores and picks unchanged (bf16 and FP8 keys)."""
+    program's last blocks run short; scores and picks unchanged (bf16 and FP8 keys), with the
+    keys as the product's columns or as its rows (KROWS)."""
     spec = spec_of(kv=2, topk=8)
     if fp8:
         spec = spec.replace(key_dtype="float8_e4m3")
     op = nsagen.build(spec)
     lens = [45, 3, 20]
     x, _ = dsa_inputs(spec, lens, torch.float32, "cpu", seed=bk + kb)
-    op.configs = {"dsa_indexer": dict(op.module.CONFIGS["dsa_indexer"], BK=bk, KB=kb)}
+    op.configs = {"dsa_indexer": dict(op.module.CONFIGS["dsa_indexer"], BK=bk, KB=kb,
+                                      KROWS=krows)}
     try:
         check_forward(op, x, lens, torch.float32)
     finally:

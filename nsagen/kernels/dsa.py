@@ -38,20 +38,25 @@ def head_rows(spec: DSASpec) -> int:
 def _indexer_default(spec: DSASpec, target: Target, why: list) -> dict:
     hip = index_rows(spec)
     bt = max(1, 128 // hip)
-    kb = 8
-    why.append(f"dsa_indexer tile: {bt} token(s) x {hip} indexer heads = {bt * hip} rows, loaded "
-               f"{'and quantized to FP8 ' if spec.fp8_keys else ''}once, against {kb} blocks of "
-               f"64 keys; the ReLU, the head weights and the head sum are applied in registers, "
-               f"so only [tokens, keys] scores are written (one chunk of query tiles at a time)")
-    return dict(BT=bt, BK=64, KB=kb, num_warps=4, num_stages=2)
+    kb = 64 if spec.fp8_keys else 16
+    why.append(f"dsa_indexer tile: {bt} token(s) x {hip} indexer heads = {bt * hip} query rows, "
+               f"loaded {'and quantized to FP8 ' if spec.fp8_keys else ''}once for {kb} blocks of "
+               f"128 keys (fewer blocks would repeat that prologue more often); the "
+               f"keys are the product's rows and the heads its columns, so the ReLU, the head "
+               f"weights and the head sum stay within threads (with heads as rows the sum would "
+               f"cross warps through shared memory), and only [tokens, keys] scores are written "
+               f"(one chunk of query tiles at a time)")
+    # FP8 ran best with one warpgroup and 4 stages, bf16 with two and 2 (results/h200/dsa-sweep.md)
+    return dict(BT=bt, BK=128, KB=kb, KROWS=1, num_warps=4 if spec.fp8_keys else 8,
+                num_stages=4 if spec.fp8_keys else 2)
 
 
 def _indexer_space(spec: DSASpec, default: dict, target: Target, smem: int):
     hip = index_rows(spec)
-    return [dict(default, BT=bt, BK=bk, KB=kb, num_warps=nw, num_stages=ns)
-            for bt, bk, kb, nw, ns in itertools.product(
-                sorted({max(1, 64 // hip), max(1, 128 // hip)}), [32, 64, 128], [1, 4, 16],
-                [4, 8], [2, 3])], []
+    return [dict(default, BT=bt, BK=bk, KB=kb, KROWS=kr, num_warps=nw, num_stages=ns)
+            for bt, bk, kb, kr, nw, ns in itertools.product(
+                sorted({max(1, 64 // hip), max(1, 128 // hip), max(1, 256 // hip)}),
+                [64, 128], [16, 64], [0, 1], [4, 8], [2, 3, 4])], []
 
 
 def _indexer_launch(spec: DSASpec, flags: dict) -> dict:
@@ -64,23 +69,26 @@ def _indexer_launch(spec: DSASpec, flags: dict) -> dict:
         strides("w_idx", "wt"), strides("score", "sr"),
         values(HI=spec.indexer_heads, HIP=index_rows(spec), DI=spec.indexer_dim, BDI=bdi,
                FP8=spec.fp8_keys),
-        consts(PREC="prec"), cfg("BT", "BK", "KB"), options=WARPS_STAGES))
+        consts(PREC="prec"), cfg("BT", "BK", "KB", "KROWS"), options=WARPS_STAGES))
 
 
 # ---------------------------------------------------------------------------- dsa_topk
 def _topk_default(spec: DSASpec, target: Target, why: list) -> dict:
-    rb = 11
+    # 8-bit digits: 11 bits ran 4x slower on the H200, and 6-bit digits hit an illegal address
+    # there (Triton 3.6, not yet understood), so the space starts at 8
+    rb = 8
     why.append(f"dsa_topk: one program per token finds the {spec.topk}-th largest score by a "
-               f"radix select ({-(-32 // rb)} histogram passes of {rb}-bit digits over the "
-               f"row), then keeps, in position order, the scores above it and the first ones "
-               f"equal to it (ties to the lower position): the picks come out ascending, "
-               f"with no sort")
-    return dict(RB=rb, CH=2048, num_warps=8)
+               f"radix select (at most {-(-32 // rb)} histogram passes of {rb}-bit digits over "
+               f"the row, stopping once every key sharing the digits found is needed; a "
+               f"histogram's cost per score grows with its bins, so digits stay narrow), then "
+               f"keeps, in position order, the scores above it and the first ones equal to it "
+               f"(ties to the lower position): the picks come out ascending, with no sort")
+    return dict(RB=rb, CH=1024, num_warps=4)
 
 
 def _topk_space(spec: DSASpec, default: dict, target: Target, smem: int):
     return [dict(default, RB=rb, CH=ch, num_warps=nw)
-            for rb, ch, nw in itertools.product((8, 11), (1024, 2048, 4096), (4, 8, 16))], []
+            for rb, ch, nw in itertools.product((8, 11), (1024, 2048, 4096), (4, 8))], []
 
 
 def _topk_launch(spec: DSASpec, flags: dict) -> dict:
