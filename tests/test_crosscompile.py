@@ -69,6 +69,8 @@ def test_dsa_kernels_write_only_their_outputs(name):
     assert writes == {
         "dsa_indexer": ["score_ptr"],
         "dsa_topk": ["idx_ptr"],
+        "dsa_topk_hist": ["hist_ptr"],
+        "dsa_topk_select": ["cnt_ptr", "idx_ptr"],
         "dsa_attention": ["lse_ptr", "o_ptr"],
         "dsa_attention_bwd": ["dk_ptr", "dq_ptr", "dv_ptr"],
         "dsa_indexer_loss_fwd": ["loss_ptr", "saved_ptr"],

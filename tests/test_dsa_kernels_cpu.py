@@ -69,21 +69,25 @@ def test_indexer_key_blocks_per_program(bk, kb, krows, fp8):
     lens = [45, 3, 20]
     x, _ = dsa_inputs(spec, lens, torch.float32, "cpu", seed=bk + kb)
     op.configs = {"dsa_indexer": dict(op.module.CONFIGS["dsa_indexer"], BK=bk, KB=kb,
-                                      KROWS=krows)}
+                                      KROWS=krows, SMS=0)}
     try:
         check_forward(op, x, lens, torch.float32)
     finally:
         op.configs = {}
 
 
-@pytest.mark.parametrize("rb,ch,T", [(11, 2048, 33), (8, 16, 90), (5, 64, 70)])
-def test_ties_go_to_the_lower_position(rb, ch, T):
+@pytest.mark.parametrize("rb,ch,T,seg", [(11, 2048, 33, 0), (8, 16, 90, 0), (5, 64, 70, 0),
+                                         (8, 16, 90, 16), (11, 16, 77, 32), (5, 16, 70, 16)])
+def test_ties_go_to_the_lower_position(rb, ch, T, seg):
     """Integer inputs make many scores equal (zeros from the ReLU, negative and positive
     ties): the picks must be the reference's exactly, with radix digits of several widths
-    (the last one narrower) and rows read in several steps."""
+    (the last one narrower) and rows read in several steps; and with rows split in segments
+    of `seg` scores across programs (the decode path), a segment's picks placed after the
+    earlier segments'."""
     spec = spec_of(topk=8)
     op = nsagen.build(spec)
-    op.configs = {"dsa_topk": dict(op.module.CONFIGS["dsa_topk"], RB=rb, CH=ch)}
+    split = dict(SEG=seg, SPLIT_BELOW=1 << 20) if seg else dict(SPLIT_BELOW=0)
+    op.configs = {"dsa_topk": dict(op.module.CONFIGS["dsa_topk"], RB=rb, CH=ch, **split)}
     g = torch.Generator().manual_seed(rb)
     r = lambda *s: torch.randint(-1, 2, s, generator=g).float()  # noqa: E731
     x = dict(q=torch.randn(1, T, 4, 24, generator=g), k=torch.randn(1, T, 1, 24, generator=g),

@@ -45,10 +45,11 @@ def _indexer_default(spec: DSASpec, target: Target, why: list) -> dict:
                f"keys are the product's rows and the heads its columns, so the ReLU, the head "
                f"weights and the head sum stay within threads (with heads as rows the sum would "
                f"cross warps through shared memory), and only [tokens, keys] scores are written "
-               f"(one chunk of query tiles at a time)")
+               f"(one chunk of query tiles at a time); a grid under two programs per SM (a "
+               f"decode step) takes fewer key blocks per program")
     # FP8 ran best with one warpgroup and 4 stages, bf16 with two and 2 (results/h200/dsa-sweep.md)
     return dict(BT=bt, BK=128, KB=kb, KROWS=1, num_warps=4 if spec.fp8_keys else 8,
-                num_stages=4 if spec.fp8_keys else 2)
+                num_stages=4 if spec.fp8_keys else 2, SMS=target.sm_count)
 
 
 def _indexer_space(spec: DSASpec, default: dict, target: Target, smem: int):
@@ -69,7 +70,7 @@ def _indexer_launch(spec: DSASpec, flags: dict) -> dict:
         strides("w_idx", "wt"), strides("score", "sr"),
         values(HI=spec.indexer_heads, HIP=index_rows(spec), DI=spec.indexer_dim, BDI=bdi,
                FP8=spec.fp8_keys),
-        consts(PREC="prec"), cfg("BT", "BK", "KB", "KROWS"), options=WARPS_STAGES))
+        consts(PREC="prec", KB="kb"), cfg("BT", "BK", "KROWS"), options=WARPS_STAGES))
 
 
 # ---------------------------------------------------------------------------- dsa_topk
@@ -83,7 +84,10 @@ def _topk_default(spec: DSASpec, target: Target, why: list) -> dict:
                f"histogram's cost per score grows with its bins, so digits stay narrow), then "
                f"keeps, in position order, the scores above it and the first ones equal to it "
                f"(ties to the lower position): the picks come out ascending, with no sort")
-    return dict(RB=rb, CH=1024, num_warps=4)
+    why.append(f"dsa_topk: fewer than {target.sm_count} rows (a decode step) over rows longer "
+               f"than 2 x 4096 scores: each row is split in segments of 4096 scores, one program "
+               f"each, every radix pass its own launch")
+    return dict(RB=rb, CH=1024, num_warps=4, SEG=4096, SPLIT_BELOW=target.sm_count)
 
 
 def _topk_space(spec: DSASpec, default: dict, target: Target, smem: int):
@@ -92,10 +96,19 @@ def _topk_space(spec: DSASpec, default: dict, target: Target, smem: int):
 
 
 def _topk_launch(spec: DSASpec, flags: dict) -> dict:
-    return dict(main=signature(
-        ptrs("score", "idx", "tile_tok", "tile_len", "tok_pos=lay.tok_pos"),
-        scalars("tile0"), strides("score", "sr"), strides("idx", "it"),
-        values(K=spec.topk), consts(BT="bt"), cfg("RB", "CH"), options=WARPS))
+    rows = ("tile_tok", "tile_len", "tok_pos=lay.tok_pos")
+    split = (scalars("tile0", "seg"), strides("score", "sr"))
+    return dict(
+        main=signature(ptrs("score", "idx", *rows), scalars("tile0"), strides("score", "sr"),
+                       strides("idx", "it"), values(K=spec.topk), consts(BT="bt"),
+                       cfg("RB", "CH"), options=WARPS),
+        hist=signature(ptrs("score", "hist", *rows), *split, values(K=spec.topk),
+                       consts(BT="bt", LEVELS="levels", LVL="lvl"), cfg("RB", "CH"),
+                       options=WARPS),
+        select=signature(ptrs("score", "idx", "hist", "cnt", *rows), *split,
+                         strides("idx", "it"), values(K=spec.topk),
+                         consts(BT="bt", LEVELS="levels", MAXP="TOPK_MAXP", EMIT="emit"),
+                         cfg("RB", "CH"), options=WARPS))
 
 
 # ---------------------------------------------------------------------------- dsa_attention
