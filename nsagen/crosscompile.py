@@ -134,8 +134,10 @@ def _record_dsa(op, seq_len: int, dtype: torch.dtype, cfg: dict) -> None:
     qi, ki, wi = (r(n, spec.indexer_heads, spec.indexer_dim), r(n, spec.indexer_dim),
                   r(n, spec.indexer_heads))
     o, idx, lse = op.module.forward(q, k, vv, qi, ki, wi, lay, configs=cfg)
-    # a decode step's top-k splits its few rows across programs: short segments force it here
-    split = dict(cfg, dsa_topk=dict(cfg["dsa_topk"], SEG=32, SPLIT_BELOW=1 << 30))
+    # a decode step splits its few rows (top-k) and its picks (attention) across programs:
+    # short segments and an unreachable program count force both here
+    split = dict(cfg, dsa_topk=dict(cfg["dsa_topk"], SEG=32, SPLIT_BELOW=1 << 30),
+                 dsa_attention=dict(cfg["dsa_attention"], SMS=1 << 30))
     op.module.forward(q, k, vv, qi, ki, wi, lay, configs=split)
     op.module.backward(torch.randn_like(o), q, k, v, idx, o, lse, lay, configs=cfg)
     for dense in (False, True):

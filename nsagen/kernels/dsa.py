@@ -11,8 +11,8 @@ import triton
 from ..dsa_spec import DSASpec
 from ..target import Target
 from .base import KernelDef
-from .signature import (WARPS, WARPS_STAGES, cfg, consts, ptrs, scalars, signature, strides,
-                        values)
+from .signature import (WARPS, WARPS_STAGES, cfg, consts, options, ptrs, scalars, signature,
+                        strides, values)
 
 
 def dim_split(d: int) -> tuple[int, int]:
@@ -121,7 +121,9 @@ def _attention_default(spec: DSASpec, target: Target, why: list) -> dict:
                f"selected keys are gathered {bk} at a time and shared by the block's heads; "
                f"the {spec.dim_qk}-wide key is read as {dka}" + (f" + {dkb}" if dkb else "")
                + " columns")
-    return dict(BK=bk, num_warps=4 if bh <= 16 else 8, num_stages=2)
+    why.append("dsa_attention: under two programs per SM (a decode step), each token's picks "
+               "are split in up to 16 runs, one program each, and the partials combined")
+    return dict(BK=bk, num_warps=4 if bh <= 16 else 8, num_stages=2, SMS=target.sm_count)
 
 
 def _attention_space(spec: DSASpec, default: dict, target: Target, smem: int):
@@ -131,15 +133,21 @@ def _attention_space(spec: DSASpec, default: dict, target: Target, smem: int):
 
 def _attention_launch(spec: DSASpec, flags: dict) -> dict:
     dka, dkb = dim_split(spec.dim_qk)
-    return dict(main=signature(
-        ptrs("q", "k", "v", "idx", "o", "lse", "tok_pos=lay.tok_pos",
-             "tok_kbase=lay.tok_kbase"),
-        strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
-        strides("idx", "it"), strides("o", "ot", "oh"),
-        consts(qk_scale="QK_SCALE", H="H_KV", G="GROUP"),
-        values(BH=head_rows(spec), DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
-               BDV=triton.next_power_of_2(spec.dim_v), K=spec.topk),
-        consts(PREC="prec", DENSE="dense"), cfg("BK"), options=WARPS_STAGES))
+    bdv = triton.next_power_of_2(spec.dim_v)
+    return dict(
+        main=signature(
+            ptrs("q", "k", "v", "idx", "o", "lse", "po", "plse", "tok_pos=lay.tok_pos",
+                 "tok_kbase=lay.tok_kbase"),
+            strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
+            strides("idx", "it"), strides("o", "ot", "oh"),
+            consts(qk_scale="QK_SCALE", H="H_KV", G="GROUP"),
+            values(BH=head_rows(spec), DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
+                   BDV=bdv, K=spec.topk),
+            consts(PREC="prec", DENSE="dense", NS="ns"), cfg("BK"), options=WARPS_STAGES),
+        combine=signature(
+            ptrs("po", "plse", "o", "lse"), strides("o", "ot", "oh"),
+            consts(H="H_KV", G="GROUP", NS="ns"), values(BH=16, DV=spec.dim_v, BDV=bdv),
+            options=options(num_warps="4")))
 
 
 # ---------------------------------------------------------------------------- dsa_attention_bwd
