@@ -121,8 +121,9 @@ def _attention_default(spec: DSASpec, target: Target, why: list) -> dict:
                f"selected keys are gathered {bk} at a time and shared by the block's heads; "
                f"the {spec.dim_qk}-wide key is read as {dka}" + (f" + {dkb}" if dkb else "")
                + " columns")
-    why.append("dsa_attention: under two programs per SM (a decode step), each token's picks "
-               "are split in up to 16 runs, one program each, and the partials combined")
+    why.append("dsa_attention: with fewer programs than SMs (a decode step), each token's "
+               "picks are split in up to 16 runs, one program each, until there is one per SM; "
+               "the partials are combined 4 heads per program")
     return dict(BK=bk, num_warps=4 if bh <= 16 else 8, num_stages=2, SMS=target.sm_count)
 
 
@@ -146,7 +147,7 @@ def _attention_launch(spec: DSASpec, flags: dict) -> dict:
             consts(PREC="prec", DENSE="dense", NS="ns"), cfg("BK"), options=WARPS_STAGES),
         combine=signature(
             ptrs("po", "plse", "o", "lse"), strides("o", "ot", "oh"),
-            consts(H="H_KV", G="GROUP", NS="ns"), values(BH=16, DV=spec.dim_v, BDV=bdv),
+            consts(H="H_KV", G="GROUP", NS="ns"), values(BH=4, DV=spec.dim_v, BDV=bdv),
             options=options(num_warps="4")))
 
 
