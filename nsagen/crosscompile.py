@@ -118,9 +118,9 @@ def _distinct(calls: list) -> list[tuple]:
 
 
 def _record_dsa(op, seq_len: int, dtype: torch.dtype, cfg: dict) -> None:
-    """A DSA forward and backward and the indexer loss's on random packed CPU tensors (launches
-    recorded, nothing computed; v read from k's first columns when Dv <= Dk, as MLA's layers
-    call it)."""
+    """A DSA forward and backward, a decode cache's append and the indexer loss's forward and
+    backward on random packed CPU tensors (launches recorded, nothing computed; v read from k's
+    first columns when Dv <= Dk, as MLA's layers call it)."""
     spec = op.spec
     n = seq_len
 
@@ -140,6 +140,10 @@ def _record_dsa(op, seq_len: int, dtype: torch.dtype, cfg: dict) -> None:
                  dsa_attention=dict(cfg["dsa_attention"], SMS=1 << 30))
     op.module.forward(q, k, vv, qi, ki, wi, lay, configs=split)
     op.module.backward(torch.randn_like(o), q, k, v, idx, o, lse, lay, configs=cfg)
+    cache = op.new_cache(2, 64, device="cpu", dtype=dtype)     # a decode step's append
+    cache.append(r(2, spec.heads_kv, spec.dim_qk),
+                 None if cache.v is None else r(2, spec.heads_kv, spec.dim_v),
+                 r(2, spec.indexer_dim))
     for dense in (False, True):
         if dense:
             lse = op.module.dense_lse(q, k, lay, configs=cfg)

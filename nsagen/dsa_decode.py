@@ -115,13 +115,15 @@ class DSACache:
         if (v_t is None) != (self.v is None):
             raise ValueError("v_t: " + ("this cache holds values; give v_t" if v_t is None else
                                         "this cache reads v from k (with_values=False); pass None"))
-        rows = torch.arange(self.batch, device=self.lens.device)
-        at = self.lens.long().clamp(max=self.max_len - 1)
-        self.k[rows, at] = k_t.to(self.k.dtype)
-        if self.v is not None:
-            self.v[rows, at] = v_t.to(self.v.dtype)
-        self._write_keys((rows, at), k_idx_t)
-        self.lens += 1
+        n, spec = self.batch * self.max_len, self.spec      # the kernel sees rows [B * L, ...]
+        v = None if self.v is None else self.v.view(n, spec.heads_kv, spec.dim_v)
+        k_scale = None if self.k_idx_scale is None else self.k_idx_scale.view(n)
+        with torch.no_grad(), direct_launches():
+            self.op.module.launch_dsa_append(
+                k_t.contiguous(), None if v_t is None else v_t.contiguous(),
+                k_idx_t.contiguous(), self.k.view(n, spec.heads_kv, spec.dim_qk), v,
+                self.k_idx.view(n, spec.indexer_dim), k_scale, self.lens,
+                self.op.module.CONFIGS["dsa_append"])
 
     def step(self, q: torch.Tensor, q_idx: torch.Tensor, w_idx: torch.Tensor,
              return_indices: bool = False):

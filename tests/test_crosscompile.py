@@ -76,4 +76,6 @@ def test_dsa_kernels_write_only_their_outputs(name):
         "dsa_attention_bwd": ["dk_ptr", "dq_ptr", "dv_ptr"],
         "dsa_indexer_loss_fwd": ["loss_ptr", "saved_ptr"],
         "dsa_indexer_loss_bwd": ["dki_ptr", "dqi_ptr", "dw_ptr"],
+        "dsa_append": ["k_ptr", "ki_ptr"] + (["ks_ptr"] if "fp8" in name else [])
+        + ["lens_ptr", "v_ptr"],
     }

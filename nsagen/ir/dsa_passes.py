@@ -41,6 +41,9 @@ def lower_dsa(spec: DSASpec, target: Target | None = None) -> Plan:
         kernels.append(KernelPlan(name, KERNELS[name].template, (node,), params=params,
                                   config=KERNELS[name].default(spec, target, why)))
         g.nodes[node]["kernel"] = name
+    # decoding appends each step's token with a kernel of its own (nsagen.dsa_decode)
+    kernels.append(KernelPlan("dsa_append", KERNELS["dsa_append"].template, (),
+                              config=KERNELS["dsa_append"].default(spec, target, why)))
     why.during("backward")
     why.append("backward: sparse_attn only (the selection is not differentiated); the "
                "indexer's gradient comes from the indexer loss")

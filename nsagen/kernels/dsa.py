@@ -215,6 +215,31 @@ def _loss_launch(spec: DSASpec, flags: dict) -> dict:
                       strides("dw", "dwt"), options=WARPS_STAGES))
 
 
+# ---------------------------------------------------------------------------- dsa_append
+def _append_default(spec: DSASpec, target: Target, why: list) -> dict:
+    why.append("dsa_append: a decode step's new token per sequence is written (key, value, "
+               "indexer key" + (" quantized to FP8 with its scale" if spec.fp8_keys else "")
+               + ") and the length advanced in one launch, one program per sequence")
+    return dict(num_warps=4)
+
+
+def _append_space(spec: DSASpec, default: dict, target: Target, smem: int):
+    return [dict(default, num_warps=nw) for nw in (1, 2, 4)], []
+
+
+def _append_launch(spec: DSASpec, flags: dict) -> dict:
+    p2 = triton.next_power_of_2
+    return dict(main=signature(
+        ptrs("k", "v", "ki=k_idx", "ks=k_scale", "kt=k_t", "vt=v_t", "kit=k_idx_t", "lens"),
+        strides("k", "kr", "kh"), strides("v", "vr", "vh"), strides("k_idx", "kir"),
+        strides("k_t", "ktb", "kth"), strides("v_t", "vtb", "vth"), strides("k_idx_t", "kitb"),
+        consts(MAX_LEN="max_len", HAS_V="has_v"),
+        values(H=spec.heads_kv, DK=spec.dim_qk, BDK=p2(spec.dim_qk), DV=spec.dim_v,
+               BDV=p2(spec.dim_v), DI=spec.indexer_dim, BDI=p2(spec.indexer_dim),
+               FP8=spec.fp8_keys),
+        options=WARPS))
+
+
 DSA = (
     KernelDef("dsa_indexer", "dsa_indexer.py.jinja", "forward", _indexer_default,
               _indexer_space, _indexer_launch, ("indexer",)),
@@ -224,6 +249,8 @@ DSA = (
               _attention_space, _attention_launch, ("sparse_attn",)),
     KernelDef("dsa_indexer_loss", "dsa_indexer_loss.py.jinja", "forward", _loss_default,
               _loss_space, _loss_launch, ("indexer_loss",)),
+    KernelDef("dsa_append", "dsa_append.py.jinja", "decode", _append_default, _append_space,
+              _append_launch, ("append",)),
     KernelDef("dsa_attention_bwd", "dsa_attention_bwd.py.jinja", "backward",
               _attention_bwd_default, _attention_bwd_space, _attention_bwd_launch,
               ("sparse_attn",)),
