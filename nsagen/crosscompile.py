@@ -238,7 +238,8 @@ def written_tensors(op, arch: int = 90, seq_len: int = 200) -> dict[str, set[str
     The analysis follows a store's address back through helper calls (loads in the kernel
     body stop it), so an index computed inside a helper that loads counts the loaded tensor."""
     if identify_accessed_tensors is None:
-        raise RuntimeError("this torch has no identify_accessed_tensors (torch >= 2.10 does)")
+        raise RuntimeError("this torch lacks identify_accessed_tensors, the write analysis "
+                           "that recent torch releases have")
     out: dict[str, set[str]] = {}
     with _reporting(GPUTarget("cuda", arch, 32)):
         for fn, args, kwargs in record_launches(op, seq_len):
