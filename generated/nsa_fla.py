@@ -650,12 +650,12 @@ def cmp_attention_bwd_dq(
 @triton.jit
 def cmp_attention_bwd_dkdv(
     q_ptr, kc_ptr, vc_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dkc_ptr, dvc_ptr, ctile_row_ptr,
-    ctile_c0_ptr, ctile_tok0_ptr, ctile_len_ptr, ctile_nc_ptr, q_chunk, stride_qt, stride_qh,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh,
-    qk_scale: tl.constexpr, sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
-    GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-    L: tl.constexpr, STRIDE: tl.constexpr, HAS_GATES: tl.constexpr, PREC: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr,
+    ctile_c0_ptr, ctile_qzero_ptr, ctile_len_ptr, ctile_nc_ptr, ctile_qfirst_ptr, q_chunk,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr, H: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+    BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, HAS_GATES: tl.constexpr,
+    PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
     """dk_cmp, dv_cmp of BC compressed tokens of one sequence from the queries at positions
     [chunk * q_chunk, (chunk + 1) * q_chunk) that see them, added atomically: the queries of a
@@ -666,10 +666,12 @@ def cmp_attention_bwd_dkdv(
     chunk = tl.program_id(2)
     row0 = tl.load(ctile_row_ptr + pid).to(tl.int64)   # first packed compressed row of the tile
     c0 = tl.load(ctile_c0_ptr + pid)                    # its index inside the sequence
-    tok0 = tl.load(ctile_tok0_ptr + pid).to(tl.int64)   # first packed token of the sequence
+    qzero = tl.load(ctile_qzero_ptr + pid).to(tl.int64)  # query row of position 0
     seq_len = tl.load(ctile_len_ptr + pid)
     nc = tl.load(ctile_nc_ptr + pid)                    # compressed rows in this tile
-    t_lo = tl.maximum(chunk * q_chunk, c0 * STRIDE + L - 1)  # first query that sees row c0
+    qfirst = tl.load(ctile_qfirst_ptr + pid)            # first position with a query
+    # first query that sees row c0
+    t_lo = tl.maximum(tl.maximum(chunk * q_chunk, c0 * STRIDE + L - 1), qfirst)
     t_hi = tl.minimum((chunk + 1) * q_chunk, seq_len)
     if t_lo >= t_hi:
         return
@@ -693,7 +695,7 @@ def cmp_attention_bwd_dkdv(
     for t0 in range(t_lo, t_full, BT):   # queries that see only part of the tile
         pos = t0 + tt
         row_ok = (pos < t_full) & (hh < G)
-        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, tok0 + pos, head,
+        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 0, HAS_GATES)
         vis = row_ok[:, None] & (cpos_last[None, :] <= pos[:, None])
@@ -702,7 +704,7 @@ def cmp_attention_bwd_dkdv(
     for t0 in range(t_full, t_hi, BT):   # queries that see the whole tile
         pos = t0 + tt
         row_ok = (pos < t_hi) & (hh < G)
-        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, tok0 + pos, head,
+        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 0, HAS_GATES)
         vis = row_ok[:, None] & (cpos_last[None, :] <= pos[:, None])
@@ -737,9 +739,9 @@ def launch_cmp_attention_bwd(q, kc, vc, gates, do, lse, delta, dq, dkc, dvc, lay
         while q_chunk > cfg["BT_KV"] and q_chunk * 32 > longest:
             q_chunk //= 2
         _launch(cmp_attention_bwd_dkdv)[(ct[0].numel(), H_KV, triton.cdiv(longest, q_chunk))](
-            q, kc, vc, g, do, lse, delta, dkc, dvc, ct[0], ct[1], ct[2], ct[3], ct[4], q_chunk,
-            q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
-            do.stride(0), do.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE,
+            q, kc, vc, g, do, lse, delta, dkc, dvc, ct[0], ct[1], ct[2], ct[3], ct[4], ct[5],
+            q_chunk, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), vc.stride(0),
+            vc.stride(1), do.stride(0), do.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE,
             sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK,
             BDV=BLOCK_DV, L=64, STRIDE=64, HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT_KV"],
             BC=cfg["BC_KV"], num_warps=cfg["WARPS_KV"], num_stages=cfg["STAGES_KV"])
@@ -748,16 +750,17 @@ def launch_cmp_attention_bwd(q, kc, vc, gates, do, lse, delta, dq, dkc, dvc, lay
 @triton.jit
 def slc_attention_bwd_dq(
     q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, tok_pos_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_gt, stride_gh, stride_it, stride_ih, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, HAS_GATES: tl.constexpr,
-    PREC: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr,
+    tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
+    stride_oh, stride_gt, stride_gh, stride_it, stride_ih, qk_scale: tl.constexpr,
+    sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr,
+    HAS_GATES: tl.constexpr, PREC: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+    BK: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     pos = tl.load(tok_pos_ptr + tok)
-    base = tok - pos
+    base = tl.load(tok_kbase_ptr + tok).to(tl.int64)  # key row of the sequence's first token
     hh = tl.arange(0, GP)
     row_ok = hh < G
     head = g * G + hh
@@ -847,11 +850,11 @@ def launch_slc_attention_bwd(q, k, v, gates, do, lse, delta, idx, dq, dk, dv, la
     """Gradients of the selected branch: dq, dk, dv accumulated into fp32 buffers."""
     g = gates if gates is not None else q
     _launch(slc_attention_bwd_dq)[(q.shape[0], H_KV)](
-        q, k, v, g, do, lse, delta, dq, idx, lay.tok_pos, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), g.stride(0),
-        g.stride(1), idx.stride(0), idx.stride(1), qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV,
-        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64,
-        HAS_GATES=gates is not None, PREC=prec, N=16, NP=16, BK=cfg["BK"],
+        q, k, v, g, do, lse, delta, dq, idx, lay.tok_pos, lay.tok_kbase, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        g.stride(0), g.stride(1), idx.stride(0), idx.stride(1), qk_scale=QK_SCALE,
+        sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK,
+        BDV=BLOCK_DV, LB=64, HAS_GATES=gates is not None, PREC=prec, N=16, NP=16, BK=cfg["BK"],
         num_warps=cfg["num_warps"])
     chunk = cfg["BT_BWD"] * cfg["CHUNK_ITERS"]
     inv = lay.inverse_blocks(idx, 64, chunk)
@@ -920,8 +923,9 @@ def backward(do, q, k, v, gates, idx, saved, lay, k_win=None, v_win=None, config
     ob, lse = saved["ob"], saved["lse"]
     do = do.contiguous()
     dq = torch.zeros(n_tok, HEADS_Q, BLOCK_DK, dtype=f32, device=dev)
-    dk = torch.zeros(n_tok, H_KV, BLOCK_DK, dtype=f32, device=dev)
-    dv = torch.zeros(n_tok, H_KV, BLOCK_DV, dtype=f32, device=dev)
+    n_key = k.shape[0]   # key rows (more than the query rows when queries end each sequence)
+    dk = torch.zeros(n_key, H_KV, BLOCK_DK, dtype=f32, device=dev)
+    dv = torch.zeros(n_key, H_KV, BLOCK_DV, dtype=f32, device=dev)
     dgates = torch.zeros(n_tok, HEADS_Q, 3, dtype=f32, device=dev)
     out = dict(dq=dq, dk=dk, dv=dv, dgates=dgates)
     # gate gradients <dO, O_b> and each branch's delta_b = <g_b dO, O_b> in one pass over dO

@@ -860,12 +860,12 @@ def cmp_attention_bwd_dq(
 @triton.jit
 def cmp_attention_bwd_dkdv(
     q_ptr, kc_ptr, vc_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dkc_ptr, dvc_ptr, ctile_row_ptr,
-    ctile_c0_ptr, ctile_tok0_ptr, ctile_len_ptr, ctile_nc_ptr, q_chunk, stride_qt, stride_qh,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh,
-    qk_scale: tl.constexpr, sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
-    GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-    L: tl.constexpr, STRIDE: tl.constexpr, HAS_GATES: tl.constexpr, PREC: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr,
+    ctile_c0_ptr, ctile_qzero_ptr, ctile_len_ptr, ctile_nc_ptr, ctile_qfirst_ptr, q_chunk,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr, H: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+    BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, HAS_GATES: tl.constexpr,
+    PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
     """dk_cmp, dv_cmp of BC compressed tokens of one sequence from the queries at positions
     [chunk * q_chunk, (chunk + 1) * q_chunk) that see them, added atomically: the queries of a
@@ -876,10 +876,12 @@ def cmp_attention_bwd_dkdv(
     chunk = tl.program_id(2)
     row0 = tl.load(ctile_row_ptr + pid).to(tl.int64)   # first packed compressed row of the tile
     c0 = tl.load(ctile_c0_ptr + pid)                    # its index inside the sequence
-    tok0 = tl.load(ctile_tok0_ptr + pid).to(tl.int64)   # first packed token of the sequence
+    qzero = tl.load(ctile_qzero_ptr + pid).to(tl.int64)  # query row of position 0
     seq_len = tl.load(ctile_len_ptr + pid)
     nc = tl.load(ctile_nc_ptr + pid)                    # compressed rows in this tile
-    t_lo = tl.maximum(chunk * q_chunk, c0 * STRIDE + L - 1)  # first query that sees row c0
+    qfirst = tl.load(ctile_qfirst_ptr + pid)            # first position with a query
+    # first query that sees row c0
+    t_lo = tl.maximum(tl.maximum(chunk * q_chunk, c0 * STRIDE + L - 1), qfirst)
     t_hi = tl.minimum((chunk + 1) * q_chunk, seq_len)
     if t_lo >= t_hi:
         return
@@ -903,7 +905,7 @@ def cmp_attention_bwd_dkdv(
     for t0 in range(t_lo, t_full, BT):   # queries that see only part of the tile
         pos = t0 + tt
         row_ok = (pos < t_full) & (hh < G)
-        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, tok0 + pos, head,
+        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 0, HAS_GATES)
         vis = row_ok[:, None] & (cpos_last[None, :] <= pos[:, None])
@@ -912,7 +914,7 @@ def cmp_attention_bwd_dkdv(
     for t0 in range(t_full, t_hi, BT):   # queries that see the whole tile
         pos = t0 + tt
         row_ok = (pos < t_hi) & (hh < G)
-        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, tok0 + pos, head,
+        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 0, HAS_GATES)
         vis = row_ok[:, None] & (cpos_last[None, :] <= pos[:, None])
@@ -947,9 +949,9 @@ def launch_cmp_attention_bwd(q, kc, vc, gates, do, lse, delta, dq, dkc, dvc, lay
         while q_chunk > cfg["BT_KV"] and q_chunk * 32 > longest:
             q_chunk //= 2
         _launch(cmp_attention_bwd_dkdv)[(ct[0].numel(), H_KV, triton.cdiv(longest, q_chunk))](
-            q, kc, vc, g, do, lse, delta, dkc, dvc, ct[0], ct[1], ct[2], ct[3], ct[4], q_chunk,
-            q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
-            do.stride(0), do.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE,
+            q, kc, vc, g, do, lse, delta, dkc, dvc, ct[0], ct[1], ct[2], ct[3], ct[4], ct[5],
+            q_chunk, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), vc.stride(0),
+            vc.stride(1), do.stride(0), do.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE,
             sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK,
             BDV=BLOCK_DV, L=32, STRIDE=16, HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT_KV"],
             BC=cfg["BC_KV"], num_warps=cfg["WARPS_KV"], num_stages=cfg["STAGES_KV"])
@@ -958,16 +960,17 @@ def launch_cmp_attention_bwd(q, kc, vc, gates, do, lse, delta, dq, dkc, dvc, lay
 @triton.jit
 def slc_attention_bwd_dq(
     q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, tok_pos_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_gt, stride_gh, stride_it, stride_ih, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, HAS_GATES: tl.constexpr,
-    PREC: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr,
+    tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
+    stride_oh, stride_gt, stride_gh, stride_it, stride_ih, qk_scale: tl.constexpr,
+    sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr,
+    HAS_GATES: tl.constexpr, PREC: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+    BK: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     pos = tl.load(tok_pos_ptr + tok)
-    base = tok - pos
+    base = tl.load(tok_kbase_ptr + tok).to(tl.int64)  # key row of the sequence's first token
     hh = tl.arange(0, GP)
     row_ok = hh < G
     head = g * G + hh
@@ -1057,11 +1060,11 @@ def launch_slc_attention_bwd(q, k, v, gates, do, lse, delta, idx, dq, dk, dv, la
     """Gradients of the selected branch: dq, dk, dv accumulated into fp32 buffers."""
     g = gates if gates is not None else q
     _launch(slc_attention_bwd_dq)[(q.shape[0], H_KV)](
-        q, k, v, g, do, lse, delta, dq, idx, lay.tok_pos, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), g.stride(0),
-        g.stride(1), idx.stride(0), idx.stride(1), qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV,
-        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64,
-        HAS_GATES=gates is not None, PREC=prec, N=16, NP=16, BK=cfg["BK"],
+        q, k, v, g, do, lse, delta, dq, idx, lay.tok_pos, lay.tok_kbase, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        g.stride(0), g.stride(1), idx.stride(0), idx.stride(1), qk_scale=QK_SCALE,
+        sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK,
+        BDV=BLOCK_DV, LB=64, HAS_GATES=gates is not None, PREC=prec, N=16, NP=16, BK=cfg["BK"],
         num_warps=cfg["num_warps"])
     chunk = cfg["BT_BWD"] * cfg["CHUNK_ITERS"]
     inv = lay.inverse_blocks(idx, 64, chunk)
@@ -1078,8 +1081,8 @@ def launch_slc_attention_bwd(q, k, v, gates, do, lse, delta, idx, dq, dk, dv, la
 @triton.jit
 def win_attention_bwd_dq(
     q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, tile_tok_ptr, tile_len_ptr,
-    tok_pos_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
-    stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
+    tok_pos_ptr, tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr, HAS_GATES: tl.constexpr,
     PREC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -1090,7 +1093,7 @@ def win_attention_bwd_dq(
     p0 = tl.load(tile_tok_ptr + pid)
     ntok = tl.load(tile_len_ptr + pid)
     pos0 = tl.load(tok_pos_ptr + p0)
-    base = (p0 - pos0).to(tl.int64)
+    base = tl.load(tok_kbase_ptr + p0).to(tl.int64)  # key row of the sequence's first token
     offs_m = tl.arange(0, BM)
     tt = offs_m // GP
     hh = offs_m % GP
@@ -1120,20 +1123,23 @@ def win_attention_bwd_dq(
 @triton.jit
 def win_attention_bwd_dkdv(
     q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, tile_tok_ptr,
-    tile_len_ptr, tok_pos_ptr, tok_len_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-    stride_vh, stride_ot, stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr,
-    sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
-    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr,
-    HAS_GATES: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    tile_len_ptr, key_pos_ptr, key_len_ptr, key_qzero_ptr, key_qfirst_ptr, stride_qt, stride_qh,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh,
+    qk_scale: tl.constexpr, sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    W: tl.constexpr, HAS_GATES: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr,
 ):
     BM: tl.constexpr = BT * GP
     pid = tl.program_id(0)
     g = tl.program_id(1)
     k_first = tl.load(tile_tok_ptr + pid)
     nk = tl.load(tile_len_ptr + pid)
-    kpos0 = tl.load(tok_pos_ptr + k_first)
-    seq_len = tl.load(tok_len_ptr + k_first)
+    kpos0 = tl.load(key_pos_ptr + k_first)
+    seq_len = tl.load(key_len_ptr + k_first)
     base = (k_first - kpos0).to(tl.int64)
+    qzero = tl.load(key_qzero_ptr + k_first).to(tl.int64)   # query row of position 0
+    qfirst = tl.load(key_qfirst_ptr + k_first)              # first position with a query
     offs_k = tl.arange(0, BK)
     kin = offs_k < nk
     kpos = kpos0 + offs_k
@@ -1151,13 +1157,15 @@ def win_attention_bwd_dkdv(
     head = g * G + hh
     q_end = tl.minimum(kpos0 + nk - 1 + W, seq_len)
     # queries in [kpos0 + BK - 1, kpos0 + W) see every key of the tile (no mask); before that
-    # the causal edge and after it the window edge cut through the tile
-    b = tl.minimum(kpos0 + BK - 1, q_end)
+    # the causal edge and after it the window edge cut through the tile. Positions before
+    # qfirst have no query.
+    a = tl.minimum(tl.maximum(kpos0, qfirst), q_end)
+    b = tl.minimum(tl.maximum(kpos0 + BK - 1, a), q_end)
     c = tl.minimum(tl.maximum(kpos0 + W, b), q_end)
-    for t0 in range(kpos0, b, BT):
+    for t0 in range(a, b, BT):
         pos = t0 + tt
         row_ok = (pos < b) & (hh < G)
-        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, base + pos, head,
+        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 2, HAS_GATES)
         ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
@@ -1165,7 +1173,7 @@ def win_attention_bwd_dkdv(
     for t0 in range(b, c, BT):
         pos = t0 + tt
         row_ok = (pos < c) & (hh < G)
-        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, base + pos, head,
+        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 2, HAS_GATES)
         ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
@@ -1173,7 +1181,7 @@ def win_attention_bwd_dkdv(
     for t0 in range(c, q_end, BT):
         pos = t0 + tt
         row_ok = (pos < q_end) & (hh < G)
-        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, base + pos, head,
+        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 2, HAS_GATES)
         ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
@@ -1192,21 +1200,21 @@ def launch_win_attention_bwd(q, k, v, gates, do, lse, delta, dq, dk, dv, lay, cf
     g = gates if gates is not None else q
     tile_tok, tile_len = lay.tiles(cfg["BT"])
     _launch(win_attention_bwd_dq)[(tile_tok.numel(), H_KV)](
-        q, k, v, g, do, lse, delta, dq, tile_tok, tile_len, lay.tok_pos, q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        g.stride(0), g.stride(1), qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV, G=GROUP,
-        GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, W=512,
-        HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT"], BK=cfg["BK"],
-        num_warps=cfg["num_warps"])
-    # dk/dv holds two fp32 accumulators besides the tile: its own, smaller tiles and more warps
-    ktile_tok, ktile_len = lay.tiles(cfg["BK_KV"])
-    _launch(win_attention_bwd_dkdv)[(ktile_tok.numel(), H_KV)](
-        q, k, v, g, do, lse, delta, dk, dv, ktile_tok, ktile_len, lay.tok_pos, lay.tok_seqlen,
+        q, k, v, g, do, lse, delta, dq, tile_tok, tile_len, lay.tok_pos, lay.tok_kbase,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
         do.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV,
         G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, W=512,
-        HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT_KV"], BK=cfg["BK_KV"],
-        num_warps=cfg["WARPS_KV"], num_stages=cfg["STAGES_KV"])
+        HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT"], BK=cfg["BK"],
+        num_warps=cfg["num_warps"])
+    # dk/dv holds two fp32 accumulators besides the tile: its own, smaller tiles and more warps
+    ktile_tok, ktile_len = lay.key_tiles(cfg["BK_KV"])
+    _launch(win_attention_bwd_dkdv)[(ktile_tok.numel(), H_KV)](
+        q, k, v, g, do, lse, delta, dk, dv, ktile_tok, ktile_len, lay.key_pos, lay.key_len,
+        lay.key_qzero, lay.key_qfirst, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), do.stride(0), do.stride(1), g.stride(0), g.stride(1),
+        qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V,
+        BDK=BLOCK_DK, BDV=BLOCK_DV, W=512, HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT_KV"],
+        BK=cfg["BK_KV"], num_warps=cfg["WARPS_KV"], num_stages=cfg["STAGES_KV"])
 
 
 def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=None,
@@ -1267,8 +1275,9 @@ def backward(do, q, k, v, gates, idx, saved, lay, k_win=None, v_win=None, config
     ob, lse = saved["ob"], saved["lse"]
     do = do.contiguous()
     dq = torch.zeros(n_tok, HEADS_Q, BLOCK_DK, dtype=f32, device=dev)
-    dk = torch.zeros(n_tok, H_KV, BLOCK_DK, dtype=f32, device=dev)
-    dv = torch.zeros(n_tok, H_KV, BLOCK_DV, dtype=f32, device=dev)
+    n_key = k.shape[0]   # key rows (more than the query rows when queries end each sequence)
+    dk = torch.zeros(n_key, H_KV, BLOCK_DK, dtype=f32, device=dev)
+    dv = torch.zeros(n_key, H_KV, BLOCK_DV, dtype=f32, device=dev)
     dgates = torch.zeros(n_tok, HEADS_Q, 3, dtype=f32, device=dev)
     out = dict(dq=dq, dk=dk, dv=dv, dgates=dgates)
     # gate gradients <dO, O_b> and each branch's delta_b = <g_b dO, O_b> in one pass over dO
@@ -1289,8 +1298,8 @@ def backward(do, q, k, v, gates, idx, saved, lay, k_win=None, v_win=None, config
         launch_win_attention_bwd(q, k, v, gates, do, lse[2], delta[2], dq, dk, dv, lay,
                                  cfg["win_attention_bwd"], prec)
     else:
-        dkw = torch.zeros(n_tok, H_KV, BLOCK_DK, dtype=f32, device=dev)
-        dvw = torch.zeros(n_tok, H_KV, BLOCK_DV, dtype=f32, device=dev)
+        dkw = torch.zeros(n_key, H_KV, BLOCK_DK, dtype=f32, device=dev)
+        dvw = torch.zeros(n_key, H_KV, BLOCK_DV, dtype=f32, device=dev)
         launch_win_attention_bwd(q, k_win, v_win, gates, do, lse[2], delta[2], dq, dkw, dvw, lay,
                                  cfg["win_attention_bwd"], prec)
         out["dk_win"], out["dv_win"] = dkw[..., :DIM_QK], dvw[..., :DIM_V]

@@ -21,6 +21,7 @@ class Problem:
     batch: int
     seq_len: int
     seqlens: tuple[int, ...]      # per sequence (one entry per batch row, or per varlen sequence)
+    qlens: tuple[int, ...] = ()   # queries per sequence when fewer than its keys (cu_seqlens_k)
 
 
 def _shape(name: str, t: torch.Tensor, want: tuple, meaning: str) -> None:
@@ -32,24 +33,27 @@ def _shape(name: str, t: torch.Tensor, want: tuple, meaning: str) -> None:
                              f"{tuple('*' if e is None else e for e in want)}, got {tuple(t.shape)}")
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> tuple[int, ...]:
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device,
+                     name: str = "cu_seqlens") -> tuple[int, ...]:
     """Validate FlashAttention-style cumulative lengths and return the per-sequence lengths."""
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens: expected an int32 tensor, got {type(cu_seqlens).__name__}")
+        raise TypeError(f"{name}: expected an int32 tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens: expected dtype torch.int32, got {cu_seqlens.dtype}")
+        raise TypeError(f"{name}: expected dtype torch.int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens: expected a 1-d tensor [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"{name}: expected a 1-d tensor [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens: on {cu_seqlens.device}, but q is on {device}")
+        raise ValueError(f"{name}: on {cu_seqlens.device}, but q is on {device}")
     offs = [int(x) for x in cu_seqlens.tolist()]
     if offs[0] != 0:
-        raise ValueError(f"cu_seqlens: must start at 0, starts at {offs[0]}")
+        raise ValueError(f"{name}: must start at 0, starts at {offs[0]}")
     lens = tuple(b - a for a, b in zip(offs[:-1], offs[1:]))
-    if any(n <= 0 for n in lens):
-        raise ValueError(f"cu_seqlens: must be strictly increasing, got {offs}")
+    bad = [i for i, n in enumerate(lens) if n <= 0]
+    if bad:
+        raise ValueError(f"{name}: must be strictly increasing; entries {bad[0]} and {bad[0] + 1} "
+                         f"are {offs[bad[0]]} and {offs[bad[0] + 1]}")
     if offs[-1] != total:
-        raise ValueError(f"cu_seqlens: must end at the packed length T={total}, ends at {offs[-1]}")
+        raise ValueError(f"{name}: must end at the packed length T={total}, ends at {offs[-1]}")
     return lens
 
 
@@ -64,8 +68,10 @@ def _seqlens(cu_seqlens, B: int, T: int, device: torch.device) -> tuple[int, ...
 
 
 def check_inputs(spec: Spec, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
-                 k_win=None, v_win=None, q_cmp=None) -> Problem:
-    """Check shapes, dtypes and devices of an NSA call against the spec; return its sizes."""
+                 k_win=None, v_win=None, q_cmp=None, cu_seqlens_k=None) -> Problem:
+    """Check shapes, dtypes and devices of an NSA call against the spec; return its sizes.
+    With `cu_seqlens_k` the keys (k, v, k_win, v_win, k_cmp, v_cmp) are packed by it and the
+    queries (q, gates, q_cmp) by `cu_seqlens`: each sequence's queries are its last positions."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -80,8 +86,26 @@ def check_inputs(spec: Spec, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seq
         raise ValueError(f"q: batch and sequence length must be >= 1, got shape {tuple(q.shape)}")
     if not q.dtype.is_floating_point:
         raise TypeError(f"q: expected a floating-point dtype, got {q.dtype}")
-    _shape("k", k, (B, T, H, spec.dim_qk), "[B, T, H, Dk]")
-    _shape("v", v, (B, T, H, spec.dim_v), "[B, T, H, Dv]")
+    qlens: tuple = ()
+    TK = T
+    if cu_seqlens_k is not None:
+        if cu_seqlens is None:
+            raise ValueError("cu_seqlens_k: requires cu_seqlens (the queries' packing)")
+        if not isinstance(k, torch.Tensor) or k.dim() != 4:
+            raise ValueError("k: expected a 4-d tensor [1, Tk, H, Dk]")
+        TK = k.shape[1]
+        qlens = _seqlens(cu_seqlens, B, T, q.device)
+        klens = check_cu_seqlens(cu_seqlens_k, TK, q.device, "cu_seqlens_k")
+        if len(klens) != len(qlens):
+            raise ValueError(f"cu_seqlens_k: {len(klens)} sequences, but cu_seqlens has "
+                             f"{len(qlens)}")
+        short = [i for i, (a, b) in enumerate(zip(qlens, klens)) if a > b]
+        if short:
+            raise ValueError(f"cu_seqlens_k: sequence {short[0]} has {qlens[short[0]]} queries "
+                             f"but only {klens[short[0]]} keys (its queries are its last "
+                             f"positions)")
+    _shape("k", k, (B, TK, H, spec.dim_qk), "[B, T, H, Dk]")
+    _shape("v", v, (B, TK, H, spec.dim_v), "[B, T, H, Dv]")
     named = [("k", k), ("v", v)]
     if q_cmp is not None:
         _shape("q_cmp", q_cmp, (B, T, HQ, Dk), "[B, T, HQ, Dk] (like q)")
@@ -95,11 +119,11 @@ def check_inputs(spec: Spec, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seq
     if k_win is not None or v_win is not None:
         if spec.kv_per_branch != "separate":
             raise ValueError("k_win, v_win: only accepted when the spec has kv_per_branch: separate")
-        _shape("k_win", k_win, (B, T, H, spec.dim_qk), "[B, T, H, Dk]")
-        _shape("v_win", v_win, (B, T, H, spec.dim_v), "[B, T, H, Dv]")
+        _shape("k_win", k_win, (B, TK, H, spec.dim_qk), "[B, T, H, Dk]")
+        _shape("v_win", v_win, (B, TK, H, spec.dim_v), "[B, T, H, Dv]")
         named += [("k_win", k_win), ("v_win", v_win)]
 
-    lens = _seqlens(cu_seqlens, B, T, q.device)
+    lens = klens if qlens else _seqlens(cu_seqlens, B, T, q.device)
     ncs = [spec.num_cmp(n) for n in lens]
     nc = sum(ncs) if cu_seqlens is not None else ncs[0]
 
@@ -121,7 +145,7 @@ def check_inputs(spec: Spec, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seq
             raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
-    return Problem(batch=B, seq_len=T, seqlens=lens)
+    return Problem(batch=B, seq_len=T, seqlens=lens, qlens=qlens)
 
 
 def check_dsa_inputs(spec: DSASpec, q, k, v, q_idx, k_idx, w_idx, cu_seqlens=None,

@@ -8,6 +8,12 @@ A batch of equal lengths (no `cu_seqlens`) gets its tables from `arange` arithme
 device, using nothing but the shape: that path is traceable by torch.compile (also with
 symbolic lengths) and costs no host-to-device copy. Ragged batches are built on the host from
 the lengths and copied once (cached by lengths).
+
+Queries may be fewer than keys (`qlens`): sequence b then has `seqlens[b]` keys and its
+`qlens[b]` queries are its last positions (FlashAttention's bottom-right causal alignment), as
+when a chunk of a sequence attends its whole prefix (context parallelism, chunked prefill).
+Query rows and key rows are then two packings: `tok_*` tables and `tiles` index query rows,
+`key_*` tables and `key_tiles` index key rows. With equal lengths the two coincide.
 """
 from __future__ import annotations
 
@@ -39,7 +45,24 @@ class Layout:
     tok_seqlen: torch.Tensor    # [Ntok] length of the token's sequence
     ncs: tuple = ()             # Nc per sequence
     uniform: bool = False       # every sequence has the same length (tables from the shape)
+    qlens: tuple = ()           # queries per sequence, its last positions (default: seqlens)
+    key_pos: torch.Tensor | None = None     # [Nkey] position of each key row (default tok_pos)
+    key_len: torch.Tensor | None = None     # [Nkey] its sequence's length (default tok_seqlen)
+    key_qzero: torch.Tensor | None = None   # [Nkey] query row that position 0 would have
+    key_qfirst: torch.Tensor | None = None  # [Nkey] first position that has a query
     _tiles: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not self.qlens:
+            self.qlens = self.seqlens
+        if self.key_pos is None:    # queries are the keys' rows: key tables are the token tables
+            self.key_pos, self.key_len, self.key_qzero = self.tok_pos, self.tok_seqlen, self.tok_kbase
+            self.key_qfirst = torch.zeros_like(self.tok_pos)
+
+    @property
+    def suffix(self) -> bool:
+        """Some sequence has fewer queries than keys."""
+        return tuple(self.qlens) != tuple(self.seqlens)
 
     def _chunks(self, lens: tuple, size: int) -> tuple[torch.Tensor, ...]:
         """(sequence, chunk index in it, first packed row, rows, chunks per sequence) of every
@@ -49,25 +72,39 @@ class Layout:
         return tuple(t.to(self.device) for t in _chunks_host(lens, size))
 
     def tiles(self, bt: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query tiles of at most `bt` tokens that never cross a sequence: (first token, length)."""
+        """Query tiles of at most `bt` tokens that never cross a sequence: (first query row,
+        length)."""
         if bt not in self._tiles:
-            _, _, start, length, _ = self._chunks(self.seqlens, bt)
+            _, _, start, length, _ = self._chunks(self.qlens, bt)
             self._tiles[bt] = (start.to(I32), length.to(I32))
         return self._tiles[bt]
 
+    def key_tiles(self, bt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tiles of at most `bt` keys that never cross a sequence: (first key row, length)."""
+        if not self.suffix:
+            return self.tiles(bt)
+        key = ("keys", bt)
+        if key not in self._tiles:
+            _, _, start, length, _ = self._chunks(self.seqlens, bt)
+            self._tiles[key] = (start.to(I32), length.to(I32))
+        return self._tiles[key]
+
     def cmp_tiles(self, bc: int) -> tuple[torch.Tensor, ...]:
         """Tiles of at most `bc` compressed rows per sequence, for the backward of the compressed
-        branch: (first packed row, index in the sequence, first token of the sequence, sequence
-        length, rows in the tile)."""
+        branch: (first packed row, index in the sequence, the query row that position 0 of the
+        sequence would have, sequence length, rows in the tile, first position with a query)."""
         key = ("cmp", bc)
         if key not in self._tiles:
             seq, j, row0, nrows, _ = self._chunks(self.ncs, bc)
             if self.uniform:
                 tok0, lens = seq * self.seqlens[0], torch.full_like(seq, self.seqlens[0])
+                first = torch.zeros_like(seq)
             else:
                 lens = torch.tensor(self.seqlens, dtype=torch.int64, device=self.device)
-                tok0, lens = (torch.cumsum(lens, 0) - lens)[seq], lens[seq]
-            self._tiles[key] = tuple(t.to(I32) for t in (row0, j * bc, tok0, lens, nrows))
+                qlens = torch.tensor(self.qlens, dtype=torch.int64, device=self.device)
+                first = (lens - qlens)[seq]
+                tok0, lens = (torch.cumsum(qlens, 0) - qlens)[seq] - first, lens[seq]
+            self._tiles[key] = tuple(t.to(I32) for t in (row0, j * bc, tok0, lens, nrows, first))
         return self._tiles[key]
 
     def blocks(self, lb: int) -> tuple[torch.Tensor, ...]:
@@ -162,17 +199,28 @@ _CACHE: "OrderedDict[tuple, Layout]" = OrderedDict()
 _CACHE_SIZE = 16
 
 
-def build_layout(spec: Spec | DSASpec, seqlens: tuple, device: torch.device) -> Layout:
-    """Tables for sequences of the given lengths, packed in order. Concrete lengths are cached (a
-    training loop calls with the same lengths every step); while tracing, nothing is cached."""
+def build_layout(spec: Spec | DSASpec, seqlens: tuple, device: torch.device,
+                 qlens: tuple | None = None) -> Layout:
+    """Tables for sequences of the given lengths, packed in order; `qlens` (default: seqlens)
+    gives each sequence's queries, its last positions. Concrete lengths are cached (a training
+    loop calls with the same lengths every step); while tracing, nothing is cached."""
     device = torch.device(device)
+    qlens = None if qlens is None or tuple(qlens) == tuple(seqlens) else tuple(qlens)
+    if qlens is not None:
+        return _cached(("suffix", _geometry(spec), tuple(seqlens), qlens, str(device)),
+                       lambda: _build_suffix(spec, tuple(seqlens), qlens, device))
     concrete = all(type(n) is int for n in seqlens) and not _tracing()
     if not concrete:
         return _build(spec, tuple(seqlens), device)
-    key = (_geometry(spec), tuple(seqlens), str(device))
+    return _cached((_geometry(spec), tuple(seqlens), str(device)),
+                   lambda: _build(spec, tuple(seqlens), device))
+
+
+def _cached(key: tuple, make) -> Layout:
+    """The layout under `key` in the small LRU cache, made by `make()` when missing."""
     lay = _CACHE.get(key)
     if lay is None:
-        lay = _build(spec, tuple(seqlens), device)
+        lay = make()
         _CACHE[key] = lay
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
@@ -235,13 +283,47 @@ def _build(spec: Spec | DSASpec, seqlens: tuple, device: torch.device,
                   nbp=nbp, tok_seq=packed[3], tok_seqlen=packed[4], tok_kbase=packed[5], ncs=ncs)
 
 
-def layout_of_call(spec: Spec | DSASpec, q: torch.Tensor,
-                   cu_seqlens: torch.Tensor | None) -> Layout:
+def _build_suffix(spec: Spec, klens: tuple, qlens: tuple, device: torch.device) -> Layout:
+    """The tables of sequences with `klens` keys whose `qlens` queries are their last
+    positions: query rows and key rows packed separately (built on the host)."""
+    B = len(klens)
+    ncs = tuple(spec.num_cmp(n) for n in klens)
+    kl = torch.tensor(klens, dtype=torch.int64)
+    ql = torch.tensor(qlens, dtype=torch.int64)
+    nct = torch.tensor(ncs, dtype=torch.int64)
+    k_start, q_start, c_start = (torch.cumsum(x, 0) - x for x in (kl, ql, nct))
+    first = kl - ql                                   # position of each sequence's first query
+    seq_q = torch.repeat_interleave(torch.arange(B), ql, output_size=sum(qlens))
+    seq_k = torch.repeat_interleave(torch.arange(B), kl, output_size=sum(klens))
+    seq_c = torch.repeat_interleave(torch.arange(B), nct, output_size=sum(ncs))
+    tok_pos = torch.arange(sum(qlens)) - q_start[seq_q] + first[seq_q]
+    key_pos = torch.arange(sum(klens)) - k_start[seq_k]
+    cmp_src = k_start[seq_c] + (torch.arange(sum(ncs)) - c_start[seq_c]) * spec.cmp_stride
+    q_tab = torch.stack([tok_pos, c_start[seq_q], nct[seq_q], seq_q, kl[seq_q],
+                         k_start[seq_q]]).to(I32).to(device)
+    k_tab = torch.stack([key_pos, kl[seq_k], (q_start - first)[seq_k],
+                         first[seq_k]]).to(I32).to(device)
+    return Layout(seqlens=klens, device=device, tok_pos=q_tab[0], tok_cstart=q_tab[1],
+                  tok_ncmp=q_tab[2], cmp_src=cmp_src.to(I32).to(device), n_cmp=sum(ncs),
+                  nbp=_pow2_at_least(max(spec.num_blocks(n) for n in klens)),
+                  tok_seq=q_tab[3], tok_seqlen=q_tab[4], tok_kbase=q_tab[5], ncs=ncs,
+                  qlens=qlens, key_pos=k_tab[0], key_len=k_tab[1], key_qzero=k_tab[2],
+                  key_qfirst=k_tab[3])
+
+
+def _lengths(cu: torch.Tensor) -> tuple[int, ...]:
+    offs = cu.tolist()
+    return tuple(b - a for a, b in zip(offs[:-1], offs[1:]))
+
+
+def layout_of_call(spec: Spec | DSASpec, q: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                   cu_seqlens_k: torch.Tensor | None = None) -> Layout:
     """The layout inside a registered op: from q's shape alone when there is no cu_seqlens
-    (traceable by torch.compile), else from the lengths read on the host."""
+    (traceable by torch.compile), else from the lengths read on the host; `cu_seqlens_k` gives
+    the keys of sequences whose queries (cu_seqlens) are their last positions."""
     if cu_seqlens is None:
-        lens = (q.shape[1],) * q.shape[0]
-    else:
-        cu = cu_seqlens.tolist()
-        lens = tuple(b - a for a, b in zip(cu[:-1], cu[1:]))
-    return build_layout(spec, lens, q.device)
+        return build_layout(spec, (q.shape[1],) * q.shape[0], q.device)
+    qlens = _lengths(cu_seqlens)
+    if cu_seqlens_k is None:
+        return build_layout(spec, qlens, q.device)
+    return build_layout(spec, _lengths(cu_seqlens_k), q.device, qlens=qlens)

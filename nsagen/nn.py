@@ -26,10 +26,12 @@ import os
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from . import reference
+from .distributed import gather, share_positions
 from .spec import Spec
 from .ops import build
 from .specfile import load_spec
@@ -176,6 +178,9 @@ class SparseAttention(nn.Module):
         bias: bias in the q/k/v/o projections.
         op: the attention op; default `nsagen.build(spec)`. Any callable with the op's
             signature works (e.g. `reference_op(spec)`); decoding needs `op.new_cache`.
+        cp_group: context parallelism over this torch.distributed group: x is then this rank's
+            zig-zag share [B, T / W, hidden] (`nsagen.distributed.shard`), and so is the
+            output (docs/distributed.md); training and prefill only.
 
     With `kv_per_branch: separate` the selection branch uses k_proj/v_proj, the window branch
     k_win_proj/v_win_proj and a learned compression k_cmp_proj/v_cmp_proj; with `mean`
@@ -186,7 +191,8 @@ class SparseAttention(nn.Module):
                  rope: bool | tuple[str, ...] = True, rope_theta: float = 10000.0,
                  gate_hidden: int | None = None, cmp_hidden: int | None = None,
                  bias: bool = False, match_width: bool = True, op=None,
-                 gate_bias: dict[str, float] | None = None, device=None, dtype=None):
+                 gate_bias: dict[str, float] | None = None, cp_group=None, device=None,
+                 dtype=None):
         super().__init__()
         if isinstance(spec, (str, os.PathLike)):
             spec = load_spec(spec)
@@ -219,6 +225,7 @@ class SparseAttention(nn.Module):
         self.rope, self.rope_theta = rope, float(rope_theta)
         self.rope_cmp, self.rope_main = rope_cmp, rope_main
         self.op = op
+        self.cp_group = cp_group
         fk = dict(device=device, dtype=dtype)
         self.uses_cmp = spec.has("cmp") or spec.has("slc")
         self.learned = self.uses_cmp and spec.learned_compression
@@ -306,6 +313,9 @@ class SparseAttention(nn.Module):
         `v_src`), which decoding keeps."""
         s = self.spec
         B, T, _ = x.shape
+        cp = self.cp_group
+        if cp is not None:   # x is this rank's share: positions and compression see the whole
+            T = T * dist.get_world_size(cp)
         if cu_seqlens is None:
             lens = None
             pos = torch.arange(T, device=x.device)
@@ -316,8 +326,10 @@ class SparseAttention(nn.Module):
             lens = [b - a for a, b in zip(offs[:-1], offs[1:])]
             if offs[0] != 0 or offs[-1] != T or any(n <= 0 for n in lens):
                 raise ValueError(f"cu_seqlens: expected increasing offsets from 0 to T={T}, "
-                                 f"got {offs}")
+                                 f"got {len(offs)} offsets from {offs[0]} to {offs[-1]}")
             pos = torch.cat([torch.arange(n, device=x.device) for n in lens])
+        if cp is not None:
+            pos = share_positions(pos, cp)
         q = self._heads(self.q_proj, x, s.dim_qk)
         k = self._heads(self.k_proj, x, s.dim_qk)
         v = self._heads(self.v_proj, x, s.dim_v)
@@ -329,6 +341,8 @@ class SparseAttention(nn.Module):
                 vs = self._heads(self.v_cmp_proj, x, s.dim_v)
             else:
                 ks, vs = self._cmp_source(k, pos), v
+            if cp is not None:   # every rank compresses the whole sequence
+                ks, vs = gather(ks, cp), gather(vs, cp)
             kc, vc = self.phi_k(ks, lens), self.phi_v(vs, lens)
             if self.learned:
                 ends = _window_ends(s, [T] if lens is None else lens, x.device)
@@ -358,14 +372,17 @@ class SparseAttention(nn.Module):
         tokens are decoded one at a time, appending to the cache."""
         self._check_x(x)
         if cache is not None:
+            if self.cp_group is not None:
+                raise ValueError("cache: decoding runs on one device; this layer has a cp_group")
             if cu_seqlens is not None:
                 raise ValueError("cu_seqlens: not supported with a decode cache (rows are the "
                                  "batch)")
             return self._decode(x, cache)
         p = self.project(x, cu_seqlens)
+        cp = {} if self.cp_group is None else {"cp_group": self.cp_group}
         o = self._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
                        cu_seqlens=cu_seqlens, k_win=p["k_win"], v_win=p["v_win"],
-                       **_q_cmp_arg(p))
+                       **_q_cmp_arg(p), **cp)
         return self._out(o)
 
     # ------------------------------------------------------------------ decoding

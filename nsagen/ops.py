@@ -22,6 +22,7 @@ from .checks import check_inputs
 from .codegen import module_name, render
 from .configspace import ConfigOverrides
 from .decode import DecodeCache
+from .distributed import cp_attention
 from .dsa_ops import DSAOp
 from .dsa_spec import DSASpec
 from .launch import (direct_launches, fallback_notice, interpreted_in_float32,
@@ -140,33 +141,45 @@ class NSAOp:
         return self._paged
 
     def __call__(self, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
-                 return_indices=False, k_win=None, v_win=None, q_cmp=None):
+                 return_indices=False, k_win=None, v_win=None, q_cmp=None, cu_seqlens_k=None,
+                 cp_group=None):
         """o [B, T, HQ, Dv] (and block indices [B, T, H, n] if return_indices); see docs/algorithm.md.
         `q_cmp` [B, T, HQ, Dk] (default q) is the query of the compressed branch and of the block
-        scores, e.g. without the rotary embedding the other branches' q carries."""
+        scores, e.g. without the rotary embedding the other branches' q carries.
+        `cu_seqlens_k` packs the keys (k, v, k_win, v_win, k_cmp, v_cmp) apart from the queries
+        (`cu_seqlens`): each sequence's queries are then its last positions.
+        `cp_group`: context parallelism over a torch.distributed group; every tensor is this
+        rank's zig-zag share (nsagen.distributed.shard) and so is the output (docs/distributed.md)."""
         spec = self.spec
         if q_cmp is q:      # one query for every branch: today's op exactly
             q_cmp = None
-        prob = check_inputs(spec, q, k, v, gates, k_cmp, v_cmp, cu_seqlens, k_win, v_win, q_cmp)
+        if cp_group is not None:
+            if return_indices or cu_seqlens_k is not None:
+                raise ValueError("cp_group: return_indices and cu_seqlens_k are not supported "
+                                 "with context parallelism")
+            return cp_attention(self, cp_group, q, k, v, gates, k_cmp, v_cmp, cu_seqlens,
+                                k_win, v_win, q_cmp)
+        prob = check_inputs(spec, q, k, v, gates, k_cmp, v_cmp, cu_seqlens, k_win, v_win, q_cmp,
+                            cu_seqlens_k)
         if kernels_available(q.device) and interpreted_in_float32(q):
             out = self(q.float(), k.float(), v.float(), _float32(gates), _float32(k_cmp),
                        _float32(v_cmp), cu_seqlens, return_indices, _float32(k_win),
-                       _float32(v_win), _float32(q_cmp))
+                       _float32(v_win), _float32(q_cmp), cu_seqlens_k)
             if return_indices:
                 return out[0].to(q.dtype), out[1]
             return out.to(q.dtype)
         if not kernels_available(q.device):
             fallback_notice(q.device)
             return reference.nsa(q, k, v, gates, spec, k_cmp, v_cmp, cu_seqlens, return_indices,
-                                 k_win=k_win, v_win=v_win, q_cmp=q_cmp)
+                                 k_win=k_win, v_win=v_win, q_cmp=q_cmp, cu_seqlens_k=cu_seqlens_k)
         B, T = prob.batch, prob.seq_len
         if torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad
                 for t in (q, k, v, gates, k_cmp, v_cmp, k_win, v_win, q_cmp)):
             o, idx, *_ = self._train_op(q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu_seqlens,
-                                        q_cmp)
+                                        q_cmp, cu_seqlens_k)
         else:
-            lay = build_layout(spec, prob.seqlens, q.device)
+            lay = build_layout(spec, prob.seqlens, q.device, qlens=prob.qlens or None)
             with direct_launches():
                 o, idx, _ = self.module.forward(
                     pack(q), pack(k), pack(v), pack(gates), pack(k_cmp), pack(v_cmp), lay,
@@ -203,10 +216,11 @@ def _register_training_op(nsa: NSAOp):
 
     def fwd(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor], k_cmp: Optional[Tensor],
             v_cmp: Optional[Tensor], k_win: Optional[Tensor], v_win: Optional[Tensor],
-            cu_seqlens: Optional[Tensor], q_cmp: Optional[Tensor] = None
+            cu_seqlens: Optional[Tensor], q_cmp: Optional[Tensor] = None,
+            cu_seqlens_k: Optional[Tensor] = None
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         B, T = q.shape[:2]
-        lay = layout_of_call(spec, q, cu_seqlens)
+        lay = layout_of_call(spec, q, cu_seqlens, cu_seqlens_k)
         o, idx, saved = mod.forward(
             pack(q), pack(k), pack(v), pack(gates), pack(k_cmp), pack(v_cmp), lay,
             pack(k_win), pack(v_win), configs=nsa.configs_for(q.device, max(lay.seqlens)),
@@ -222,10 +236,10 @@ def _register_training_op(nsa: NSAOp):
     def bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor], idx: Tensor,
             ob: Tensor, lse: Tensor, kc: Tensor, vc: Tensor, k_win: Optional[Tensor],
             v_win: Optional[Tensor], cu_seqlens: Optional[Tensor], user_cmp: bool,
-            q_cmp: Optional[Tensor] = None
+            q_cmp: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        B, T = q.shape[:2]
-        lay = layout_of_call(spec, q, cu_seqlens)
+        B = q.shape[0]
+        lay = layout_of_call(spec, q, cu_seqlens, cu_seqlens_k)
         # the caller's k_cmp/v_cmp are [B, Nc, H, D]; ones made by mean compression come packed
         # [Nc_total, H, D] (possibly with no rows); a 1-d placeholder means no compressed branch
         if user_cmp:
@@ -245,8 +259,8 @@ def _register_training_op(nsa: NSAOp):
                 dk = dk + mean_compress_backward(g["dk_cmp"], lay, spec, dk.shape[0])
                 dv = dv + mean_compress_backward(g["dv_cmp"], lay, spec, dv.shape[0])
 
-        def unpack(t):
-            return t.to(q.dtype).view(B, T, *t.shape[1:])
+        def unpack(t):   # query rows and key rows may differ in number (cu_seqlens_k)
+            return t.to(q.dtype).view(B, -1, *t.shape[1:])
 
         return (unpack(g["dq"]), unpack(dk), unpack(dv),
                 unpack(g["dgates"]) if gates is not None else q.new_empty(0), dk_cmp, dv_cmp,
@@ -258,24 +272,24 @@ def _register_training_op(nsa: NSAOp):
     bwd_op = triton_op(nsa.op_name + "_bwd", mutates_args={})(bwd)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu, q_cmp = inputs
+        q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu, q_cmp, cu_k = inputs
         _, idx, ob, lse, kc, vc = output
         user_cmp = k_cmp is not None
         ctx.user_cmp, ctx.has_gates = user_cmp, gates is not None
         ctx.has_win, ctx.has_qc = k_win is not None, q_cmp is not None
         ctx.save_for_backward(q, k, v, gates, idx, ob, lse, k_cmp if user_cmp else kc,
-                              v_cmp if user_cmp else vc, k_win, v_win, cu, q_cmp)
+                              v_cmp if user_cmp else vc, k_win, v_win, cu, q_cmp, cu_k)
 
     def backward(ctx, do, *_):
-        q, k, v, gates, idx, ob, lse, kc, vc, k_win, v_win, cu, q_cmp = ctx.saved_tensors
+        q, k, v, gates, idx, ob, lse, kc, vc, k_win, v_win, cu, q_cmp, cu_k = ctx.saved_tensors
         dq, dk, dv, dg, dkc, dvc, dkw, dvw, dqc = bwd_op(
             do.contiguous(), q, k, v, gates, idx, ob, lse, kc, vc, k_win, v_win, cu,
-            ctx.user_cmp, q_cmp)
+            ctx.user_cmp, q_cmp, cu_k)
         if ctx.has_qc and dqc.numel() == 0:   # no compressed output: q_cmp only picks blocks
             dqc = torch.zeros_like(q_cmp)
         return (dq, dk, dv, dg if ctx.has_gates else None, dkc if ctx.user_cmp else None,
                 dvc if ctx.user_cmp else None, dkw if ctx.has_win else None,
-                dvw if ctx.has_win else None, None, dqc if ctx.has_qc else None)
+                dvw if ctx.has_win else None, None, dqc if ctx.has_qc else None, None)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
     return fwd_op

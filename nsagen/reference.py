@@ -185,7 +185,7 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor |
         cu_seqlens: torch.Tensor | None = None, return_indices: bool = False,
         k_win: torch.Tensor | None = None, v_win: torch.Tensor | None = None,
         block_indices: torch.Tensor | None = None, return_scores: bool = False,
-        q_cmp: torch.Tensor | None = None):
+        q_cmp: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None):
     """NSA prefill: o [B, T, HQ, Dv] (and block indices [B, T, H, n] int32 if return_indices).
 
     Shapes and semantics: docs/algorithm.md. Computed in the inputs' dtype; differentiable.
@@ -194,31 +194,35 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor |
     `block_indices` [B, T, H, n] replaces the top-n choice (to check a kernel's output on the
     blocks it chose when a near-tie flipped one); `return_scores` also returns the group-summed
     block importance [B, T, H, NB] (per-sequence NB, padded with 0 for varlen).
+    `cu_seqlens_k` packs the keys apart from the queries: each sequence's queries are its last
+    positions.
     """
-    prob = check_inputs(spec, q, k, v, gates, k_cmp, v_cmp, cu_seqlens, k_win, v_win, q_cmp)
+    prob = check_inputs(spec, q, k, v, gates, k_cmp, v_cmp, cu_seqlens, k_win, v_win, q_cmp,
+                        cu_seqlens_k)
     if cu_seqlens is None:
         pos = torch.arange(prob.seq_len, device=q.device)
         o, idx, score = _nsa_core(spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win,
                                   block_indices, q_cmp)
     else:
         os_, idxs, scores = [], [], []
-        t0 = c0 = 0
-        for n in prob.seqlens:
+        t0 = k0 = c0 = 0
+        for n, nq in zip(prob.seqlens, prob.qlens or prob.seqlens):
             nc = spec.num_cmp(n)
-            sl = slice(t0, t0 + n)
+            sl = slice(t0, t0 + nq)     # the sequence's query rows: its last nq positions
+            kl = slice(k0, k0 + n)
             cs = slice(c0, c0 + nc)
-            pos = torch.arange(n, device=q.device)
+            pos = torch.arange(n - nq, n, device=q.device)
             o_s, i_s, sc_s = _nsa_core(
-                spec, q[:, sl], pos, k[:, sl], v[:, sl],
+                spec, q[:, sl], pos, k[:, kl], v[:, kl],
                 None if gates is None else gates[:, sl],
                 None if k_cmp is None else k_cmp[:, cs], None if v_cmp is None else v_cmp[:, cs],
-                None if k_win is None else k_win[:, sl], None if v_win is None else v_win[:, sl],
+                None if k_win is None else k_win[:, kl], None if v_win is None else v_win[:, kl],
                 None if block_indices is None else block_indices[:, sl],
                 None if q_cmp is None else q_cmp[:, sl])
             os_.append(o_s)
             idxs.append(i_s)
             scores.append(sc_s)
-            t0, c0 = t0 + n, c0 + nc
+            t0, k0, c0 = t0 + nq, k0 + n, c0 + nc
         o = torch.cat(os_, 1)
         idx = torch.cat(idxs, 1) if idxs[0] is not None else None
         if scores[0] is not None:

@@ -147,3 +147,19 @@ def test_q_cmp_equal_to_q_is_todays_op_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(g, g2))
     with torch.no_grad():
         assert torch.equal(op(*args), op(*args, q_cmp=x["q"]))
+
+
+@pytest.mark.parametrize("name", ["nsa-d128", "nsa-paper", "nsa-g1"])
+def test_queries_that_end_each_sequence(name):
+    """cu_seqlens_k: each sequence keeps only its last queries (a chunk over its whole prefix, as
+    context parallelism and chunked prefill run it); every gradient, the keys' included, against
+    the reference's."""
+    spec = scaled(nsagen.load_spec(name))
+    check_backward(spec, B=1, T=0, dtype=torch.float32, device="cpu", seed=21,
+                   varlen_lens=[40, 7, 33, 26], qlens=[13, 7, 1, 26])
+
+
+def test_suffix_queries_with_separate_kv_and_q_cmp():
+    spec = scaled(nsagen.load_spec("nsa-paper")).replace(kv_per_branch="separate", window=8)
+    check_backward(spec, B=1, T=0, dtype=torch.float32, device="cpu", seed=22,
+                   varlen_lens=[37, 29], qlens=[11, 20], q_cmp=True)

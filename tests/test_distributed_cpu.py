@@ -1,5 +1,6 @@
-"""The zig-zag split of context parallelism on two CPU processes (gloo): each rank's share holds
-chunks r and 2W - 1 - r, and gathering the shares gives the full tensor back on every rank."""
+"""Context parallelism on two CPU processes (gloo): each rank's share holds chunks r and
+2W - 1 - r, gathering the shares gives the full tensor back on every rank, and the op with
+`cp_group` equals the single-process op, outputs and every gradient (interpreter, float32)."""
 import os
 import socket
 
@@ -8,7 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nsagen.distributed import shard, unshard, zigzag_chunks
+import nsagen
+from nsagen.distributed import pieces, shard, unshard, zigzag_chunks
+
+from kernel_checks import make_inputs, rel_err, scaled
 
 
 def _free_port() -> int:
@@ -54,3 +58,154 @@ def test_zigzag_chunks_balance_and_refusals():
         zigzag_chunks(60, 4, 0)
     with pytest.raises(ValueError, match="out of range"):
         zigzag_chunks(64, 4, 4)
+
+
+# (spec, B, T or varlen lengths, separate query for the compressed branch)
+CP_CASES = [("nsa-d128", 2, 64, False), ("nsa-d128", 1, (23, 9, 32), False),
+            ("nsa-paper", 1, 48, True)]
+CP_NAMES = ("q", "k", "v", "gates", "k_cmp", "v_cmp", "k_win", "v_win", "q_cmp")
+
+
+def _cp_inputs(case):
+    name, B, T, with_qc = case
+    spec = scaled(nsagen.load_spec(name))
+    if name == "nsa-paper":
+        spec = spec.replace(kv_per_branch="separate", window=8)
+    lens = list(T) if isinstance(T, tuple) else None
+    x = make_inputs(spec, B, 0 if lens else T, torch.float32, "cpu", seed=31, varlen_lens=lens)
+    gen = torch.Generator().manual_seed(32)
+    x["q_cmp"] = torch.randn(x["q"].shape, generator=gen) if with_qc else None
+    do = torch.randn(*x["q"].shape[:3], spec.dim_v, generator=gen)
+    return spec, x, do
+
+
+def _cp_run(op, x, do, group=None):
+    """Output and gradients of every given input, on one process or (group) on this rank's
+    shares; k_cmp, v_cmp are full tensors on every rank."""
+    names = [n for n in CP_NAMES if x[n] is not None]
+    full = ("k_cmp", "v_cmp")
+    if group is not None:
+        x = {n: (t if t is None or n in full or n == "cu_seqlens" else shard(t, group))
+             for n, t in x.items()}
+        do = shard(do, group)
+    leaves = {n: x[n].clone().requires_grad_(True) for n in names}
+    kw = {n: leaves.get(n) for n in ("k_win", "v_win", "q_cmp")}
+    o = op(leaves["q"], leaves["k"], leaves["v"], leaves.get("gates"), leaves.get("k_cmp"),
+           leaves.get("v_cmp"), x["cu_seqlens"], cp_group=group, **kw)
+    grads = torch.autograd.grad(o, [leaves[n] for n in names], do)
+    return o.detach(), dict(zip(names, grads))
+
+
+def _cp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = []
+        for case in CP_CASES:
+            spec, x, do = _cp_inputs(case)
+            results.append(_cp_run(nsagen.build(spec), x, do, dist.group.WORLD))
+        # the same under torch.compile (the collectives and the host-side split break the graph)
+        spec, x, do = _cp_inputs(CP_CASES[0])
+        op = torch.compile(nsagen.build(spec).__call__, backend="aot_eager")
+        results.append(_cp_run(op, x, do, dist.group.WORLD))
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_op_with_cp_group_equals_one_process(tmp_path):
+    """Outputs and all gradients (q, k, v, gates, learned k_cmp/v_cmp, separate window k/v,
+    q_cmp) of two gloo ranks against the single-process op, batched and varlen."""
+    want = []
+    for case in CP_CASES:
+        spec, x, do = _cp_inputs(case)
+        want.append(_cp_run(nsagen.build(spec), x, do))
+    world, port = 2, _free_port()
+    out = str(tmp_path / "cp")
+    mp.start_processes(_cp_worker, args=(world, port, out), nprocs=world, start_method="spawn")
+    got = [torch.load(f"{out}.{r}") for r in range(world)]
+    want.append(want[0])
+    for i, case in enumerate(CP_CASES + CP_CASES[:1]):
+        o, grads = want[i]
+        T = o.shape[1]
+        for r in range(world):
+            o_r, grads_r = got[r][i]
+            early, late = zigzag_chunks(T, world, r)
+            rows = list(early) + list(late)
+            assert rel_err(o_r, o[:, rows]) < 1e-5, (case, r)
+            for n, gw in grads.items():
+                if n not in ("k_cmp", "v_cmp"):
+                    assert rel_err(grads_r[n], gw[:, rows]) < 1e-5, (case, r, n)
+        for n in ("k_cmp", "v_cmp"):   # full on every rank: the ranks' parts sum to the gradient
+            if n in grads:
+                assert rel_err(sum(got[r][i][1][n] for r in range(world)), grads[n]) < 1e-5
+
+
+def test_pieces_cover_each_rank_and_sequence():
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    lens, W = (23, 9, 32), 2
+    seen = []
+    for r in range(W):
+        runs = pieces(lens, W, r, spec, packed=True)
+        assert sum(p.n_q for p in runs) == sum(lens) // W
+        assert [p.q_row for p in runs] == [sum(p.n_q for p in runs[:i]) for i in range(len(runs))]
+        for p in runs:   # queries end the prefix of their own sequence
+            starts = [0, 23, 32]
+            assert p.k_row in starts and p.n_k <= lens[starts.index(p.k_row)]
+            seen += list(range(p.k_row + p.n_k - p.n_q, p.k_row + p.n_k))
+    assert sorted(seen) == list(range(sum(lens)))
+
+
+def _layer_case():
+    from nsagen.nn import SparseAttention
+
+    spec = scaled(nsagen.load_spec("nsa-paper"))
+    torch.manual_seed(41)
+    layer = SparseAttention(spec, hidden_size=32, match_width=False, rope=("slc", "win"))
+    gen = torch.Generator().manual_seed(42)
+    x = torch.randn(1, 48, 32, generator=gen)
+    do = torch.randn(1, 48, 32, generator=gen)
+    return layer, x, do
+
+
+def _layer_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        layer, x, do = _layer_case()
+        layer.cp_group = dist.group.WORLD
+        xs = shard(x).requires_grad_(True)
+        y = layer(xs)
+        (y * shard(do)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+        for g in grads.values():   # data parallel over the sequence: sum the parameters' parts
+            dist.all_reduce(g)
+        torch.save(dict(y=y.detach(), dx=xs.grad, grads=grads), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_layer_with_cp_group_equals_one_process(tmp_path):
+    """SparseAttention(cp_group=...) on shares (learned compression gathered on every rank,
+    rotary positions of the share, an un-rotated compressed branch): outputs, input gradients
+    and the parameters' gradients summed over the ranks equal one process's."""
+    layer, x, do = _layer_case()
+    x = x.requires_grad_(True)
+    y = layer(x)
+    (y * do).sum().backward()
+    world, port = 2, _free_port()
+    out = str(tmp_path / "layer")
+    mp.start_processes(_layer_worker, args=(world, port, out), nprocs=world, start_method="spawn")
+    for r in range(world):
+        got = torch.load(f"{out}.{r}")
+        early, late = zigzag_chunks(48, world, r)
+        rows = list(early) + list(late)
+        assert rel_err(got["y"], y.detach()[:, rows]) < 1e-5
+        assert rel_err(got["dx"], x.grad[:, rows]) < 1e-5
+        for n, p in layer.named_parameters():
+            if p.grad is None:
+                continue
+            if p.grad.norm() < 1e-6:   # zero up to rounding (e.g. a bias every key shares)
+                assert (got["grads"][n] - p.grad).abs().max() < 1e-6, n
+            else:
+                assert rel_err(got["grads"][n], p.grad) < 1e-5, n

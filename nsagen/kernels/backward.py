@@ -44,7 +44,8 @@ def _cmp_bwd_launch(spec: Spec, flags: dict) -> dict:
             *_bwd_strides("kc", "vc"), *common, cfg("BT", "BC"), options=WARPS),
         dkdv=signature(
             ptrs("q", "kc", "vc", "g", "do", "lse", "delta", "dkc", "dvc", "ctile_row=ct[0]",
-                 "ctile_c0=ct[1]", "ctile_tok0=ct[2]", "ctile_len=ct[3]", "ctile_nc=ct[4]"),
+                 "ctile_c0=ct[1]", "ctile_qzero=ct[2]", "ctile_len=ct[3]", "ctile_nc=ct[4]",
+                 "ctile_qfirst=ct[5]"),
             scalars("q_chunk"), *_bwd_strides("kc", "vc"), *common, cfg("BT=BT_KV", "BC=BC_KV"),
             options=_KV_OPTIONS))
 
@@ -146,7 +147,8 @@ def _slc_bwd_launch(spec: Spec, flags: dict) -> dict:
               consts(HAS_GATES="gates is not None", PREC="prec"))
     return dict(
         dq=signature(
-            ptrs("q", "k", "v", "g", "do", "lse", "delta", "dq", "idx", "tok_pos=lay.tok_pos"),
+            ptrs("q", "k", "v", "g", "do", "lse", "delta", "dq", "idx", "tok_pos=lay.tok_pos",
+                 "tok_kbase=lay.tok_kbase"),
             *_bwd_strides(), strides("idx", "it", "ih"), *common,
             values(N=spec.slc_count, NP=triton.next_power_of_2(spec.slc_count)), cfg("BK"),
             options=WARPS),
@@ -165,11 +167,12 @@ def _win_bwd_launch(spec: Spec, flags: dict) -> dict:
     return dict(
         dq=signature(
             ptrs("q", "k", "v", "g", "do", "lse", "delta", "dq", "tile_tok", "tile_len",
-                 "tok_pos=lay.tok_pos"),
+                 "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
             *_bwd_strides(), *common, cfg("BT", "BK"), options=WARPS),
         dkdv=signature(
             ptrs("q", "k", "v", "g", "do", "lse", "delta", "dk", "dv", "tile_tok=ktile_tok",
-                 "tile_len=ktile_len", "tok_pos=lay.tok_pos", "tok_len=lay.tok_seqlen"),
+                 "tile_len=ktile_len", "key_pos=lay.key_pos", "key_len=lay.key_len",
+                 "key_qzero=lay.key_qzero", "key_qfirst=lay.key_qfirst"),
             *_bwd_strides(), *common, cfg("BT=BT_KV", "BK=BK_KV"), options=_KV_OPTIONS))
 
 
