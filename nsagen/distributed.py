@@ -68,19 +68,23 @@ def _share_rows(x: torch.Tensor, world: int, rank: int, dim: int) -> torch.Tenso
 
 def _sum_and_shard(g_full: torch.Tensor, group, dim: int) -> torch.Tensor:
     """Every rank's partial gradient of a full tensor summed, this rank's share returned: a
-    reduce-scatter where the backend has one (NCCL), else an all-reduce (gloo)."""
+    reduce-scatter of the shares laid out rank by rank (an all-reduce where a CPU backend lacks
+    the reduce-scatter)."""
     world, rank = _group_shape(group)
     if world == 1:
         return g_full
-    if dist.get_backend(group) == "nccl":
-        parts = torch.cat([_share_rows(g_full, world, r, dim) for r in range(world)], dim)
-        parts = parts.movedim(dim, 0).contiguous()
-        out = parts.new_empty(parts.shape[0] // world, *parts.shape[1:])
+    parts = torch.cat([_share_rows(g_full, world, r, dim) for r in range(world)], dim)
+    parts = parts.movedim(dim, 0).contiguous()
+    out = parts.new_empty(parts.shape[0] // world, *parts.shape[1:])
+    try:
         dist.reduce_scatter_tensor(out, parts, group=group)
-        return out.movedim(0, dim)
-    g_full = g_full.contiguous()
-    dist.all_reduce(g_full, group=group)
-    return _share_rows(g_full, world, rank, dim)
+    except (RuntimeError, NotImplementedError):
+        if dist.get_backend(group) == "nccl":
+            raise
+        g_full = g_full.contiguous()    # older gloo: every rank refuses alike before sending
+        dist.all_reduce(g_full, group=group)
+        return _share_rows(g_full, world, rank, dim)
+    return out.movedim(0, dim)
 
 
 class _Gather(torch.autograd.Function):

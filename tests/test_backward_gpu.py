@@ -107,3 +107,13 @@ def test_own_query_for_the_compressed_branch_bf16(name):
     branch's backward (the reference on the same blocks)."""
     check_backward(nsagen.load_spec(name), B=1, T=3000, dtype=BF16, device="cuda", seed=5,
                    q_cmp=True)
+
+
+@pytest.mark.parametrize("name", ["nsa-d128", "nsa-paper", "nsa-g1"])
+def test_queries_that_end_each_sequence_bf16(name):
+    """cu_seqlens_k (a chunk over its whole prefix, as context parallelism runs it) at real
+    block sizes: every gradient, the keys' included."""
+    spec = nsagen.load_spec(name)
+    spec = spec.replace(heads_q=2 * spec.group, heads_kv=2)
+    check_backward(spec, B=1, T=0, dtype=BF16, device="cuda", seed=23,
+                   varlen_lens=[3000, 1100, 2048], qlens=[1000, 1100, 513])

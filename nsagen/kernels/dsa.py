@@ -128,8 +128,8 @@ def _attention_default(spec: DSASpec, target: Target, why: list) -> dict:
 
 
 def _attention_space(spec: DSASpec, default: dict, target: Target, smem: int):
-    return [dict(default, BK=bk, num_warps=nw, num_stages=ns)
-            for bk, nw, ns in itertools.product([16, 32, 64], [4, 8], [1, 2, 3])], []
+    return [dict(default, BK=bk, num_warps=nw, num_stages=ns, HFAST=hf)
+            for bk, nw, ns, hf in itertools.product([16, 32, 64], [4, 8], [1, 2, 3], [0, 1])], []
 
 
 def _attention_launch(spec: DSASpec, flags: dict) -> dict:
@@ -144,7 +144,8 @@ def _attention_launch(spec: DSASpec, flags: dict) -> dict:
             consts(qk_scale="QK_SCALE", H="H_KV", G="GROUP"),
             values(BH=head_rows(spec), DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
                    BDV=bdv, K=spec.topk),
-            consts(PREC="prec", DENSE="dense", NS="ns"), cfg("BK"), options=WARPS_STAGES),
+            consts(PREC="prec", DENSE="dense", NS="ns", NHB="nhb",
+                   HFAST='cfg.get("HFAST", 0)'), cfg("BK"), options=WARPS_STAGES),
         combine=signature(
             ptrs("po", "plse", "o", "lse"), strides("o", "ot", "oh"),
             consts(H="H_KV", G="GROUP", NS="ns"), values(BH=4, DV=spec.dim_v, BDV=bdv),
