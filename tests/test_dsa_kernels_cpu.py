@@ -76,22 +76,22 @@ def test_indexer_key_blocks_per_program(bk, kb, krows, fp8):
         op.configs = {}
 
 
-@pytest.mark.parametrize("kv", [1, 2])
-@pytest.mark.parametrize("hfast", [0, 1])
+@pytest.mark.parametrize("kv,hfast", [(1, 0), (2, 0), (1, 1)])
 def test_attention_splits_a_tokens_picks_across_programs(kv, hfast):
     """A grid of few programs (a decode step) splits each token's picks into runs, one program
     each, and combines their partials by LSE: outputs equal the reference, rows below topk
     (some runs see nothing) included. `hfast`: a token's head blocks and runs are neighbours in
     the grid (with MQA over 128 heads: two head blocks)."""
-    wide = hfast and kv == 1
-    spec = spec_of(kv=kv, topk=64, hq=128 if wide else 8 if hfast else 4)
+    spec = spec_of(kv=kv, topk=64, hq=128 if hfast else 4)
     op = nsagen.build(spec)
-    lens = [70] if wide else [90, 40]
+    lens = [70] if hfast else [90, 40]
     x, cu = dsa_inputs(spec, lens, torch.float32, "cpu", seed=11)
     op.configs = {"dsa_attention": dict(op.module.CONFIGS["dsa_attention"], BK=16,
                                         SMS=1 << 20, HFAST=hfast)}
     try:
         check_forward(op, x, lens, torch.float32)
+        if hfast:   # the grid order is the forward's alone
+            return
         # the backward reads the combined LSE: gradients equal those of the unsplit forward
         grads = []
         for sms in (1 << 20, 0):
