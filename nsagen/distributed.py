@@ -68,23 +68,12 @@ def _share_rows(x: torch.Tensor, world: int, rank: int, dim: int) -> torch.Tenso
 
 def _sum_and_shard(g_full: torch.Tensor, group, dim: int) -> torch.Tensor:
     """Every rank's partial gradient of a full tensor summed, this rank's share returned: a
-    reduce-scatter of the shares laid out rank by rank (an all-reduce where a CPU backend lacks
-    the reduce-scatter)."""
-    world, rank = _group_shape(group)
+    reduce-scatter of the shares laid out rank by rank."""
+    world, _ = _group_shape(group)
     if world == 1:
         return g_full
     parts = torch.cat([_share_rows(g_full, world, r, dim) for r in range(world)], dim)
-    parts = parts.movedim(dim, 0).contiguous()
-    out = parts.new_empty(parts.shape[0] // world, *parts.shape[1:])
-    try:
-        dist.reduce_scatter_tensor(out, parts, group=group)
-    except (RuntimeError, NotImplementedError):
-        if dist.get_backend(group) == "nccl":
-            raise
-        g_full = g_full.contiguous()    # older gloo: every rank refuses alike before sending
-        dist.all_reduce(g_full, group=group)
-        return _share_rows(g_full, world, rank, dim)
-    return out.movedim(0, dim)
+    return _reduce_scatter_rows(parts.movedim(dim, 0).contiguous(), group).movedim(0, dim)
 
 
 class _Gather(torch.autograd.Function):
@@ -117,43 +106,40 @@ def gather(x_local: torch.Tensor, group=None, dim: int = 1, grad: str = "partial
 
 @dataclass(frozen=True)
 class Piece:
-    """A run of one rank's query rows inside one sequence: its `n_q` queries (local rows from
-    `q_row`) are the last positions of the prefix of `n_k` keys that starts at full row
-    `k_row`; the sequence's compressed tokens start at row `c_row`."""
+    """A run of one rank's query rows inside one sequence: its `n_q` queries are the last
+    positions of the prefix of `n_k` keys that starts at position `k_pos` of batch row `b` (of
+    the packed stream with cu_seqlens); the sequence's compressed tokens start at row `c_row`.
+    `late`: the run lies in the rank's late chunk."""
 
-    q_row: int
     n_q: int
-    k_row: int
+    b: int
+    k_pos: int
     n_k: int
     c_row: int
+    late: bool
 
 
 def pieces(seqlens: tuple[int, ...], world: int, rank: int, spec,
            packed: bool = False) -> list[Piece]:
-    """The runs of rank `rank`'s zig-zag share of sequences of `seqlens` tokens, in the order of
-    its local rows. The sequences are batch rows, each split on its own, or with `packed` varlen
-    sequences laid end to end (cu_seqlens), whose packed stream is split."""
+    """The runs of rank `rank`'s zig-zag share of sequences of `seqlens` tokens: the early
+    chunk's then the late chunk's, each in the order of the rows (batch row by batch row). The
+    sequences are batch rows, each split on its own, or with `packed` varlen sequences laid end
+    to end (cu_seqlens), whose packed stream is split."""
+    streams = [tuple(seqlens)] if packed else [(n,) for n in seqlens]
+    c0 = [0]
+    for lens in streams:
+        c0.append(c0[-1] + sum(spec.num_cmp(n) for n in lens))
     out: list[Piece] = []
-    rows = 0
-    if packed:
-        streams = [(0, tuple(seqlens))]
-    else:
-        streams = [(b * seqlens[0], (seqlens[0],)) for b in range(len(seqlens))]
-    c_row = 0
-    for start, lens in streams:
-        total = sum(lens)
-        starts = [start + sum(lens[:i]) for i in range(len(lens))]
-        c_starts = []
-        for n in lens:
-            c_starts.append(c_row)
-            c_row += spec.num_cmp(n) if spec.family == "nsa" else 0
-        for chunk in zigzag_chunks(total, world, rank):
-            g0, g1 = start + chunk.start, start + chunk.stop
-            for st, n, cs in zip(starts, lens, c_starts):
-                a, b = max(g0, st), min(g1, st + n)
-                if a < b:
-                    out.append(Piece(q_row=rows, n_q=b - a, k_row=st, n_k=b - st, c_row=cs))
-                    rows += b - a
+    for late in (False, True):
+        for b, lens in enumerate(streams):
+            chunk = zigzag_chunks(sum(lens), world, rank)[late]
+            st, c_row = 0, c0[b]
+            for n in lens:
+                lo, hi = max(chunk.start, st), min(chunk.stop, st + n)
+                if lo < hi:
+                    out.append(Piece(n_q=hi - lo, b=b, k_pos=st, n_k=hi - st, c_row=c_row,
+                                     late=late))
+                st, c_row = st + n, c_row + spec.num_cmp(n)
     return out
 
 
@@ -166,6 +152,42 @@ def _cu(lengths, device) -> torch.Tensor:
                         device=device)
 
 
+def _reduce_scatter_rows(src: torch.Tensor, group) -> torch.Tensor:
+    """src [W * N, ...] (rank r's part first at rows r N) summed over the ranks; this rank's
+    N rows returned (an all-reduce where a CPU backend lacks the reduce-scatter)."""
+    world, rank = _group_shape(group)
+    out = src.new_empty(src.shape[0] // world, *src.shape[1:])
+    try:
+        dist.reduce_scatter_tensor(out, src, group=group)
+    except (RuntimeError, NotImplementedError):
+        if dist.get_backend(group) == "nccl":
+            raise
+        src = src.clone()               # older gloo: every rank refuses alike before sending
+        dist.all_reduce(src, group=group)
+        out = src[rank * out.shape[0]:(rank + 1) * out.shape[0]]
+    return out
+
+
+class _GatherHalf(torch.autograd.Function):
+    """Half of every rank's share, laid out [C, B, ...], gathered rank by rank into
+    [W C, B, ...]. The collective is only started: its handle goes to `pending`, to be waited on
+    before the result is read, so the other half's transfer can overlap the work on this one.
+    Backward sums the ranks' gradients of the gathered half and returns this rank's part (a
+    reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, src, group, pending):
+        ctx.group = group
+        src = src.contiguous()
+        out = src.new_empty(dist.get_world_size(group) * src.shape[0], *src.shape[1:])
+        pending.append(dist.all_gather_into_tensor(out, src, group=group, async_op=True))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter_rows(g.contiguous(), ctx.group), None, None
+
+
 def cp_attention(op, group, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
                  k_win=None, v_win=None, q_cmp=None) -> torch.Tensor:
     """The op with context parallelism: q, k, v, gates, q_cmp, k_win, v_win are this rank's
@@ -174,7 +196,11 @@ def cp_attention(op, group, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seql
     the output, equal to the single-device op's. The shares' gradients equal the single-device
     gradients' shares (the keys' parts are summed over the ranks); k_cmp and v_cmp get this
     rank's part of their gradient, as a replicated parameter does: the ranks' parts sum to the
-    single-device gradient (compute them from `gather(k)` and that sum happens there)."""
+    single-device gradient (compute them from `gather(k)` and that sum happens there).
+
+    The early chunk's prefix lies in the early half of the sequence (every rank's early
+    chunk), so the keys are gathered in two halves: the early chunk attends as soon as the early
+    half has arrived, while the late half is still in flight."""
     world, rank = _group_shape(group)
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError("cp_group: q and k must be 4-d shares [B, T / W, heads, dim]")
@@ -186,7 +212,7 @@ def cp_attention(op, group, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seql
         if t is not None and tuple(t.shape[:2]) != (B, Tl):
             raise ValueError(f"cp_group: {name} must be a share [B={B}, {Tl}, ...] like q, got "
                              f"{tuple(t.shape)[:4]}")
-    T = Tl * world
+    T, C = Tl * world, Tl // 2
     if cu_seqlens is None:
         seqlens = (T,) * B
     else:
@@ -198,26 +224,48 @@ def cp_attention(op, group, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seql
         seqlens = tuple(b - a for a, b in zip(offs[:-1], offs[1:]))
     runs = pieces(seqlens, world, rank, op.spec, packed=cu_seqlens is not None)
     dev = q.device
+    shared = {n: t for n, t in (("k", k), ("v", v), ("k_win", k_win), ("v_win", v_win))
+              if t is not None}
+    early_wait: list = []
+    late_wait: list = []
+    early = {n: _GatherHalf.apply(t[:, :C].movedim(1, 0), group, early_wait)
+             for n, t in shared.items()}
+    late = {n: _GatherHalf.apply(t[:, C:].movedim(1, 0), group, late_wait)
+            for n, t in shared.items()}
 
-    def keys(x):   # this rank's key rows (every run's prefix) of a gathered share
-        full = gather(x, group, 1).flatten(0, 1)
-        return full[_rows([(p.k_row, p.n_k) for p in runs], dev)].unsqueeze(0)
+    def run(half: bool, keys: dict):
+        """The op for the runs of one chunk; `keys` [B, L, ...] hold positions 0 .. L - 1."""
+        part = [p for p in runs if p.late == half]
+        L = next(iter(keys.values())).shape[1]
+        rows = _rows([(p.b * L + p.k_pos, p.n_k) for p in part], dev)
+        kx = {n: t.flatten(0, 1)[rows].unsqueeze(0) for n, t in keys.items()}
+        sl = slice(C, Tl) if half else slice(0, C)
 
-    def rows_of(x):
-        return None if x is None else x.reshape(1, B * Tl, *x.shape[2:])
+        def mine(x):
+            return None if x is None else x[:, sl].reshape(1, B * C, *x.shape[2:])
 
-    kc = vc = None
-    if k_cmp is not None:
-        spec = op.spec
-        crows = _rows([(p.c_row, spec.num_cmp(p.n_k)) for p in runs], dev)
-        kc = k_cmp.flatten(0, 1)[crows].unsqueeze(0)
-        vc = v_cmp.flatten(0, 1)[crows].unsqueeze(0)
-    o = op(rows_of(q), keys(k), keys(v), rows_of(gates), kc, vc,
-           cu_seqlens=_cu([p.n_q for p in runs], dev),
-           k_win=None if k_win is None else keys(k_win),
-           v_win=None if v_win is None else keys(v_win), q_cmp=rows_of(q_cmp),
-           cu_seqlens_k=_cu([p.n_k for p in runs], dev))
-    return o.view(B, Tl, *o.shape[2:])
+        kc = vc = None
+        if k_cmp is not None:
+            crows = _rows([(p.c_row, op.spec.num_cmp(p.n_k)) for p in part], dev)
+            kc = k_cmp.flatten(0, 1)[crows].unsqueeze(0)
+            vc = v_cmp.flatten(0, 1)[crows].unsqueeze(0)
+        o = op(mine(q), kx["k"], kx["v"], mine(gates), kc, vc,
+               cu_seqlens=_cu([p.n_q for p in part], dev), k_win=kx.get("k_win"),
+               v_win=kx.get("v_win"), q_cmp=mine(q_cmp),
+               cu_seqlens_k=_cu([p.n_k for p in part], dev))
+        return o.view(B, C, *o.shape[2:])
+
+    for w in early_wait:
+        w.wait()
+    early = {n: t.movedim(0, 1) for n, t in early.items()}
+    o_early = run(False, early)
+    for w in late_wait:
+        w.wait()
+    # rank r's late chunk is chunk 2W - 1 - r: the gathered late half comes in reverse order
+    full = {n: torch.cat([early[n], t.movedim(0, 1).unflatten(1, (world, C)).flip(1)
+                          .flatten(1, 2)], 1) for n, t in late.items()}
+    o_late = run(True, full)
+    return torch.cat([o_early, o_late], 1)
 
 
 def share_positions(pos_full: torch.Tensor, group=None) -> torch.Tensor:

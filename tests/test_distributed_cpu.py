@@ -144,15 +144,20 @@ def test_op_with_cp_group_equals_one_process(tmp_path):
 def test_pieces_cover_each_rank_and_sequence():
     spec = scaled(nsagen.load_spec("nsa-d128"))
     lens, W = (23, 9, 32), 2
+    starts = [0, 23, 32]
     seen = []
     for r in range(W):
         runs = pieces(lens, W, r, spec, packed=True)
         assert sum(p.n_q for p in runs) == sum(lens) // W
-        assert [p.q_row for p in runs] == [sum(p.n_q for p in runs[:i]) for i in range(len(runs))]
+        early = [p for p in runs if not p.late]
+        assert runs[:len(early)] == early and sum(p.n_q for p in early) == sum(lens) // (2 * W)
         for p in runs:   # queries end the prefix of their own sequence
-            starts = [0, 23, 32]
-            assert p.k_row in starts and p.n_k <= lens[starts.index(p.k_row)]
-            seen += list(range(p.k_row + p.n_k - p.n_q, p.k_row + p.n_k))
+            i = starts.index(p.k_pos)
+            assert p.b == 0 and p.n_k <= lens[i]
+            assert p.c_row == sum(spec.num_cmp(n) for n in lens[:i])
+            if not p.late:   # an early chunk's prefix lies in the early half
+                assert p.k_pos + p.n_k <= sum(lens) // 2
+            seen += list(range(p.k_pos + p.n_k - p.n_q, p.k_pos + p.n_k))
     assert sorted(seen) == list(range(sum(lens)))
 
 
