@@ -18,6 +18,7 @@ Run with one process per GPU:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -103,13 +104,13 @@ def main() -> None:
     for T in a.seq_len:
         x = inputs(spec, T, dev, seed=2)
         torch.cuda.reset_peak_memory_stats(dev)
-        one = timed(lambda: step(op, x), a.reps, group)
+        one = timed(functools.partial(step, op, x), a.reps, group)
         mem_one = torch.cuda.max_memory_allocated(dev)
         xs = {n: shard(t, group).contiguous() for n, t in x.items()}
         del x
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-        split = timed(lambda: step(op, xs, group), a.reps, group)
+        split = timed(functools.partial(step, op, xs, group), a.reps, group)
         mem_split = torch.cuda.max_memory_allocated(dev)
         kv_bytes = (xs["k"].numel() + xs["v"].numel()) * xs["k"].element_size()
         row = dict(T=T, one_gpu_ms=one, split_ms=split, speedup=one / split,
