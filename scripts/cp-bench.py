@@ -33,13 +33,14 @@ from nsagen.distributed import shard
 
 def inputs(spec, T: int, dev, seed: int) -> dict:
     g = torch.Generator(device="cpu").manual_seed(seed)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
 
     def rnd(*shape):
-        return (torch.randn(*shape, generator=g) * 0.5).to(torch.bfloat16).to(dev)
+        return (torch.randn(*shape, generator=g) * 0.5).to(dtype).to(dev)
 
     HQ, H, Dk, Dv = spec.heads_q, spec.heads_kv, spec.dim_qk, spec.dim_v
     return dict(q=rnd(1, T, HQ, Dk), k=rnd(1, T, H, Dk), v=rnd(1, T, H, Dv),
-                gates=torch.rand(1, T, HQ, 3, generator=g).to(torch.bfloat16).to(dev),
+                gates=torch.rand(1, T, HQ, 3, generator=g).to(dtype).to(dev),
                 do=rnd(1, T, HQ, Dv))
 
 
@@ -56,18 +57,33 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, reps: int, group) -> float:
     fn()
-    torch.cuda.synchronize()
+    _sync()
     dist.barrier(group)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         dist.barrier(group)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def _reset_peak(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _peak(dev) -> int:
+    return torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
 
 
 def main() -> None:
@@ -78,14 +94,17 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json")
     a = p.parse_args()
-    dist.init_process_group("nccl")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")   # gloo: a CPU smoke run (interpreter)
     rank, world = dist.get_rank(), dist.get_world_size()
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    torch.cuda.set_device(dev)
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
     group = dist.group.WORLD
     op = nsagen.build(a.spec)
     spec = op.spec
-    out = dict(spec=spec.name, world=world, gpu=torch.cuda.get_device_name(dev),
+    out = dict(spec=spec.name, world=world,
+               gpu=torch.cuda.get_device_name(dev) if cuda else "cpu",
                torch=torch.__version__, check={}, runs=[])
 
     x = inputs(spec, a.check_len, dev, seed=1)
@@ -103,15 +122,14 @@ def main() -> None:
 
     for T in a.seq_len:
         x = inputs(spec, T, dev, seed=2)
-        torch.cuda.reset_peak_memory_stats(dev)
+        _reset_peak(dev)
         one = timed(functools.partial(step, op, x), a.reps, group)
-        mem_one = torch.cuda.max_memory_allocated(dev)
+        mem_one = _peak(dev)
         xs = {n: shard(t, group).contiguous() for n, t in x.items()}
         del x
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
+        _reset_peak(dev)
         split = timed(functools.partial(step, op, xs, group), a.reps, group)
-        mem_split = torch.cuda.max_memory_allocated(dev)
+        mem_split = _peak(dev)
         kv_bytes = (xs["k"].numel() + xs["v"].numel()) * xs["k"].element_size()
         row = dict(T=T, one_gpu_ms=one, split_ms=split, speedup=one / split,
                    peak_GiB_one=mem_one / 2**30, peak_GiB_split=mem_split / 2**30,
@@ -123,7 +141,6 @@ def main() -> None:
                   f"{one / split:.2f}x; peak {mem_one / 2**30:.1f} -> {mem_split / 2**30:.1f} GiB "
                   f"per GPU; gathered {row['gathered_GB_per_rank']:.2f} GB per rank", flush=True)
         del xs
-        torch.cuda.empty_cache()
     if rank == 0 and a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
