@@ -581,3 +581,38 @@ def test_bad_decode_arguments(case):
     exc, match = BAD_DECODE[case]
     with pytest.raises(exc, match=match):
         reference.nsa_decode_step(**_decode_args(case))
+
+
+def test_queries_that_end_each_sequence_are_the_full_rows():
+    """cu_seqlens_k: sequence i keeps its last qlens[i] queries; their outputs are those rows of
+    the full sequences, to float64 rounding (the reference against itself, so the kernels'
+    oracle holds)."""
+    spec = make_spec()
+    lens, qlens = [20, 13], [7, 13]
+    x = make_inputs(spec, 1, 0, seed=3, lens=lens)
+    cu_k = x.pop("cu_seqlens")
+    full = reference.nsa(**x, spec=spec, cu_seqlens=cu_k)
+    rows = torch.cat([torch.arange(13, 20), torch.arange(20, 33)])
+    sub = dict(x, q=x["q"][:, rows], gates=x["gates"][:, rows])
+    got = reference.nsa(**sub, spec=spec, cu_seqlens=torch.tensor([0, 7, 20], dtype=torch.int32),
+                        cu_seqlens_k=cu_k)
+    torch.testing.assert_close(got, full[:, rows], rtol=1e-12, atol=1e-12)
+
+
+def test_cu_seqlens_k_refusals():
+    spec = make_spec()
+    x = make_inputs(spec, 1, 20, seed=0)
+    x.pop("cu_seqlens")
+    cu = torch.tensor([0, 20], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^cu_seqlens_k: requires cu_seqlens"):
+        reference.nsa(**x, spec=spec, cu_seqlens_k=cu)
+    q8 = dict(x, q=x["q"][:, :8], gates=x["gates"][:, :8])
+    with pytest.raises(ValueError, match=r"^cu_seqlens_k: 2 sequences, but cu_seqlens has 1"):
+        reference.nsa(**q8, spec=spec, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32),
+                      cu_seqlens_k=torch.tensor([0, 10, 20], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"^cu_seqlens_k: sequence 1 has 6 queries but only 5"):
+        reference.nsa(**q8, spec=spec, cu_seqlens=torch.tensor([0, 2, 8], dtype=torch.int32),
+                      cu_seqlens_k=torch.tensor([0, 15, 20], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"^cu_seqlens_k: must end at the packed length T=20"):
+        reference.nsa(**q8, spec=spec, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32),
+                      cu_seqlens_k=torch.tensor([0, 19], dtype=torch.int32))
