@@ -592,7 +592,7 @@ def test_queries_that_end_each_sequence_are_the_full_rows():
     x = make_inputs(spec, 1, 0, seed=3, lens=lens)
     cu_k = x.pop("cu_seqlens")
     full = reference.nsa(**x, spec=spec, cu_seqlens=cu_k)
-    rows = torch.cat([torch.arange(13, 20), torch.arange(20, 33)])
+    rows = torch.cat([torch.arange(s + n - m, s + n) for s, n, m in zip((0, 20), lens, qlens)])
     sub = dict(x, q=x["q"][:, rows], gates=x["gates"][:, rows])
     got = reference.nsa(**sub, spec=spec, cu_seqlens=torch.tensor([0, 7, 20], dtype=torch.int32),
                         cu_seqlens_k=cu_k)
