@@ -32,6 +32,7 @@ from torch import nn
 
 from . import reference
 from .distributed import gather, share_positions
+from .straight_through import chosen_block_score
 from .spec import Spec
 from .ops import build
 from .specfile import load_spec
@@ -178,6 +179,10 @@ class SparseAttention(nn.Module):
         bias: bias in the q/k/v/o projections.
         op: the attention op; default `nsagen.build(spec)`. Any callable with the op's
             signature works (e.g. `reference_op(spec)`); decoding needs `op.new_cache`.
+        selection_grad: "none" (the paper: the block choice gets no gradient) or
+            "straight-through", beyond the paper: the selected branch's gate gradient also
+            reaches the chosen blocks' scores (nsagen.straight_through says how); training
+            without cu_seqlens or cp_group, on the generated kernels.
         cp_group: context parallelism over this torch.distributed group: x is then this rank's
             zig-zag share [B, T / W, hidden] (`nsagen.distributed.shard`), and so is the
             output (docs/distributed.md); training and prefill only.
@@ -191,8 +196,8 @@ class SparseAttention(nn.Module):
                  rope: bool | tuple[str, ...] = True, rope_theta: float = 10000.0,
                  gate_hidden: int | None = None, cmp_hidden: int | None = None,
                  bias: bool = False, match_width: bool = True, op=None,
-                 gate_bias: dict[str, float] | None = None, cp_group=None, device=None,
-                 dtype=None):
+                 gate_bias: dict[str, float] | None = None, cp_group=None,
+                 selection_grad: str = "none", device=None, dtype=None):
         super().__init__()
         if isinstance(spec, (str, os.PathLike)):
             spec = load_spec(spec)
@@ -224,8 +229,12 @@ class SparseAttention(nn.Module):
         self.spec, self.hidden_size = spec, hidden_size
         self.rope, self.rope_theta = rope, float(rope_theta)
         self.rope_cmp, self.rope_main = rope_cmp, rope_main
+        if selection_grad not in ("none", "straight-through"):
+            raise ValueError(f"selection_grad: expected 'none' or 'straight-through', got "
+                             f"{str(selection_grad)[:40]!r}")
         self.op = op
         self.cp_group = cp_group
+        self.selection_grad = selection_grad
         fk = dict(device=device, dtype=dtype)
         self.uses_cmp = spec.has("cmp") or spec.has("slc")
         self.learned = self.uses_cmp and spec.learned_compression
@@ -379,11 +388,32 @@ class SparseAttention(nn.Module):
                                  "batch)")
             return self._decode(x, cache)
         p = self.project(x, cu_seqlens)
+        if (self.selection_grad == "straight-through" and self.spec.has("slc") and self.training
+                and torch.is_grad_enabled()):
+            return self._out(self._straight_through(p, cu_seqlens))
         cp = {} if self.cp_group is None else {"cp_group": self.cp_group}
         o = self._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
                        cu_seqlens=cu_seqlens, k_win=p["k_win"], v_win=p["v_win"],
                        **_q_cmp_arg(p), **cp)
         return self._out(o)
+
+    def _straight_through(self, p: dict, cu_seqlens) -> torch.Tensor:
+        """The op's output plus a term that is zero in value and gives the chosen blocks'
+        scores the selected branch's gate gradient (nsagen.straight_through)."""
+        if cu_seqlens is not None or self.cp_group is not None:
+            raise ValueError("selection_grad='straight-through': not supported with cu_seqlens "
+                             "or cp_group")
+        s = self.spec
+        o, idx, branches = self._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"],
+                                      p["v_cmp"], k_win=p["k_win"], v_win=p["v_win"],
+                                      return_branches=True, **_q_cmp_arg(p))
+        q_sc = p["q"] if p["q_cmp"] is None else p["q_cmp"]
+        k_sc = p["k_cmp"] if p["k_cmp"] is not None else reference.mean_compress(p["k"], s)
+        pos = torch.arange(o.shape[1], device=o.device)
+        w = chosen_block_score(s, q_sc, k_sc, idx, pos)
+        g_slc = p["gates"][..., 1].detach()
+        zero = (w - w.detach()).repeat_interleave(s.group, -1) * g_slc   # 0, with w's gradient
+        return o + zero[..., None].to(o.dtype) * branches[1]
 
     # ------------------------------------------------------------------ decoding
     def new_cache(self, batch: int, max_len: int, device=None,

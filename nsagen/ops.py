@@ -142,17 +142,20 @@ class NSAOp:
 
     def __call__(self, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
                  return_indices=False, k_win=None, v_win=None, q_cmp=None, cu_seqlens_k=None,
-                 cp_group=None):
+                 cp_group=None, return_branches=False):
         """o [B, T, HQ, Dv] (and block indices [B, T, H, n] if return_indices); see docs/algorithm.md.
         `q_cmp` [B, T, HQ, Dk] (default q) is the query of the compressed branch and of the block
         scores, e.g. without the rotary embedding the other branches' q carries.
         `cu_seqlens_k` packs the keys (k, v, k_win, v_win, k_cmp, v_cmp) apart from the queries
         (`cu_seqlens`): each sequence's queries are then its last positions.
         `cp_group`: context parallelism over a torch.distributed group; every tensor is this
-        rank's zig-zag share (nsagen.distributed.shard) and so is the output (docs/distributed.md)."""
+        rank's zig-zag share (nsagen.distributed.shard) and so is the output (docs/distributed.md).
+        `return_branches`: also return the branches' outputs before gating, [3, B, T, HQ, Dv]
+        (cmp, slc, win; constants for autograd), after the indices (the generated kernels only)."""
         spec = self.spec
         if q_cmp is q:      # one query for every branch: today's op exactly
             q_cmp = None
+        return_indices = return_indices or return_branches
         if cp_group is not None:
             if return_indices or cu_seqlens_k is not None:
                 raise ValueError("cp_group: return_indices and cu_seqlens_k are not supported "
@@ -164,11 +167,17 @@ class NSAOp:
         if kernels_available(q.device) and interpreted_in_float32(q):
             out = self(q.float(), k.float(), v.float(), _float32(gates), _float32(k_cmp),
                        _float32(v_cmp), cu_seqlens, return_indices, _float32(k_win),
-                       _float32(v_win), _float32(q_cmp), cu_seqlens_k)
+                       _float32(v_win), _float32(q_cmp), cu_seqlens_k,
+                       return_branches=return_branches)
+            if return_branches:
+                return out[0].to(q.dtype), out[1], out[2].to(q.dtype)
             if return_indices:
                 return out[0].to(q.dtype), out[1]
             return out.to(q.dtype)
         if not kernels_available(q.device):
+            if return_branches:
+                raise ValueError("return_branches: needs the generated kernels (a GPU, or "
+                                 "TRITON_INTERPRET=1 on the CPU)")
             fallback_notice(q.device)
             return reference.nsa(q, k, v, gates, spec, k_cmp, v_cmp, cu_seqlens, return_indices,
                                  k_win=k_win, v_win=v_win, q_cmp=q_cmp, cu_seqlens_k=cu_seqlens_k)
@@ -176,22 +185,31 @@ class NSAOp:
         if torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad
                 for t in (q, k, v, gates, k_cmp, v_cmp, k_win, v_win, q_cmp)):
-            o, idx, *_ = self._train_op(q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu_seqlens,
-                                        q_cmp, cu_seqlens_k)
+            o, idx, ob, *_ = self._train_op(q, k, v, gates, k_cmp, v_cmp, k_win, v_win,
+                                            cu_seqlens, q_cmp, cu_seqlens_k)
         else:
             lay = build_layout(spec, prob.seqlens, q.device, qlens=prob.qlens or None)
             with direct_launches():
-                o, idx, _ = self.module.forward(
+                o, idx, saved = self.module.forward(
                     pack(q), pack(k), pack(v), pack(gates), pack(k_cmp), pack(v_cmp), lay,
                     pack(k_win), pack(v_win),
-                    configs=self.configs_for(q.device, max(prob.seqlens)), q_cmp=pack(q_cmp))
+                    configs=self.configs_for(q.device, max(prob.seqlens)), q_cmp=pack(q_cmp),
+                    save=return_branches)
+            ob = None if saved is None else saved["ob"]
             o = o.view(B, T, spec.heads_q, spec.dim_v)
         if not return_indices:
             return o
         if idx is None or idx.numel() == 0:
             idx = torch.full((B * T, spec.heads_kv, spec.slc_count), -1, dtype=torch.int32,
                              device=q.device)
-        return o, idx.view(B, T, spec.heads_kv, spec.slc_count)
+        idx = idx.view(B, T, spec.heads_kv, spec.slc_count)
+        if return_branches:
+            ob = ob.detach().view(3, B, T, spec.heads_q, spec.dim_v).clone()
+            for i, b in enumerate(("cmp", "slc", "win")):
+                if not spec.has(b):   # never written by the kernels
+                    ob[i].zero_()
+            return o, idx, ob
+        return o, idx
 
 
 def _float32(t):

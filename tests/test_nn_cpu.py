@@ -414,3 +414,81 @@ def test_retrieval_example_smoke(tmp_path, monkeypatch):
                         "--cmp-kind", "mean"])
     assert arm["config"]["rope"] == "no-cmp" and arm["config"]["gate_bias_cmp"] == 2.0
     assert all(math.isfinite(c["loss"]) for r in arm["models"].values() for c in r["curve"])
+
+
+def _chosen_block_score_loops(spec, q_cmp, k_cmp, idx):
+    """chosen_block_score written as plain loops over tokens, KV heads, chosen blocks and
+    windows, with the reference's block_weights (float64)."""
+    from nsagen import reference
+
+    B, T, HQ, _ = q_cmp.shape
+    H, G, d, lw = spec.heads_kv, spec.group, spec.cmp_stride, spec.cmp_block
+    W = reference.block_weights(spec, k_cmp.shape[1], spec.num_blocks(T))
+    out = torch.zeros(B, T, H, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                vals = []
+                for j in idx[b, t, h].tolist():
+                    terms = [math.log(W[i, j]) + spec.softmax_scale
+                             * float(q_cmp[b, t, h * G + g] @ k_cmp[b, i, h])
+                             for i in range(k_cmp.shape[1]) if j >= 0 and W[i, j] > 0
+                             and i * d + lw - 1 <= t for g in range(G)]
+                    if terms:
+                        vals.append(float(torch.logsumexp(torch.tensor(terms), 0)))
+                out[b, t, h] = sum(vals) / max(1, len(vals))
+    return out
+
+
+def test_chosen_block_score_equals_loops():
+    from nsagen.straight_through import chosen_block_score
+
+    spec = small_spec(kind="mean", heads=(4, 2))
+    g = torch.Generator().manual_seed(5)
+    B, T = 2, 29
+    q = torch.randn(B, T, 4, 12, generator=g, dtype=torch.float64)
+    k = torch.randn(B, T, 2, 12, generator=g, dtype=torch.float64)
+    kc = nsagen.reference.mean_compress(k, spec)
+    _, idx = nsagen.reference.nsa(q, k, torch.randn(B, T, 2, 8, generator=g, dtype=torch.float64),
+                                  None, spec, return_indices=True)
+    got = chosen_block_score(spec, q, kc, idx, torch.arange(T))
+    torch.testing.assert_close(got, _chosen_block_score_loops(spec, q, kc, idx))
+
+
+def test_straight_through_changes_gradients_not_values():
+    """selection_grad='straight-through': the same output to the bit; the value, output and
+    gate parameters get the same gradients; the query projection (which feeds the block
+    scores) gets more."""
+    spec = small_spec(kind="mlp")
+    hidden = spec.heads_q * spec.dim_v
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 27, hidden, generator=g)
+    dy = torch.randn(2, 27, hidden, generator=g)
+    runs = []
+    for mode in ("none", "straight-through"):
+        layer = randomize(SparseAttention(spec, hidden, selection_grad=mode,
+                                          rope=("slc", "win")), 7)
+        y = layer(x)
+        y.backward(dy)
+        runs.append((y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (y0, g0), (y1, g1) = runs
+    assert torch.equal(y0, y1)
+    for n in g0:
+        if n.startswith(("v_proj", "o_proj", "gate")):
+            assert torch.equal(g0[n], g1[n]), n
+    assert rel(g1["q_proj.weight"], g0["q_proj.weight"]) > 1e-3
+    # the extra gradient is that of sum w * c, c = g_slc <dO, o_slc> summed over the group
+    from nsagen.straight_through import chosen_block_score
+
+    layer = randomize(SparseAttention(spec, hidden, rope=("slc", "win")), 7)
+    p = layer.project(x)
+    o, idx, branches = layer._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
+                                   q_cmp=p["q_cmp"], return_branches=True)
+    d_o = (dy @ layer.o_proj.weight).view(o.shape)
+    c = (d_o * branches[1]).sum(-1) * p["gates"][..., 1].detach()
+    c = c.view(*c.shape[:2], spec.heads_kv, spec.group).sum(-1)
+    w = chosen_block_score(spec, p["q_cmp"], p["k_cmp"], idx, torch.arange(x.shape[1]))
+    (want,) = torch.autograd.grad((w * c).sum(), [layer.q_proj.weight])
+    assert rel(g1["q_proj.weight"] - g0["q_proj.weight"], want) < 1e-4
+    with pytest.raises(ValueError, match="selection_grad"):
+        SparseAttention(spec, hidden, selection_grad="soft")
