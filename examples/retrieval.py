@@ -38,6 +38,7 @@ would cover (a selection that learned nothing scores that); the window's reach; 
 means; and the accuracy split by whether any branch could reach the needle.
 
     python examples/retrieval.py results/arm2.json --rope no-cmp --curriculum 256,1024,2048
+    python examples/retrieval.py results/arm4.json --rope no-cmp --selection-grad straight-through
 
 On CUDA the models train under bf16 autocast (fp32 master weights); on the CPU in float32, where
 the NSA op runs nsagen's PyTorch reference (or the kernels under TRITON_INTERPRET=1, slowly).
@@ -202,7 +203,7 @@ def build_model(kind: str, a, vocab: int, device) -> Model:
 
         def make():
             return SparseAttention(spec, a.hidden, rope_theta=a.rope_theta, rope=rope,
-                                   gate_bias=bias)
+                                   gate_bias=bias, selection_grad=a.selection_grad)
     else:
         def make():
             return FullAttention(a.hidden, a.heads, a.kv_heads, dim, a.rope_theta,
@@ -463,6 +464,9 @@ def parse(argv=None) -> argparse.Namespace:
                         "branch and the block scores un-rotated; full attention keeps RoPE)")
     p.add_argument("--gate-bias-cmp", type=float, default=None,
                    help="initial logit of the NSA model's compressed gate (default 0: 0.5)")
+    p.add_argument("--selection-grad", default="none", choices=["none", "straight-through"],
+                   help="the NSA layer's selection_grad (straight-through: beyond the paper, "
+                        "the selected branch's gate gradient reaches the chosen blocks' scores)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     for k, v in GPU_DEFAULTS.items():
         flag = "--" + k.replace("_", "-")

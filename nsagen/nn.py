@@ -144,9 +144,11 @@ def reference_op(spec: Spec) -> Callable:
     SparseAttention(op=...) to check or debug the layer against the PyTorch oracle."""
 
     def run(q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
-            return_indices=False, k_win=None, v_win=None, q_cmp=None):
+            return_indices=False, k_win=None, v_win=None, q_cmp=None, cu_seqlens_k=None,
+            return_branches=False):
         return reference.nsa(q, k, v, gates, spec, k_cmp, v_cmp, cu_seqlens, return_indices,
-                             k_win=k_win, v_win=v_win, q_cmp=q_cmp)
+                             k_win=k_win, v_win=v_win, q_cmp=q_cmp, cu_seqlens_k=cu_seqlens_k,
+                             return_branches=return_branches)
 
     run.spec = spec
     return run
@@ -182,7 +184,7 @@ class SparseAttention(nn.Module):
         selection_grad: "none" (the paper: the block choice gets no gradient) or
             "straight-through", beyond the paper: the selected branch's gate gradient also
             reaches the chosen blocks' scores (nsagen.straight_through says how); training
-            without cu_seqlens or cp_group, on the generated kernels.
+            without cu_seqlens or cp_group.
         cp_group: context parallelism over this torch.distributed group: x is then this rank's
             zig-zag share [B, T / W, hidden] (`nsagen.distributed.shard`), and so is the
             output (docs/distributed.md); training and prefill only.

@@ -151,7 +151,7 @@ class NSAOp:
         `cp_group`: context parallelism over a torch.distributed group; every tensor is this
         rank's zig-zag share (nsagen.distributed.shard) and so is the output (docs/distributed.md).
         `return_branches`: also return the branches' outputs before gating, [3, B, T, HQ, Dv]
-        (cmp, slc, win; constants for autograd), after the indices (the generated kernels only)."""
+        (cmp, slc, win; constants for autograd), after the indices."""
         spec = self.spec
         if q_cmp is q:      # one query for every branch: today's op exactly
             q_cmp = None
@@ -175,12 +175,10 @@ class NSAOp:
                 return out[0].to(q.dtype), out[1]
             return out.to(q.dtype)
         if not kernels_available(q.device):
-            if return_branches:
-                raise ValueError("return_branches: needs the generated kernels (a GPU, or "
-                                 "TRITON_INTERPRET=1 on the CPU)")
             fallback_notice(q.device)
             return reference.nsa(q, k, v, gates, spec, k_cmp, v_cmp, cu_seqlens, return_indices,
-                                 k_win=k_win, v_win=v_win, q_cmp=q_cmp, cu_seqlens_k=cu_seqlens_k)
+                                 k_win=k_win, v_win=v_win, q_cmp=q_cmp, cu_seqlens_k=cu_seqlens_k,
+                                 return_branches=return_branches)
         B, T = prob.batch, prob.seq_len
         if torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad

@@ -140,11 +140,13 @@ def _win_attention(spec, qh, pos, k, v, scale):
 
 
 def _nsa_core(spec: Spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win, block_indices=None,
-              q_cmp=None):
+              q_cmp=None, branches: list | None = None):
     """NSA for queries q [B, Tq, HQ, Dk] at positions pos [Tq] over keys k [B, Tk, H, Dk];
     q_cmp (default q) is the query of the compressed branch and of the block scores.
 
-    Returns (o, indices, block scores); `block_indices` overrides the top-n choice.
+    Returns (o, indices, block scores); `block_indices` overrides the top-n choice. A given
+    `branches` list receives the three branches' outputs before gating [B, Tq, HQ, Dv] (cmp,
+    slc, win; zeros for a branch the spec leaves out).
     """
     B, Tq, HQ, Dk = q.shape
     H, G, Dv = spec.heads_kv, spec.group, spec.dim_v
@@ -153,7 +155,10 @@ def _nsa_core(spec: Spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win, block
     out = q.new_zeros(B, Tq, H, G, Dv)
     g = gates.view(B, Tq, H, G, 3) if gates is not None else None
 
+    parts = [None, None, None]
+
     def gate(o, col):
+        parts[col] = o
         return o if g is None else o * g[..., col:col + 1]
 
     idx = score = None
@@ -177,6 +182,9 @@ def _nsa_core(spec: Spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win, block
     if spec.has("win"):
         kw, vw = (k_win, v_win) if k_win is not None else (k, v)
         out = out + gate(_win_attention(spec, qh, pos, kw, vw, scale), 2)
+    if branches is not None:
+        branches.extend((torch.zeros_like(out) if o is None else o).reshape(B, Tq, HQ, Dv)
+                        for o in parts)
     return out.view(B, Tq, HQ, Dv), idx, score
 
 
@@ -185,7 +193,8 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor |
         cu_seqlens: torch.Tensor | None = None, return_indices: bool = False,
         k_win: torch.Tensor | None = None, v_win: torch.Tensor | None = None,
         block_indices: torch.Tensor | None = None, return_scores: bool = False,
-        q_cmp: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None):
+        q_cmp: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+        return_branches: bool = False):
     """NSA prefill: o [B, T, HQ, Dv] (and block indices [B, T, H, n] int32 if return_indices).
 
     Shapes and semantics: docs/algorithm.md. Computed in the inputs' dtype; differentiable.
@@ -195,16 +204,19 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor |
     blocks it chose when a near-tie flipped one); `return_scores` also returns the group-summed
     block importance [B, T, H, NB] (per-sequence NB, padded with 0 for varlen).
     `cu_seqlens_k` packs the keys apart from the queries: each sequence's queries are its last
-    positions.
+    positions. `return_branches` also returns the branches' outputs before gating
+    [3, B, T, HQ, Dv] (cmp, slc, win), after the indices and scores.
     """
     prob = check_inputs(spec, q, k, v, gates, k_cmp, v_cmp, cu_seqlens, k_win, v_win, q_cmp,
                         cu_seqlens_k)
     if cu_seqlens is None:
         pos = torch.arange(prob.seq_len, device=q.device)
+        parts: list = []
         o, idx, score = _nsa_core(spec, q, pos, k, v, gates, k_cmp, v_cmp, k_win, v_win,
-                                  block_indices, q_cmp)
+                                  block_indices, q_cmp, parts)
+        branches = torch.stack(parts)
     else:
-        os_, idxs, scores = [], [], []
+        os_, idxs, scores, per_seq = [], [], [], []
         t0 = k0 = c0 = 0
         for n, nq in zip(prob.seqlens, prob.qlens or prob.seqlens):
             nc = spec.num_cmp(n)
@@ -212,18 +224,21 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor |
             kl = slice(k0, k0 + n)
             cs = slice(c0, c0 + nc)
             pos = torch.arange(n - nq, n, device=q.device)
+            parts = []
             o_s, i_s, sc_s = _nsa_core(
                 spec, q[:, sl], pos, k[:, kl], v[:, kl],
                 None if gates is None else gates[:, sl],
                 None if k_cmp is None else k_cmp[:, cs], None if v_cmp is None else v_cmp[:, cs],
                 None if k_win is None else k_win[:, kl], None if v_win is None else v_win[:, kl],
                 None if block_indices is None else block_indices[:, sl],
-                None if q_cmp is None else q_cmp[:, sl])
+                None if q_cmp is None else q_cmp[:, sl], parts)
+            per_seq.append(torch.stack(parts))
             os_.append(o_s)
             idxs.append(i_s)
             scores.append(sc_s)
             t0, k0, c0 = t0 + nq, k0 + n, c0 + nc
         o = torch.cat(os_, 1)
+        branches = torch.cat(per_seq, 2)
         idx = torch.cat(idxs, 1) if idxs[0] is not None else None
         if scores[0] is not None:
             nb = max(x.shape[-1] for x in scores)
@@ -231,13 +246,15 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor |
         else:
             score = None
     out = [o]
-    if return_indices:
+    if return_indices or return_branches:
         if idx is None:
             idx = q.new_full((prob.batch, prob.seq_len, spec.heads_kv, spec.slc_count), -1,
                              dtype=torch.int32)
         out.append(idx)
     if return_scores:
         out.append(score)
+    if return_branches:
+        out.append(branches.detach())
     return out[0] if len(out) == 1 else tuple(out)
 
 

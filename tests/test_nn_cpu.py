@@ -411,8 +411,9 @@ def test_retrieval_example_smoke(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         arm = mod.main([str(out), "--smoke", "--rope", "no-cmp", "--gate-bias-cmp", "2",
-                        "--cmp-kind", "mean"])
+                        "--cmp-kind", "mean", "--selection-grad", "straight-through"])
     assert arm["config"]["rope"] == "no-cmp" and arm["config"]["gate_bias_cmp"] == 2.0
+    assert arm["config"]["selection_grad"] == "straight-through"
     assert all(math.isfinite(c["loss"]) for r in arm["models"].values() for c in r["curve"])
 
 
@@ -492,3 +493,20 @@ def test_straight_through_changes_gradients_not_values():
     assert rel(g1["q_proj.weight"] - g0["q_proj.weight"], want) < 1e-4
     with pytest.raises(ValueError, match="selection_grad"):
         SparseAttention(spec, hidden, selection_grad="soft")
+
+
+def test_return_branches_are_the_reference_branches():
+    """op(..., return_branches=True): the branches' outputs before gating equal the reference's,
+    and gating them gives the output."""
+    spec = small_spec(kind="mean", heads=(4, 2))
+    op = nsagen.build(spec)
+    g = torch.Generator().manual_seed(8)
+    x = {n: torch.randn(*shape, generator=g) for n, shape in
+         (("q", (1, 30, 4, 12)), ("k", (1, 30, 2, 12)), ("v", (1, 30, 2, 8)))}
+    gates = torch.rand(1, 30, 4, 3, generator=g)
+    o, idx, br = op(**x, gates=gates, return_branches=True)
+    ro, ridx, rbr = nsagen.reference.nsa(**{n: t.double() for n, t in x.items()},
+                                         gates=gates.double(), spec=spec, return_branches=True)
+    assert torch.equal(idx, ridx) and br.shape == (3, 1, 30, 4, 8)
+    assert rel(br, rbr) < 1e-5
+    assert rel((br * gates.permute(3, 0, 1, 2)[..., None]).sum(0), o) < 1e-5
