@@ -34,8 +34,10 @@ exactly as many steps, on the same learning-rate schedule.
 Every --log-every steps the NSA model is probed on a fixed batch at --probe-len tokens (0: off;
 outside the timed training): per layer, how often the block holding each query's needle is
 selected, against the share of the context that the same number of random blocks and the window
-would cover (a selection that learned nothing scores that); the window's reach; the gates'
-means; and the accuracy split by whether any branch could reach the needle.
+would cover (a selection that learned nothing scores that); the needle block's rank among the
+block scores; the scores of near blocks over far ones; the compressed branch's probability on
+the needle's windows, against a uniform spread; the window's reach; the gates' means; and the
+accuracy split by whether any branch could reach the needle.
 
     python examples/retrieval.py results/arm2.json --rope no-cmp --curriculum 256,1024,2048
     python examples/retrieval.py results/arm4.json --rope no-cmp --selection-grad straight-through
@@ -282,9 +284,10 @@ def probe(model: Model, a, task: Task, device, T: int) -> dict | None:
         hit = (blocks == nb[:, :, None, None]).flatten(2).any(-1)
         reach_any |= hit
         g = p["gates"].float().mean((0, 1, 2))
-        rank, near_far = _block_scores(spec, p, qpos, nb)
+        rank, near_far, mass, uniform = _block_scores(spec, p, qpos, nb, need)
         layers.append({"needle_selected": round(hit.float().mean().item(), 4),
                        "needle_block_rank": round(rank, 2), "score_near_over_far": near_far,
+                       "cmp_mass_on_needle": round(mass, 4), "cmp_mass_uniform": round(uniform, 4),
                        "random_coverage": round(random.mean().item(), 4),
                        "window_reaches": round(in_win.float().mean().item(), 4),
                        "gate_cmp": round(g[0].item(), 4), "gate_slc": round(g[1].item(), 4),
@@ -297,12 +300,14 @@ def probe(model: Model, a, task: Task, device, T: int) -> dict | None:
             "acc_reachable": acc(reach_any), "acc_unreachable": acc(~reach_any)}
 
 
-def _block_scores(spec, p: dict, qpos: torch.Tensor, nb: torch.Tensor) -> tuple[float, float]:
+def _block_scores(spec, p: dict, qpos: torch.Tensor, nb: torch.Tensor,
+                  need: torch.Tensor) -> tuple[float, float, float, float]:
     """From one layer's op inputs, the block importance of the query positions (the compressed
     branch's probabilities mapped to selection blocks, summed over a KV head's query heads, as
-    docs/algorithm.md section 4): the needle block's mean rank (0 = best) and the mean score of
+    docs/algorithm.md section 4): the needle block's mean rank (0 = best); the mean score of
     the 4 blocks nearest the query over that of the blocks further away (a score that follows
-    distance is well above 1)."""
+    distance is well above 1); the compressed probability mass on the windows that hold the
+    needle, and the mass a uniform distribution over the visible windows would put there."""
     q = (p["q_cmp"] if p["q_cmp"] is not None else p["q"])[:, qpos].double()   # [n, P, HQ, D]
     kc = p["k_cmp"] if p["k_cmp"] is not None else nsagen.reference.mean_compress(p["k"], spec)
     n, P, HQ, D = q.shape
@@ -324,7 +329,12 @@ def _block_scores(spec, p: dict, qpos: torch.Tensor, nb: torch.Tensor) -> tuple[
     by_pos = score.transpose(1, 2)                                      # [n, H, P, NB]
     ratio = by_pos[..., near].mean() / by_pos[..., far].mean().clamp_min(1e-30) \
         if far.any() else torch.tensor(float("nan"))
-    return rank, round(ratio.item(), 3)
+    start = torch.arange(nc, device=q.device) * spec.cmp_stride
+    holds = (start <= need[:, :, None]) & (need[:, :, None] < start + spec.cmp_block)  # [n, P, nc]
+    holds = holds & vis[None]
+    mass = (prob * holds[:, :, None, None, :]).sum(-1).mean().item()
+    uniform = (holds.sum(-1) / vis.sum(-1).clamp(min=1)[None]).float().mean().item()
+    return rank, round(ratio.item(), 3), mass, uniform
 
 
 def run_model(kind: str, a, task: Task, device, steps: int, time_limit: float | None) -> dict:

@@ -405,6 +405,7 @@ def test_retrieval_example_smoke(tmp_path, monkeypatch):
         assert 0 <= lay["needle_selected"] <= 1 and 0 < lay["random_coverage"] <= 1
         assert 0 < lay["gate_cmp"] < 1 and lay["needle_block_rank"] >= 0
         assert lay["score_near_over_far"] > 0
+        assert 0 <= lay["cmp_mass_on_needle"] <= 1 and 0 <= lay["cmp_mass_uniform"] <= 1
     assert 0 <= pr["reachable"] <= 1
     assert saved["config"]["spec"]["compression"]["kind"] == "mlp"
     # the diagnostic arms' switches: RoPE kept out of the compressed path, the gate started open
