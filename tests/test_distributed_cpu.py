@@ -61,8 +61,8 @@ def test_zigzag_chunks_balance_and_refusals():
 
 
 # (spec, B, T or varlen lengths, separate query for the compressed branch)
-CP_CASES = [("nsa-d128", 2, 64, False), ("nsa-d128", 1, (23, 9, 32), False),
-            ("nsa-paper", 1, 48, True)]
+CP_CASES = [("nsa-d128", 2, 48, False), ("nsa-d128", 1, (23, 9, 32), False),
+            ("nsa-paper", 1, 40, True)]
 CP_NAMES = ("q", "k", "v", "gates", "k_cmp", "v_cmp", "k_win", "v_win", "q_cmp")
 
 
