@@ -163,3 +163,11 @@ def test_suffix_queries_with_separate_kv_and_q_cmp():
     spec = scaled(nsagen.load_spec("nsa-paper")).replace(kv_per_branch="separate", window=8)
     check_backward(spec, B=1, T=0, dtype=torch.float32, device="cpu", seed=22,
                    varlen_lens=[37, 29], qlens=[11, 20], q_cmp=True)
+
+
+@pytest.mark.parametrize("branches", [("cmp",), ("slc",), ("win",), ("cmp", "win")], ids="+".join)
+def test_suffix_queries_with_branch_subsets(branches):
+    base = scaled(nsagen.load_spec("nsa-d128"))
+    spec = base.replace(branches=branches, window=base.window if "win" in branches else None)
+    check_backward(spec, B=1, T=0, dtype=torch.float32, device="cpu", seed=24,
+                   varlen_lens=[35, 20], qlens=[9, 20])
