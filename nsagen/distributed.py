@@ -77,31 +77,24 @@ def _sum_and_shard(g_full: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 
 class _Gather(torch.autograd.Function):
-    """unshard with a gradient: the full tensor from the shares. Backward returns this rank's
-    share of the full tensor's gradient, summed over the ranks first when each rank holds only
-    its part of it (`summed`), taken as is when every rank holds the whole."""
+    """unshard with a gradient: the full tensor from the shares. Each rank's gradient of the
+    full tensor is its own part (from its queries); backward sums the parts over the ranks and
+    returns this rank's share."""
 
     @staticmethod
-    def forward(ctx, x_local, group, dim, summed):
-        ctx.group, ctx.dim, ctx.summed = group, dim, summed
+    def forward(ctx, x_local, group, dim):
+        ctx.group, ctx.dim = group, dim
         return unshard(x_local, group, dim)
 
     @staticmethod
     def backward(ctx, g):
-        if ctx.summed:
-            return _sum_and_shard(g, ctx.group, ctx.dim), None, None, None
-        world, rank = _group_shape(ctx.group)
-        return _share_rows(g, world, rank, ctx.dim), None, None, None
+        return _sum_and_shard(g, ctx.group, ctx.dim), None, None
 
 
-def gather(x_local: torch.Tensor, group=None, dim: int = 1, grad: str = "partial") -> torch.Tensor:
-    """The full tensor from every rank's share, differentiable. `grad` says what each rank's
-    gradient of the full tensor is: "partial" (its own queries' part: summed over the ranks,
-    a reduce-scatter) or "whole" (already the whole gradient on every rank, e.g. after a
-    replicated input's all-reduce: this rank's share is taken as is)."""
-    if grad not in ("partial", "whole"):
-        raise ValueError(f"grad: expected 'partial' or 'whole', got {str(grad)[:40]!r}")
-    return _Gather.apply(x_local, group, dim, grad == "partial")
+def gather(x_local: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
+    """The full tensor from every rank's share along `dim`, differentiable: the ranks' gradients
+    of the full tensor are summed and each rank gets its share back (a reduce-scatter)."""
+    return _Gather.apply(x_local, group, dim)
 
 
 @dataclass(frozen=True)
