@@ -17,6 +17,11 @@ import torch
 import torch.distributed as dist
 
 
+# newer torch names the tensor collectives *_single (the old names warn there); older has only those
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _group_shape(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
@@ -151,7 +156,7 @@ def _reduce_scatter_rows(src: torch.Tensor, group) -> torch.Tensor:
     world, rank = _group_shape(group)
     out = src.new_empty(src.shape[0] // world, *src.shape[1:])
     try:
-        dist.reduce_scatter_tensor(out, src, group=group)
+        _REDUCE_SCATTER(out, src, group=group)
     except (RuntimeError, NotImplementedError):
         if dist.get_backend(group) == "nccl":
             raise
@@ -173,7 +178,7 @@ class _GatherHalf(torch.autograd.Function):
         ctx.group = group
         src = src.contiguous()
         out = src.new_empty(dist.get_world_size(group) * src.shape[0], *src.shape[1:])
-        pending.append(dist.all_gather_into_tensor(out, src, group=group, async_op=True))
+        pending.append(_ALL_GATHER(out, src, group=group, async_op=True))
         return out
 
     @staticmethod

@@ -214,3 +214,24 @@ def test_layer_with_cp_group_equals_one_process(tmp_path):
                 assert (got["grads"][n] - p.grad).abs().max() < 1e-6, n
             else:
                 assert rel_err(got["grads"][n], p.grad) < 1e-5, n
+
+
+def test_cp_group_of_one_rank_and_refusals(tmp_path):
+    """A group of one rank is the plain op; shares of the wrong shape are refused by name."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        spec = scaled(nsagen.load_spec("nsa-d128"))
+        op = nsagen.build(spec)
+        x = make_inputs(spec, 1, 32, torch.float32, "cpu", seed=33)
+        g = dist.group.WORLD
+        o = op(x["q"], x["k"], x["v"], x["gates"], cp_group=g)
+        assert rel_err(o, op(x["q"], x["k"], x["v"], x["gates"])) < 1e-6
+        with pytest.raises(ValueError, match=r"^cp_group: k must be a share"):
+            op(x["q"], x["k"][:, :30], x["v"], x["gates"], cp_group=g)
+        with pytest.raises(ValueError, match=r"^cp_group: a share holds two equal chunks"):
+            op(x["q"][:, :31], x["k"][:, :31], x["v"][:, :31], x["gates"][:, :31], cp_group=g)
+        with pytest.raises(ValueError, match=r"^cp_group: return_indices"):
+            op(x["q"], x["k"], x["v"], x["gates"], cp_group=g, return_indices=True)
+    finally:
+        dist.destroy_process_group()
