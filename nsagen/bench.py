@@ -423,7 +423,9 @@ def format_table(doc: dict) -> str:
                 ("graph us", "nsagen_graph_us", "{:.1f}"),
                 ("attend only, graph us", "step_graph_us", "{:.1f}"),
                 ("paged graph us", "paged_graph_us", "{:.1f}"), ("SDPA us", "sdpa_us", "{:.1f}"),
+                ("dense us", "dense_us", "{:.1f}"),
                 ("fla us", "fla_us", "{:.1f}"), ("x SDPA", "speedup_vs_sdpa", "{:.2f}"),
+                ("x dense", "speedup_vs_dense", "{:.2f}"),
                 ("TB/s on NSA bytes", "TBps", "{:.2f}"), ("of copy", "copy_frac", "{:.0%}")]
     else:
         cols = [("T", "T", "{:d}"), ("nsagen ms", "nsagen_ms", "{:.3f}"),

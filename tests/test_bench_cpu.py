@@ -157,9 +157,21 @@ def test_dsa_bench_decode_rows(monkeypatch, kv, dv):
 
     monkeypatch.setattr(bench, "median_ms", lambda fn, warmup=25, rep=100: (fn(), 0.01)[1])
     spec = _small_dsa(heads_kv=kv, dim_v=dv)
-    doc = dsa_bench.bench_dsa_decode(spec, [12], [2], baselines=False, device="cpu",
+    doc = dsa_bench.bench_dsa_decode(spec, [12], [2], baselines=True, device="cpu",
                                      progress=lambda m: None)
     r = doc["rows"][0]
     assert doc["mode"] == "decode" and r["B"] == 2 and r["T"] == 12
     assert r["nsagen_us"] == 10.0 and r["step_us"] == 10.0
-    assert "| 2 | 12 | 10.0 |" in bench.format_table(doc)
+    assert r["dense_us"] == 10.0 and r["speedup_vs_dense"] == 1.0
+    assert "| 2 | 12 | 10.0 |" in bench.format_table(doc) and "x dense" in bench.format_table(doc)
+
+
+def test_dense_decode_baseline_is_attention():
+    """The DSA decode baseline computes attention: against a float64 softmax per head."""
+    from nsagen import dsa_bench
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(*s, generator=g, dtype=torch.float64)
+               for s in ((2, 2, 3, 8), (2, 2, 11, 8), (2, 2, 11, 5)))
+    want = torch.softmax(torch.einsum("bhgd,bhld->bhgl", q, k) * 0.3, -1) @ v
+    torch.testing.assert_close(dsa_bench._dense_decode(q, k, v, 0.3), want)
