@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .checks import check_cu_seqlens
+
 
 # newer torch names the tensor collectives *_single (the old names warn there); older has only those
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -42,9 +44,7 @@ def shard(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
     """This rank's zig-zag share of the full tensor x along `dim`: chunks r and 2W - 1 - r,
     concatenated (a new tensor)."""
     world, rank = _group_shape(group)
-    early, late = zigzag_chunks(x.shape[dim], world, rank)
-    return torch.cat([x.narrow(dim, early.start, len(early)),
-                      x.narrow(dim, late.start, len(late))], dim)
+    return _share_rows(x, world, rank, dim)
 
 
 def unshard(x_local: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
@@ -216,10 +216,7 @@ def cp_attention(op, group, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seql
     else:
         if B != 1:
             raise ValueError(f"cu_seqlens: requires batch size 1 (packed sequences), got B={B}")
-        offs = cu_seqlens.tolist()
-        if len(offs) < 2 or offs[0] != 0 or offs[-1] != T:
-            raise ValueError(f"cu_seqlens: must run from 0 to the full packed length {T}")
-        seqlens = tuple(b - a for a, b in zip(offs[:-1], offs[1:]))
+        seqlens = check_cu_seqlens(cu_seqlens, T, q.device)   # the full batch's offsets
     runs = pieces(seqlens, world, rank, op.spec, packed=cu_seqlens is not None)
     dev = q.device
     shared = {n: t for n, t in (("k", k), ("v", v), ("k_win", k_win), ("v_win", v_win))
