@@ -34,6 +34,8 @@ SM_SCALE = 0.08838834764831845
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
 CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 4, 'SEG': 16, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BT_KV': 8, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BT_KV': 8, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
+# calls whose every sequence holds at most n*l' tokens run the short-length plan (dense selection)
+SHORT_LEN = 1024
 
 
 @triton.jit
@@ -289,8 +291,8 @@ def cmp_attention(
     qk_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
     DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
     R1: tl.constexpr, R2: tl.constexpr, NBP: tl.constexpr, HAS_GATES: tl.constexpr,
-    PREC: tl.constexpr, SAVE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BTS: tl.constexpr,
-    SHIFT: tl.constexpr,
+    PREC: tl.constexpr, SAVE: tl.constexpr, SCORES: tl.constexpr, BT: tl.constexpr,
+    BC: tl.constexpr, BTS: tl.constexpr, SHIFT: tl.constexpr,
 ):
     tl.static_assert(BDK >= DK and BDV >= DV and GP >= G)
     tl.static_assert(BTS >= BT and BTS >= 16, "token rows of the group-sum product")
@@ -358,64 +360,68 @@ def cmp_attention(
     _gate_fold(o_ptr + o_off, o_mask, val, g_ptr + tok * stride_gt + head * stride_gh,
                row_ok, 0, HAS_GATES, True)
 
-    # loop 2: probabilities -> selection-block importance, summed over the group's heads.
-    # Both the group sum and the block map are products with exact 0/1 or small-integer matrices,
-    # so they run on the tensor cores: SEL [BTS, BM] picks the (real) head rows of each token.
-    # With 16-bit inputs the products take p in fp16, scaled by 2**SHIFT through the exponent so
-    # that small probabilities stay normal numbers (the group sum of G heads stays below 2**15).
-    st = tl.arange(0, BTS)
-    s_rows = (p0 + st).to(tl.int64) * stride_st + g * stride_sh
-    s_ok = st < ntok
-    sel = (((offs_m[None, :] // GP) == st[:, None]) & (hh < G)[None, :]).to(tl.float32)
-    lse_s = lse - SHIFT
-    # W[c, j]: stride-chunks of compressed token c (tile-local) inside block j of this tile;
-    # w_next: the same for the blocks of the next tile (windows that spill past the tile's end).
-    wc = offs_c[:, None]
-    wj = tl.arange(0, BJ)[None, :]
-    w_in = tl.maximum(tl.minimum(wc + R1 - 1, (wj + 1) * R2 - 1) - tl.maximum(wc, wj * R2) + 1, 0)
-    w_in = w_in.to(tl.float32)
-    w_next = tl.maximum(tl.minimum(wc + R1 - 1, (wj + BJ + 1) * R2 - 1) - tl.maximum(wc, (wj + BJ) * R2) + 1, 0)
-    w_next = w_next.to(tl.float32)
-    carry = tl.zeros([BTS, BJ], dtype=tl.float32)
-    for c0 in range(0, n_full, BC):
-        cidx = c0 + offs_c
-        kc = tl.load(kc_ptr + (cstart + cidx)[:, None] * stride_kt + g * stride_kh + offs_dk[None, :],
-                     mask=offs_dk[None, :] < DK, other=0.0)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-        p = tl.math.exp2(s - lse_s[:, None])
-        pc = _dot_exact_b(sel, p, PREC)  # [BTS, BC]: group sum per token
-        blk = _dot_exact_a(pc, w_in, PREC)
-        blk += carry
-        carry = _dot_exact_a(pc, w_next, PREC)
-        j0 = c0 // R2
-        offs_j = j0 + tl.arange(0, BJ)
-        tl.store(score_ptr + s_rows[:, None] + offs_j[None, :], blk * (2.0 ** -SHIFT),
+    if SCORES:   # off in the short-length plan, which needs no block scores
+        # loop 2: probabilities -> selection-block importance, summed over the group's heads.
+        # Both the group sum and the block map are products with exact 0/1 or small-integer matrices,
+        # so they run on the tensor cores: SEL [BTS, BM] picks the (real) head rows of each token.
+        # With 16-bit inputs the products take p in fp16, scaled by 2**SHIFT through the exponent so
+        # that small probabilities stay normal numbers (the group sum of G heads stays below 2**15).
+        st = tl.arange(0, BTS)
+        s_rows = (p0 + st).to(tl.int64) * stride_st + g * stride_sh
+        s_ok = st < ntok
+        sel = (((offs_m[None, :] // GP) == st[:, None]) & (hh < G)[None, :]).to(tl.float32)
+        lse_s = lse - SHIFT
+        # W[c, j]: stride-chunks of compressed token c (tile-local) inside block j of this tile;
+        # w_next: the same for the blocks of the next tile (windows that spill past the tile's end).
+        wc = offs_c[:, None]
+        wj = tl.arange(0, BJ)[None, :]
+        w_in = tl.maximum(tl.minimum(wc + R1 - 1, (wj + 1) * R2 - 1) - tl.maximum(wc, wj * R2) + 1, 0)
+        w_in = w_in.to(tl.float32)
+        w_next = tl.maximum(tl.minimum(wc + R1 - 1, (wj + BJ + 1) * R2 - 1) - tl.maximum(wc, (wj + BJ) * R2) + 1, 0)
+        w_next = w_next.to(tl.float32)
+        carry = tl.zeros([BTS, BJ], dtype=tl.float32)
+        for c0 in range(0, n_full, BC):
+            cidx = c0 + offs_c
+            kc = tl.load(kc_ptr + (cstart + cidx)[:, None] * stride_kt + g * stride_kh + offs_dk[None, :],
+                         mask=offs_dk[None, :] < DK, other=0.0)
+            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+            p = tl.math.exp2(s - lse_s[:, None])
+            pc = _dot_exact_b(sel, p, PREC)  # [BTS, BC]: group sum per token
+            blk = _dot_exact_a(pc, w_in, PREC)
+            blk += carry
+            carry = _dot_exact_a(pc, w_next, PREC)
+            j0 = c0 // R2
+            offs_j = j0 + tl.arange(0, BJ)
+            tl.store(score_ptr + s_rows[:, None] + offs_j[None, :], blk * (2.0 ** -SHIFT),
+                     mask=s_ok[:, None] & (offs_j[None, :] < NBP))
+        for c0 in range(n_full, nvis_max, BC):
+            cidx = c0 + offs_c
+            kc = tl.load(kc_ptr + (cstart + cidx)[:, None] * stride_kt + g * stride_kh + offs_dk[None, :],
+                         mask=(cidx < nvis_max)[:, None] & (offs_dk[None, :] < DK), other=0.0)
+            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+            p = tl.math.exp2(tl.where(cidx[None, :] < nvis[:, None], s, float("-inf")) - lse_s[:, None])
+            pc = _dot_exact_b(sel, p, PREC)  # [BTS, BC]: group sum per token
+            blk = _dot_exact_a(pc, w_in, PREC)
+            blk += carry
+            carry = _dot_exact_a(pc, w_next, PREC)
+            j0 = c0 // R2
+            offs_j = j0 + tl.arange(0, BJ)
+            tl.store(score_ptr + s_rows[:, None] + offs_j[None, :], blk * (2.0 ** -SHIFT),
+                     mask=s_ok[:, None] & (offs_j[None, :] < NBP))
+        # the last tile's spill lands in blocks no loop iteration wrote
+        offs_j = tl.cdiv(nvis_max, BC) * BJ + tl.arange(0, BJ)
+        tl.store(score_ptr + s_rows[:, None] + offs_j[None, :], carry * (2.0 ** -SHIFT),
                  mask=s_ok[:, None] & (offs_j[None, :] < NBP))
-    for c0 in range(n_full, nvis_max, BC):
-        cidx = c0 + offs_c
-        kc = tl.load(kc_ptr + (cstart + cidx)[:, None] * stride_kt + g * stride_kh + offs_dk[None, :],
-                     mask=(cidx < nvis_max)[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-        p = tl.math.exp2(tl.where(cidx[None, :] < nvis[:, None], s, float("-inf")) - lse_s[:, None])
-        pc = _dot_exact_b(sel, p, PREC)  # [BTS, BC]: group sum per token
-        blk = _dot_exact_a(pc, w_in, PREC)
-        blk += carry
-        carry = _dot_exact_a(pc, w_next, PREC)
-        j0 = c0 // R2
-        offs_j = j0 + tl.arange(0, BJ)
-        tl.store(score_ptr + s_rows[:, None] + offs_j[None, :], blk * (2.0 ** -SHIFT),
-                 mask=s_ok[:, None] & (offs_j[None, :] < NBP))
-    # the last tile's spill lands in blocks no loop iteration wrote
-    offs_j = tl.cdiv(nvis_max, BC) * BJ + tl.arange(0, BJ)
-    tl.store(score_ptr + s_rows[:, None] + offs_j[None, :], carry * (2.0 ** -SHIFT),
-             mask=s_ok[:, None] & (offs_j[None, :] < NBP))
 
 
 def launch_cmp_attention(q, kc, vc, gates, o, score, lay, cfg, prec, ob=None, lse=None):
-    """Compressed attention (writes gated o_cmp) + block importance."""
+    """Compressed attention (writes gated o_cmp) + block importance into `score` (None: none)."""
     tile_tok, tile_len = lay.tiles(cfg["BT"])
     g = gates if gates is not None else q
     save = ob is not None
+    scores = score is not None
+    if not scores:   # no block scores wanted: loop 2 is compiled out, any pointer will do
+        score = o
     grid = (tile_tok.numel(), H_KV)
     _launch(cmp_attention)[grid](
         q, kc, vc, g, o, ob if save else o, lse if save else score, score, tile_tok, tile_len,
@@ -423,8 +429,8 @@ def launch_cmp_attention(q, kc, vc, gates, o, score, lay, cfg, prec, ob=None, ls
         kc.stride(1), vc.stride(0), vc.stride(1), o.stride(0), o.stride(1), g.stride(0),
         g.stride(1), score.stride(0), score.stride(1), qk_scale=QK_SCALE, H=H_KV, G=GROUP,
         GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=32, STRIDE=16, R1=2, R2=4,
-        NBP=score.shape[-1], HAS_GATES=gates is not None, PREC=prec, SAVE=save, BT=cfg["BT"],
-        BC=cfg["BC"], BTS=max(16, cfg["BT"]),
+        NBP=score.shape[-1], HAS_GATES=gates is not None, PREC=prec, SAVE=save, SCORES=scores,
+        BT=cfg["BT"], BC=cfg["BC"], BTS=max(16, cfg["BT"]),
         SHIFT=0 if prec == "ieee" else 16 - cfg["GP"].bit_length(), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
 
@@ -592,8 +598,8 @@ def win_attention(
     tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
     stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr,
-    HAS_GATES: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr,
+    BRANCH: tl.constexpr, FIRST: tl.constexpr, HAS_GATES: tl.constexpr, PREC: tl.constexpr,
+    SAVE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     tl.static_assert(BDK >= DK and BDV >= DV and GP >= G)
     BM: tl.constexpr = BT * GP
@@ -640,11 +646,13 @@ def win_attention(
     _save_branch(ob_ptr + o_off, o_mask, val, lse_ptr + tok * (G * 4) + head, row_ok,
                  m_i, l_i, SAVE)
     _gate_fold(o_ptr + o_off, o_mask, val, g_ptr + tok * stride_gt + head * stride_gh,
-               row_ok, 2, HAS_GATES, False)
+               row_ok, BRANCH, HAS_GATES, FIRST)
 
 
-def launch_win_attention(q, kw, vw, gates, o, lay, cfg, prec, ob=None, lse=None):
-    """Sliding-window attention over tiles of tokens."""
+def launch_win_attention(q, kw, vw, gates, o, lay, cfg, prec, ob=None, lse=None, window=512,
+                       branch=2, first=False):
+    """Attention over the last `window` keys of each token (the window branch, or with
+    window = n*l' the dense selected branch of the short-length plan), over tiles of tokens."""
     tile_tok, tile_len = lay.tiles(cfg["BT"])
     g = gates if gates is not None else q
     save = ob is not None
@@ -653,9 +661,9 @@ def launch_win_attention(q, kw, vw, gates, o, lay, cfg, prec, ob=None, lse=None)
         q, kw, vw, g, o, ob if save else o, lse if save else o, tile_tok, tile_len, lay.tok_pos,
         lay.tok_kbase, q.stride(0), q.stride(1), kw.stride(0), kw.stride(1), vw.stride(0),
         vw.stride(1), o.stride(0), o.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE,
-        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, W=512,
-        HAS_GATES=gates is not None, PREC=prec, SAVE=save, BT=cfg["BT"], BK=cfg["BK"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, W=window,
+        BRANCH=branch, FIRST=first, HAS_GATES=gates is not None, PREC=prec, SAVE=save,
+        BT=cfg["BT"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 @triton.jit
@@ -975,8 +983,8 @@ def win_attention_bwd_dq(
     tok_pos_ptr, tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr, HAS_GATES: tl.constexpr,
-    PREC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr, BRANCH: tl.constexpr,
+    HAS_GATES: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     BM: tl.constexpr = BT * GP
     pid = tl.program_id(0)
@@ -996,7 +1004,7 @@ def win_attention_bwd_dq(
     offs_k = tl.arange(0, BK)
     q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, tok, head, row_ok,
                                   stride_qt, stride_qh, stride_ot, stride_oh, stride_gt,
-                                  stride_gh, H, G, DK, DV, BDK, BDV, 2, HAS_GATES)
+                                  stride_gh, H, G, DK, DV, BDK, BDV, BRANCH, HAS_GATES)
     dq = tl.zeros([BM, BDK], dtype=tl.float32)
     hi = pos0 + ntok
     for k0 in range(tl.maximum(pos0 - W + 1, 0), hi, BK):
@@ -1018,8 +1026,8 @@ def win_attention_bwd_dkdv(
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh,
     qk_scale: tl.constexpr, sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-    W: tl.constexpr, HAS_GATES: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr,
+    W: tl.constexpr, BRANCH: tl.constexpr, HAS_GATES: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
 ):
     BM: tl.constexpr = BT * GP
     pid = tl.program_id(0)
@@ -1058,7 +1066,7 @@ def win_attention_bwd_dkdv(
         row_ok = (pos < b) & (hh < G)
         q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
-                                      stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 2, HAS_GATES)
+                                      stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, BRANCH, HAS_GATES)
         ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
         dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok, qk_scale, True, PREC)
     for t0 in range(b, c, BT):
@@ -1066,7 +1074,7 @@ def win_attention_bwd_dkdv(
         row_ok = (pos < c) & (hh < G)
         q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
-                                      stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 2, HAS_GATES)
+                                      stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, BRANCH, HAS_GATES)
         ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
         dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok, qk_scale, False, PREC)
     for t0 in range(c, q_end, BT):
@@ -1074,7 +1082,7 @@ def win_attention_bwd_dkdv(
         row_ok = (pos < q_end) & (hh < G)
         q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
-                                      stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 2, HAS_GATES)
+                                      stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, BRANCH, HAS_GATES)
         ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
         dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok, qk_scale, True, PREC)
     rows = (base + kpos)[:, None]
@@ -1086,16 +1094,18 @@ def win_attention_bwd_dkdv(
     tl.store(dv_ptrs, tl.load(dv_ptrs, mask=m, other=0.0) + dv, mask=m)
 
 
-def launch_win_attention_bwd(q, k, v, gates, do, lse, delta, dq, dk, dv, lay, cfg, prec):
-    """Gradients of the window branch, accumulated into the fp32 dq, dk, dv buffers."""
+def launch_win_attention_bwd(q, k, v, gates, do, lse, delta, dq, dk, dv, lay, cfg, prec,
+                       window=512, branch=2):
+    """Gradients of the window branch (or, with window = n*l' and branch 1, of the short-length
+    plan's dense selected branch), accumulated into the fp32 dq, dk, dv buffers."""
     g = gates if gates is not None else q
     tile_tok, tile_len = lay.tiles(cfg["BT"])
     _launch(win_attention_bwd_dq)[(tile_tok.numel(), H_KV)](
         q, k, v, g, do, lse, delta, dq, tile_tok, tile_len, lay.tok_pos, lay.tok_kbase,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
         do.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV,
-        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, W=512,
-        HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT"], BK=cfg["BK"],
+        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, W=window,
+        BRANCH=branch, HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT"], BK=cfg["BK"],
         num_warps=cfg["num_warps"])
     # dk/dv holds two fp32 accumulators besides the tile: its own, smaller tiles and more warps
     ktile_tok, ktile_len = lay.key_tiles(cfg["BK_KV"])
@@ -1104,12 +1114,13 @@ def launch_win_attention_bwd(q, k, v, gates, do, lse, delta, dq, dk, dv, lay, cf
         lay.key_qzero, lay.key_qfirst, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), do.stride(0), do.stride(1), g.stride(0), g.stride(1),
         qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V,
-        BDK=BLOCK_DK, BDV=BLOCK_DV, W=512, HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT_KV"],
-        BK=cfg["BK_KV"], num_warps=cfg["WARPS_KV"], num_stages=cfg["STAGES_KV"])
+        BDK=BLOCK_DK, BDV=BLOCK_DV, W=window, BRANCH=branch, HAS_GATES=gates is not None,
+        PREC=prec, BT=cfg["BT_KV"], BK=cfg["BK_KV"], num_warps=cfg["WARPS_KV"],
+        num_stages=cfg["STAGES_KV"])
 
 
 def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=None,
-            out=None, idx_out=None, save=False, q_cmp=None):
+            out=None, idx_out=None, save=False, q_cmp=None, short=None):
     """Packed forward: q [Ntok, HQ, Dk], k/v [Ntok, H, D], gates [Ntok, HQ, 3] or None,
     k_cmp/v_cmp [Nc_total, H, D] or None, lay: nsagen.layout.Layout of the packed sequences;
     q_cmp [Ntok, HQ, Dk] (default q) is the query of the compressed branch and block scores.
@@ -1117,6 +1128,8 @@ def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=N
     None, or with `save` the tensors the backward needs: per-branch ungated outputs
     [3, Ntok, HQ, Dv], their log2-domain LSEs [3, Ntok, HQ] (branch order cmp, slc, win) and the
     compressed k/v used. `out` / `idx_out` receive the results when given (tests poison them).
+    `short`: run the short-length plan (no block indices; SHORT_LEN); None: whenever every
+    sequence fits in it and `idx_out` is not given.
     """
     cfg = dict(CONFIGS)
     cfg.update(configs or {})
@@ -1130,6 +1143,26 @@ def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=N
         lse = torch.empty(3, n_tok, HEADS_Q, dtype=torch.float32, device=dev)
     kw = k if k_win is None else k_win
     vw = v if v_win is None else v_win
+    if short is None:
+        short = idx_out is None and max(lay.seqlens) <= SHORT_LEN
+    if short:
+        if k_cmp is None:
+            k_cmp = torch.empty(lay.n_cmp, H_KV, DIM_QK, dtype=q.dtype, device=dev)
+            v_cmp = torch.empty(lay.n_cmp, H_KV, DIM_V, dtype=q.dtype, device=dev)
+            launch_mean_compress(k, k_cmp, lay, cfg["mean_compress"])
+            launch_mean_compress(v, v_cmp, lay, cfg["mean_compress"])
+        score = None
+        launch_cmp_attention(q if q_cmp is None else q_cmp, k_cmp, v_cmp, gates, o, score, lay,
+                             cfg["cmp_attention"], prec, None if ob is None else ob[0],
+                             None if lse is None else lse[0])
+        launch_win_attention(q, k, v, gates, o, lay, cfg["win_attention"], prec,
+                             None if ob is None else ob[1], None if lse is None else lse[1],
+                             window=1024, branch=1, first=False)
+        launch_win_attention(q, kw, vw, gates, o, lay, cfg["win_attention"], prec,
+                             None if ob is None else ob[2], None if lse is None else lse[2],
+                             window=512, branch=2, first=False)
+        saved = None if not save else dict(ob=ob, lse=lse, k_cmp=k_cmp, v_cmp=v_cmp)
+        return o, None, saved
     if k_cmp is None:
         k_cmp = torch.empty(lay.n_cmp, H_KV, DIM_QK, dtype=q.dtype, device=dev)
         v_cmp = torch.empty(lay.n_cmp, H_KV, DIM_V, dtype=q.dtype, device=dev)
@@ -1145,7 +1178,8 @@ def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=N
     launch_select_blocks(score, idx, lay, cfg["select_blocks"])
     launch_slc_attention(q, k, v, kw, vw, gates, o, idx, lay, cfg["slc_attention"], prec, ob, lse)
     launch_win_attention(q, kw, vw, gates, o, lay, cfg["win_attention"], prec,
-                         None if ob is None else ob[2], None if lse is None else lse[2])
+                         None if ob is None else ob[2], None if lse is None else lse[2],
+                         window=512, branch=2, first=False)
     saved = None if not save else dict(ob=ob, lse=lse, k_cmp=k_cmp, v_cmp=v_cmp)
     return o, idx, saved
 
@@ -1173,6 +1207,29 @@ def backward(do, q, k, v, gates, idx, saved, lay, k_win=None, v_win=None, config
     # gate gradients <dO, O_b> and each branch's delta_b = <g_b dO, O_b> in one pass over dO
     delta = torch.zeros(3, n_tok, HEADS_Q, dtype=f32, device=dev)
     launch_gate_delta(do, ob, gates, dgates, delta, cfg["gate_delta"])
+    if idx is None:   # the forward ran the short-length plan
+        kc, vc = saved["k_cmp"], saved["v_cmp"]
+        dkc = torch.zeros(kc.shape[0], H_KV, BLOCK_DK, dtype=f32, device=dev)
+        dvc = torch.zeros(vc.shape[0], H_KV, BLOCK_DV, dtype=f32, device=dev)
+        dqc = dq if q_cmp is None else torch.zeros_like(dq)
+        launch_cmp_attention_bwd(q if q_cmp is None else q_cmp, kc, vc, gates, do, lse[0], delta[0],
+                                 dqc, dkc, dvc, lay, cfg["cmp_attention_bwd"], prec)
+        out["dk_cmp"], out["dv_cmp"] = dkc[..., :DIM_QK], dvc[..., :DIM_V]
+        if q_cmp is not None:
+            out["dq_cmp"] = dqc[..., :DIM_QK]
+        launch_win_attention_bwd(q, k, v, gates, do, lse[1], delta[1], dq, dk, dv, lay,
+                                 cfg["win_attention_bwd"], prec, window=1024, branch=1)
+        if k_win is None:
+            launch_win_attention_bwd(q, k, v, gates, do, lse[2], delta[2], dq, dk, dv, lay,
+                                     cfg["win_attention_bwd"], prec)
+        else:
+            dkw = torch.zeros(n_key, H_KV, BLOCK_DK, dtype=f32, device=dev)
+            dvw = torch.zeros(n_key, H_KV, BLOCK_DV, dtype=f32, device=dev)
+            launch_win_attention_bwd(q, k_win, v_win, gates, do, lse[2], delta[2], dq, dkw, dvw, lay,
+                                     cfg["win_attention_bwd"], prec)
+            out["dk_win"], out["dv_win"] = dkw[..., :DIM_QK], dvw[..., :DIM_V]
+        out["dq"], out["dk"], out["dv"] = dq[..., :DIM_QK], dk[..., :DIM_QK], dv[..., :DIM_V]
+        return out
     kc, vc = saved["k_cmp"], saved["v_cmp"]
     dkc = torch.zeros(kc.shape[0], H_KV, BLOCK_DK, dtype=f32, device=dev)
     dvc = torch.zeros(vc.shape[0], H_KV, BLOCK_DV, dtype=f32, device=dev)

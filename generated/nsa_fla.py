@@ -33,7 +33,9 @@ BLOCK_DV = 128
 SM_SCALE = 0.08838834764831845
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 4, 'SEG': 16, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BT_KV': 8, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}}
+CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 4, 'SEG': 16, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BT_KV': 8, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BT_KV': 8, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
+# calls whose every sequence holds at most n*l' tokens run the short-length plan (dense selection)
+SHORT_LEN = 1024
 
 
 @triton.jit
@@ -289,8 +291,8 @@ def cmp_attention(
     qk_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
     DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
     R1: tl.constexpr, R2: tl.constexpr, NBP: tl.constexpr, HAS_GATES: tl.constexpr,
-    PREC: tl.constexpr, SAVE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BTS: tl.constexpr,
-    SHIFT: tl.constexpr,
+    PREC: tl.constexpr, SAVE: tl.constexpr, SCORES: tl.constexpr, BT: tl.constexpr,
+    BC: tl.constexpr, BTS: tl.constexpr, SHIFT: tl.constexpr,
 ):
     tl.static_assert(BDK >= DK and BDV >= DV and GP >= G)
     tl.static_assert(BTS >= BT and BTS >= 16, "token rows of the group-sum product")
@@ -354,47 +356,51 @@ def cmp_attention(
     _gate_fold(o_ptr + o_off, o_mask, val, g_ptr + tok * stride_gt + head * stride_gh,
                row_ok, 0, HAS_GATES, True)
 
-    # loop 2: probabilities -> selection-block importance, summed over the group's heads.
-    # Both the group sum and the block map are products with exact 0/1 or small-integer matrices,
-    # so they run on the tensor cores: SEL [BTS, BM] picks the (real) head rows of each token.
-    # With 16-bit inputs the products take p in fp16, scaled by 2**SHIFT through the exponent so
-    # that small probabilities stay normal numbers (the group sum of G heads stays below 2**15).
-    st = tl.arange(0, BTS)
-    s_rows = (p0 + st).to(tl.int64) * stride_st + g * stride_sh
-    s_ok = st < ntok
-    sel = (((offs_m[None, :] // GP) == st[:, None]) & (hh < G)[None, :]).to(tl.float32)
-    lse_s = lse - SHIFT
-    for c0 in range(0, n_full, BC):
-        cidx = c0 + offs_c
-        kc = tl.load(kc_ptr + (cstart + cidx)[:, None] * stride_kt + g * stride_kh + offs_dk[None, :],
-                     mask=offs_dk[None, :] < DK, other=0.0)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-        p = tl.math.exp2(s - lse_s[:, None])
-        pc = _dot_exact_b(sel, p, PREC)  # [BTS, BC]: group sum per token
-        blk = pc
-        j0 = c0
-        offs_j = j0 + offs_c
-        tl.store(score_ptr + s_rows[:, None] + offs_j[None, :], blk * (2.0 ** -SHIFT),
-                 mask=s_ok[:, None] & (offs_j[None, :] < NBP))
-    for c0 in range(n_full, nvis_max, BC):
-        cidx = c0 + offs_c
-        kc = tl.load(kc_ptr + (cstart + cidx)[:, None] * stride_kt + g * stride_kh + offs_dk[None, :],
-                     mask=(cidx < nvis_max)[:, None] & (offs_dk[None, :] < DK), other=0.0)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-        p = tl.math.exp2(tl.where(cidx[None, :] < nvis[:, None], s, float("-inf")) - lse_s[:, None])
-        pc = _dot_exact_b(sel, p, PREC)  # [BTS, BC]: group sum per token
-        blk = pc
-        j0 = c0
-        offs_j = j0 + offs_c
-        tl.store(score_ptr + s_rows[:, None] + offs_j[None, :], blk * (2.0 ** -SHIFT),
-                 mask=s_ok[:, None] & (offs_j[None, :] < NBP))
+    if SCORES:   # off in the short-length plan, which needs no block scores
+        # loop 2: probabilities -> selection-block importance, summed over the group's heads.
+        # Both the group sum and the block map are products with exact 0/1 or small-integer matrices,
+        # so they run on the tensor cores: SEL [BTS, BM] picks the (real) head rows of each token.
+        # With 16-bit inputs the products take p in fp16, scaled by 2**SHIFT through the exponent so
+        # that small probabilities stay normal numbers (the group sum of G heads stays below 2**15).
+        st = tl.arange(0, BTS)
+        s_rows = (p0 + st).to(tl.int64) * stride_st + g * stride_sh
+        s_ok = st < ntok
+        sel = (((offs_m[None, :] // GP) == st[:, None]) & (hh < G)[None, :]).to(tl.float32)
+        lse_s = lse - SHIFT
+        for c0 in range(0, n_full, BC):
+            cidx = c0 + offs_c
+            kc = tl.load(kc_ptr + (cstart + cidx)[:, None] * stride_kt + g * stride_kh + offs_dk[None, :],
+                         mask=offs_dk[None, :] < DK, other=0.0)
+            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+            p = tl.math.exp2(s - lse_s[:, None])
+            pc = _dot_exact_b(sel, p, PREC)  # [BTS, BC]: group sum per token
+            blk = pc
+            j0 = c0
+            offs_j = j0 + offs_c
+            tl.store(score_ptr + s_rows[:, None] + offs_j[None, :], blk * (2.0 ** -SHIFT),
+                     mask=s_ok[:, None] & (offs_j[None, :] < NBP))
+        for c0 in range(n_full, nvis_max, BC):
+            cidx = c0 + offs_c
+            kc = tl.load(kc_ptr + (cstart + cidx)[:, None] * stride_kt + g * stride_kh + offs_dk[None, :],
+                         mask=(cidx < nvis_max)[:, None] & (offs_dk[None, :] < DK), other=0.0)
+            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+            p = tl.math.exp2(tl.where(cidx[None, :] < nvis[:, None], s, float("-inf")) - lse_s[:, None])
+            pc = _dot_exact_b(sel, p, PREC)  # [BTS, BC]: group sum per token
+            blk = pc
+            j0 = c0
+            offs_j = j0 + offs_c
+            tl.store(score_ptr + s_rows[:, None] + offs_j[None, :], blk * (2.0 ** -SHIFT),
+                     mask=s_ok[:, None] & (offs_j[None, :] < NBP))
 
 
 def launch_cmp_attention(q, kc, vc, gates, o, score, lay, cfg, prec, ob=None, lse=None):
-    """Compressed attention (writes gated o_cmp) + block importance."""
+    """Compressed attention (writes gated o_cmp) + block importance into `score` (None: none)."""
     tile_tok, tile_len = lay.tiles(cfg["BT"])
     g = gates if gates is not None else q
     save = ob is not None
+    scores = score is not None
+    if not scores:   # no block scores wanted: loop 2 is compiled out, any pointer will do
+        score = o
     grid = (tile_tok.numel(), H_KV)
     _launch(cmp_attention)[grid](
         q, kc, vc, g, o, ob if save else o, lse if save else score, score, tile_tok, tile_len,
@@ -402,8 +408,8 @@ def launch_cmp_attention(q, kc, vc, gates, o, score, lay, cfg, prec, ob=None, ls
         kc.stride(1), vc.stride(0), vc.stride(1), o.stride(0), o.stride(1), g.stride(0),
         g.stride(1), score.stride(0), score.stride(1), qk_scale=QK_SCALE, H=H_KV, G=GROUP,
         GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=64, STRIDE=64, R1=1, R2=1,
-        NBP=score.shape[-1], HAS_GATES=gates is not None, PREC=prec, SAVE=save, BT=cfg["BT"],
-        BC=cfg["BC"], BTS=max(16, cfg["BT"]),
+        NBP=score.shape[-1], HAS_GATES=gates is not None, PREC=prec, SAVE=save, SCORES=scores,
+        BT=cfg["BT"], BC=cfg["BC"], BTS=max(16, cfg["BT"]),
         SHIFT=0 if prec == "ieee" else 16 - cfg["GP"].bit_length(), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
 
@@ -868,8 +874,224 @@ def launch_slc_attention_bwd(q, k, v, gates, do, lse, delta, idx, dq, dk, dv, la
         BT=cfg["BT_BWD"], CHUNK=chunk, num_warps=cfg["num_warps"])
 
 
+@triton.jit
+def win_attention(
+    q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, tile_tok_ptr, tile_len_ptr, tok_pos_ptr,
+    tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
+    stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr,
+    BRANCH: tl.constexpr, FIRST: tl.constexpr, HAS_GATES: tl.constexpr, PREC: tl.constexpr,
+    SAVE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+):
+    tl.static_assert(BDK >= DK and BDV >= DV and GP >= G)
+    BM: tl.constexpr = BT * GP
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    p0 = tl.load(tile_tok_ptr + pid)
+    ntok = tl.load(tile_len_ptr + pid)
+    pos0 = tl.load(tok_pos_ptr + p0)
+    base = tl.load(tok_kbase_ptr + p0).to(tl.int64)  # key row of the sequence's first token
+    offs_m = tl.arange(0, BM)
+    tt = offs_m // GP
+    hh = offs_m % GP
+    row_ok = (tt < ntok) & (hh < G)
+    tok = (p0 + tt).to(tl.int64)
+    pos = pos0 + tt
+    head = g * G + hh
+    offs_dk = tl.arange(0, BDK)
+    offs_dv = tl.arange(0, BDV)
+    offs_k = tl.arange(0, BK)
+    dmask_k = offs_dk[None, :] < DK
+    dmask_v = offs_dv[None, :] < DV
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
+                mask=row_ok[:, None] & dmask_k, other=0.0)
+
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BDV], dtype=tl.float32)
+    hi = pos0 + ntok
+    for k0 in range(tl.maximum(pos0 - W + 1, 0), hi, BK):
+        kpos = k0 + offs_k
+        kin = kpos < hi
+        rows_k = (base + kpos)[:, None]
+        kt = tl.load(k_ptr + rows_k * stride_kt + g * stride_kh + offs_dk[None, :],
+                     mask=kin[:, None] & dmask_k, other=0.0)
+        vt = tl.load(v_ptr + rows_k * stride_vt + g * stride_vh + offs_dv[None, :],
+                     mask=kin[:, None] & dmask_v, other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        ok = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
+        s = tl.where(ok, s, float("-inf"))
+        m_i, l_i, acc = _online_update(s, m_i, l_i, acc, vt, PREC)
+    o_off = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
+    o_mask = row_ok[:, None] & dmask_v
+    val = _normalize(acc, l_i)
+    _save_branch(ob_ptr + o_off, o_mask, val, lse_ptr + tok * (G * 4) + head, row_ok,
+                 m_i, l_i, SAVE)
+    _gate_fold(o_ptr + o_off, o_mask, val, g_ptr + tok * stride_gt + head * stride_gh,
+               row_ok, BRANCH, HAS_GATES, FIRST)
+
+
+def launch_win_attention(q, kw, vw, gates, o, lay, cfg, prec, ob=None, lse=None, window=1,
+                       branch=2, first=False):
+    """Attention over the last `window` keys of each token (the window branch, or with
+    window = n*l' the dense selected branch of the short-length plan), over tiles of tokens."""
+    tile_tok, tile_len = lay.tiles(cfg["BT"])
+    g = gates if gates is not None else q
+    save = ob is not None
+    grid = (tile_tok.numel(), H_KV)
+    _launch(win_attention)[grid](
+        q, kw, vw, g, o, ob if save else o, lse if save else o, tile_tok, tile_len, lay.tok_pos,
+        lay.tok_kbase, q.stride(0), q.stride(1), kw.stride(0), kw.stride(1), vw.stride(0),
+        vw.stride(1), o.stride(0), o.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE,
+        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, W=window,
+        BRANCH=branch, FIRST=first, HAS_GATES=gates is not None, PREC=prec, SAVE=save,
+        BT=cfg["BT"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+@triton.jit
+def win_attention_bwd_dq(
+    q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, tile_tok_ptr, tile_len_ptr,
+    tok_pos_ptr, tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr, BRANCH: tl.constexpr,
+    HAS_GATES: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+):
+    BM: tl.constexpr = BT * GP
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    p0 = tl.load(tile_tok_ptr + pid)
+    ntok = tl.load(tile_len_ptr + pid)
+    pos0 = tl.load(tok_pos_ptr + p0)
+    base = tl.load(tok_kbase_ptr + p0).to(tl.int64)  # key row of the sequence's first token
+    offs_m = tl.arange(0, BM)
+    tt = offs_m // GP
+    hh = offs_m % GP
+    row_ok = (tt < ntok) & (hh < G)
+    tok = (p0 + tt).to(tl.int64)
+    pos = pos0 + tt
+    head = g * G + hh
+    offs_dk = tl.arange(0, BDK)
+    offs_k = tl.arange(0, BK)
+    q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, tok, head, row_ok,
+                                  stride_qt, stride_qh, stride_ot, stride_oh, stride_gt,
+                                  stride_gh, H, G, DK, DV, BDK, BDV, BRANCH, HAS_GATES)
+    dq = tl.zeros([BM, BDK], dtype=tl.float32)
+    hi = pos0 + ntok
+    for k0 in range(tl.maximum(pos0 - W + 1, 0), hi, BK):
+        kpos = k0 + offs_k
+        rows_k = (base + kpos)[:, None]
+        ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
+        dq = _bwd_dq_step(q, do, lse, delta, dq, k_ptr + rows_k * stride_kt + g * stride_kh,
+                          v_ptr + rows_k * stride_vt + g * stride_vh, kpos < hi, ok, qk_scale,
+                          DK, DV, BDK, BDV, PREC)
+    dq_ptrs = dq_ptr + tok[:, None] * (H * G * BDK) + head[:, None] * BDK + offs_dk[None, :]
+    dq_mask = row_ok[:, None] & (offs_dk[None, :] < DK)
+    tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * sm_scale, mask=dq_mask)
+
+
+@triton.jit
+def win_attention_bwd_dkdv(
+    q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, tile_tok_ptr,
+    tile_len_ptr, key_pos_ptr, key_len_ptr, key_qzero_ptr, key_qfirst_ptr, stride_qt, stride_qh,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh,
+    qk_scale: tl.constexpr, sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    W: tl.constexpr, BRANCH: tl.constexpr, HAS_GATES: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
+):
+    BM: tl.constexpr = BT * GP
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    k_first = tl.load(tile_tok_ptr + pid)
+    nk = tl.load(tile_len_ptr + pid)
+    kpos0 = tl.load(key_pos_ptr + k_first)
+    seq_len = tl.load(key_len_ptr + k_first)
+    base = (k_first - kpos0).to(tl.int64)
+    qzero = tl.load(key_qzero_ptr + k_first).to(tl.int64)   # query row of position 0
+    qfirst = tl.load(key_qfirst_ptr + k_first)              # first position with a query
+    offs_k = tl.arange(0, BK)
+    kin = offs_k < nk
+    kpos = kpos0 + offs_k
+    offs_dk = tl.arange(0, BDK)
+    offs_dv = tl.arange(0, BDV)
+    kt = tl.load(k_ptr + (base + kpos)[:, None] * stride_kt + g * stride_kh + offs_dk[None, :],
+                 mask=kin[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    vt = tl.load(v_ptr + (base + kpos)[:, None] * stride_vt + g * stride_vh + offs_dv[None, :],
+                 mask=kin[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    dk = tl.zeros([BK, BDK], dtype=tl.float32)
+    dv = tl.zeros([BK, BDV], dtype=tl.float32)
+    offs_m = tl.arange(0, BM)
+    tt = offs_m // GP
+    hh = offs_m % GP
+    head = g * G + hh
+    q_end = tl.minimum(kpos0 + nk - 1 + W, seq_len)
+    # queries in [kpos0 + BK - 1, kpos0 + W) see every key of the tile (no mask); before that
+    # the causal edge and after it the window edge cut through the tile. Positions before
+    # qfirst have no query.
+    a = tl.minimum(tl.maximum(kpos0, qfirst), q_end)
+    b = tl.minimum(tl.maximum(kpos0 + BK - 1, a), q_end)
+    c = tl.minimum(tl.maximum(kpos0 + W, b), q_end)
+    for t0 in range(a, b, BT):
+        pos = t0 + tt
+        row_ok = (pos < b) & (hh < G)
+        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
+                                      row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
+                                      stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, BRANCH, HAS_GATES)
+        ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
+        dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok, qk_scale, True, PREC)
+    for t0 in range(b, c, BT):
+        pos = t0 + tt
+        row_ok = (pos < c) & (hh < G)
+        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
+                                      row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
+                                      stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, BRANCH, HAS_GATES)
+        ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
+        dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok, qk_scale, False, PREC)
+    for t0 in range(c, q_end, BT):
+        pos = t0 + tt
+        row_ok = (pos < q_end) & (hh < G)
+        q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
+                                      row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
+                                      stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, BRANCH, HAS_GATES)
+        ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
+        dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok, qk_scale, True, PREC)
+    rows = (base + kpos)[:, None]
+    dk_ptrs = dk_ptr + rows * (H * BDK) + g * BDK + offs_dk[None, :]
+    m = kin[:, None] & (offs_dk[None, :] < DK)
+    tl.store(dk_ptrs, tl.load(dk_ptrs, mask=m, other=0.0) + dk * sm_scale, mask=m)
+    dv_ptrs = dv_ptr + rows * (H * BDV) + g * BDV + offs_dv[None, :]
+    m = kin[:, None] & (offs_dv[None, :] < DV)
+    tl.store(dv_ptrs, tl.load(dv_ptrs, mask=m, other=0.0) + dv, mask=m)
+
+
+def launch_win_attention_bwd(q, k, v, gates, do, lse, delta, dq, dk, dv, lay, cfg, prec,
+                       window=1, branch=2):
+    """Gradients of the window branch (or, with window = n*l' and branch 1, of the short-length
+    plan's dense selected branch), accumulated into the fp32 dq, dk, dv buffers."""
+    g = gates if gates is not None else q
+    tile_tok, tile_len = lay.tiles(cfg["BT"])
+    _launch(win_attention_bwd_dq)[(tile_tok.numel(), H_KV)](
+        q, k, v, g, do, lse, delta, dq, tile_tok, tile_len, lay.tok_pos, lay.tok_kbase,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
+        do.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV,
+        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, W=window,
+        BRANCH=branch, HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT"], BK=cfg["BK"],
+        num_warps=cfg["num_warps"])
+    # dk/dv holds two fp32 accumulators besides the tile: its own, smaller tiles and more warps
+    ktile_tok, ktile_len = lay.key_tiles(cfg["BK_KV"])
+    _launch(win_attention_bwd_dkdv)[(ktile_tok.numel(), H_KV)](
+        q, k, v, g, do, lse, delta, dk, dv, ktile_tok, ktile_len, lay.key_pos, lay.key_len,
+        lay.key_qzero, lay.key_qfirst, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), do.stride(0), do.stride(1), g.stride(0), g.stride(1),
+        qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V,
+        BDK=BLOCK_DK, BDV=BLOCK_DV, W=window, BRANCH=branch, HAS_GATES=gates is not None,
+        PREC=prec, BT=cfg["BT_KV"], BK=cfg["BK_KV"], num_warps=cfg["WARPS_KV"],
+        num_stages=cfg["STAGES_KV"])
+
+
 def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=None,
-            out=None, idx_out=None, save=False, q_cmp=None):
+            out=None, idx_out=None, save=False, q_cmp=None, short=None):
     """Packed forward: q [Ntok, HQ, Dk], k/v [Ntok, H, D], gates [Ntok, HQ, 3] or None,
     k_cmp/v_cmp [Nc_total, H, D] or None, lay: nsagen.layout.Layout of the packed sequences;
     q_cmp [Ntok, HQ, Dk] (default q) is the query of the compressed branch and block scores.
@@ -877,6 +1099,8 @@ def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=N
     None, or with `save` the tensors the backward needs: per-branch ungated outputs
     [3, Ntok, HQ, Dv], their log2-domain LSEs [3, Ntok, HQ] (branch order cmp, slc, win) and the
     compressed k/v used. `out` / `idx_out` receive the results when given (tests poison them).
+    `short`: run the short-length plan (no block indices; SHORT_LEN); None: whenever every
+    sequence fits in it and `idx_out` is not given.
     """
     cfg = dict(CONFIGS)
     cfg.update(configs or {})
@@ -890,6 +1114,23 @@ def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=N
         lse = torch.empty(3, n_tok, HEADS_Q, dtype=torch.float32, device=dev)
     kw = k if k_win is None else k_win
     vw = v if v_win is None else v_win
+    if short is None:
+        short = idx_out is None and max(lay.seqlens) <= SHORT_LEN
+    if short:
+        if k_cmp is None:
+            k_cmp = torch.empty(lay.n_cmp, H_KV, DIM_QK, dtype=q.dtype, device=dev)
+            v_cmp = torch.empty(lay.n_cmp, H_KV, DIM_V, dtype=q.dtype, device=dev)
+            launch_mean_compress(k, k_cmp, lay, cfg["mean_compress"])
+            launch_mean_compress(v, v_cmp, lay, cfg["mean_compress"])
+        score = None
+        launch_cmp_attention(q if q_cmp is None else q_cmp, k_cmp, v_cmp, gates, o, score, lay,
+                             cfg["cmp_attention"], prec, None if ob is None else ob[0],
+                             None if lse is None else lse[0])
+        launch_win_attention(q, k, v, gates, o, lay, cfg["win_attention"], prec,
+                             None if ob is None else ob[1], None if lse is None else lse[1],
+                             window=1024, branch=1, first=False)
+        saved = None if not save else dict(ob=ob, lse=lse, k_cmp=k_cmp, v_cmp=v_cmp)
+        return o, None, saved
     if k_cmp is None:
         k_cmp = torch.empty(lay.n_cmp, H_KV, DIM_QK, dtype=q.dtype, device=dev)
         v_cmp = torch.empty(lay.n_cmp, H_KV, DIM_V, dtype=q.dtype, device=dev)
@@ -931,6 +1172,20 @@ def backward(do, q, k, v, gates, idx, saved, lay, k_win=None, v_win=None, config
     # gate gradients <dO, O_b> and each branch's delta_b = <g_b dO, O_b> in one pass over dO
     delta = torch.zeros(3, n_tok, HEADS_Q, dtype=f32, device=dev)
     launch_gate_delta(do, ob, gates, dgates, delta, cfg["gate_delta"])
+    if idx is None:   # the forward ran the short-length plan
+        kc, vc = saved["k_cmp"], saved["v_cmp"]
+        dkc = torch.zeros(kc.shape[0], H_KV, BLOCK_DK, dtype=f32, device=dev)
+        dvc = torch.zeros(vc.shape[0], H_KV, BLOCK_DV, dtype=f32, device=dev)
+        dqc = dq if q_cmp is None else torch.zeros_like(dq)
+        launch_cmp_attention_bwd(q if q_cmp is None else q_cmp, kc, vc, gates, do, lse[0], delta[0],
+                                 dqc, dkc, dvc, lay, cfg["cmp_attention_bwd"], prec)
+        out["dk_cmp"], out["dv_cmp"] = dkc[..., :DIM_QK], dvc[..., :DIM_V]
+        if q_cmp is not None:
+            out["dq_cmp"] = dqc[..., :DIM_QK]
+        launch_win_attention_bwd(q, k, v, gates, do, lse[1], delta[1], dq, dk, dv, lay,
+                                 cfg["win_attention_bwd"], prec, window=1024, branch=1)
+        out["dq"], out["dk"], out["dv"] = dq[..., :DIM_QK], dk[..., :DIM_QK], dv[..., :DIM_V]
+        return out
     kc, vc = saved["k_cmp"], saved["v_cmp"]
     dkc = torch.zeros(kc.shape[0], H_KV, BLOCK_DK, dtype=f32, device=dev)
     dvc = torch.zeros(vc.shape[0], H_KV, BLOCK_DV, dtype=f32, device=dev)

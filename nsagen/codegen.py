@@ -126,7 +126,7 @@ def _render_default(spec: Spec, target: Target) -> str:
 
 
 def _render(spec: Spec, plan: Plan) -> str:
-    configs = {k.name: dict(k.config) for k in plan.kernels + plan.backward}
+    configs = {k.name: dict(k.config) for k in plan.rendered}
     decode = plan.decode
     layer = spec.to_dict()
     layer.pop("name")
@@ -158,6 +158,13 @@ def explain(spec: Spec, target: Target | None = None) -> str:
         flags = ", ".join(f"{a}={b}" for a, b in k.params.items())
         out.append(f"  {k.name} <- templates/{k.template} [{'+'.join(k.nodes)}] {flags}")
         out.append(f"      default config {k.config}")
+    if plan.short is not None:
+        out += ["", f"short plan (every sequence at most {plan.short.max_len} tokens), graph "
+                "node -> kernel:", describe(plan.short.graph), "", "short plan launches:"]
+        for phase, steps in (("forward", plan.short.forward), ("backward", plan.short.backward)):
+            for st in steps:
+                args = ", ".join(f"{a}={b}" for a, b in st.args.items())
+                out.append(f"  {phase} {st.kernel} [{'+'.join(st.nodes)}] {args}".rstrip())
     dec = plan.decode
     if dec is None:
         return "\n".join(out + ["", "decode step: no kernels yet for this family"])

@@ -64,8 +64,13 @@ def record_launches(op, seq_len: int = 300, dtype=torch.bfloat16, decode_batch: 
     x = random_inputs(spec, seq_len, 1, "cpu", dtype)
     with recording(calls), torch.no_grad():
         args, lay, kw, vw = packed_args(op, x)
-        op.module.forward(*args, lay, kw, vw, configs=cfg)
-        o, idx, saved = op.module.forward(*args, lay, kw, vw, configs=cfg, save=True)
+        if hasattr(op.module, "SHORT_LEN"):     # the short-length plan's launches too
+            op.module.forward(*args, lay, kw, vw, configs=cfg, short=True)
+            o, _, saved = op.module.forward(*args, lay, kw, vw, configs=cfg, save=True, short=True)
+            op.module.backward(torch.randn_like(o), *args[:4], None, saved, lay, kw, vw,
+                               configs=cfg)
+        op.module.forward(*args, lay, kw, vw, configs=cfg, short=False)
+        o, idx, saved = op.module.forward(*args, lay, kw, vw, configs=cfg, save=True, short=False)
         if idx is not None:
             # recorded launches compute nothing: give the backward's host side (the inverse map
             # of the block choice) a valid choice, the first blocks up to each token's own

@@ -184,7 +184,7 @@ class NSAOp:
                 t is not None and t.requires_grad
                 for t in (q, k, v, gates, k_cmp, v_cmp, k_win, v_win, q_cmp)):
             o, idx, ob, *_ = self._train_op(q, k, v, gates, k_cmp, v_cmp, k_win, v_win,
-                                            cu_seqlens, q_cmp, cu_seqlens_k)
+                                            cu_seqlens, q_cmp, cu_seqlens_k, return_indices)
         else:
             lay = build_layout(spec, prob.seqlens, q.device, qlens=prob.qlens or None)
             with direct_launches():
@@ -192,7 +192,7 @@ class NSAOp:
                     pack(q), pack(k), pack(v), pack(gates), pack(k_cmp), pack(v_cmp), lay,
                     pack(k_win), pack(v_win),
                     configs=self.configs_for(q.device, max(prob.seqlens)), q_cmp=pack(q_cmp),
-                    save=return_branches)
+                    save=return_branches, short=False if return_indices else None)
             ob = None if saved is None else saved["ob"]
             o = o.view(B, T, spec.heads_q, spec.dim_v)
         if not return_indices:
@@ -233,14 +233,15 @@ def _register_training_op(nsa: NSAOp):
     def fwd(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor], k_cmp: Optional[Tensor],
             v_cmp: Optional[Tensor], k_win: Optional[Tensor], v_win: Optional[Tensor],
             cu_seqlens: Optional[Tensor], q_cmp: Optional[Tensor] = None,
-            cu_seqlens_k: Optional[Tensor] = None
+            cu_seqlens_k: Optional[Tensor] = None, need_indices: bool = False
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         B, T = q.shape[:2]
         lay = layout_of_call(spec, q, cu_seqlens, cu_seqlens_k)
         o, idx, saved = mod.forward(
             pack(q), pack(k), pack(v), pack(gates), pack(k_cmp), pack(v_cmp), lay,
             pack(k_win), pack(v_win), configs=nsa.configs_for(q.device, max(lay.seqlens)),
-            save=True, q_cmp=pack(q_cmp))
+            save=True, q_cmp=pack(q_cmp), short=False if need_indices else None)
+        # idx None: the short-length plan ran (no block choice); the backward follows it
         # compressed k/v computed here (mean) are outputs; the caller's own are never returned
         mine = k_cmp is None and saved["k_cmp"] is not None
         kc = saved["k_cmp"] if mine else q.new_empty(0)
@@ -288,7 +289,7 @@ def _register_training_op(nsa: NSAOp):
     bwd_op = triton_op(nsa.op_name + "_bwd", mutates_args={})(bwd)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu, q_cmp, cu_k = inputs
+        q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu, q_cmp, cu_k, _ = inputs
         _, idx, ob, lse, kc, vc = output
         user_cmp = k_cmp is not None
         ctx.user_cmp, ctx.has_gates = user_cmp, gates is not None
@@ -305,7 +306,7 @@ def _register_training_op(nsa: NSAOp):
             dqc = torch.zeros_like(q_cmp)
         return (dq, dk, dv, dg if ctx.has_gates else None, dkc if ctx.user_cmp else None,
                 dvc if ctx.user_cmp else None, dkw if ctx.has_win else None,
-                dvw if ctx.has_win else None, None, dqc if ctx.has_qc else None, None)
+                dvw if ctx.has_win else None, None, dqc if ctx.has_qc else None, None, None)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
     return fwd_op

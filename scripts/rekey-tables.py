@@ -42,7 +42,7 @@ def main() -> None:
         target = Target.preset(PRESET_OF[path.parent.name])
         plan = lower(spec.replace(name="layer"), target)
         name = f"{spec.uri}_{codegen.source_hash(codegen.render(spec, target=target), meta['triton'])}"
-        defaults = {k.name: (k.config, False) for k in plan.kernels + plan.backward}
+        defaults = {k.name: (k.config, False) for k in plan.rendered}
         defaults.update({k.name: (k.config, True) for k in plan.decode.kernels})
         buckets = {}
         for bucket, entries in doc["buckets"].items():

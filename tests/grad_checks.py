@@ -30,10 +30,12 @@ def suffix_queries(x: dict, lens, qlens) -> dict:
 
 
 def check_backward(spec, B, T, dtype, device, seed=0, varlen_lens=None, ref_device=None,
-                   q_cmp=False, qlens=None):
+                   q_cmp=False, qlens=None, indices=True):
     """Gradients of every differentiable input against float64 autograd on the same blocks;
     with `q_cmp` the compressed branch and block scores get a query of their own; with `qlens`
-    sequence i of `varlen_lens` keeps only its last qlens[i] queries (cu_seqlens_k)."""
+    sequence i of `varlen_lens` keeps only its last qlens[i] queries (cu_seqlens_k). Without
+    `indices` the op is called as a model calls it (no block indices asked for) and the
+    reference makes its own block choice."""
     op = nsagen.build(spec)
     x = make_inputs(spec, B, T, dtype, device, seed, varlen_lens)
     x["q_cmp"] = None
@@ -46,9 +48,11 @@ def check_backward(spec, B, T, dtype, device, seed=0, varlen_lens=None, ref_devi
     names = [n for n in ALL if x[n] is not None]
     for n in names:
         x[n].requires_grad_(True)
-    o, idx = op(x["q"], x["k"], x["v"], x["gates"], x["k_cmp"], x["v_cmp"], x["cu_seqlens"],
-                return_indices=True, k_win=x["k_win"], v_win=x["v_win"], q_cmp=x["q_cmp"],
-                cu_seqlens_k=x["cu_seqlens_k"])
+    o = op(x["q"], x["k"], x["v"], x["gates"], x["k_cmp"], x["v_cmp"], x["cu_seqlens"],
+           return_indices=indices, k_win=x["k_win"], v_win=x["v_win"], q_cmp=x["q_cmp"],
+           cu_seqlens_k=x["cu_seqlens_k"])
+    o, idx = o if indices else (o, None)
+    blocks = idx is not None and spec.has("slc")
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     do = torch.randn(o.shape, generator=gen).to(dtype).to(device)
     grads = torch.autograd.grad(o, [x[n] for n in names], do)
@@ -59,9 +63,9 @@ def check_backward(spec, B, T, dtype, device, seed=0, varlen_lens=None, ref_devi
     cu_k = None if x["cu_seqlens_k"] is None else x["cu_seqlens_k"].to(rd)
     ref = reference.nsa(xr["q"], xr["k"], xr["v"], xr["gates"], spec, xr["k_cmp"], xr["v_cmp"],
                         cu, k_win=xr["k_win"], v_win=xr["v_win"],
-                        block_indices=idx.to(rd) if spec.has("slc") else None, q_cmp=xr["q_cmp"],
+                        block_indices=idx.to(rd) if blocks else None, q_cmp=xr["q_cmp"],
                         cu_seqlens_k=cu_k)
-    if spec.has("slc") and dtype == torch.float32:   # the blocks are the reference's (q_cmp)
+    if blocks and dtype == torch.float32:   # the blocks are the reference's (q_cmp)
         xd = {n: None if t is None else t.detach() for n, t in xr.items()}
         ref_idx = reference.nsa(xd["q"], xd["k"], xd["v"], xd["gates"], spec, xd["k_cmp"],
                                 xd["v_cmp"], cu, return_indices=True, k_win=xd["k_win"],

@@ -117,3 +117,14 @@ def test_queries_that_end_each_sequence_bf16(name):
     spec = spec.replace(heads_q=2 * spec.group, heads_kv=2)
     check_backward(spec, B=1, T=0, dtype=BF16, device="cuda", seed=23,
                    varlen_lens=[3000, 1100, 2048], qlens=[1000, 1100, 513])
+
+
+@pytest.mark.parametrize("name", ["nsa-d128", "nsa-fla", "nsa-paper"])
+def test_short_plan_bf16(name):
+    """Calls of at most n*l' tokens that do not ask for the block indices take the short plan
+    (dense selected branch in the window kernel): a full-length sequence and a ragged batch."""
+    spec = nsagen.load_spec(name)
+    n = spec.slc_count * spec.slc_block
+    check_backward(spec, B=1, T=n, dtype=BF16, device="cuda", seed=5, indices=False)
+    check_backward(spec, B=1, T=0, dtype=BF16, device="cuda", seed=6, indices=False,
+                   varlen_lens=[n, 77, n // 2 + 3])

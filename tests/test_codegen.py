@@ -282,7 +282,7 @@ def test_kernels_and_launches_follow_their_declared_signatures(name):
     src = codegen.render(spec)
     fns, calls = _jit_functions(src), _launches(src)
     seen = set()
-    for k in plan.kernels + plan.backward + plan.decode.kernels + [plan.decode.append]:
+    for k in plan.rendered + plan.decode.kernels + [plan.decode.append]:
         for key, sig in KERNELS[k.name].launch(spec, k.params).items():
             fn = k.name if key == "main" else f"{k.name}_{key}"
             seen.add(fn)

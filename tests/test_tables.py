@@ -222,9 +222,10 @@ def test_tune_plumbing_on_cpu():
 
     _interp()
     spec = scaled(nsagen.load_spec("nsa-d128"))
-    path, rows = search.tune(spec, [20], kernels=["select_blocks"], device="cpu",
+    T = spec.slc_count * spec.slc_block + 6   # past the short-length plan, which has no top-n
+    path, rows = search.tune(spec, [T], kernels=["select_blocks"], device="cpu",
                                dtype=torch.float32, timer=_halving(),
-                               progress=lambda m: None, check_len=20)
+                               progress=lambda m: None, check_len=T)
     cands = search.candidates(spec, "select_blocks", nsagen.build(spec).module.CONFIGS["select_blocks"])
     assert rows[0]["config"] == cands[-1] and rows[0]["best_ms"] < rows[0]["default_ms"]
     doc = json.loads(path.read_text())
@@ -363,9 +364,10 @@ def test_tune_budget_zero_saves_defaults():
     _interp()
     spec = scaled(nsagen.load_spec("nsa-d128"))
     msgs = []
-    path, rows = search.tune(spec, [20], kernels=["select_blocks"], device="cpu",
+    T = spec.slc_count * spec.slc_block + 6   # past the short-length plan, which has no top-n
+    path, rows = search.tune(spec, [T], kernels=["select_blocks"], device="cpu",
                                dtype=torch.float32, timer=_halving(), progress=msgs.append,
-                               check_len=20, budget=0)
+                               check_len=T, budget=0)
     assert rows == [] and any("budget of 0 s reached" in m for m in msgs)
     doc = json.loads(path.read_text())
     assert doc["buckets"]["T<=1024"]["select_blocks"] == \

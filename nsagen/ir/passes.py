@@ -64,6 +64,29 @@ class KernelPlan:
 
 
 @dataclass
+class Launch:
+    """One launch of a length plan: a kernel of the module, the op-graph nodes it computes there,
+    and the launch-time values that give it that role (e.g. the window kernel as the selected
+    branch: `window`, the gate column `branch`, whether it initialises o, which keys it reads)."""
+
+    kernel: str
+    nodes: tuple[str, ...]
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
+class LengthPlan:
+    """The launches for the calls whose every sequence holds at most `max_len` tokens, in place
+    of the plan's kernels: a choice the IR makes per length bucket. `graph` is the op graph as
+    this plan computes it."""
+
+    max_len: int
+    graph: nx.DiGraph
+    forward: list[Launch]
+    backward: list[Launch]
+
+
+@dataclass
 class Plan:
     """The lowered forward of a spec: kernels in launch order plus the reasons for each choice."""
 
@@ -74,9 +97,25 @@ class Plan:
     backward: list[KernelPlan] = field(default_factory=list)
     decode: "DecodePlan | None" = None
     target: Target | None = None
+    short: LengthPlan | None = None     # the plan for short calls, when one differs
 
     def kernel(self, name: str) -> KernelPlan:
         return next(k for k in self.kernels if k.name == name)
+
+    @property
+    def rendered(self) -> list[KernelPlan]:
+        """Every kernel the module holds: the forward's and backward's, then any that only the
+        length plan launches (in the order it first launches them)."""
+        out = self.kernels + self.backward
+        have = {k.name for k in out}
+        for step in (self.short.forward + self.short.backward) if self.short else []:
+            if step.kernel not in have:
+                have.add(step.kernel)
+                kd = KERNELS[step.kernel]
+                out.append(KernelPlan(step.kernel, kd.template, step.nodes,
+                                      params=dict(first=False),
+                                      config=kd.default(self.spec, self.target, [])))
+        return out
 
 
 def _slc_loop_order(spec: Spec, target: Target, why: list[str]) -> str:
@@ -226,6 +265,51 @@ def _backward(g: nx.DiGraph, spec: Spec, why: list[str], target: Target) -> list
                        config=KERNELS[n].default(spec, target, why)) for n, nodes in names]
 
 
+def _short_plan(g: nx.DiGraph, spec: Spec, kernels: list[KernelPlan], why: list[str],
+                target: Target) -> LengthPlan | None:
+    """Rewrite for short calls: while t < n*l' every candidate block of a query is chosen (section
+    4 of docs/algorithm.md), so below that length the selected branch is dense causal attention.
+    The graph loses `importance` and `topk`, and `slc_attn` becomes the window kernel with
+    W = n*l' (tiles of tokens x heads instead of per-token gathers). The block indices are then
+    not computed, so calls that ask for them take the full plan."""
+    if "slc_attn" not in g:
+        return None
+    max_len = spec.slc_count * spec.slc_block
+    gs = g.copy()
+    gs.remove_nodes_from([n for n in ("importance", "topk") if n in gs])
+    gs.nodes["slc_attn"]["dense"] = True
+    names = {k.name for k in kernels}
+    fwd: list[Launch] = []
+    if "mean_compress" in names and spec.has("cmp"):
+        fwd.append(Launch("mean_compress", ("compress",)))
+    if spec.has("cmp"):
+        fwd.append(Launch("cmp_attention", ("cmp_attn",), dict(scores=False)))
+    fwd.append(Launch("win_attention", ("slc_attn",),
+                      dict(window=max_len, branch=1, keys="slc", first=not spec.has("cmp"))))
+    if spec.has("win"):
+        fwd.append(Launch("win_attention", ("win_attn",),
+                          dict(window=spec.window, branch=2, keys="win", first=False)))
+    for step in fwd:
+        for n in step.nodes:
+            gs.nodes[n]["kernel"] = step.kernel
+    tile = KERNELS["win_attention"].default(spec, target, [])
+    bwd = [Launch("gate_delta", ("combine",))]
+    if spec.has("cmp"):
+        bwd.append(Launch("cmp_attention_bwd", ("cmp_attn",)))
+    bwd.append(Launch("win_attention_bwd", ("slc_attn",), dict(window=max_len, branch=1, keys="slc")))
+    if spec.has("win"):
+        bwd.append(Launch("win_attention_bwd", ("win_attn",),
+                          dict(window=spec.window, branch=2, keys="win")))
+    why.append(f"calls of at most n*l' = {spec.slc_count}*{spec.slc_block} = {max_len} tokens: "
+               "every query's candidate blocks all fit in its n, so the selected branch is dense "
+               "causal attention; the short plan drops the block scores and the top-n and runs "
+               "the selected branch as the window kernel with w = " + str(max_len)
+               + f" (tiles of {tile['BT']} token(s) x {spec.group} heads instead of one token "
+               "per program), forward and backward. "
+               "Calls that ask for the block indices take the full plan")
+    return LengthPlan(max_len=max_len, graph=gs, forward=fwd, backward=bwd)
+
+
 def lower_nsa(spec: Spec, target: Target | None = None) -> Plan:
     """Run every pass on the spec's forward graph and return the kernel plan, for `target`
     (default: the GPU at hand, else the default preset; nsagen.target)."""
@@ -239,8 +323,9 @@ def lower_nsa(spec: Spec, target: Target | None = None) -> Plan:
     _lower_importance(spec, kernels, why.during("importance"))
     _tiles(spec, kernels, why.during("tiles"), target)
     backward = _backward(g, spec, why.during("backward"), target)
+    short = _short_plan(g, spec, kernels, why.during("length"), target)
     return Plan(spec=spec, graph=g, kernels=kernels, decisions=why, backward=backward,
-                decode=lower_decode(spec, target), target=target)
+                decode=lower_decode(spec, target), target=target, short=short)
 
 
 # ---------------------------------------------------------------------------- decoding

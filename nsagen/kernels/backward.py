@@ -162,8 +162,8 @@ def _slc_bwd_launch(spec: Spec, flags: dict) -> dict:
 
 
 def _win_bwd_launch(spec: Spec, flags: dict) -> dict:
-    common = (_BWD_SCALES, HEADS, cfg("GP"), DIMS, values(W=spec.window or 1),
-              consts(HAS_GATES="gates is not None", PREC="prec"))
+    common = (_BWD_SCALES, HEADS, cfg("GP"), DIMS,
+              consts(W="window", BRANCH="branch", HAS_GATES="gates is not None", PREC="prec"))
     return dict(
         dq=signature(
             ptrs("q", "k", "v", "g", "do", "lse", "delta", "dq", "tile_tok", "tile_len",

@@ -87,7 +87,8 @@ def _cmp_launch(spec: Spec, flags: dict) -> dict:
         strides("q", "qt", "qh"), strides("kc", "kt", "kh"), strides("vc", "vt", "vh"),
         strides("o", "ot", "oh"), strides("g", "gt", "gh"), strides("score", "st", "sh"),
         consts(qk_scale="QK_SCALE"), HEADS, cfg("GP"), DIMS, cmp_values(spec),
-        consts(NBP="score.shape[-1]", HAS_GATES="gates is not None", PREC="prec", SAVE="save"),
+        consts(NBP="score.shape[-1]", HAS_GATES="gates is not None", PREC="prec", SAVE="save",
+               SCORES="scores"),
         cfg("BT", "BC"),
         consts(BTS='max(16, cfg["BT"])',
                SHIFT='0 if prec == "ieee" else 16 - cfg["GP"].bit_length()'),
@@ -221,8 +222,9 @@ def _win_launch(spec: Spec, flags: dict) -> dict:
              "tile_tok", "tile_len", "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
         strides("q", "qt", "qh"), strides("kw", "kt", "kh"), strides("vw", "vt", "vh"),
         strides("o", "ot", "oh"), strides("g", "gt", "gh"),
-        consts(qk_scale="QK_SCALE", G="GROUP"), cfg("GP"), DIMS, values(W=spec.window or 1),
-        consts(HAS_GATES="gates is not None", PREC="prec", SAVE="save"), cfg("BT", "BK"),
+        consts(qk_scale="QK_SCALE", G="GROUP"), cfg("GP"), DIMS,
+        consts(W="window", BRANCH="branch", FIRST="first", HAS_GATES="gates is not None",
+               PREC="prec", SAVE="save"), cfg("BT", "BK"),
         options=WARPS_STAGES))
 
 

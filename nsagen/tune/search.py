@@ -119,9 +119,14 @@ def sweep(make_run, kernels: list[str], cands: dict[str, list[dict]], base: dict
     return report
 
 
-def kernel_names(op) -> tuple[list[str], list[str]]:
-    """The module's forward and backward kernels, in launch order."""
+def kernel_names(op, seq_len: int | None = None) -> tuple[list[str], list[str]]:
+    """The module's forward and backward kernels, in launch order, as a call of `seq_len` tokens
+    launches them (the short-length plan's below its bound; default: the full plan)."""
     plan = lower(op.spec, op.target)
+    short = plan.short
+    if short is not None and seq_len is not None and seq_len <= short.max_len:
+        return (list(dict.fromkeys(s.kernel for s in short.forward)),
+                list(dict.fromkeys(s.kernel for s in short.backward)))
     return [k.name for k in plan.kernels], [k.name for k in plan.backward]
 
 
@@ -164,13 +169,12 @@ def tune(spec: Spec, seq_lens: list[int], batch: int = 1, kernels: list[str] | N
     summary = []
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     defaults = {name: dict(cfg) for name, cfg in op.module.CONFIGS.items()}
-    fwd_all, bwd_all = kernel_names(op)
     dec_all = decode_kernel_names(op)
 
     def wanted(names):
         return [k for k in names if kernels is None or k in kernels]
 
-    fwd, bwd, dec = wanted(fwd_all), wanted(bwd_all) if backward else [], wanted(dec_all)
+    dec = wanted(dec_all)
 
     def precompile_runs(runs) -> None:
         """Compile, in parallel, the kernel variants a list of passes would launch."""
@@ -195,8 +199,10 @@ def tune(spec: Spec, seq_lens: list[int], batch: int = 1, kernels: list[str] | N
     saved = op.configs
     try:
         for T in seq_lens:
+            fwd_all, bwd_all = kernel_names(op, T)
+            fwd, bwd = wanted(fwd_all), wanted(bwd_all) if backward else []
             if not (fwd or bwd):
-                break
+                continue
             progress(f"nsagen tune: {op.module_name} T={T} B={batch} -> bucket {tables.bucket(T)}")
             x = random_inputs(spec, T, batch, device, dtype)
             best = dict(defaults)
@@ -319,7 +325,8 @@ def _tune_decode(op, spec, B, L, names, timer, clock, progress, device, dtype, o
 def warm_build(op, seq_len: int = 4096, device: str = "cuda", dtype=torch.bfloat16,
                decode_batch: int = 1, progress=print) -> int:
     """Compile the module's forward, backward and decode kernels for the configs it will
-    launch with (the tuned table's, else the defaults) at one shape, in parallel threads.
+    launch with (the tuned table's, else the defaults) at one shape (and at the short-length
+    plan's bound, below which calls take that plan), in parallel threads.
     Returns how many kernel variants were compiled."""
     spec = op.spec
     if torch.device(device).type != "cuda":
@@ -332,6 +339,12 @@ def warm_build(op, seq_len: int = 4096, device: str = "cuda", dtype=torch.bfloat
         n = compiler.record([forward_pass(op, x)(cfg)])
         compiler.wait()
         n += compiler.record([backward_pass(op, x, cfg)(cfg)])
+        short = getattr(op.module, "SHORT_LEN", 0)
+        if 0 < short < seq_len:     # calls up to `short` tokens launch the short-length plan
+            xs = random_inputs(spec, short, 1, dev, dtype)
+            n += compiler.record([forward_pass(op, xs)(cfg)])
+            compiler.wait()
+            n += compiler.record([backward_pass(op, xs, cfg)(cfg)])
         if decode_kernel_names(op):
             tuned_cfg, tuned_splits = tables.decode_configs_for(op.tuned_tables, decode_batch,
                                                                 seq_len)
