@@ -304,6 +304,8 @@ def _register_training_op(nsa: NSAOp):
             ctx.user_cmp, q_cmp, cu_k)
         if ctx.has_qc and dqc.numel() == 0:   # no compressed output: q_cmp only picks blocks
             dqc = torch.zeros_like(q_cmp)
+        if ctx.user_cmp and dkc.shape != kc.shape:   # likewise a learned k_cmp, v_cmp
+            dkc, dvc = torch.zeros_like(kc), torch.zeros_like(vc)
         return (dq, dk, dv, dg if ctx.has_gates else None, dkc if ctx.user_cmp else None,
                 dvc if ctx.user_cmp else None, dkw if ctx.has_win else None,
                 dvw if ctx.has_win else None, None, dqc if ctx.has_qc else None, None, None)

@@ -171,3 +171,11 @@ def test_suffix_queries_with_branch_subsets(branches):
     spec = base.replace(branches=branches, window=base.window if "win" in branches else None)
     check_backward(spec, B=1, T=0, dtype=torch.float32, device="cpu", seed=24,
                    varlen_lens=[35, 20], qlens=[9, 20])
+
+
+@pytest.mark.parametrize("indices", [True, False])
+def test_learned_compression_that_only_scores_blocks(indices):
+    """A learned k_cmp/v_cmp without the compressed branch only picks blocks: its gradient is
+    zero (the choice is not differentiated), shaped like it, in either plan."""
+    spec = scaled(nsagen.load_spec("nsa-paper")).replace(branches=("slc", "win"))
+    check_backward(spec, B=1, T=30, dtype=torch.float32, device="cpu", seed=26, indices=indices)
