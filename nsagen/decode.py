@@ -132,7 +132,7 @@ class DecodeCache:
         nc = spec.num_cmp(T)
         if (k_cmp is None) != (v_cmp is None):
             raise ValueError("k_cmp, v_cmp: pass both or neither")
-        if spec.learned_compression and nc and k_cmp is None:
+        if spec.learned_compression and spec.reads_cmp and nc and k_cmp is None:
             raise ValueError("k_cmp, v_cmp: required for a learned compression spec")
         given_cmp = nc and k_cmp is not None   # mean specs: the caller's (un-rotated keys')
         if given_cmp:
@@ -200,7 +200,7 @@ class DecodeCache:
                              "kv_per_branch: separate")
         if (k_cmp_t is None) != (v_cmp_t is None):
             raise ValueError("k_cmp_t, v_cmp_t: pass both or neither")
-        if spec.learned_compression and k_cmp_t is None:
+        if spec.learned_compression and spec.reads_cmp and k_cmp_t is None:
             raise ValueError("k_cmp_t, v_cmp_t: required for a learned compression spec")
         if k_cmp_t is not None:   # mean specs: the caller's mean (e.g. of un-rotated keys)
             _expect("k_cmp_t", k_cmp_t, (B, H, spec.dim_qk), "[B, H, Dk]", dt, dev)

@@ -448,10 +448,7 @@ class SparseAttention(nn.Module):
         dt = cache.dtype
         c = lambda t: None if t is None else t.to(dt)  # noqa: E731
         T = x.shape[1]
-        kc, vc = c(p["k_cmp"]), c(p["v_cmp"])
-        if kc is None and self.spec.learned_compression:  # unread, but the cache wants them
-            kc, vc = _blank_cmp(self.spec, (x.shape[0], self.spec.num_cmp(T)), x.device, dt)
-        cache.kv.prefill(c(p["k"]), c(p["v"]), k_cmp=kc, v_cmp=vc,
+        cache.kv.prefill(c(p["k"]), c(p["v"]), k_cmp=c(p["k_cmp"]), v_cmp=c(p["v_cmp"]),
                          k_win=c(p["k_win"]), v_win=c(p["v_win"]))
         if self.own_cmp:
             l = self.spec.cmp_block
@@ -492,9 +489,6 @@ class SparseAttention(nn.Module):
                 kc = self._rot(kc, pos, self.rope_cmp)
             vc = self.phi_v.reduce(wv.to(vs.dtype))
             extra.update(k_cmp_t=kc.to(dt), v_cmp_t=vc.to(dt))
-        elif s.learned_compression:  # learned kind, but neither cmp nor slc reads the tokens
-            kc, vc = _blank_cmp(s, (B,), x_t.device, dt)
-            extra.update(k_cmp_t=kc, v_cmp_t=vc)
         if self.separate and s.has("win"):
             extra.update(k_win_t=self._rot(self._heads(self.k_win_proj, x_t, s.dim_qk),
                                            pos).to(dt),
@@ -542,13 +536,6 @@ def _gate_bias(gate_bias, spec: Spec, cols: list[int]) -> list[float]:
 def _q_cmp_arg(p: dict) -> dict:
     """The op's q_cmp keyword when the layer has one (ops without it keep their signature)."""
     return {} if p["q_cmp"] is None else {"q_cmp": p["q_cmp"]}
-
-
-def _blank_cmp(spec: Spec, lead: tuple, device, dtype):
-    """Zero compressed tokens [*lead, H, D] for a cache whose spec never reads them."""
-    z = dict(device=device, dtype=dtype)
-    return (torch.zeros(*lead, spec.heads_kv, spec.dim_qk, **z),
-            torch.zeros(*lead, spec.heads_kv, spec.dim_v, **z))
 
 
 def _window_ends(spec: Spec, lens: list[int], device) -> torch.Tensor:

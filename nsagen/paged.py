@@ -267,7 +267,7 @@ def check_token(spec, k_t, v_t, k_cmp_t, v_cmp_t, B: int) -> None:
         if t.dtype != k_t.dtype or t.device != k_t.device:
             raise TypeError(f"{name}: expected {k_t.dtype} on {k_t.device}, got {t.dtype} on "
                             f"{t.device}")
-    if spec.learned_compression and (k_cmp_t is None or v_cmp_t is None):
+    if spec.learned_compression and spec.reads_cmp and (k_cmp_t is None or v_cmp_t is None):
         raise ValueError("k_cmp_t, v_cmp_t: required for a learned compression spec")
     if not spec.learned_compression and (k_cmp_t is not None or v_cmp_t is not None):
         raise ValueError("k_cmp_t, v_cmp_t: only accepted for a learned compression spec "

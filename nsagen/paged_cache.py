@@ -103,14 +103,14 @@ class PagedCache:
             raise ValueError(f"prompt of {T} tokens exceeds max_len "
                              f"{self.max_pages * self.page_size}")
         nc = spec.num_cmp(T)
-        if spec.learned_compression:
+        if spec.learned_compression and spec.reads_cmp:
             if k_cmp is None or v_cmp is None:
                 raise ValueError("k_cmp, v_cmp: required for a learned compression spec")
             for name, t, d in (("k_cmp", k_cmp, spec.dim_qk), ("v_cmp", v_cmp, spec.dim_v)):
                 if self._check_rows(name, t, d) != nc:
                     raise ValueError(f"{name}: expected Nc(T) = {nc} compressed tokens, got "
                                      f"{t.shape[0]}")
-        elif k_cmp is not None or v_cmp is not None:
+        elif (k_cmp is not None or v_cmp is not None) and not spec.learned_compression:
             raise ValueError("k_cmp, v_cmp: only accepted for a learned compression spec")
         P = self.page_size
         n_raw, n_cmp = -(-T // P), -(-nc // P)
@@ -120,7 +120,7 @@ class PagedCache:
         if T:
             self._write(self.k_pages, seq.pages, k)
             self._write(self.v_pages, seq.pages, v)
-        if nc:
+        if nc and spec.reads_cmp:   # no branch reads compressed tokens: none are kept
             if not spec.learned_compression:
                 # in float32, as the append kernel averages
                 k_cmp = reference.mean_compress(k[None].float(), spec)[0].to(self.dtype)

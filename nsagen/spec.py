@@ -410,6 +410,12 @@ class Spec:
     def learned_compression(self) -> bool:
         return self.cmp_kind != "mean"
 
+    @property
+    def reads_cmp(self) -> bool:
+        """Whether a branch reads compressed tokens: the compressed branch, or the selection's
+        block scores. Without either, the compression section is never used."""
+        return self.has("cmp") or self.has("slc")
+
     def num_cmp(self, seq_len: int) -> int:
         """Nc(T): compressed tokens of a sequence of length T."""
         if seq_len < self.cmp_block:

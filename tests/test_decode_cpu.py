@@ -35,6 +35,11 @@ def _check_by_score(spec, idx, ref_idx, ref_score, pos, dtype):
     assert (got >= best - SCORE_TOL[dtype] * best.clamp_min(1e-6)).all()
 
 
+def _pad1(t):
+    """[B, Nc, H, D] with one more zero row (the token of steps that emit none)."""
+    return torch.cat([t, t.new_zeros(t.shape[0], 1, *t.shape[2:])], 1)
+
+
 def _decode_vs_prefill(spec, prompt_lens, T, dtype=torch.float32, seed=0, splits=None,
                       configs=None):
     """Prefill each row with its prompt, decode the rest one token at a time, compare each step
@@ -45,9 +50,7 @@ def _decode_vs_prefill(spec, prompt_lens, T, dtype=torch.float32, seed=0, splits
     op = nsagen.build(spec)
     x = make_inputs(spec, B, T, dtype, "cpu", seed)
     q, k, v, gates = x["q"], x["k"], x["v"], x["gates"]
-    kc_all = vc_all = None
-    if spec.learned_compression:
-        kc_all, vc_all = x["k_cmp"], x["v_cmp"]
+    kc_all, vc_all = x["k_cmp"], x["v_cmp"]     # learned compression a branch reads
     kw, vw = x["k_win"], x["v_win"]
 
     def d(t):
@@ -76,9 +79,9 @@ def _decode_vs_prefill(spec, prompt_lens, T, dtype=torch.float32, seed=0, splits
         rows = torch.arange(B)
         t = torch.tensor(pos)
         extra = {}
-        if spec.learned_compression:
-            i = torch.clamp((t + 1 - spec.cmp_block) // spec.cmp_stride, min=0)
-            extra = dict(k_cmp_t=kc_all[rows, i], v_cmp_t=vc_all[rows, i])
+        if kc_all is not None:     # a step that emits nothing passes a token never read
+            i = torch.clamp((t + 1 - spec.cmp_block) // spec.cmp_stride, 0, kc_all.shape[1])
+            extra = dict(k_cmp_t=_pad1(kc_all)[rows, i], v_cmp_t=_pad1(vc_all)[rows, i])
         if kw is not None:
             extra.update(k_win_t=kw[rows, t], v_win_t=vw[rows, t])
         cache.append(k[rows, t], v[rows, t], **extra)
@@ -210,6 +213,24 @@ def test_kernels_decode_branch_subsets(branches):
                        configs=SMALL_TILES)
 
 
+@pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only machines")
+def test_window_only_cache_of_a_learned_spec_takes_no_compressed_tokens():
+    """A learned compression kind that no branch reads (window only): the contiguous and the
+    paged cache take no compressed tokens, prefill and steps alike."""
+    spec = scaled(nsagen.load_spec("nsa-paper")).replace(branches=("win",))
+    assert spec.learned_compression and not spec.reads_cmp
+    _decode_vs_prefill(spec, [5, 20], T=26, seed=14)
+    op = nsagen.build(spec)
+    pc = op.new_paged_cache(num_pages=8, page_size=8, max_len=32, device="cpu",
+                            dtype=torch.float32)
+    x = make_inputs(spec, 1, 9, torch.float32, "cpu", 15)
+    sid = pc.add(x["k"][0, :8], x["v"][0, :8])
+    o = pc.decode([sid], x["q"][:, 8], x["k"][:, 8], x["v"][:, 8], x["gates"][:, 8])
+    want = nsagen.reference.nsa(x["q"].double(), x["k"].double(), x["v"].double(),
+                                x["gates"].double(), spec)[:, 8]
+    assert rel_err(o, want) < 1e-5
+
+
 def test_decode_splits_fill_the_gpu():
     """The IR's split rule: more programs per (sequence, KV head) for small batches, never more
     compressed chunks than tiles at full length, balanced selected-block groups."""
@@ -327,7 +348,7 @@ def _tokens_vs_prefill(spec, prompt_lens, T, chunks, dtype=torch.float32, seed=0
     op = nsagen.build(spec)
     x = make_inputs(spec, B, T, dtype, "cpu", seed)
     q, k, v, gates = x["q"], x["k"], x["v"], x["gates"]
-    kc_all, vc_all = (x["k_cmp"], x["v_cmp"]) if spec.learned_compression else (None, None)
+    kc_all, vc_all = x["k_cmp"], x["v_cmp"]     # learned compression a branch reads
     kw, vw = x["k_win"], x["v_win"]
 
     def d(t):
@@ -349,9 +370,10 @@ def _tokens_vs_prefill(spec, prompt_lens, T, chunks, dtype=torch.float32, seed=0
         t = pos[:, None] + torch.arange(S)                       # [B, S] positions
         pick = lambda a: None if a is None else a[rows[:, None], t]  # noqa: E731
         extra = {}
-        if spec.learned_compression:
-            i = torch.clamp((t + 1 - spec.cmp_block) // spec.cmp_stride, min=0)
-            extra = dict(k_cmp_t=kc_all[rows[:, None], i], v_cmp_t=vc_all[rows[:, None], i])
+        if kc_all is not None:
+            i = torch.clamp((t + 1 - spec.cmp_block) // spec.cmp_stride, 0, kc_all.shape[1])
+            extra = dict(k_cmp_t=_pad1(kc_all)[rows[:, None], i],
+                         v_cmp_t=_pad1(vc_all)[rows[:, None], i])
         if kw is not None:
             extra.update(k_win_t=pick(kw), v_win_t=pick(vw))
         o, idx = cache.decode(pick(q), pick(k), pick(v), pick(gates), return_indices=True,
@@ -415,7 +437,7 @@ def test_kernels_decode_with_the_compressed_branchs_own_query(name):
     x = make_inputs(spec, B, T, torch.float32, "cpu", 17)
     q, k, v, gates = x["q"], x["k"], x["v"], x["gates"]
     q_cmp = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
-    kc_all, vc_all = (x["k_cmp"], x["v_cmp"]) if spec.learned_compression else (None, None)
+    kc_all, vc_all = x["k_cmp"], x["v_cmp"]     # learned compression a branch reads
 
     def d(t):
         return None if t is None else t.double()
