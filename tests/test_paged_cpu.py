@@ -53,10 +53,12 @@ class Pools:
 
 def _learned_tokens(spec, kc_all, vc_all, rows, t) -> dict:
     """The compressed tokens that tokens t of rows complete (learned compression), else {}."""
-    if not spec.learned_compression:
+    if kc_all is None:
         return {}
-    i = torch.clamp((t + 1 - spec.cmp_block) // spec.cmp_stride, min=0)
-    return dict(k_cmp_t=kc_all[rows, i], v_cmp_t=vc_all[rows, i])
+    # a row that completes none passes a token never read (one zero row past the last)
+    pad = lambda a: torch.cat([a, a.new_zeros(a.shape[0], 1, *a.shape[2:])], 1)  # noqa: E731
+    i = torch.clamp((t + 1 - spec.cmp_block) // spec.cmp_stride, 0, kc_all.shape[1])
+    return dict(k_cmp_t=pad(kc_all)[rows, i], v_cmp_t=pad(vc_all)[rows, i])
 
 
 def _paged_vs_prefill(spec, prompt_lens, T, dtype, seed, page=8, shared=0, configs=None):
@@ -68,9 +70,7 @@ def _paged_vs_prefill(spec, prompt_lens, T, dtype, seed, page=8, shared=0, confi
         n = shared * page
         k[1, :n], v[1, :n] = k[0, :n], v[0, :n]
         q[1, :n], gates[1, :n] = q[0, :n], gates[0, :n]
-    kc_all = vc_all = None
-    if spec.learned_compression:
-        kc_all, vc_all = x["k_cmp"], x["v_cmp"]
+    kc_all, vc_all = x["k_cmp"], x["v_cmp"]     # learned compression a branch reads
 
     def d(t):
         return None if t is None else t.double()
