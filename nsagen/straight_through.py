@@ -32,6 +32,8 @@ def chosen_block_score(spec: Spec, q_cmp: torch.Tensor, k_cmp: torch.Tensor,
     B, T, HQ, Dk = q_cmp.shape
     H, G = spec.heads_kv, spec.group
     nc = k_cmp.shape[1]
+    if nc == 0:     # sequences shorter than l: no block has a visible compressed token
+        return q_cmp.new_zeros(B, T, H)
     r1, r2, d = spec.cmp_block // spec.cmp_stride, spec.slc_block // spec.cmp_stride, spec.cmp_stride
     m = torch.arange(r1 + r2 - 1, device=idx.device)
     blk = idx.long()                                                   # [B, T, H, n]
