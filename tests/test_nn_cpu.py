@@ -84,8 +84,12 @@ def check_against_reference(spec, B, T, seed, cu_seqlens=None, **kw):
         assert p.grad is not None, f"no gradient for {n}"
         assert torch.isfinite(p.grad).all(), n
         err = (p.grad.double() - gb).norm().item()
-        assert err <= 1e-4 * gb.norm().item() + 1e-6 * scale, f"d{n}: {err:.3g} vs {gb.norm():.3g}"
-    if spec.num_cmp(T) >= 2 and spec.learned_compression and spec.has("cmp"):
+        # exactly 0 in float64 (e.g. q's through a softmax over one key) is float32 rounding
+        # noise in the kernels: bounded against the layer's gradient scale
+        floor = (1e-5 if gb.norm() == 0 else 1e-6) * scale
+        assert err <= 1e-4 * gb.norm().item() + floor, f"d{n}: {err:.3g} vs {gb.norm():.3g}"
+    longest = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if spec.num_cmp(longest) >= 2 and spec.learned_compression and spec.has("cmp"):
         # the compression path is live: phi's parameters get a real gradient (with a single
         # visible compressed token its softmax is constant and phi_k rightly gets none; the
         # block choice alone gives none)
