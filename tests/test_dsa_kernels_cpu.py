@@ -271,6 +271,24 @@ def test_decode_inputs_are_checked_by_name():
         cache.step(torch.randn(2, 4, 24), torch.randn(2, 2, 8), torch.ones(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="prefill: k: expected"):
         cache.prefill(torch.randn(3, 4, 2, 24), None, torch.randn(3, 4, 8), torch.tensor([1, 2, 3]))
+    # a prefill that raises writes nothing: v, k_idx and lens are checked before k is written
+    before = (cache.k.clone(), cache.v.clone(), cache.k_idx.clone(), cache.lens.clone())
+    k, v, ki, lens = torch.randn(2, 4, 2, 24), torch.randn(2, 4, 2, 16), torch.randn(2, 4, 8), \
+        torch.tensor([4, 2])
+    bad = [(dict(v=v[:1]), ValueError, r"prefill: v: expected \[B, T, H, Dv\]"),
+           (dict(v=None), ValueError, "prefill: v: this cache holds values"),
+           (dict(k_idx=ki[:, :3]), ValueError, r"prefill: k_idx: expected \[B, T, DI\]"),
+           (dict(k_idx=ki.long()), TypeError, "prefill: k_idx: expected a floating-point"),
+           (dict(lens=torch.tensor([5, 2])), ValueError, "prefill: lens: each must be in 0 .. T = 4"),
+           (dict(lens=torch.tensor([1.0, 2.0])), ValueError, "prefill: lens: expected"),
+           (dict(k=torch.randn(2, 17, 2, 24), v=torch.randn(2, 17, 2, 16),
+                 k_idx=torch.randn(2, 17, 8)), ValueError, "exceed the cache's max_len 16")]
+    for change, err, match in bad:
+        args = {**dict(k=k, v=v, k_idx=ki, lens=lens), **change}
+        with pytest.raises(err, match=match):
+            cache.prefill(args["k"], args["v"], args["k_idx"], args["lens"])
+        after = (cache.k, cache.v, cache.k_idx, cache.lens)
+        assert all(torch.equal(a, b) for a, b in zip(before, after)), match
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
