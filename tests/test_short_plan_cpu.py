@@ -13,6 +13,7 @@ import torch
 import nsagen
 from nsagen import reference
 from nsagen.codegen import explain
+from nsagen.ir import lower
 from nsagen.layout import build_layout
 from nsagen.ops import pack
 
@@ -56,10 +57,13 @@ def test_short_plan_gradients(name, monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("variant", ["no-cmp", "slc-only", "separate-q_cmp", "suffix"])
+@pytest.mark.parametrize("variant", ["no-cmp", "slc-only", "separate-q_cmp", "suffix",
+                                     "fused-window"])
 def test_short_plan_structures(variant, monkeypatch):
     """Without a compressed branch the dense selected branch initialises o; separate window
-    keys with a compressed query of its own; queries that end longer key sequences (varlen)."""
+    keys with a compressed query of its own; queries that end longer key sequences (varlen);
+    a window small enough that the full plan fuses it into the selected kernel (the module
+    then holds the window kernel for the short plan alone)."""
     spec = scaled(nsagen.load_spec("nsa-d128"))
     kw = dict(B=1, T=0, dtype=torch.float32, device="cpu", seed=43, indices=False)
     lens = [_short_len(spec), 9, 30]
@@ -67,6 +71,9 @@ def test_short_plan_structures(variant, monkeypatch):
         spec = spec.replace(branches=("slc", "win"))
     elif variant == "slc-only":
         spec = spec.replace(branches=("slc",), window=None)
+    elif variant == "fused-window":
+        spec = spec.replace(window=8)
+        assert "win_attention" not in [k.name for k in lower(spec).kernels]
     elif variant == "separate-q_cmp":
         spec = spec.replace(kv_per_branch="separate")
         kw["q_cmp"] = True
