@@ -125,6 +125,9 @@ def test_short_plan_is_explained_and_absent_without_selection():
     text = explain(spec)
     assert "n*l' = 16*64 = 1024" in text and "short plan launches:" in text
     assert "win_attention [slc_attn] window=1024, branch=1" in text
+    short = text[text.index("short plan ("):text.index("short plan launches:")]
+    assert "importance" not in short and "topk" not in short
+    assert "'backward_kernel': 'win_attention_bwd', 'dense': True}  -> kernel win_attention" in short
     small = scaled(spec).replace(branches=("cmp", "win"))
     assert "short plan" not in explain(small)
     op = nsagen.build(small)

@@ -276,7 +276,9 @@ def _short_plan(g: nx.DiGraph, spec: Spec, kernels: list[KernelPlan], why: list[
         return None
     max_len = spec.slc_count * spec.slc_block
     gs = g.copy()
-    gs.remove_nodes_from([n for n in ("importance", "topk") if n in gs])
+    # without the compressed branch its attention and the compression fed only the scores
+    unused = ("importance", "topk") + (() if spec.has("cmp") else ("cmp_attn", "compress"))
+    gs.remove_nodes_from([n for n in unused if n in gs])
     gs.nodes["slc_attn"]["dense"] = True
     names = {k.name for k in kernels}
     fwd: list[Launch] = []
@@ -292,6 +294,8 @@ def _short_plan(g: nx.DiGraph, spec: Spec, kernels: list[KernelPlan], why: list[
     for step in fwd:
         for n in step.nodes:
             gs.nodes[n]["kernel"] = step.kernel
+    gs.nodes["combine"]["kernel"] = ",".join(
+        dict.fromkeys(st.kernel for st in fwd if st.kernel != "mean_compress"))
     tile = KERNELS["win_attention"].default(spec, target, [])
     bwd = [Launch("gate_delta", ("combine",))]
     if spec.has("cmp"):
@@ -300,6 +304,9 @@ def _short_plan(g: nx.DiGraph, spec: Spec, kernels: list[KernelPlan], why: list[
     if spec.has("win"):
         bwd.append(Launch("win_attention_bwd", ("win_attn",),
                           dict(window=spec.window, branch=2, keys="win")))
+    for step in bwd:
+        for n in step.nodes:
+            gs.nodes[n]["backward_kernel"] = step.kernel
     why.append(f"calls of at most n*l' = {spec.slc_count}*{spec.slc_block} = {max_len} tokens: "
                "every query's candidate blocks all fit in its n, so the selected branch is dense "
                "causal attention; the short plan drops the block scores and the top-n and runs "
