@@ -211,6 +211,21 @@ def _halving():
     return timer
 
 
+def test_tuned_kernels_follow_the_plan_of_each_length():
+    """A length inside the short-length plan's bound tunes the kernels that plan launches (no
+    top-n, no gathered selected attention); a longer one the full plan's."""
+    import nsagen
+    from nsagen.tune import search
+
+    op = nsagen.build("nsa-d128")
+    fwd, bwd = search.kernel_names(op, 1024)
+    assert fwd == ["mean_compress", "cmp_attention", "win_attention"]
+    assert bwd == ["gate_delta", "cmp_attention_bwd", "win_attention_bwd"]
+    fwd, bwd = search.kernel_names(op, 1025)
+    assert "select_blocks" in fwd and "slc_attention_bwd" in bwd
+    assert search.kernel_names(op) == search.kernel_names(op, 65536)
+
+
 def test_tune_plumbing_on_cpu():
     """The search, the reference check and the saved table, with timing stubbed (CPU)."""
     import torch
