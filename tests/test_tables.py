@@ -236,8 +236,8 @@ def test_tune_plumbing_on_cpu():
     from kernel_checks import scaled
 
     _interp()
-    spec = scaled(nsagen.load_spec("nsa-d128"))
-    T = spec.slc_count * spec.slc_block + 6   # past the short-length plan, which has no top-n
+    spec = scaled(nsagen.load_spec("nsa-fla"))
+    T = spec.slc_count * spec.slc_block + 4   # past the short-length plan, which has no top-n
     path, rows = search.tune(spec, [T], kernels=["select_blocks"], device="cpu",
                                dtype=torch.float32, timer=_halving(),
                                progress=lambda m: None, check_len=T)
@@ -377,9 +377,9 @@ def test_tune_budget_zero_saves_defaults():
     from kernel_checks import scaled
 
     _interp()
-    spec = scaled(nsagen.load_spec("nsa-d128"))
+    spec = scaled(nsagen.load_spec("nsa-fla"))
     msgs = []
-    T = spec.slc_count * spec.slc_block + 6   # past the short-length plan, which has no top-n
+    T = spec.slc_count * spec.slc_block + 4   # past the short-length plan, which has no top-n
     path, rows = search.tune(spec, [T], kernels=["select_blocks"], device="cpu",
                                dtype=torch.float32, timer=_halving(), progress=msgs.append,
                                check_len=T, budget=0)
