@@ -213,6 +213,49 @@ def check_dsa_step(spec: DSASpec, batch: int, device: torch.device, **tensors) -
             raise ValueError(f"{name}: on {t.device}, but the cache is on {device}")
 
 
+def _described(t) -> str:
+    """An argument as an error message shows it: shape and dtype, or its type (never contents)."""
+    if isinstance(t, torch.Tensor):
+        return f"{tuple(t.shape)} {t.dtype}"
+    return type(t).__name__
+
+
+def check_dsa_prefill(spec: DSASpec, batch: int, max_len: int, device: torch.device,
+                      with_values: bool, k, v, k_idx, lens) -> None:
+    """Check a DSA cache prefill by name before anything is written: k [B, T, H, Dk], v
+    [B, T, H, Dv] (None when the cache reads v from k), k_idx [B, T, DI], all floating point on
+    the cache's device, T <= max_len, and lens [B] integers in 0 .. T."""
+    B = batch
+    if not isinstance(k, torch.Tensor) or k.dim() != 4:
+        raise ValueError(f"prefill: k: expected [B={B}, T, H, Dk], got {_described(k)}")
+    T = k.shape[1]
+    want = {"k": (k, (B, T, spec.heads_kv, spec.dim_qk), "[B, T, H, Dk]"),
+            "v": (v, (B, T, spec.heads_kv, spec.dim_v), "[B, T, H, Dv]"),
+            "k_idx": (k_idx, (B, T, spec.indexer_dim), "[B, T, DI]")}
+    for name, (t, shape, words) in want.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"prefill: {name}: expected {words} = {shape}, got "
+                             f"{_described(t)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"prefill: {name}: expected a floating-point dtype, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"prefill: {name}: on {t.device}, but the cache is on {device}")
+    if (v is None) == with_values:
+        raise ValueError("prefill: v: " + ("this cache holds values; give v" if v is None else
+                                           "this cache reads v from k (with_values=False); "
+                                           "pass None"))
+    if T > max_len:
+        raise ValueError(f"prefill: {T} tokens exceed the cache's max_len {max_len}")
+    if (not isinstance(lens, torch.Tensor) or tuple(lens.shape) != (B,)
+            or lens.dtype.is_floating_point or lens.dtype == torch.bool):
+        raise ValueError(f"prefill: lens: expected [B] = ({B},) integers, got {_described(lens)}")
+    if B and (int(lens.min()) < 0 or int(lens.max()) > T):
+        raise ValueError(f"prefill: lens: each must be in 0 .. T = {T}, got "
+                         f"{int(lens.min())} .. {int(lens.max())}")
+
+
 def check_fp8_keys_device(spec: DSASpec, device: torch.device) -> None:
     """FP8 indexer keys run on FP8 tensor cores: refuse a GPU older than sm_89 by name (the
     interpreter on the CPU emulates them)."""

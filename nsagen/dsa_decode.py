@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checks import check_dsa_step, check_fp8_keys_device
+from .checks import check_dsa_prefill, check_dsa_step, check_fp8_keys_device
 from .launch import direct_launches, interpreted_in_float32
 
 I32 = torch.int32
@@ -51,13 +51,6 @@ class StepLayout:
         return self._tiles
 
 
-def _shape_of(t) -> str:
-    """A short description of an argument for an error message (never its contents)."""
-    if isinstance(t, torch.Tensor):
-        return f"{tuple(t.shape)} {t.dtype}"
-    return type(t).__name__
-
-
 class DSACache:
     """Keys, values (unless they are the keys' first Dv columns, as in MLA) and indexer keys of
     `batch` sequences of up to `max_len` tokens, with their lengths on the device. With FP8
@@ -93,37 +86,9 @@ class DSACache:
         """Set the cache to the first lens[b] tokens of k [B, T, H, Dk], v [B, T, H, Dv] (None
         for a cache that reads v from k), k_idx [B, T, DI]; lens [B] integers in 0 .. T. Every
         argument is checked before anything is written."""
-        spec, B = self.spec, self.batch
-        if not isinstance(k, torch.Tensor) or k.dim() != 4:
-            raise ValueError(f"prefill: k: expected [B={B}, T, H, Dk], got {_shape_of(k)}")
+        check_dsa_prefill(self.spec, self.batch, self.max_len, self.k.device,
+                          self.v is not None, k, v, k_idx, lens)
         T = k.shape[1]
-        want = {"k": (k, (B, T, spec.heads_kv, spec.dim_qk), "[B, T, H, Dk]"),
-                "v": (v, (B, T, spec.heads_kv, spec.dim_v), "[B, T, H, Dv]"),
-                "k_idx": (k_idx, (B, T, spec.indexer_dim), "[B, T, DI]")}
-        for name, (t, shape, words) in want.items():
-            if t is None:
-                continue
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
-                raise ValueError(f"prefill: {name}: expected {words} = {shape}, got "
-                                 f"{_shape_of(t)}")
-            if not t.dtype.is_floating_point:
-                raise TypeError(f"prefill: {name}: expected a floating-point dtype, got {t.dtype}")
-            if t.device != self.k.device:
-                raise ValueError(f"prefill: {name}: on {t.device}, but the cache is on "
-                                 f"{self.k.device}")
-        if (v is None) != (self.v is None):
-            raise ValueError("prefill: v: " + ("this cache holds values; give v" if v is None else
-                                               "this cache reads v from k (with_values=False); "
-                                               "pass None"))
-        if T > self.max_len:
-            raise ValueError(f"prefill: {T} tokens exceed the cache's max_len {self.max_len}")
-        if (not isinstance(lens, torch.Tensor) or tuple(lens.shape) != (B,)
-                or lens.dtype.is_floating_point or lens.dtype == torch.bool):
-            raise ValueError(f"prefill: lens: expected [B] = ({B},) integers, got "
-                             f"{_shape_of(lens)}")
-        if B and (int(lens.min()) < 0 or int(lens.max()) > T):
-            raise ValueError(f"prefill: lens: each must be in 0 .. T = {T}, got "
-                             f"{int(lens.min())} .. {int(lens.max())}")
         self.k[:, :T] = k
         if self.v is not None:
             self.v[:, :T] = v

@@ -113,7 +113,6 @@ class Plan:
                 have.add(step.kernel)
                 kd = KERNELS[step.kernel]
                 out.append(KernelPlan(step.kernel, kd.template, step.nodes,
-                                      params=dict(first=False),
                                       config=kd.default(self.spec, self.target, [])))
         return out
 
