@@ -33,9 +33,21 @@ BLOCK_DV = 128
 SM_SCALE = 0.08838834764831845
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 4, 'SEG': 16, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BT_KV': 8, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BT_KV': 8, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
+CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 4, 'SEG': 16, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BT_KV': 8, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BT_KV': 8, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
 # calls whose every sequence holds at most n*l' tokens run the short-length plan (dense selection)
 SHORT_LEN = 1024
+
+
+SM_COUNT = 132   # the target's; launches size their grids with it
+
+
+def query_splits(programs, span, step):
+    """Programs per key tile of a dk/dv launch over `programs` key tiles that each see at most
+    `span` queries: enough for two programs per SM, each at least four steps of `step`
+    queries; 1 (no split, no atomics) when the tiles alone fill the GPU."""
+    if programs >= 2 * SM_COUNT:
+        return 1
+    return max(1, min(triton.cdiv(2 * SM_COUNT, programs), span // (4 * step)))
 
 
 @triton.jit
@@ -857,6 +869,48 @@ def launch_cmp_attention_bwd(q, kc, vc, gates, do, lse, delta, dq, dkc, dvc, lay
 
 
 @triton.jit
+def mean_compress_bwd(
+    dy_ptr, dx_ptr, key_pos_ptr, key_len_ptr, key_cstart_ptr, n_rows, stride_yt, stride_yh,
+    stride_xt, stride_xh, D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
+    R1: tl.constexpr, BI: tl.constexpr,
+):
+    """dx[t, h] += sum of dy[i, h] / L over the compressed windows i that hold key row t."""
+    tl.static_assert(BD >= D)
+    rows = tl.program_id(0) * BI + tl.arange(0, BI)
+    h = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, BD)
+    row_ok = rows < n_rows
+    pos = tl.load(key_pos_ptr + rows, mask=row_ok, other=0)
+    seq_len = tl.load(key_len_ptr + rows, mask=row_ok, other=0)
+    c0 = tl.load(key_cstart_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    n_cmp = tl.where(seq_len >= L, (seq_len - L) // STRIDE + 1, 0)
+    d_ok = offs_d[None, :] < D
+    acc = tl.zeros([BI, BD], dtype=tl.float32)
+    for r in tl.static_range(R1):
+        i = pos // STRIDE - r
+        hit = row_ok & (i >= 0) & (i < n_cmp)
+        ptrs = dy_ptr + (c0 + i)[:, None] * stride_yt + h * stride_yh + offs_d[None, :]
+        acc += tl.load(ptrs, mask=hit[:, None] & d_ok, other=0.0).to(tl.float32)
+    x_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * stride_xt + h * stride_xh + offs_d[None, :]
+    mask = row_ok[:, None] & d_ok
+    acc = tl.load(x_ptrs, mask=mask, other=0.0) + acc * (1.0 / L)
+    tl.store(x_ptrs, acc, mask=mask)
+
+
+def launch_mean_compress_bwd(dy, dx, lay, cfg):
+    """Add the gradient of mean compression: dy [Nc_total, H, D] (packed compressed rows) into
+    dx [Nkey, H, D], both fp32 with the same padded width."""
+    n_rows = dx.shape[0]
+    if n_rows == 0 or dy.shape[0] == 0:
+        return
+    grid = (triton.cdiv(n_rows, cfg["BI"]), dx.shape[1])
+    _launch(mean_compress_bwd)[grid](
+        dy, dx, lay.key_pos, lay.key_len, lay.key_cstart, n_rows, dy.stride(0), dy.stride(1),
+        dx.stride(0), dx.stride(1), D=dy.shape[2], BD=triton.next_power_of_2(dy.shape[2]), L=32,
+        STRIDE=16, R1=2, BI=cfg["BI"], num_warps=cfg["num_warps"])
+
+
+@triton.jit
 def slc_attention_bwd_dq(
     q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, tok_pos_ptr,
     tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
@@ -1022,12 +1076,12 @@ def win_attention_bwd_dq(
 @triton.jit
 def win_attention_bwd_dkdv(
     q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, tile_tok_ptr,
-    tile_len_ptr, key_pos_ptr, key_len_ptr, key_qzero_ptr, key_qfirst_ptr, stride_qt, stride_qh,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh,
-    qk_scale: tl.constexpr, sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    tile_len_ptr, key_pos_ptr, key_len_ptr, key_qzero_ptr, key_qfirst_ptr, q_chunk, stride_qt,
+    stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_gt,
+    stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
     W: tl.constexpr, BRANCH: tl.constexpr, HAS_GATES: tl.constexpr, PREC: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
 ):
     BM: tl.constexpr = BT * GP
     pid = tl.program_id(0)
@@ -1061,25 +1115,34 @@ def win_attention_bwd_dkdv(
     a = tl.minimum(tl.maximum(kpos0, qfirst), q_end)
     b = tl.minimum(tl.maximum(kpos0 + BK - 1, a), q_end)
     c = tl.minimum(tl.maximum(kpos0 + W, b), q_end)
-    for t0 in range(a, b, BT):
+    if SPLIT:   # this program's share of the queries: [s0, s1)
+        s0 = a + tl.program_id(2) * q_chunk
+        s1 = tl.minimum(s0 + q_chunk, q_end)
+    else:
+        s0 = a
+        s1 = q_end
+    end = tl.minimum(b, s1)
+    for t0 in range(tl.maximum(a, s0), end, BT):
         pos = t0 + tt
-        row_ok = (pos < b) & (hh < G)
+        row_ok = (pos < end) & (hh < G)
         q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, BRANCH, HAS_GATES)
         ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
         dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok, qk_scale, True, PREC)
-    for t0 in range(b, c, BT):
+    end = tl.minimum(c, s1)
+    for t0 in range(tl.maximum(b, s0), end, BT):
         pos = t0 + tt
-        row_ok = (pos < c) & (hh < G)
+        row_ok = (pos < end) & (hh < G)
         q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, BRANCH, HAS_GATES)
         ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
         dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok, qk_scale, False, PREC)
-    for t0 in range(c, q_end, BT):
+    end = tl.minimum(q_end, s1)
+    for t0 in range(tl.maximum(c, s0), end, BT):
         pos = t0 + tt
-        row_ok = (pos < q_end) & (hh < G)
+        row_ok = (pos < end) & (hh < G)
         q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, BRANCH, HAS_GATES)
@@ -1088,10 +1151,16 @@ def win_attention_bwd_dkdv(
     rows = (base + kpos)[:, None]
     dk_ptrs = dk_ptr + rows * (H * BDK) + g * BDK + offs_dk[None, :]
     m = kin[:, None] & (offs_dk[None, :] < DK)
-    tl.store(dk_ptrs, tl.load(dk_ptrs, mask=m, other=0.0) + dk * sm_scale, mask=m)
+    if SPLIT:
+        tl.atomic_add(dk_ptrs, dk * sm_scale, mask=m)
+    else:
+        tl.store(dk_ptrs, tl.load(dk_ptrs, mask=m, other=0.0) + dk * sm_scale, mask=m)
     dv_ptrs = dv_ptr + rows * (H * BDV) + g * BDV + offs_dv[None, :]
     m = kin[:, None] & (offs_dv[None, :] < DV)
-    tl.store(dv_ptrs, tl.load(dv_ptrs, mask=m, other=0.0) + dv, mask=m)
+    if SPLIT:
+        tl.atomic_add(dv_ptrs, dv, mask=m)
+    else:
+        tl.store(dv_ptrs, tl.load(dv_ptrs, mask=m, other=0.0) + dv, mask=m)
 
 
 def launch_win_attention_bwd(q, k, v, gates, do, lse, delta, dq, dk, dv, lay, cfg, prec,
@@ -1109,13 +1178,17 @@ def launch_win_attention_bwd(q, k, v, gates, do, lse, delta, dq, dk, dv, lay, cf
         num_warps=cfg["num_warps"])
     # dk/dv holds two fp32 accumulators besides the tile: its own, smaller tiles and more warps
     ktile_tok, ktile_len = lay.key_tiles(cfg["BK_KV"])
-    _launch(win_attention_bwd_dkdv)[(ktile_tok.numel(), H_KV)](
+    # few key tiles (short calls): split each tile's queries over programs to fill the GPU
+    span = min(window + cfg["BK_KV"], max(lay.qlens))   # most queries that see one key tile
+    splits = query_splits(ktile_tok.numel() * H_KV, span, cfg["BT_KV"])
+    q_chunk = triton.cdiv(triton.cdiv(span, splits), cfg["BT_KV"]) * cfg["BT_KV"]
+    _launch(win_attention_bwd_dkdv)[(ktile_tok.numel(), H_KV, splits)](
         q, k, v, g, do, lse, delta, dk, dv, ktile_tok, ktile_len, lay.key_pos, lay.key_len,
-        lay.key_qzero, lay.key_qfirst, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        lay.key_qzero, lay.key_qfirst, q_chunk, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), do.stride(0), do.stride(1), g.stride(0), g.stride(1),
         qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V,
         BDK=BLOCK_DK, BDV=BLOCK_DV, W=window, BRANCH=branch, HAS_GATES=gates is not None,
-        PREC=prec, BT=cfg["BT_KV"], BK=cfg["BK_KV"], num_warps=cfg["WARPS_KV"],
+        PREC=prec, BT=cfg["BT_KV"], BK=cfg["BK_KV"], SPLIT=splits > 1, num_warps=cfg["WARPS_KV"],
         num_stages=cfg["STAGES_KV"])
 
 
@@ -1127,7 +1200,8 @@ def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=N
     Returns (o [Ntok, HQ, Dv], block indices [Ntok, H, n] int32 or None, saved), where saved is
     None, or with `save` the tensors the backward needs: per-branch ungated outputs
     [3, Ntok, HQ, Dv], their log2-domain LSEs [3, Ntok, HQ] (branch order cmp, slc, win) and the
-    compressed k/v used. `out` / `idx_out` receive the results when given (tests poison them).
+    compressed k/v used (`pooled`: mean-pooled here from k, v, so the backward routes their
+    gradient to k, v). `out` / `idx_out` receive the results when given (tests poison them).
     `short`: run the short-length plan (no block indices; SHORT_LEN); None: whenever every
     sequence fits in it and `idx_out` is not given.
     """
@@ -1143,6 +1217,7 @@ def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=N
         lse = torch.empty(3, n_tok, HEADS_Q, dtype=torch.float32, device=dev)
     kw = k if k_win is None else k_win
     vw = v if v_win is None else v_win
+    pooled = k_cmp is None   # mean-pooled below
     if short is None:
         short = idx_out is None and max(lay.seqlens) <= SHORT_LEN
     if short:
@@ -1161,7 +1236,7 @@ def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=N
         launch_win_attention(q, kw, vw, gates, o, lay, cfg["win_attention"], prec,
                              None if ob is None else ob[2], None if lse is None else lse[2],
                              window=512, branch=2, first=False)
-        saved = None if not save else dict(ob=ob, lse=lse, k_cmp=k_cmp, v_cmp=v_cmp)
+        saved = None if not save else dict(ob=ob, lse=lse, k_cmp=k_cmp, v_cmp=v_cmp, pooled=pooled)
         return o, None, saved
     if k_cmp is None:
         k_cmp = torch.empty(lay.n_cmp, H_KV, DIM_QK, dtype=q.dtype, device=dev)
@@ -1180,7 +1255,7 @@ def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=N
     launch_win_attention(q, kw, vw, gates, o, lay, cfg["win_attention"], prec,
                          None if ob is None else ob[2], None if lse is None else lse[2],
                          window=512, branch=2, first=False)
-    saved = None if not save else dict(ob=ob, lse=lse, k_cmp=k_cmp, v_cmp=v_cmp)
+    saved = None if not save else dict(ob=ob, lse=lse, k_cmp=k_cmp, v_cmp=v_cmp, pooled=pooled)
     return o, idx, saved
 
 
@@ -1188,7 +1263,8 @@ def backward(do, q, k, v, gates, idx, saved, lay, k_win=None, v_win=None, config
              q_cmp=None):
     """Gradients of the packed forward (no gradient through the block choice).
     do [Ntok, HQ, Dv]; saved: what forward(..., save=True) returned. Returns a dict with fp32
-    dq, dk, dv, dgates, and dk_cmp, dv_cmp (before any compression), dk_win, dv_win and dq_cmp
+    dq, dk, dv, dgates, and dk_cmp, dv_cmp (unless the forward pooled them from k, v: their
+    gradient is then in dk, dv), dk_win, dv_win and dq_cmp
     (the compressed branch's part, when it has its own query q_cmp) when used.
     """
     cfg = dict(CONFIGS)
@@ -1214,9 +1290,13 @@ def backward(do, q, k, v, gates, idx, saved, lay, k_win=None, v_win=None, config
         dqc = dq if q_cmp is None else torch.zeros_like(dq)
         launch_cmp_attention_bwd(q if q_cmp is None else q_cmp, kc, vc, gates, do, lse[0], delta[0],
                                  dqc, dkc, dvc, lay, cfg["cmp_attention_bwd"], prec)
-        out["dk_cmp"], out["dv_cmp"] = dkc[..., :DIM_QK], dvc[..., :DIM_V]
+        if not saved.get("pooled"):
+            out["dk_cmp"], out["dv_cmp"] = dkc[..., :DIM_QK], dvc[..., :DIM_V]
         if q_cmp is not None:
             out["dq_cmp"] = dqc[..., :DIM_QK]
+        if saved.get("pooled"):   # the forward mean-pooled k_cmp, v_cmp from k, v
+            launch_mean_compress_bwd(dkc, dk, lay, cfg["mean_compress_bwd"])
+            launch_mean_compress_bwd(dvc, dv, lay, cfg["mean_compress_bwd"])
         launch_win_attention_bwd(q, k, v, gates, do, lse[1], delta[1], dq, dk, dv, lay,
                                  cfg["win_attention_bwd"], prec, window=1024, branch=1)
         if k_win is None:
@@ -1236,9 +1316,13 @@ def backward(do, q, k, v, gates, idx, saved, lay, k_win=None, v_win=None, config
     dqc = dq if q_cmp is None else torch.zeros_like(dq)
     launch_cmp_attention_bwd(q if q_cmp is None else q_cmp, kc, vc, gates, do, lse[0], delta[0],
                              dqc, dkc, dvc, lay, cfg["cmp_attention_bwd"], prec)
-    out["dk_cmp"], out["dv_cmp"] = dkc[..., :DIM_QK], dvc[..., :DIM_V]
+    if not saved.get("pooled"):
+        out["dk_cmp"], out["dv_cmp"] = dkc[..., :DIM_QK], dvc[..., :DIM_V]
     if q_cmp is not None:
         out["dq_cmp"] = dqc[..., :DIM_QK]
+    if saved.get("pooled"):   # the forward mean-pooled k_cmp, v_cmp from k, v
+        launch_mean_compress_bwd(dkc, dk, lay, cfg["mean_compress_bwd"])
+        launch_mean_compress_bwd(dvc, dv, lay, cfg["mean_compress_bwd"])
     launch_slc_attention_bwd(q, k, v, gates, do, lse[1], delta[1], idx, dq, dk, dv, lay,
                              cfg["slc_attention_bwd"], prec)
     if k_win is None:

@@ -50,6 +50,7 @@ class Layout:
     key_len: torch.Tensor | None = None     # [Nkey] its sequence's length (default tok_seqlen)
     key_qzero: torch.Tensor | None = None   # [Nkey] query row that position 0 would have
     key_qfirst: torch.Tensor | None = None  # [Nkey] first position that has a query
+    key_cstart: torch.Tensor | None = None  # [Nkey] first packed compressed row of its sequence
     _tiles: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -58,6 +59,7 @@ class Layout:
         if self.key_pos is None:    # queries are the keys' rows: key tables are the token tables
             self.key_pos, self.key_len, self.key_qzero = self.tok_pos, self.tok_seqlen, self.tok_kbase
             self.key_qfirst = torch.zeros_like(self.tok_pos)
+            self.key_cstart = self.tok_cstart
 
     @property
     def suffix(self) -> bool:
@@ -302,13 +304,13 @@ def _build_suffix(spec: Spec, klens: tuple, qlens: tuple, device: torch.device) 
     q_tab = torch.stack([tok_pos, c_start[seq_q], nct[seq_q], seq_q, kl[seq_q],
                          k_start[seq_q]]).to(I32).to(device)
     k_tab = torch.stack([key_pos, kl[seq_k], (q_start - first)[seq_k],
-                         first[seq_k]]).to(I32).to(device)
+                         first[seq_k], c_start[seq_k]]).to(I32).to(device)
     return Layout(seqlens=klens, device=device, tok_pos=q_tab[0], tok_cstart=q_tab[1],
                   tok_ncmp=q_tab[2], cmp_src=cmp_src.to(I32).to(device), n_cmp=sum(ncs),
                   nbp=_pow2_at_least(max(spec.num_blocks(n) for n in klens)),
                   tok_seq=q_tab[3], tok_seqlen=q_tab[4], tok_kbase=q_tab[5], ncs=ncs,
                   qlens=qlens, key_pos=k_tab[0], key_len=k_tab[1], key_qzero=k_tab[2],
-                  key_qfirst=k_tab[3])
+                  key_qfirst=k_tab[3], key_cstart=k_tab[4])
 
 
 def _lengths(cu: torch.Tensor) -> tuple[int, ...]:

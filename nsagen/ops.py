@@ -214,17 +214,6 @@ def _float32(t):
     return None if t is None else t.float()
 
 
-def mean_compress_backward(dk_cmp: torch.Tensor, lay, spec: Spec, n_tok: int) -> torch.Tensor:
-    """Gradient of mean pooling: every token of window i receives dk_cmp[i] / l."""
-    out = torch.zeros(n_tok, *dk_cmp.shape[1:], dtype=dk_cmp.dtype, device=dk_cmp.device)
-    if dk_cmp.shape[0]:
-        src = lay.cmp_src.long()
-        part = dk_cmp / spec.cmp_block
-        for r in range(spec.cmp_block):
-            out.index_add_(0, src + r, part)
-    return out
-
-
 def _register_training_op(nsa: NSAOp):
     """Register `nsagen::<module>_fwd` / `_bwd` as torch.library triton ops (kernels launched
     through wrap_triton) and tie them together with register_autograd."""
@@ -261,20 +250,17 @@ def _register_training_op(nsa: NSAOp):
         # [Nc_total, H, D] (possibly with no rows); a 1-d placeholder means no compressed branch
         if user_cmp:
             kc, vc = pack(kc), pack(vc)
+        pooled = not user_cmp and kc.dim() == 3   # made by mean compression in the forward
         saved = dict(ob=ob, lse=lse, k_cmp=kc if kc.dim() == 3 else None,
-                     v_cmp=vc if vc.dim() == 3 else None)
+                     v_cmp=vc if vc.dim() == 3 else None, pooled=pooled)
         g = mod.backward(pack(do), pack(q), pack(k), pack(v), pack(gates),
                          idx if idx.numel() else None, saved, lay, pack(k_win), pack(v_win),
                          configs=nsa.configs_for(q.device, max(lay.seqlens)), q_cmp=pack(q_cmp))
         dk, dv = g["dk"], g["dv"]
         dk_cmp, dv_cmp = q.new_empty(0), q.new_empty(0)  # outputs may not alias each other
-        if "dk_cmp" in g:
-            if user_cmp:
-                dk_cmp = g["dk_cmp"].to(q.dtype).view(B, -1, *g["dk_cmp"].shape[1:])
-                dv_cmp = g["dv_cmp"].to(q.dtype).view(B, -1, *g["dv_cmp"].shape[1:])
-            else:  # mean compression happened inside the op: route its gradient to k, v
-                dk = dk + mean_compress_backward(g["dk_cmp"], lay, spec, dk.shape[0])
-                dv = dv + mean_compress_backward(g["dv_cmp"], lay, spec, dv.shape[0])
+        if "dk_cmp" in g and user_cmp:   # (the kernels route pooled ones' gradient to k, v)
+            dk_cmp = g["dk_cmp"].to(q.dtype).view(B, -1, *g["dk_cmp"].shape[1:])
+            dv_cmp = g["dv_cmp"].to(q.dtype).view(B, -1, *g["dv_cmp"].shape[1:])
 
         def unpack(t):   # query rows and key rows may differ in number (cu_seqlens_k)
             return t.to(q.dtype).view(B, -1, *t.shape[1:])

@@ -95,13 +95,17 @@ def test_compressed_dkdv_in_uneven_query_chunks():
         op.configs = {}
 
 
-def test_window_dkdv_across_key_tiles():
+@pytest.mark.parametrize("bt_kv", [1, 8])
+def test_window_dkdv_across_key_tiles(bt_kv):
     """Key tiles of 16 under a window of 24 at T=70: each tile's queries pass through the causal
-    edge, the fully visible middle and the window edge (the three loops of the dk/dv kernel)."""
+    edge, the fully visible middle and the window edge (the three loops of the dk/dv kernel).
+    Steps of one token split each tile's 40 queries over 10 programs (atomic adds); steps of 8
+    leave them to one program."""
     spec = scaled(nsagen.load_spec("nsa-d128")).replace(branches=("win",), window=24)
     op = nsagen.build(spec)
+    assert op.module.query_splits(5, 40, bt_kv) == (10 if bt_kv == 1 else 1)
     op.configs = {"win_attention_bwd": dict(op.module.CONFIGS["win_attention_bwd"], BK_KV=16,
-                                            BT_KV=1)}
+                                            BT_KV=bt_kv)}
     try:
         check_backward(spec, B=1, T=70, dtype=torch.float32, device="cpu", seed=18)
     finally:
@@ -179,3 +183,29 @@ def test_learned_compression_that_only_scores_blocks(indices):
     zero (the choice is not differentiated), shaped like it, in either plan."""
     spec = scaled(nsagen.load_spec("nsa-paper")).replace(branches=("slc", "win"))
     check_backward(spec, B=1, T=30, dtype=torch.float32, device="cpu", seed=26, indices=indices)
+
+
+@pytest.mark.parametrize("block, stride", [(4, 2), (4, 4), (8, 2)])
+def test_mean_compression_gradient_is_gathered_per_key(block, stride):
+    """The mean-pooling backward adds, to each key row, the gradients of the windows that hold
+    it (float64 autograd through the reference's pooling), on ragged sequences (one shorter
+    than a window, one that ends inside a window) and suffix layouts; dx's earlier contents
+    are kept."""
+    from nsagen import reference
+    from nsagen.layout import build_layout
+
+    spec = scaled(nsagen.load_spec("nsa-d128")).replace(
+        cmp_block=block, cmp_stride=stride, slc_block=max(8, block))
+    mod = nsagen.build(spec).module
+    g = torch.Generator().manual_seed(block * 10 + stride)
+    for lens, qlens in (((3, 17, 9, block), None), ((13, 8), (5, 8))):
+        lay = build_layout(spec, lens, "cpu", qlens=qlens)
+        H, D = spec.heads_kv, mod.BLOCK_DK
+        x = torch.randn(sum(lens), H, D, dtype=torch.float64, generator=g, requires_grad=True)
+        pooled = [reference.mean_compress(s[None], spec)[0] for s in x.split(list(lens))]
+        dy = torch.randn(lay.n_cmp, H, D, dtype=torch.float64, generator=g)
+        (want,) = torch.autograd.grad(torch.cat(pooled), x, dy)
+        dx0 = torch.randn(sum(lens), H, D, generator=g)
+        dx = dx0.clone()
+        mod.launch_mean_compress_bwd(dy.float(), dx, lay, mod.CONFIGS["mean_compress_bwd"])
+        torch.testing.assert_close(dx.double(), dx0.double() + want, rtol=1e-5, atol=1e-5)

@@ -200,18 +200,24 @@ def test_shipped_modules_load_without_a_writable_cache(tmp_path, monkeypatch):
 
 
 def test_backward_is_read_off_the_graph_and_decisions_name_their_pass():
-    """The backward differentiates the attention nodes whose output reaches combine: with only
-    the selected branch, the compressed attention (which only scores blocks) has no backward
-    kernel. Every decision names the pass that made it."""
+    """The backward differentiates the attention nodes whose output reaches combine, and mean
+    compression after the compressed branch that reads it: with only the selected branch, the
+    compressed attention (which only scores blocks) and the pooling have no backward kernel;
+    learned compression has none either. Every decision names the pass that made it."""
     spec = nsagen.load_spec("nsa-d128")
     full = lower(spec)
     assert [k.name for k in full.backward] == ["gate_delta", "cmp_attention_bwd",
-                                               "slc_attention_bwd", "win_attention_bwd"]
+                                               "mean_compress_bwd", "slc_attention_bwd",
+                                               "win_attention_bwd"]
     assert full.graph.nodes["slc_attn"]["backward_kernel"] == "slc_attention_bwd"
+    assert full.graph.nodes["compress"]["backward_kernel"] == "mean_compress_bwd"
     only_slc = lower(spec.replace(branches=("slc",), window=None))
     assert "cmp_attn" in only_slc.graph
     assert [k.name for k in only_slc.backward] == ["gate_delta", "slc_attention_bwd"]
     assert "backward_kernel" not in only_slc.graph.nodes["cmp_attn"]
+    assert "backward_kernel" not in only_slc.graph.nodes["compress"]
+    learned = lower(nsagen.load_spec("nsa-paper"))
+    assert "mean_compress_bwd" not in [k.name for k in learned.backward]
     passes = {d.pass_name for d in full.decisions}
     assert {"target", "partition", "importance", "tiles", "backward"} <= passes
     assert "  - [tiles] cmp_attention tile" in codegen.explain(spec)

@@ -257,6 +257,11 @@ def _backward(g: nx.DiGraph, spec: Spec, why: list[str], target: Target) -> list
     gets no backward kernel."""
     diff = [n for n in BACKWARD_OF if g.has_edge(n, "combine")]
     names = [("gate_delta", ("combine",))] + [(BACKWARD_OF[n], (n,)) for n in diff]
+    if "compress" in g and g.has_edge("cmp_attn", "combine"):
+        # mean pooling inside the op: its gradient goes on to k and v, after the compressed
+        # branch's dk_cmp/dv_cmp are complete
+        names.insert(names.index(("cmp_attention_bwd", ("cmp_attn",))) + 1,
+                     (BACKWARD_OF["compress"], ("compress",)))
     for name, nodes in names:
         for n in nodes:
             g.nodes[n]["backward_kernel"] = name
@@ -299,6 +304,8 @@ def _short_plan(g: nx.DiGraph, spec: Spec, kernels: list[KernelPlan], why: list[
     bwd = [Launch("gate_delta", ("combine",))]
     if spec.has("cmp"):
         bwd.append(Launch("cmp_attention_bwd", ("cmp_attn",)))
+        if "compress" in gs:
+            bwd.append(Launch("mean_compress_bwd", ("compress",)))
     bwd.append(Launch("win_attention_bwd", ("slc_attn",), dict(window=max_len, branch=1, keys="slc")))
     if spec.has("win"):
         bwd.append(Launch("win_attention_bwd", ("win_attn",),

@@ -86,6 +86,29 @@ def _tiled_space(keys: str):
     return space
 
 
+# ---------------------------------------------------------------------------- mean_compress_bwd
+def _mean_bwd_default(spec: Spec, target: Target, why: list) -> dict:
+    why.append("backward compress: each key row gathers the gradients of the (at most "
+               f"{spec.cmp_block // spec.cmp_stride}) windows that hold it into dk/dv in "
+               "place: one launch per tensor, deterministic")
+    return dict(BI=64, num_warps=4)
+
+
+def _mean_bwd_space(spec: Spec, default: dict, target: Target, smem: int):
+    return [dict(default, BI=bi, num_warps=nw)
+            for bi, nw in itertools.product([32, 64, 128], [4, 8])], []
+
+
+def _mean_bwd_launch(spec: Spec, flags: dict) -> dict:
+    return dict(main=signature(
+        ptrs("dy", "dx", "key_pos=lay.key_pos", "key_len=lay.key_len",
+             "key_cstart=lay.key_cstart"), scalars("n_rows"),
+        strides("dy", "yt", "yh"), strides("dx", "xt", "xh"),
+        consts(D="dy.shape[2]", BD="triton.next_power_of_2(dy.shape[2])"),
+        values(L=spec.cmp_block, STRIDE=spec.cmp_stride,
+               R1=spec.cmp_block // spec.cmp_stride), cfg("BI"), options=WARPS))
+
+
 # ---------------------------------------------------------------------------- gate_delta
 def _gate_default(spec: Spec, target: Target, why: list) -> dict:
     why.append("backward prologue: gate gradients and every branch's delta in one pass over dO")
@@ -137,7 +160,9 @@ def _slc_bwd_space(spec: Spec, default: dict, target: Target, smem: int):
 def _win_bwd_default(spec: Spec, target: Target, why: list) -> dict:
     gp = Dims.of(spec).gp
     why.append("backward win: dq per token tile; dk/dv per key tile over the queries whose "
-               "window holds it, unmasked where the whole tile is visible")
+               "window holds it, unmasked where the whole tile is visible; when key tiles are "
+               f"fewer than two waves of the {target.sm_count} SMs, each tile's queries are "
+               "split over programs that add atomically")
     return dict(BT=max(1, 64 // gp), GP=gp, BK=64, num_warps=4, BT_KV=dkdv_rows(spec, gp, target),
                 BK_KV=64, WARPS_KV=8, STAGES_KV=2)
 
@@ -172,11 +197,14 @@ def _win_bwd_launch(spec: Spec, flags: dict) -> dict:
         dkdv=signature(
             ptrs("q", "k", "v", "g", "do", "lse", "delta", "dk", "dv", "tile_tok=ktile_tok",
                  "tile_len=ktile_len", "key_pos=lay.key_pos", "key_len=lay.key_len",
-                 "key_qzero=lay.key_qzero", "key_qfirst=lay.key_qfirst"),
-            *_bwd_strides(), *common, cfg("BT=BT_KV", "BK=BK_KV"), options=_KV_OPTIONS))
+                 "key_qzero=lay.key_qzero", "key_qfirst=lay.key_qfirst"), scalars("q_chunk"),
+            *_bwd_strides(), *common, cfg("BT=BT_KV", "BK=BK_KV"), consts(SPLIT="splits > 1"),
+            options=_KV_OPTIONS))
 
 
 BACKWARD = (
+    KernelDef("mean_compress_bwd", "mean_compress_bwd.py.jinja", "backward", _mean_bwd_default,
+              _mean_bwd_space, _mean_bwd_launch, ("compress",)),
     KernelDef("gate_delta", "gate_delta.py.jinja", "backward", _gate_default, _gate_space,
               _gate_launch, ("combine",)),
     KernelDef("cmp_attention_bwd", "cmp_attention_bwd.py.jinja", "backward", _cmp_bwd_default,
