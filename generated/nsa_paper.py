@@ -680,8 +680,9 @@ def gate_delta(
 
 
 def launch_gate_delta(do, ob, gates, dgates, delta, cfg):
-    """dgates [Ntok, HQ, 3] and delta [3, Ntok, HQ] (fp32) from dO [Ntok, HQ, Dv] and the saved
-    per-branch outputs ob [3, Ntok, HQ, Dv]; all contiguous."""
+    """dgates [Ntok, HQ, 3] (every column written, zero for a branch the spec lacks) and delta
+    [3, Ntok, HQ] (the spec's branches) in fp32, from dO [Ntok, HQ, Dv] and the saved per-branch
+    outputs ob [3, Ntok, HQ, Dv]."""
     n_rows = do.shape[0] * do.shape[1]
     do, ob = do.contiguous(), ob.contiguous()
     g = gates.contiguous() if gates is not None else do
@@ -1191,10 +1192,10 @@ def backward(do, q, k, v, gates, idx, saved, lay, k_win=None, v_win=None, config
     n_key = k.shape[0]   # key rows (more than the query rows when queries end each sequence)
     dk = torch.zeros(n_key, H_KV, BLOCK_DK, dtype=f32, device=dev)
     dv = torch.zeros(n_key, H_KV, BLOCK_DV, dtype=f32, device=dev)
-    dgates = torch.zeros(n_tok, HEADS_Q, 3, dtype=f32, device=dev)
+    dgates = torch.empty(n_tok, HEADS_Q, 3, dtype=f32, device=dev)
     out = dict(dq=dq, dk=dk, dv=dv, dgates=dgates)
     # gate gradients <dO, O_b> and each branch's delta_b = <g_b dO, O_b> in one pass over dO
-    delta = torch.zeros(3, n_tok, HEADS_Q, dtype=f32, device=dev)
+    delta = torch.empty(3, n_tok, HEADS_Q, dtype=f32, device=dev)
     launch_gate_delta(do, ob, gates, dgates, delta, cfg["gate_delta"])
     if idx is None:   # the forward ran the short-length plan
         kc, vc = saved["k_cmp"], saved["v_cmp"]
