@@ -261,18 +261,11 @@ def _decode_release(PDL: tl.constexpr):
 
 
 @triton.jit
-def mean_compress(
-    x_ptr, y_ptr, src_ptr, n_rows, stride_xt, stride_xh, stride_yt, stride_yh, D: tl.constexpr,
-    BD: tl.constexpr, L: tl.constexpr, BI: tl.constexpr,
-):
-    """y[i, h] = mean(x[src[i] : src[i] + L, h]) for a tile of BI packed compressed rows."""
-    tl.static_assert(BD >= D)
-    pid = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    rows = pid * BI + tl.arange(0, BI)
+def _mean_compress_rows(x_ptr, y_ptr, src, rows, row_ok, h, stride_xt, stride_xh, stride_yt,
+                       stride_yh, D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr,
+                       BI: tl.constexpr):
+    """y[rows, h] = mean(x[src : src + L, h]) for one tensor."""
     offs_d = tl.arange(0, BD)
-    row_ok = rows < n_rows
-    src = tl.load(src_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     mask = row_ok[:, None] & (offs_d[None, :] < D)
     acc = tl.zeros([BI, BD], dtype=tl.float32)
     for r in tl.static_range(L):
@@ -283,16 +276,36 @@ def mean_compress(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_mean_compress(x, y, lay, cfg):
-    """Compress x [Ntok, H, D] into y [Nc_total, H, D] (packed, per sequence)."""
-    n_rows = y.shape[0]
+@triton.jit
+def mean_compress(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, src_ptr, n_rows, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ct, stride_ch, stride_dt, stride_dh, DK: tl.constexpr, BDK: tl.constexpr,
+    DV: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, BI: tl.constexpr,
+):
+    """k_cmp (program_id 2 = 0) or v_cmp (1) for a tile of BI packed compressed rows."""
+    tl.static_assert((BDK >= DK) & (BDV >= DV))
+    rows = tl.program_id(0) * BI + tl.arange(0, BI)
+    h = tl.program_id(1).to(tl.int64)
+    row_ok = rows < n_rows
+    src = tl.load(src_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    if tl.program_id(2) == 0:
+        _mean_compress_rows(k_ptr, kc_ptr, src, rows, row_ok, h, stride_kt, stride_kh, stride_ct,
+                           stride_ch, DK, BDK, L, BI)
+    else:
+        _mean_compress_rows(v_ptr, vc_ptr, src, rows, row_ok, h, stride_vt, stride_vh, stride_dt,
+                           stride_dh, DV, BDV, L, BI)
+
+
+def launch_mean_compress(k, v, k_cmp, v_cmp, lay, cfg):
+    """Compress k, v [Ntok, H, D] into k_cmp, v_cmp [Nc_total, H, D] (packed, per sequence)."""
+    n_rows = k_cmp.shape[0]
     if n_rows == 0:
         return
-    grid = (triton.cdiv(n_rows, cfg["BI"]), x.shape[1])
-    _launch(mean_compress)[grid](
-        x, y, lay.cmp_src, n_rows, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        D=x.shape[2], BD=triton.next_power_of_2(x.shape[2]), L=32, BI=cfg["BI"],
-        num_warps=cfg["num_warps"])
+    _launch(mean_compress)[(triton.cdiv(n_rows, cfg["BI"]), k.shape[1], 2)](
+        k, v, k_cmp, v_cmp, lay.cmp_src, n_rows, k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
+        DK=k.shape[2], BDK=triton.next_power_of_2(k.shape[2]), DV=v.shape[2],
+        BDV=triton.next_power_of_2(v.shape[2]), L=32, BI=cfg["BI"], num_warps=cfg["num_warps"])
 
 
 @triton.jit
@@ -979,21 +992,12 @@ def launch_cmp_attention_bwd(q, kc, vc, gates, do, lse, delta, dq, dkc, dvc, lay
 
 
 @triton.jit
-def mean_compress_bwd(
-    dy_ptr, dx_ptr, key_pos_ptr, key_len_ptr, key_cstart_ptr, n_rows, stride_yt, stride_yh,
-    stride_xt, stride_xh, D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
-    R1: tl.constexpr, BI: tl.constexpr,
-):
-    """dx[t, h] += sum of dy[i, h] / L over the compressed windows i that hold key row t."""
-    tl.static_assert(BD >= D)
-    rows = tl.program_id(0) * BI + tl.arange(0, BI)
-    h = tl.program_id(1).to(tl.int64)
+def _mean_compress_bwd_rows(dy_ptr, dx_ptr, rows, row_ok, pos, n_cmp, c0, h, stride_yt, stride_yh,
+                       stride_xt, stride_xh, D: tl.constexpr, BD: tl.constexpr,
+                       L: tl.constexpr, STRIDE: tl.constexpr, R1: tl.constexpr,
+                       BI: tl.constexpr):
+    """dx[rows, h] += sum of dy[i, h] / L over the windows i that hold each row, one tensor."""
     offs_d = tl.arange(0, BD)
-    row_ok = rows < n_rows
-    pos = tl.load(key_pos_ptr + rows, mask=row_ok, other=0)
-    seq_len = tl.load(key_len_ptr + rows, mask=row_ok, other=0)
-    c0 = tl.load(key_cstart_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    n_cmp = tl.where(seq_len >= L, (seq_len - L) // STRIDE + 1, 0)
     d_ok = offs_d[None, :] < D
     acc = tl.zeros([BI, BD], dtype=tl.float32)
     for r in tl.static_range(R1):
@@ -1007,17 +1011,42 @@ def mean_compress_bwd(
     tl.store(x_ptrs, acc, mask=mask)
 
 
-def launch_mean_compress_bwd(dy, dx, lay, cfg):
-    """Add the gradient of mean compression: dy [Nc_total, H, D] (packed compressed rows) into
-    dx [Nkey, H, D], both fp32 with the same padded width."""
-    n_rows = dx.shape[0]
-    if n_rows == 0 or dy.shape[0] == 0:
+@triton.jit
+def mean_compress_bwd(
+    dkc_ptr, dvc_ptr, dk_ptr, dv_ptr, key_pos_ptr, key_len_ptr, key_cstart_ptr, n_rows, stride_ct,
+    stride_ch, stride_dt, stride_dh, stride_kt, stride_kh, stride_vt, stride_vh, DK: tl.constexpr,
+    BDK: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
+    R1: tl.constexpr, BI: tl.constexpr,
+):
+    """dk (program_id 2 = 0) or dv (1) for a tile of BI key rows."""
+    tl.static_assert((BDK >= DK) & (BDV >= DV))
+    rows = tl.program_id(0) * BI + tl.arange(0, BI)
+    h = tl.program_id(1).to(tl.int64)
+    row_ok = rows < n_rows
+    pos = tl.load(key_pos_ptr + rows, mask=row_ok, other=0)
+    seq_len = tl.load(key_len_ptr + rows, mask=row_ok, other=0)
+    c0 = tl.load(key_cstart_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    n_cmp = tl.where(seq_len >= L, (seq_len - L) // STRIDE + 1, 0)
+    if tl.program_id(2) == 0:
+        _mean_compress_bwd_rows(dkc_ptr, dk_ptr, rows, row_ok, pos, n_cmp, c0, h, stride_ct,
+                           stride_ch, stride_kt, stride_kh, DK, BDK, L, STRIDE, R1, BI)
+    else:
+        _mean_compress_bwd_rows(dvc_ptr, dv_ptr, rows, row_ok, pos, n_cmp, c0, h, stride_dt,
+                           stride_dh, stride_vt, stride_vh, DV, BDV, L, STRIDE, R1, BI)
+
+
+def launch_mean_compress_bwd(dkc, dvc, dk, dv, lay, cfg):
+    """Add the gradient of mean compression: dkc, dvc [Nc_total, H, D] (packed compressed rows)
+    into dk, dv [Nkey, H, D], all fp32, each pair with the same padded width."""
+    n_rows = dk.shape[0]
+    if n_rows == 0 or dkc.shape[0] == 0:
         return
-    grid = (triton.cdiv(n_rows, cfg["BI"]), dx.shape[1])
-    _launch(mean_compress_bwd)[grid](
-        dy, dx, lay.key_pos, lay.key_len, lay.key_cstart, n_rows, dy.stride(0), dy.stride(1),
-        dx.stride(0), dx.stride(1), D=dy.shape[2], BD=triton.next_power_of_2(dy.shape[2]), L=32,
-        STRIDE=16, R1=2, BI=cfg["BI"], num_warps=cfg["num_warps"])
+    _launch(mean_compress_bwd)[(triton.cdiv(n_rows, cfg["BI"]), dk.shape[1], 2)](
+        dkc, dvc, dk, dv, lay.key_pos, lay.key_len, lay.key_cstart, n_rows, dkc.stride(0),
+        dkc.stride(1), dvc.stride(0), dvc.stride(1), dk.stride(0), dk.stride(1), dv.stride(0),
+        dv.stride(1), DK=dkc.shape[2], BDK=triton.next_power_of_2(dkc.shape[2]), DV=dvc.shape[2],
+        BDV=triton.next_power_of_2(dvc.shape[2]), L=32, STRIDE=16, R1=2, BI=cfg["BI"],
+        num_warps=cfg["num_warps"])
 
 
 @triton.jit
@@ -1334,8 +1363,7 @@ def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=N
         if k_cmp is None:
             k_cmp = torch.empty(lay.n_cmp, H_KV, DIM_QK, dtype=q.dtype, device=dev)
             v_cmp = torch.empty(lay.n_cmp, H_KV, DIM_V, dtype=q.dtype, device=dev)
-            launch_mean_compress(k, k_cmp, lay, cfg["mean_compress"])
-            launch_mean_compress(v, v_cmp, lay, cfg["mean_compress"])
+            launch_mean_compress(k, v, k_cmp, v_cmp, lay, cfg["mean_compress"])
         score = None
         launch_cmp_attention(q if q_cmp is None else q_cmp, k_cmp, v_cmp, gates, o, score, lay,
                              cfg["cmp_attention"], prec, None if ob is None else ob[0],
@@ -1351,8 +1379,7 @@ def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=N
     if k_cmp is None:
         k_cmp = torch.empty(lay.n_cmp, H_KV, DIM_QK, dtype=q.dtype, device=dev)
         v_cmp = torch.empty(lay.n_cmp, H_KV, DIM_V, dtype=q.dtype, device=dev)
-        launch_mean_compress(k, k_cmp, lay, cfg["mean_compress"])
-        launch_mean_compress(v, v_cmp, lay, cfg["mean_compress"])
+        launch_mean_compress(k, v, k_cmp, v_cmp, lay, cfg["mean_compress"])
     score = torch.empty(n_tok, H_KV, lay.nbp, dtype=torch.float32, device=dev)
     launch_cmp_attention(q if q_cmp is None else q_cmp, k_cmp, v_cmp, gates, o, score, lay,
                          cfg["cmp_attention"], prec, None if ob is None else ob[0],
@@ -1406,8 +1433,7 @@ def backward(do, q, k, v, gates, idx, saved, lay, k_win=None, v_win=None, config
         if q_cmp is not None:
             out["dq_cmp"] = dqc[..., :DIM_QK]
         if saved.get("pooled"):   # the forward mean-pooled k_cmp, v_cmp from k, v
-            launch_mean_compress_bwd(dkc, dk, lay, cfg["mean_compress_bwd"])
-            launch_mean_compress_bwd(dvc, dv, lay, cfg["mean_compress_bwd"])
+            launch_mean_compress_bwd(dkc, dvc, dk, dv, lay, cfg["mean_compress_bwd"])
         launch_win_attention_bwd(q, k, v, gates, do, lse[1], delta[1], dq, dk, dv, lay,
                                  cfg["win_attention_bwd"], prec, window=1024, branch=1)
         if k_win is None:
@@ -1432,8 +1458,7 @@ def backward(do, q, k, v, gates, idx, saved, lay, k_win=None, v_win=None, config
     if q_cmp is not None:
         out["dq_cmp"] = dqc[..., :DIM_QK]
     if saved.get("pooled"):   # the forward mean-pooled k_cmp, v_cmp from k, v
-        launch_mean_compress_bwd(dkc, dk, lay, cfg["mean_compress_bwd"])
-        launch_mean_compress_bwd(dvc, dv, lay, cfg["mean_compress_bwd"])
+        launch_mean_compress_bwd(dkc, dvc, dk, dv, lay, cfg["mean_compress_bwd"])
     launch_slc_attention_bwd(q, k, v, gates, do, lse[1], delta[1], idx, dq, dk, dv, lay,
                              cfg["slc_attention_bwd"], prec)
     if k_win is None:

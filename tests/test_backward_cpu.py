@@ -200,12 +200,16 @@ def test_mean_compression_gradient_is_gathered_per_key(block, stride):
     g = torch.Generator().manual_seed(block * 10 + stride)
     for lens, qlens in (((3, 17, 9, block), None), ((13, 8), (5, 8))):
         lay = build_layout(spec, lens, "cpu", qlens=qlens)
-        H, D = spec.heads_kv, mod.BLOCK_DK
-        x = torch.randn(sum(lens), H, D, dtype=torch.float64, generator=g, requires_grad=True)
-        pooled = [reference.mean_compress(s[None], spec)[0] for s in x.split(list(lens))]
-        dy = torch.randn(lay.n_cmp, H, D, dtype=torch.float64, generator=g)
-        (want,) = torch.autograd.grad(torch.cat(pooled), x, dy)
-        dx0 = torch.randn(sum(lens), H, D, generator=g)
-        dx = dx0.clone()
-        mod.launch_mean_compress_bwd(dy.float(), dx, lay, mod.CONFIGS["mean_compress_bwd"])
-        torch.testing.assert_close(dx.double(), dx0.double() + want, rtol=1e-5, atol=1e-5)
+        dys, dx0s, wants = [], [], []
+        for D in (mod.BLOCK_DK, mod.BLOCK_DV // 2):     # keys and values: widths may differ
+            x = torch.randn(sum(lens), spec.heads_kv, D, dtype=torch.float64, generator=g,
+                            requires_grad=True)
+            pooled = [reference.mean_compress(s[None], spec)[0] for s in x.split(list(lens))]
+            dys.append(torch.randn(lay.n_cmp, spec.heads_kv, D, dtype=torch.float64, generator=g))
+            wants.append(torch.autograd.grad(torch.cat(pooled), x, dys[-1])[0])
+            dx0s.append(torch.randn(sum(lens), spec.heads_kv, D, generator=g))
+        dk, dv = (t.clone() for t in dx0s)
+        mod.launch_mean_compress_bwd(dys[0].float(), dys[1].float(), dk, dv, lay,
+                                     mod.CONFIGS["mean_compress_bwd"])
+        for got, dx0, want in zip((dk, dv), dx0s, wants):
+            torch.testing.assert_close(got.double(), dx0.double() + want, rtol=1e-5, atol=1e-5)

@@ -90,7 +90,7 @@ def _tiled_space(keys: str):
 def _mean_bwd_default(spec: Spec, target: Target, why: list) -> dict:
     why.append("backward compress: each key row gathers the gradients of the (at most "
                f"{spec.cmp_block // spec.cmp_stride}) windows that hold it into dk/dv in "
-               "place: one launch per tensor, deterministic")
+               "place: keys and values in one launch, deterministic")
     return dict(BI=64, num_warps=4)
 
 
@@ -101,10 +101,12 @@ def _mean_bwd_space(spec: Spec, default: dict, target: Target, smem: int):
 
 def _mean_bwd_launch(spec: Spec, flags: dict) -> dict:
     return dict(main=signature(
-        ptrs("dy", "dx", "key_pos=lay.key_pos", "key_len=lay.key_len",
+        ptrs("dkc", "dvc", "dk", "dv", "key_pos=lay.key_pos", "key_len=lay.key_len",
              "key_cstart=lay.key_cstart"), scalars("n_rows"),
-        strides("dy", "yt", "yh"), strides("dx", "xt", "xh"),
-        consts(D="dy.shape[2]", BD="triton.next_power_of_2(dy.shape[2])"),
+        strides("dkc", "ct", "ch"), strides("dvc", "dt", "dh"), strides("dk", "kt", "kh"),
+        strides("dv", "vt", "vh"),
+        consts(DK="dkc.shape[2]", BDK="triton.next_power_of_2(dkc.shape[2])",
+               DV="dvc.shape[2]", BDV="triton.next_power_of_2(dvc.shape[2])"),
         values(L=spec.cmp_block, STRIDE=spec.cmp_stride,
                R1=spec.cmp_block // spec.cmp_stride), cfg("BI"), options=WARPS))
 

@@ -38,9 +38,11 @@ def _mean_space(spec: Spec, default: dict, target: Target, smem: int):
 
 def _mean_launch(spec: Spec, flags: dict) -> dict:
     return dict(main=signature(
-        ptrs("x", "y", "src=lay.cmp_src"), scalars("n_rows"),
-        strides("x", "xt", "xh"), strides("y", "yt", "yh"),
-        consts(D="x.shape[2]", BD="triton.next_power_of_2(x.shape[2])"),
+        ptrs("k", "v", "kc=k_cmp", "vc=v_cmp", "src=lay.cmp_src"), scalars("n_rows"),
+        strides("k", "kt", "kh"), strides("v", "vt", "vh"), strides("k_cmp", "ct", "ch"),
+        strides("v_cmp", "dt", "dh"),
+        consts(DK="k.shape[2]", BDK="triton.next_power_of_2(k.shape[2])", DV="v.shape[2]",
+               BDV="triton.next_power_of_2(v.shape[2])"),
         values(L=spec.cmp_block), cfg("BI"), options=WARPS))
 
 
