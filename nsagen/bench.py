@@ -151,6 +151,14 @@ def bench_forward(spec: Spec, seq_lens: list[int], batch: int = 1, baselines: bo
             # what the GPU is busy for; the rest of the call's time is host work it waits on
             row["kernels_sum_ms"] = sum(row["kernels_ms"].values())
             row["host_gap_ms"] = max(0.0, row["nsagen_ms"] - row["kernels_sum_ms"])
+            # the same call replayed from a CUDA graph (torch.compile's reduce-overhead mode):
+            # what it costs with no host work between launches
+            try:
+                graph = capture_graph(f)
+                row["nsagen_graph_ms"] = median_ms(graph.replay)
+                del graph
+            except Exception as err:
+                row["graph_error"] = str(err)[:160]
         row["nsagen_TFLOPs"] = flops / (row["nsagen_ms"] * 1e-3) / 1e12
         row["floor_ms"] = flops / (ceil["mm_TFLOPs"] * 1e12) * 1e3
         row["floor_frac"] = row["floor_ms"] / row["nsagen_ms"]
