@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nsagen
-from nsagen.nn import SparseAttention, apply_rope
+from nsagen.nn import SparseAttention, apply_rope, rope_tables
 
 IGNORE = -100
 
@@ -117,6 +117,7 @@ class FullAttention(nn.Module):
         super().__init__()
         self.hq, self.hkv, self.dim, self.theta = heads_q, heads_kv, dim, rope_theta
         self.rope = rope
+        self._tables: dict = {}
         self.q_proj = nn.Linear(hidden, heads_q * dim, bias=False)
         self.k_proj = nn.Linear(hidden, heads_kv * dim, bias=False)
         self.v_proj = nn.Linear(hidden, heads_kv * dim, bias=False)
@@ -127,8 +128,11 @@ class FullAttention(nn.Module):
         pos = torch.arange(T, device=x.device)
         q = self.q_proj(x).unflatten(-1, (self.hq, self.dim))
         k = self.k_proj(x).unflatten(-1, (self.hkv, self.dim))
-        if self.rope:
-            q, k = apply_rope(q, pos, self.theta), apply_rope(k, pos, self.theta)
+        if self.rope:     # tables kept per length, as the NSA layer keeps them
+            key = (T, q.dtype, x.device, torch.is_inference_mode_enabled())
+            if key not in self._tables:
+                self._tables[key] = rope_tables(pos, self.dim, self.theta, q.dtype)
+            q, k = (apply_rope(t, pos, tables=self._tables[key]) for t in (q, k))
         v = self.v_proj(x).unflatten(-1, (self.hkv, self.dim))
         g = self.hq // self.hkv
         k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)    # GQA heads expanded

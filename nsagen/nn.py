@@ -38,7 +38,7 @@ from .ops import build
 from .specfile import load_spec
 
 __all__ = ["SparseAttention", "SparseAttentionCache", "Compression", "reference_op",
-           "apply_rope"]
+           "apply_rope", "rope_tables"]
 
 
 # ---------------------------------------------------------------------------------- RoPE
@@ -51,16 +51,27 @@ def _rope_tables(pos: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Rotate x [..., N, H, D] at positions pos [..., N] (rotate-half pairing: dim i with i + D/2).
+def rope_tables(pos: torch.Tensor, dim: int, theta: float = 10000.0,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables apply_rope multiplies by, [*pos.shape, 1, dim] (broadcast over heads):
+    C = [cos, cos] and S = [-sin, sin]. A model that rotates at the same positions every step
+    can compute them once and pass them to apply_rope."""
+    cos, sin = _rope_tables(pos, dim, theta, dtype)
+    return torch.cat([cos, cos], -1)[..., None, :], torch.cat([-sin, sin], -1)[..., None, :]
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0,
+               tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Rotate x [..., N, H, D] at positions pos [..., N] (rotate-half pairing: dim i with i + D/2):
+    [x1 cos - x2 sin, x2 cos + x1 sin], as x * C + [x2, x1] * S (bit for bit the same).
 
     `pos` broadcasts against x's leading dims (e.g. [T] for a [B, T, H, D] batch, [B] for one
-    decode token per row [B, H, D])."""
+    decode token per row [B, H, D]). `tables`: rope_tables(pos, D, theta, x.dtype), computed
+    earlier (then pos and theta are not read)."""
     d = x.shape[-1]
-    cos, sin = _rope_tables(pos, d, theta, x.dtype)
-    cos, sin = cos[..., None, :], sin[..., None, :]          # broadcast over heads
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+    c, s = rope_tables(pos, d, theta, x.dtype) if tables is None else tables
+    swapped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)      # [x2, x1]
+    return x * c + swapped * s
 
 
 # ---------------------------------------------------------------------------------- phi
@@ -235,6 +246,7 @@ class SparseAttention(nn.Module):
             raise ValueError(f"selection_grad: expected 'none' or 'straight-through', got "
                              f"{str(selection_grad)[:40]!r}")
         self.op = op
+        self._rope_cache: dict = {}
         self.cp_group = cp_group
         self.selection_grad = selection_grad
         fk = dict(device=device, dtype=dtype)
@@ -291,15 +303,36 @@ class SparseAttention(nn.Module):
             cols[c] = g[..., j]
         return torch.stack(cols, -1)
 
-    def _rot(self, x: torch.Tensor, pos: torch.Tensor, on: bool | None = None) -> torch.Tensor:
-        """x rotated at `pos` when `on` (default: the selected and window branches' choice)."""
+    def _rot(self, x: torch.Tensor, pos: torch.Tensor, on: bool | None = None,
+             key: tuple | None = None) -> torch.Tensor:
+        """x rotated at `pos` when `on` (default: the selected and window branches' choice).
+        `key` names positions that recur from step to step (the lengths they come from): their
+        tables are computed once and kept."""
         on = self.rope_main if on is None else on
-        return apply_rope(x, pos, self.rope_theta) if on else x
+        if not on:
+            return x
+        return apply_rope(x, pos, tables=self._rope_tables(pos, key, x.dtype))
 
-    def _cmp_source(self, k_raw: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _rope_tables(self, pos: torch.Tensor, key: tuple | None, dtype: torch.dtype):
+        """rope_tables for `pos`, from a small per-layer cache when `key` names them (never
+        while tracing, whose tensors must not outlive the trace, and kept apart for inference
+        mode, whose tensors autograd cannot save)."""
+        make = lambda: rope_tables(pos, self.spec.dim_qk, self.rope_theta, dtype)  # noqa: E731
+        if key is None or torch.compiler.is_compiling():
+            return make()
+        full = (key, dtype, pos.device, torch.is_inference_mode_enabled())
+        tables = self._rope_cache.get(full)
+        if tables is None:
+            if len(self._rope_cache) >= 8:
+                self._rope_cache.clear()
+            tables = self._rope_cache[full] = make()
+        return tables
+
+    def _cmp_source(self, k_raw: torch.Tensor, pos: torch.Tensor,
+                    key: tuple | None = None) -> torch.Tensor:
         """The keys the layer's compression reads: un-rotated for learned phi (the output is
         rotated at the window's end), the compressed branch's rotation for a mean."""
-        return k_raw if self.learned else self._rot(k_raw, pos, self.rope_cmp)
+        return k_raw if self.learned else self._rot(k_raw, pos, self.rope_cmp, key)
 
     def _heads(self, lin: nn.Linear, x: torch.Tensor, dim: int) -> torch.Tensor:
         return lin(x).unflatten(-1, (-1, dim))
@@ -330,6 +363,7 @@ class SparseAttention(nn.Module):
         if cu_seqlens is None:
             lens = None
             pos = torch.arange(T, device=x.device)
+            key = ("T", T)          # what the positions (and window ends) follow from
         else:
             if B != 1:
                 raise ValueError(f"cu_seqlens: requires batch size 1 (packed sequences), got B={B}")
@@ -339,8 +373,10 @@ class SparseAttention(nn.Module):
                 raise ValueError(f"cu_seqlens: expected increasing offsets from 0 to T={T}, "
                                  f"got {len(offs)} offsets from {offs[0]} to {offs[-1]}")
             pos = torch.cat([torch.arange(n, device=x.device) for n in lens])
+            key = ("lens", tuple(lens))
         if cp is not None:
             pos = share_positions(pos, cp)
+        pkey = None if cp is not None else key      # a share's positions depend on the rank
         q = self._heads(self.q_proj, x, s.dim_qk)
         k = self._heads(self.k_proj, x, s.dim_qk)
         v = self._heads(self.v_proj, x, s.dim_v)
@@ -351,20 +387,20 @@ class SparseAttention(nn.Module):
                 ks = self._heads(self.k_cmp_proj, x, s.dim_qk)
                 vs = self._heads(self.v_cmp_proj, x, s.dim_v)
             else:
-                ks, vs = self._cmp_source(k, pos), v
+                ks, vs = self._cmp_source(k, pos, pkey), v
             if cp is not None:   # every rank compresses the whole sequence
                 ks, vs = gather(ks, cp), gather(vs, cp)
             kc, vc = self.phi_k(ks, lens), self.phi_v(vs, lens)
             if self.learned:
                 ends = _window_ends(s, [T] if lens is None else lens, x.device)
-                kc = self._rot(kc, ends, self.rope_cmp)
+                kc = self._rot(kc, ends, self.rope_cmp, ("ends",) + key)
             out.update(k_cmp=kc, v_cmp=vc, k_src=ks, v_src=vs)
         if self.uses_cmp and self.rope_cmp != self.rope_main:
-            out["q_cmp"] = self._rot(q, pos, self.rope_cmp)
+            out["q_cmp"] = self._rot(q, pos, self.rope_cmp, pkey)
         if self.separate and s.has("win"):
-            out["k_win"] = self._rot(self._heads(self.k_win_proj, x, s.dim_qk), pos)
+            out["k_win"] = self._rot(self._heads(self.k_win_proj, x, s.dim_qk), pos, key=pkey)
             out["v_win"] = self._heads(self.v_win_proj, x, s.dim_v)
-        out.update(q=self._rot(q, pos), k=self._rot(k, pos), v=v)
+        out.update(q=self._rot(q, pos, key=pkey), k=self._rot(k, pos, key=pkey), v=v)
         # the op takes one dtype for all inputs; under autocast a piece may come out in another
         dt = out["q"].dtype
         for name in ("k", "v", "gates", "k_cmp", "v_cmp", "k_win", "v_win", "q_cmp"):

@@ -520,3 +520,41 @@ def test_return_branches_are_the_reference_branches():
     assert torch.equal(idx, ridx) and br.shape == (3, 1, 30, 4, 8)
     assert rel(br, rbr) < 1e-5
     assert rel((br * gates.permute(3, 0, 1, 2)[..., None]).sum(0), o) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_the_rotate_half_formula_bit_for_bit(dtype):
+    """apply_rope (x * C + [x2, x1] * S, with or without precomputed tables) equals
+    [x1 cos - x2 sin, x2 cos + x1 sin] exactly."""
+    from nsagen.nn import _rope_tables, apply_rope, rope_tables
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 33, 3, 16, generator=g).to(dtype)
+    pos = torch.arange(33) * 7
+    cos, sin = (t[..., None, :] for t in _rope_tables(pos, 16, 500.0, dtype))
+    x1, x2 = x[..., :8], x[..., 8:]
+    want = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+    assert torch.equal(apply_rope(x, pos, 500.0), want)
+    assert torch.equal(apply_rope(x, pos, tables=rope_tables(pos, 16, 500.0, dtype)), want)
+
+
+def test_rope_tables_are_kept_per_length_and_mode():
+    """The layer computes a length's rotation tables once; tables made under inference mode
+    are never handed to a training step (autograd cannot save them), and every step's
+    output is the same as with fresh tables."""
+    spec = small_spec()
+    layer = randomize(SparseAttention(spec, spec.heads_q * spec.dim_v,
+                                      op=reference_op(spec)).double(), 2)
+    x = torch.randn(1, 19, layer.hidden_size, dtype=torch.float64, requires_grad=True)
+    with torch.inference_mode():
+        first = layer(x.detach())
+    n = len(layer._rope_cache)
+    assert n >= 1
+    y = layer(x)                                     # training after inference: new tables
+    y.sum().backward()
+    assert len(layer._rope_cache) > n
+    assert torch.equal(layer(x).detach(), y.detach())
+    assert len(layer._rope_cache) == 2 * n           # reused, not remade
+    torch.testing.assert_close(first, y.detach())
+    layer._rope_cache.clear()
+    assert torch.equal(layer(x).detach(), y.detach())
