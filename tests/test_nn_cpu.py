@@ -526,7 +526,7 @@ def test_return_branches_are_the_reference_branches():
 def test_rope_is_the_rotate_half_formula_bit_for_bit(dtype):
     """apply_rope (x * C + [x2, x1] * S, with or without precomputed tables) equals
     [x1 cos - x2 sin, x2 cos + x1 sin] exactly."""
-    from nsagen.nn import _rope_tables, apply_rope, rope_tables
+    from nsagen.rope import _rope_tables, apply_rope, rope_tables
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 33, 3, 16, generator=g).to(dtype)
