@@ -1318,6 +1318,7 @@ def launch_win_attention_bwd(q, k, v, gates, do, lse, delta, dq, dk, dv, lay, cf
     # dk/dv holds two fp32 accumulators besides the tile: its own, smaller tiles and more warps
     ktile_tok, ktile_len = lay.key_tiles(cfg["BK_KV"])
     # few key tiles (short calls): split each tile's queries over programs to fill the GPU
+    # (SPLIT is a constexpr: a concrete bool also while torch.compile traces symbolic lengths)
     span = min(window + cfg["BK_KV"], max(lay.qlens))   # most queries that see one key tile
     splits = query_splits(ktile_tok.numel() * H_KV, span, cfg["BT_KV"])
     q_chunk = triton.cdiv(triton.cdiv(span, splits), cfg["BT_KV"]) * cfg["BT_KV"]
@@ -1327,8 +1328,8 @@ def launch_win_attention_bwd(q, k, v, gates, do, lse, delta, dq, dk, dv, lay, cf
         v.stride(0), v.stride(1), do.stride(0), do.stride(1), g.stride(0), g.stride(1),
         qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V,
         BDK=BLOCK_DK, BDV=BLOCK_DV, W=window, BRANCH=branch, HAS_GATES=gates is not None,
-        PREC=prec, BT=cfg["BT_KV"], BK=cfg["BK_KV"], SPLIT=splits > 1, num_warps=cfg["WARPS_KV"],
-        num_stages=cfg["STAGES_KV"])
+        PREC=prec, BT=cfg["BT_KV"], BK=cfg["BK_KV"], SPLIT=bool(splits > 1),
+        num_warps=cfg["WARPS_KV"], num_stages=cfg["STAGES_KV"])
 
 
 def forward(q, k, v, gates, k_cmp, v_cmp, lay, k_win=None, v_win=None, configs=None,

@@ -213,3 +213,53 @@ def test_mean_compression_gradient_is_gathered_per_key(block, stride):
                                      mod.CONFIGS["mean_compress_bwd"])
         for got, dx0, want in zip((dk, dv), dx0s, wants):
             torch.testing.assert_close(got.double(), dx0.double() + want, rtol=1e-5, atol=1e-5)
+
+
+def _step_host_work(spec, T):
+    """The generated launches (kernels not run) and the torch ops (by name and count) of one
+    forward+backward of the op at length T."""
+    from torch.profiler import ProfilerActivity, profile
+
+    op = nsagen.build(spec)
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(self.name)
+
+    g = torch.Generator().manual_seed(T)
+    shapes = (("q", spec.heads_q, spec.dim_qk), ("k", spec.heads_kv, spec.dim_qk),
+              ("v", spec.heads_kv, spec.dim_v), ("gates", spec.heads_q, 3))
+    x = [torch.rand(1, T, h, d, generator=g, requires_grad=True) for _, h, d in shapes]
+
+    def step():
+        o = op(*x)
+        torch.autograd.grad(o, x, torch.ones_like(o))
+
+    real = op.module._launch
+    op.module._launch = Recorder
+    try:
+        step()
+        launches.clear()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+    finally:
+        op.module._launch = real
+    ops = {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
+    return launches, ops
+
+
+def test_training_step_host_work_does_not_grow_with_the_window():
+    """One short-plan training step launches each plan kernel once (mean pooling and its
+    backward once for keys and values) and the same torch ops whatever the compression block l:
+    nothing on the host loops over a window's tokens."""
+    base = scaled(nsagen.load_spec("nsa-d128"))
+    wide = base.replace(cmp_block=16, cmp_stride=4)
+    n = base.slc_count * base.slc_block
+    (la, oa), (lb, ob) = _step_host_work(base, n), _step_host_work(wide, n)
+    assert la == lb and oa == ob
+    assert la.count("mean_compress") == 1 and la.count("mean_compress_bwd") == 1
+    assert not [k for k in oa if "index_add" in k or "scatter" in k]

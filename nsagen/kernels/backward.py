@@ -200,8 +200,8 @@ def _win_bwd_launch(spec: Spec, flags: dict) -> dict:
             ptrs("q", "k", "v", "g", "do", "lse", "delta", "dk", "dv", "tile_tok=ktile_tok",
                  "tile_len=ktile_len", "key_pos=lay.key_pos", "key_len=lay.key_len",
                  "key_qzero=lay.key_qzero", "key_qfirst=lay.key_qfirst"), scalars("q_chunk"),
-            *_bwd_strides(), *common, cfg("BT=BT_KV", "BK=BK_KV"), consts(SPLIT="splits > 1"),
-            options=_KV_OPTIONS))
+            *_bwd_strides(), *common, cfg("BT=BT_KV", "BK=BK_KV"),
+            consts(SPLIT="bool(splits > 1)"), options=_KV_OPTIONS))
 
 
 BACKWARD = (
