@@ -558,3 +558,29 @@ def test_tune_dsa_never_saves_what_the_reference_rejects(tmp_path, monkeypatch):
                            check_len=24, out_dir=tmp_path)
     assert json.loads(path.read_text())["buckets"] == {}
     assert any("fail the reference check" in m for m in said)
+
+
+def test_reference_checks_run_the_plan_of_their_length(monkeypatch):
+    """The tuner's reference checks (outputs and gradients) call the op as calls of their
+    length run: inside the short-length bound no top-n is launched (the short plan), past it
+    the full plan's is."""
+    import torch
+
+    import nsagen
+    from nsagen.tune import verify
+
+    from kernel_checks import scaled
+
+    _interp()
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    op = nsagen.build(spec)
+    topn = []
+    real = op.module.launch_select_blocks
+    monkeypatch.setattr(op.module, "launch_select_blocks",
+                        lambda *a, **kw: topn.append(1) or real(*a, **kw))
+    n = op.module.SHORT_LEN
+    for check in (verify.check_against_reference, verify.check_backward_against_reference):
+        for T, launched in ((n, False), (n + 5, True)):
+            topn.clear()
+            assert check(op, spec, op.module.CONFIGS, T, "cpu", torch.float32, 1e-3) < 1e-3
+            assert bool(topn) == launched, (check.__name__, T)
