@@ -150,20 +150,23 @@ def _cu(lengths, device) -> torch.Tensor:
                         device=device)
 
 
-def _reduce_scatter_rows(src: torch.Tensor, group) -> torch.Tensor:
+def _reduce_scatter_rows(src: torch.Tensor, group, async_op: bool = False):
     """src [W * N, ...] (rank r's part first at rows r N) summed over the ranks; this rank's
-    N rows returned (an all-reduce where a CPU backend lacks the reduce-scatter)."""
+    N rows returned (an all-reduce where a CPU backend lacks the reduce-scatter). With
+    `async_op` the pair (rows, handle) is returned: the rows may be read once the handle is
+    waited on (None when the collective has already finished)."""
     world, rank = _group_shape(group)
     out = src.new_empty(src.shape[0] // world, *src.shape[1:])
+    work = None
     try:
-        _REDUCE_SCATTER(out, src, group=group)
+        work = _REDUCE_SCATTER(out, src, group=group, async_op=async_op)
     except (RuntimeError, NotImplementedError):
         if dist.get_backend(group) == "nccl":
             raise
         src = src.clone()               # older gloo: every rank refuses alike before sending
         dist.all_reduce(src, group=group)
         out = src[rank * out.shape[0]:(rank + 1) * out.shape[0]]
-    return out
+    return (out, work) if async_op else out
 
 
 class _GatherHalf(torch.autograd.Function):
@@ -176,14 +179,61 @@ class _GatherHalf(torch.autograd.Function):
     @staticmethod
     def forward(ctx, src, group, pending):
         ctx.group = group
-        src = src.contiguous()
-        out = src.new_empty(dist.get_world_size(group) * src.shape[0], *src.shape[1:])
-        pending.append(_ALL_GATHER(out, src, group=group, async_op=True))
+        out, work = _start_gather(src, group)
+        pending.append(work)
         return out
 
     @staticmethod
     def backward(ctx, g):
         return _reduce_scatter_rows(g.contiguous(), ctx.group), None, None
+
+
+def _start_gather(src: torch.Tensor, group):
+    """Start the all-gather of `src` [C, B, ...] into [W C, B, ...]: (result, handle)."""
+    src = src.contiguous()
+    out = src.new_empty(dist.get_world_size(group) * src.shape[0], *src.shape[1:])
+    return out, _ALL_GATHER(out, src, group=group, async_op=True)
+
+
+class _Landing(torch.autograd.Function):
+    """Identity. Its backward waits for the collectives in `pending` before passing the
+    gradient on: the late half's reduce-scatter (started by `_Adopt`) writes the gradient this
+    node receives."""
+
+    @staticmethod
+    def forward(ctx, x, pending):
+        ctx.pending = pending
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        while ctx.pending:
+            work = ctx.pending.pop()
+            if work is not None:
+                work.wait()
+        return g, None
+
+
+class _Adopt(torch.autograd.Function):
+    """The late half's gathered keys, whose all-gather `gathered = (tensor, handle)` was
+    started before the early chunk ran. It is applied after the early chunk's op: autograd runs
+    the newest ready node first, so this backward comes right after the late chunk's and before
+    the early chunk's. It only starts the reduce-scatter of the late half's gradient (handle to
+    `pending`); the early chunk's backward runs while it is in flight, and `_Landing` waits for
+    it before the gradient is read."""
+
+    @staticmethod
+    def forward(ctx, landing, gathered, group, pending):
+        ctx.group, ctx.pending = group, pending
+        out, work = gathered
+        work.wait()
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out, work = _reduce_scatter_rows(g.contiguous(), ctx.group, async_op=True)
+        ctx.pending.append(work)
+        return out, None, None, None
 
 
 def cp_attention(op, group, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seqlens=None,
@@ -198,7 +248,9 @@ def cp_attention(op, group, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seql
 
     The early chunk's prefix lies in the early half of the sequence (every rank's early
     chunk), so the keys are gathered in two halves: the early chunk attends as soon as the early
-    half has arrived, while the late half is still in flight."""
+    half has arrived, while the late half is still in flight. In the backward the late half's
+    gradient is complete first (only the late chunk reads it): its reduce-scatter runs while the
+    early chunk's backward computes."""
     world, rank = _group_shape(group)
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError("cp_group: q and k must be 4-d shares [B, T / W, heads, dim]")
@@ -222,11 +274,12 @@ def cp_attention(op, group, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seql
     shared = {n: t for n, t in (("k", k), ("v", v), ("k_win", k_win), ("v_win", v_win))
               if t is not None}
     early_wait: list = []
-    late_wait: list = []
     early = {n: _GatherHalf.apply(t[:, :C].movedim(1, 0), group, early_wait)
              for n, t in shared.items()}
-    late = {n: _GatherHalf.apply(t[:, C:].movedim(1, 0), group, late_wait)
-            for n, t in shared.items()}
+    late_src = {n: t[:, C:].movedim(1, 0) for n, t in shared.items()}
+    late_sent = {n: _start_gather(t.detach(), group) for n, t in late_src.items()}
+    late_rs: list = []                  # the late half's reduce-scatters, in the backward
+    landing = {n: _Landing.apply(t, late_rs) for n, t in late_src.items()}
 
     def run(half: bool, keys: dict):
         """The op for the runs of one chunk; `keys` [B, L, ...] hold positions 0 .. L - 1."""
@@ -254,8 +307,7 @@ def cp_attention(op, group, q, k, v, gates=None, k_cmp=None, v_cmp=None, cu_seql
         w.wait()
     early = {n: t.movedim(0, 1) for n, t in early.items()}
     o_early = run(False, early)
-    for w in late_wait:
-        w.wait()
+    late = {n: _Adopt.apply(landing[n], late_sent[n], group, late_rs) for n in shared}
     # rank r's late chunk is chunk 2W - 1 - r: the gathered late half comes in reverse order
     full = {n: torch.cat([early[n], t.movedim(0, 1).unflatten(1, (world, C)).flip(1)
                           .flatten(1, 2)], 1) for n, t in late.items()}

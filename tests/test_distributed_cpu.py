@@ -108,9 +108,55 @@ def _cp_worker(rank: int, world: int, port: int, out: str) -> None:
         spec, x, do = _cp_inputs(CP_CASES[0])
         op = torch.compile(nsagen.build(spec).__call__, backend="aot_eager")
         results.append(_cp_run(op, x, do, dist.group.WORLD))
-        torch.save(results, f"{out}.{rank}")
+        torch.save(dict(runs=results, order=_backward_order(*_cp_inputs(CP_CASES[0]))),
+                   f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def _backward_order(spec, x, do) -> list[str]:
+    """The backward's events in order: "op" / "done" when a chunk's op backward begins / ends
+    (hooks on its output and its query), "rs" / "rs-async" when a reduce-scatter of k or v is
+    issued, "wait" when a pending one is waited on."""
+    import nsagen.distributed as nd
+    log: list[str] = []
+    rs = nd._reduce_scatter_rows
+
+    class Handle:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self):
+            log.append("wait")
+            if self.work is not None:
+                self.work.wait()
+
+    def logged_rs(src, group, async_op=False):
+        log.append("rs-async" if async_op else "rs")
+        if not async_op:
+            return rs(src, group)
+        out, work = rs(src, group, async_op=True)
+        return out, Handle(work)
+
+    real = nsagen.build(spec)
+
+    class Hooked:
+        spec = real.spec
+
+        def __call__(self, *a, **kw):
+            a[0].register_hook(lambda g: log.append("done"))
+            o = real(*a, **kw)
+            o.register_hook(lambda g: log.append("op"))
+            return o
+
+    nd._reduce_scatter_rows = logged_rs
+    try:
+        mine = {n: shard(x[n]).requires_grad_(True) for n in ("q", "k", "v", "gates")}
+        o = nd.cp_attention(Hooked(), dist.group.WORLD, *mine.values())
+        torch.autograd.grad(o, list(mine.values()), shard(do))
+    finally:
+        nd._reduce_scatter_rows = rs
+    return log
 
 
 def test_op_with_cp_group_equals_one_process(tmp_path):
@@ -124,6 +170,12 @@ def test_op_with_cp_group_equals_one_process(tmp_path):
     out = str(tmp_path / "cp")
     mp.start_processes(_cp_worker, args=(world, port, out), nprocs=world, start_method="spawn")
     got = [torch.load(f"{out}.{r}") for r in range(world)]
+    for r in range(world):
+        # the late half's gradient is reduce-scattered while the early chunk's backward runs,
+        # and waited on only after it; the early half's after it
+        assert got[r]["order"] == ["op", "done", "rs-async", "rs-async", "op", "done", "wait",
+                                   "wait", "rs", "rs"], got[r]["order"]
+    got = [g["runs"] for g in got]
     want.append(want[0])
     for i, case in enumerate(CP_CASES + CP_CASES[:1]):
         o, grads = want[i]
