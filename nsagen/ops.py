@@ -278,12 +278,16 @@ def _register_training_op(nsa: NSAOp):
         q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu, q_cmp, cu_k, _ = inputs
         _, idx, ob, lse, kc, vc = output
         user_cmp = k_cmp is not None
+        # only o has a gradient: the other outputs' (ob alone is 3x o) are never made as zeros
+        ctx.set_materialize_grads(False)
         ctx.user_cmp, ctx.has_gates = user_cmp, gates is not None
         ctx.has_win, ctx.has_qc = k_win is not None, q_cmp is not None
         ctx.save_for_backward(q, k, v, gates, idx, ob, lse, k_cmp if user_cmp else kc,
                               v_cmp if user_cmp else vc, k_win, v_win, cu, q_cmp, cu_k)
 
     def backward(ctx, do, *_):
+        if do is None:          # o took no part in the loss
+            return (None,) * 12
         q, k, v, gates, idx, ob, lse, kc, vc, k_win, v_win, cu, q_cmp, cu_k = ctx.saved_tensors
         dq, dk, dv, dg, dkc, dvc, dkw, dvw, dqc = bwd_op(
             do.contiguous(), q, k, v, gates, idx, ob, lse, kc, vc, k_win, v_win, cu,
