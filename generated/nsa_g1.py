@@ -10,10 +10,18 @@ import triton
 import triton.language as tl
 
 try:  # launches inside a torch.library.triton_op must go through wrap_triton
-    from torch.library import wrap_triton as _launch
+    from torch.library import wrap_triton as _wrap_triton
 except ImportError:  # older torch: launch directly
-    def _launch(kernel):
-        return kernel
+    _wrap_triton = None
+try:  # where wrapping is off (eager launches), skip wrap_triton's own checks: host time per launch
+    from torch._library.triton import is_wrap_triton_enabled as _wrapping
+except ImportError:
+    def _wrapping():
+        return _wrap_triton is not None
+
+
+def _launch(kernel):
+    return _wrap_triton(kernel) if _wrapping() else kernel
 
 try:  # grid dependency control (programmatic dependent launch, sm_90 and later)
     from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents

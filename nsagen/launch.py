@@ -28,6 +28,18 @@ def direct_launches():
     return set_wrap_triton_enabled(False)
 
 
+def tracing() -> bool:
+    """Inside torch.compile or fake-tensor tracing: launches must go through the registered
+    ops (and tables built now must not outlive the trace)."""
+    from torch._guards import TracingContext, detect_fake_mode
+
+    if torch.compiler.is_compiling():
+        return True
+    if TracingContext.try_get() is None and not torch._C._len_torch_dispatch_stack():
+        return False        # the eager case, without detect_fake_mode's host time
+    return detect_fake_mode() is not None
+
+
 _log = logging.getLogger("nsagen")
 _noticed = []
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .dsa_spec import DSASpec
+from .launch import tracing
 from .spec import Spec
 
 I32 = torch.int32
@@ -211,7 +212,7 @@ def build_layout(spec: Spec | DSASpec, seqlens: tuple, device: torch.device,
     if qlens is not None:
         return _cached(("suffix", _geometry(spec), tuple(seqlens), qlens, str(device)),
                        lambda: _build_suffix(spec, tuple(seqlens), qlens, device))
-    concrete = all(type(n) is int for n in seqlens) and not _tracing()
+    concrete = all(type(n) is int for n in seqlens) and not tracing()
     if not concrete:
         return _build(spec, tuple(seqlens), device)
     return _cached((_geometry(spec), tuple(seqlens), str(device)),
@@ -229,13 +230,6 @@ def _cached(key: tuple, make) -> Layout:
     else:
         _CACHE.move_to_end(key)
     return lay
-
-
-def _tracing() -> bool:
-    """Inside torch.compile / fake-tensor tracing (tables then must not outlive the trace)."""
-    from torch._guards import detect_fake_mode
-
-    return torch.compiler.is_compiling() or detect_fake_mode() is not None
 
 
 def _geometry(spec: Spec | DSASpec) -> tuple:

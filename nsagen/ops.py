@@ -26,7 +26,7 @@ from .distributed import cp_attention
 from .dsa_ops import DSAOp
 from .dsa_spec import DSASpec
 from .launch import (direct_launches, fallback_notice, interpreted_in_float32,
-                     kernels_available, pack)
+                     kernels_available, pack, tracing)
 from .layout import build_layout, layout_of_call
 from .paged import PagedSteps
 from .paged_cache import PagedCache
@@ -289,9 +289,14 @@ def _register_training_op(nsa: NSAOp):
         if do is None:          # o took no part in the loss
             return (None,) * 12
         q, k, v, gates, idx, ob, lse, kc, vc, k_win, v_win, cu, q_cmp, cu_k = ctx.saved_tensors
-        dq, dk, dv, dg, dkc, dvc, dkw, dvw, dqc = bwd_op(
-            do.contiguous(), q, k, v, gates, idx, ob, lse, kc, vc, k_win, v_win, cu,
-            ctx.user_cmp, q_cmp, cu_k)
+        args = (do.contiguous(), q, k, v, gates, idx, ob, lse, kc, vc, k_win, v_win, cu,
+                ctx.user_cmp, q_cmp, cu_k)
+        if tracing():          # torch.compile sees the registered op and its kernels
+            grads = bwd_op(*args)
+        else:
+            with direct_launches():
+                grads = bwd(*args)
+        dq, dk, dv, dg, dkc, dvc, dkw, dvw, dqc = grads
         if ctx.has_qc and dqc.numel() == 0:   # no compressed output: q_cmp only picks blocks
             dqc = torch.zeros_like(q_cmp)
         if ctx.user_cmp and dkc.shape != kc.shape:   # likewise a learned k_cmp, v_cmp
@@ -301,7 +306,27 @@ def _register_training_op(nsa: NSAOp):
                 dvw if ctx.has_win else None, None, dqc if ctx.has_qc else None, None, None)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
-    return fwd_op
+
+    class Eager(torch.autograd.Function):
+        """The same forward and backward without torch.library's dispatch, for eager calls:
+        at short lengths a step is host-bound, and the op's dispatch layers (schema defaults,
+        aliasing checks, redispatch) cost about as much host time as the kernels' launches."""
+
+        @staticmethod
+        def forward(ctx, *inputs):
+            with direct_launches():
+                out = fwd(*inputs)
+            setup_context(ctx, inputs, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    def train_op(*inputs):
+        return fwd_op(*inputs) if tracing() else Eager.apply(*inputs)
+
+    return train_op
 
 
 _BUILT: dict[str, NSAOp | DSAOp] = {}

@@ -248,6 +248,10 @@ def _step_host_work(spec, T):
             step()
     finally:
         op.module._launch = real
+    keys = [e.key for e in prof.key_averages()]
+    # an eager step runs the op's forward and backward directly, not through torch.library's
+    # dispatch of the registered ops (which torch.compile uses)
+    assert not [k for k in keys if k.startswith("nsagen::")], keys
     ops = {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
     return launches, ops
 
