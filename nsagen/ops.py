@@ -53,7 +53,8 @@ class NSAOp:
         self._tables: dict | None = None
         self._tables_loaded = False
         self.op_name = f"nsagen::{module.__name__}".replace("-", "_")
-        self._train_op = _register_training_op(self)
+        # the registered op (what torch.compile traces and opcheck checks) and its eager twin
+        self._train_op, self._eager_train = _register_training_op(self)
         self._paged: PagedSteps | None = None
 
     def __repr__(self) -> str:
@@ -183,8 +184,9 @@ class NSAOp:
         if torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad
                 for t in (q, k, v, gates, k_cmp, v_cmp, k_win, v_win, q_cmp)):
-            o, idx, ob, *_ = self._train_op(q, k, v, gates, k_cmp, v_cmp, k_win, v_win,
-                                            cu_seqlens, q_cmp, cu_seqlens_k, return_indices)
+            train = self._train_op if tracing() else self._eager_train
+            o, idx, ob, *_ = train(q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu_seqlens, q_cmp,
+                                   cu_seqlens_k, return_indices)
         else:
             lay = build_layout(spec, prob.seqlens, q.device, qlens=prob.qlens or None)
             with direct_launches():
@@ -216,7 +218,8 @@ def _float32(t):
 
 def _register_training_op(nsa: NSAOp):
     """Register `nsagen::<module>_fwd` / `_bwd` as torch.library triton ops (kernels launched
-    through wrap_triton) and tie them together with register_autograd."""
+    through wrap_triton) and tie them together with register_autograd. Returns the forward op
+    and an `autograd.Function.apply` that runs the same two functions for eager calls."""
     spec, mod = nsa.spec, nsa.module
 
     def fwd(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor], k_cmp: Optional[Tensor],
@@ -323,10 +326,7 @@ def _register_training_op(nsa: NSAOp):
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
-    def train_op(*inputs):
-        return fwd_op(*inputs) if tracing() else Eager.apply(*inputs)
-
-    return train_op
+    return fwd_op, Eager.apply
 
 
 _BUILT: dict[str, NSAOp | DSAOp] = {}
