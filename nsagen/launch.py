@@ -28,6 +28,9 @@ def direct_launches():
     return set_wrap_triton_enabled(False)
 
 
+_DISPATCH_MODES = getattr(torch._C, "_len_torch_dispatch_stack", None)   # active modes
+
+
 def tracing() -> bool:
     """Inside torch.compile or fake-tensor tracing: launches must go through the registered
     ops (and tables built now must not outlive the trace)."""
@@ -35,7 +38,7 @@ def tracing() -> bool:
 
     if torch.compiler.is_compiling():
         return True
-    if TracingContext.try_get() is None and not torch._C._len_torch_dispatch_stack():
+    if TracingContext.try_get() is None and _DISPATCH_MODES is not None and not _DISPATCH_MODES():
         return False        # the eager case, without detect_fake_mode's host time
     return detect_fake_mode() is not None
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import nsagen
-from nsagen.layout import _build
+from nsagen.layout import _build, build_layout
 
 FIELDS = ("tok_pos", "tok_cstart", "tok_ncmp", "cmp_src", "tok_seq", "tok_kbase", "tok_seqlen")
 
@@ -47,3 +47,21 @@ def test_inverse_map_chunks_cover_every_group_once(chunk):
             got.setdefault(h, []).append(i)
     for h, c in enumerate(inv["counts"].tolist()):
         assert sorted(got.get(h, [])) == list(range(0, c, chunk)), h
+
+
+def test_layouts_are_kept_only_outside_tracing():
+    """Eager calls reuse the layout of their lengths; under fake-tensor tracing (what
+    torch.compile and opcheck run) the tables are built afresh and never kept, since they would
+    hold fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from nsagen.launch import tracing
+
+    spec = nsagen.load_spec("nsa-d128")
+    assert not tracing()
+    assert build_layout(spec, (777,), "cpu") is build_layout(spec, (777,), "cpu")
+    with FakeTensorMode():
+        assert tracing()
+        traced = build_layout(spec, (778,), "cpu")
+        assert traced is not build_layout(spec, (778,), "cpu")
+    assert build_layout(spec, (778,), "cpu") is not traced
