@@ -11,6 +11,7 @@ import os
 import warnings
 
 import torch
+from torch._guards import TracingContext, detect_fake_mode
 
 try:  # torch >= 2.6: launches outside a registered op can skip wrap_triton's dispatch
     from torch._library.triton import set_wrap_triton_enabled
@@ -34,8 +35,6 @@ _DISPATCH_MODES = getattr(torch._C, "_len_torch_dispatch_stack", None)   # activ
 def tracing() -> bool:
     """Inside torch.compile or fake-tensor tracing: launches must go through the registered
     ops (and tables built now must not outlive the trace)."""
-    from torch._guards import TracingContext, detect_fake_mode
-
     if torch.compiler.is_compiling():
         return True
     if TracingContext.try_get() is None and _DISPATCH_MODES is not None and not _DISPATCH_MODES():
