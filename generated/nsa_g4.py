@@ -41,7 +41,7 @@ BLOCK_DV = 128
 SM_SCALE = 0.08838834764831845
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 32, 'GP': 4, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 4, 'SEG': 16, 'num_warps': 2}, 'slc_attention_kb': {'GP': 4, 'BT': 16, 'CHUNK_ITERS': 16, 'num_warps': 4, 'num_stages': 2, 'BR': 16, 'MERGE_WARPS': 8}, 'win_attention': {'BT': 32, 'GP': 4, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 16, 'GP': 4, 'BC': 64, 'num_warps': 4, 'BT_KV': 32, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 16, 'GP': 4, 'BK': 64, 'num_warps': 4, 'BT_KV': 32, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
+CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 32, 'GP': 4, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 4, 'SEG': 16, 'CH': 256, 'num_warps': 2}, 'slc_attention_kb': {'GP': 4, 'BT': 16, 'CHUNK_ITERS': 16, 'num_warps': 4, 'num_stages': 2, 'BR': 16, 'MERGE_WARPS': 8}, 'win_attention': {'BT': 32, 'GP': 4, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 16, 'GP': 4, 'BC': 64, 'num_warps': 4, 'BT_KV': 32, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 16, 'GP': 4, 'BK': 64, 'num_warps': 4, 'BT_KV': 32, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
 # calls whose every sequence holds at most n*l' tokens run the short-length plan (dense selection)
 SHORT_LEN = 1024
 
@@ -269,6 +269,16 @@ def _decode_release(PDL: tl.constexpr):
 
 
 @triton.jit
+def _topn_keys(s_rows, j, free, jlast, NBP: tl.constexpr):
+    """Top-n keys of blocks j (free: the candidates) of the score rows at s_rows: the score's
+    bits (scores are >= 0) above NBP - 1 - j, so larger keys are better scores, ties to the lower
+    block; -1 for non-candidates, 0-scored past jlast (no visible compressed window)."""
+    s = tl.load(s_rows + j, mask=free & (j <= jlast), other=0.0)
+    bits = tl.where(s > 0, s, 0.0).to(tl.int32, bitcast=True).to(tl.int64)
+    return tl.where(free, (bits << 32) | (NBP - 1 - j), -1)
+
+
+@triton.jit
 def _mean_compress_rows(x_ptr, y_ptr, src, rows, row_ok, h, stride_xt, stride_xh, stride_yt,
                        stride_yh, D: tl.constexpr, BD: tl.constexpr, L: tl.constexpr,
                        BI: tl.constexpr):
@@ -396,7 +406,8 @@ def cmp_attention(
     if SCORES:   # off in the short-length plan, which needs no block scores
         # loop 2: probabilities -> selection-block importance, summed over the group's heads.
         # Both the group sum and the block map are products with exact 0/1 or small-integer matrices,
-        # so they run on the tensor cores: SEL [BTS, BM] picks the (real) head rows of each token.
+        # so they run on the tensor cores: SEL [BTS, BM] picks the (real) head rows of each token
+        # (with one head per token and no padded rows the sum is p itself, and the product is skipped).
         # With 16-bit inputs the products take p in fp16, scaled by 2**SHIFT through the exponent so
         # that small probabilities stay normal numbers (the group sum of G heads stays below 2**15).
         st = tl.arange(0, BTS)
@@ -419,7 +430,10 @@ def cmp_attention(
                          mask=offs_dk[None, :] < DK, other=0.0)
             s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
             p = tl.math.exp2(s - lse_s[:, None])
-            pc = _dot_exact_b(sel, p, PREC)  # [BTS, BC]: group sum per token
+            if GP == 1 and BTS == BM:   # one head per token: the group sum is p itself
+                pc = p
+            else:
+                pc = _dot_exact_b(sel, p, PREC)  # [BTS, BC]: group sum per token
             blk = _dot_exact_a(pc, w_in, PREC)
             blk += carry
             carry = _dot_exact_a(pc, w_next, PREC)
@@ -433,7 +447,10 @@ def cmp_attention(
                          mask=(cidx < nvis_max)[:, None] & (offs_dk[None, :] < DK), other=0.0)
             s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
             p = tl.math.exp2(tl.where(cidx[None, :] < nvis[:, None], s, float("-inf")) - lse_s[:, None])
-            pc = _dot_exact_b(sel, p, PREC)  # [BTS, BC]: group sum per token
+            if GP == 1 and BTS == BM:   # one head per token: the group sum is p itself
+                pc = p
+            else:
+                pc = _dot_exact_b(sel, p, PREC)  # [BTS, BC]: group sum per token
             blk = _dot_exact_a(pc, w_in, PREC)
             blk += carry
             carry = _dot_exact_a(pc, w_next, PREC)
@@ -473,10 +490,13 @@ def select_blocks(
     score_ptr, idx_ptr, tok_pos_ptr, tok_ncmp_ptr, n_tok, stride_st, stride_sh, stride_it,
     stride_ih, L: tl.constexpr, STRIDE: tl.constexpr, LB: tl.constexpr, N: tl.constexpr,
     NP: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, NF: tl.constexpr,
-    NFP: tl.constexpr, NBP: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr,
+    NFP: tl.constexpr, NBP: tl.constexpr, SEG: tl.constexpr, CH: tl.constexpr, BT: tl.constexpr,
 ):
     tl.static_assert(NP >= N and NFP >= NF and NF == N - N_INIT - N_LOCAL)
+    tl.static_assert(NBP % CH == 0 and CH % SEG == 0)
     NSEG: tl.constexpr = NBP // SEG
+    NCH: tl.constexpr = NBP // CH
+    NSC: tl.constexpr = CH // SEG
     pid = tl.program_id(0)
     g = tl.program_id(1)
     offs_t = pid * BT + tl.arange(0, BT)
@@ -492,34 +512,33 @@ def select_blocks(
     free_hi = tl.where(all_in, -1, jt - N_LOCAL)            # free candidates: N_INIT .. free_hi
     rows = offs_t.to(tl.int64)
     s_rows = score_ptr + rows * stride_st + g * stride_sh
+    # pass 1, over the chunks up to the last free candidate of any row: each segment's best key
+    sc = tl.arange(0, NSC)[None, :, None]
+    j3 = sc * SEG + tl.arange(0, SEG)[None, None, :]
+    ch = tl.arange(0, NCH)[None, :, None]
+    seg_key3 = tl.full([BT, NCH, NSC], -1, tl.int64)
+    for c in range(0, tl.cdiv(tl.max(free_hi, 0) + 1, CH)):
+        jc = c * CH + j3
+        key3 = _topn_keys(s_rows[:, None, None], jc, (jc >= N_INIT) & (jc <= free_hi[:, None, None]),
+                           jlast[:, None, None], NBP)
+        seg_key3 = tl.where(ch == c, tl.max(key3, 2)[:, None, :], seg_key3)
+    seg_key = tl.reshape(seg_key3, [BT, NSEG])
     seg = tl.arange(0, NSEG)[None, :]
-    j3 = seg[:, :, None] * SEG + tl.arange(0, SEG)[None, None, :]
-    free3 = (j3 >= N_INIT) & (j3 <= free_hi[:, None, None])
-    s3 = tl.load(s_rows[:, None, None] + j3, mask=free3 & (j3 <= jlast[:, None, None]), other=0.0)
-    s3 = tl.where(free3, tl.where(s3 > 0, s3, 0.0), float("-inf"))
-    seg_best = tl.max(s3, 2)
-    seg_j = tl.min(tl.where(s3 == seg_best[:, :, None], j3, NBP), 2)
     fslot = tl.arange(0, NFP)[None, :]
     fj = tl.full([BT, NFP], -1, tl.int32)
     e = tl.arange(0, SEG)[None, :]
     for i in tl.static_range(NF):
-        best = tl.max(seg_best, 1)
-        jb = tl.min(tl.where(seg_best == best[:, None], seg_j, NBP), 1)
-        hit = best > float("-inf")
+        best = tl.max(seg_key, 1)
+        hit = best >= 0
+        jb = (NBP - 1 - (best & 0x7FFFFFFF)).to(tl.int32)
         fj = tl.where((fslot == i) & hit[:, None], jb[:, None], fj)
-        # the picked segment's best below the pick
+        # the picked segment's best key below the pick
         sb = jb // SEG
         j2 = sb[:, None] * SEG + e
-        free2 = (j2 >= N_INIT) & (j2 <= free_hi[:, None]) & hit[:, None]
-        s2 = tl.load(s_rows[:, None] + j2, mask=free2 & (j2 <= jlast[:, None]), other=0.0)
-        s2 = tl.where(s2 > 0, s2, 0.0)
-        below = free2 & ((s2 < best[:, None]) | ((s2 == best[:, None]) & (j2 > jb[:, None])))
-        s2 = tl.where(below, s2, float("-inf"))
-        nb = tl.max(s2, 1)
-        nj = tl.min(tl.where(s2 == nb[:, None], j2, NBP), 1)
-        upd = (seg == sb[:, None]) & hit[:, None]
-        seg_best = tl.where(upd, nb[:, None], seg_best)
-        seg_j = tl.where(upd, nj[:, None], seg_j)
+        key2 = _topn_keys(s_rows[:, None], j2, (j2 >= N_INIT) & (j2 <= free_hi[:, None]) & hit[:, None],
+                           jlast[:, None], NBP)
+        nb = tl.max(tl.where(key2 < best[:, None], key2, -1), 1)
+        seg_key = tl.where((seg == sb[:, None]) & hit[:, None], nb[:, None], seg_key)
     # the picks, ascending: slot i takes the pick with i picks below it
     slot = tl.arange(0, NP)[None, :]
     forced = tl.where(slot < N_INIT, slot, jt[:, None] - (N_INIT + N_LOCAL - 1) + slot)
@@ -547,7 +566,8 @@ def launch_select_blocks(score, idx, lay, cfg):
     _launch(select_blocks)[grid](
         score, idx, lay.tok_pos, lay.tok_ncmp, n_tok, score.stride(0), score.stride(1),
         idx.stride(0), idx.stride(1), L=32, STRIDE=16, LB=64, N=16, NP=16, N_INIT=1, N_LOCAL=2,
-        NF=13, NFP=16, NBP=score.shape[2], SEG=min(cfg["SEG"], score.shape[2]), BT=cfg["BT"],
+        NF=13, NFP=16, NBP=score.shape[2], SEG=min(cfg["SEG"], score.shape[2]),
+        CH=min(max(cfg["CH"], cfg["SEG"]), score.shape[2]), BT=cfg["BT"],
         num_warps=cfg["num_warps"])
 
 

@@ -97,7 +97,8 @@ def test_op_call_matches_reference():
         op(q, k[:, :, :1], v, None)
 
 
-@pytest.mark.parametrize("cfg", [dict(BT=2, SEG=16, num_warps=2), dict(BT=1, SEG=64, num_warps=4)])
+@pytest.mark.parametrize("cfg", [dict(BT=2, SEG=16, CH=32, num_warps=2), dict(BT=1, SEG=64, CH=256, num_warps=4),
+                                 dict(BT=4, SEG=16, CH=16, num_warps=2)])
 def test_select_blocks_long_rows_and_ties(cfg):
     """The top-n kernel alone on rows of up to 100 blocks (many segments per row, several picks from one segment), with
     scores drawn from a few values so that ties must go to the lower block, and zeros past the
@@ -124,8 +125,8 @@ def test_select_blocks_long_rows_and_ties(cfg):
 
 
 @pytest.mark.parametrize("slc_order", ["query", "block"], indirect=True)
-@pytest.mark.parametrize("G,dtype", [(1, torch.float32), (2, torch.float16), (4, torch.float32),
-                                     (16, torch.float16)])
+@pytest.mark.parametrize("G,dtype", [(1, torch.float32), (1, torch.float16), (2, torch.float16),
+                                     (4, torch.float32), (16, torch.float16)])
 def test_selected_attention_loop_orders(slc_order, G, dtype):
     """Both loop orders of the selected attention, on ragged sequences, whatever the cost model
     picks for the shape."""

@@ -99,14 +99,16 @@ def _cmp_launch(spec: Spec, flags: dict) -> dict:
 
 # ---------------------------------------------------------------------------- select_blocks
 def _select_default(spec: Spec, target: Target, why: list) -> dict:
-    why.append("select_blocks: 4 tokens per program over 2 warps; one pass keeps the best score "
-               "of each segment of 16 blocks, and each pick re-reads only the picked segment")
-    return dict(BT=4, SEG=16, num_warps=2)
+    why.append("select_blocks: 4 tokens per program over 2 warps; one pass over the causal "
+               "chunks (256 blocks each) keeps the best key of each segment of 16 blocks, and "
+               "each pick re-reads only the picked segment")
+    return dict(BT=4, SEG=16, CH=256, num_warps=2)
 
 
 def _select_space(spec: Spec, default: dict, target: Target, smem: int):
-    return [dict(default, BT=bt, SEG=seg, num_warps=nw)
-            for bt, seg, nw in itertools.product([1, 2, 4, 8, 16], [16, 32, 64], [2, 4, 8])], []
+    return [dict(default, BT=bt, SEG=seg, CH=ch, num_warps=nw)
+            for bt, seg, ch, nw in itertools.product([1, 2, 4, 8, 16], [16, 32, 64], [128, 256, 1024],
+                                                     [2, 4, 8])], []
 
 
 def _select_launch(spec: Spec, flags: dict) -> dict:
@@ -117,7 +119,8 @@ def _select_launch(spec: Spec, flags: dict) -> dict:
         values(L=spec.cmp_block, STRIDE=spec.cmp_stride), topn_values(spec),
         values(N_INIT=spec.slc_initial, N_LOCAL=spec.slc_local, NF=nf,
                NFP=triton.next_power_of_2(max(1, nf))),
-        consts(NBP="score.shape[2]", SEG='min(cfg["SEG"], score.shape[2])'), cfg("BT"),
+        consts(NBP="score.shape[2]", SEG='min(cfg["SEG"], score.shape[2])',
+               CH='min(max(cfg["CH"], cfg["SEG"]), score.shape[2])'), cfg("BT"),
         options=WARPS))
 
 
