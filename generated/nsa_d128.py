@@ -41,7 +41,7 @@ BLOCK_DV = 128
 SM_SCALE = 0.08838834764831845
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 4, 'SEG': 16, 'CH': 256, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BT_KV': 8, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BT_KV': 8, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
+CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 4, 'SEG': 32, 'CH': 256, 'num_warps': 1}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BT_KV': 8, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BT_KV': 8, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
 # calls whose every sequence holds at most n*l' tokens run the short-length plan (dense selection)
 SHORT_LEN = 1024
 
@@ -269,13 +269,19 @@ def _decode_release(PDL: tl.constexpr):
 
 
 @triton.jit
-def _topn_keys(s_rows, j, free, jlast, NBP: tl.constexpr):
-    """Top-n keys of blocks j (free: the candidates) of the score rows at s_rows: the score's
-    bits (scores are >= 0) above NBP - 1 - j, so larger keys are better scores, ties to the lower
-    block; -1 for non-candidates, 0-scored past jlast (no visible compressed window)."""
+def _topn_key(s, j, NBP: tl.constexpr):
+    """Top-n key of block j with score s (>= 0, or < 0 for "not a candidate"): the score's bits
+    (which order as nonnegative floats do) above NBP - 1 - j, so larger keys are better scores,
+    ties to the lower block; -1 for non-candidates."""
+    return tl.where(s >= 0, (s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (NBP - 1 - j), -1)
+
+
+@triton.jit
+def _topn_scores(s_rows, j, free, jlast):
+    """Scores of blocks j of the rows at s_rows for the top-n: >= 0 for candidates (free), 0
+    past jlast (no visible compressed window reaches there), -1 for the others."""
     s = tl.load(s_rows + j, mask=free & (j <= jlast), other=0.0)
-    bits = tl.where(s > 0, s, 0.0).to(tl.int32, bitcast=True).to(tl.int64)
-    return tl.where(free, (bits << 32) | (NBP - 1 - j), -1)
+    return tl.where(free, tl.where(s > 0, s, 0.0), -1.0)
 
 
 @triton.jit
@@ -512,49 +518,49 @@ def select_blocks(
     free_hi = tl.where(all_in, -1, jt - N_LOCAL)            # free candidates: N_INIT .. free_hi
     rows = offs_t.to(tl.int64)
     s_rows = score_ptr + rows * stride_st + g * stride_sh
-    # pass 1, over the chunks up to the last free candidate of any row: each segment's best key
+    # pass 1, over the chunks up to the last free candidate of any row: each segment's best
+    # score, and the lowest block holding it, as one key per segment
     sc = tl.arange(0, NSC)[None, :, None]
     j3 = sc * SEG + tl.arange(0, SEG)[None, None, :]
     ch = tl.arange(0, NCH)[None, :, None]
     seg_key3 = tl.full([BT, NCH, NSC], -1, tl.int64)
     for c in range(0, tl.cdiv(tl.max(free_hi, 0) + 1, CH)):
         jc = c * CH + j3
-        key3 = _topn_keys(s_rows[:, None, None], jc, (jc >= N_INIT) & (jc <= free_hi[:, None, None]),
-                           jlast[:, None, None], NBP)
-        seg_key3 = tl.where(ch == c, tl.max(key3, 2)[:, None, :], seg_key3)
+        s3 = _topn_scores(s_rows[:, None, None], jc,
+                          (jc >= N_INIT) & (jc <= free_hi[:, None, None]), jlast[:, None, None])
+        best3 = tl.max(s3, 2)
+        jb3 = tl.min(tl.where(s3 == best3[:, :, None], jc, NBP), 2)
+        seg_key3 = tl.where(ch == c, _topn_key(best3, jb3, NBP)[:, None, :], seg_key3)
     seg_key = tl.reshape(seg_key3, [BT, NSEG])
     seg = tl.arange(0, NSEG)[None, :]
     fslot = tl.arange(0, NFP)[None, :]
     fj = tl.full([BT, NFP], -1, tl.int32)
     e = tl.arange(0, SEG)[None, :]
+    # rows with fewer candidates than N take them all (below), so every row that gets here has
+    # more than NF free candidates: each pick finds one
     for i in tl.static_range(NF):
         best = tl.max(seg_key, 1)
-        hit = best >= 0
         jb = (NBP - 1 - (best & 0x7FFFFFFF)).to(tl.int32)
-        fj = tl.where((fslot == i) & hit[:, None], jb[:, None], fj)
+        fj = tl.where(fslot == i, jb[:, None], fj)
         # the picked segment's best key below the pick
         sb = jb // SEG
         j2 = sb[:, None] * SEG + e
-        key2 = _topn_keys(s_rows[:, None], j2, (j2 >= N_INIT) & (j2 <= free_hi[:, None]) & hit[:, None],
-                           jlast[:, None], NBP)
+        s2 = _topn_scores(s_rows[:, None], j2, (j2 >= N_INIT) & (j2 <= free_hi[:, None]),
+                          jlast[:, None])
+        key2 = _topn_key(s2, j2, NBP)
         nb = tl.max(tl.where(key2 < best[:, None], key2, -1), 1)
-        seg_key = tl.where((seg == sb[:, None]) & hit[:, None], nb[:, None], seg_key)
-    # the picks, ascending: slot i takes the pick with i picks below it
+        seg_key = tl.where(seg == sb[:, None], nb[:, None], seg_key)
+    # ascending: the initial blocks, the free picks in block order, the local blocks (free
+    # candidates lie strictly between the two forced runs)
+    real = fslot < NF
+    rank = N_INIT + tl.sum(((fj[:, None, :] < fj[:, :, None]) & real[:, None, :]).to(tl.int32), 2)
     slot = tl.arange(0, NP)[None, :]
-    forced = tl.where(slot < N_INIT, slot, jt[:, None] - (N_INIT + N_LOCAL - 1) + slot)
-    forced = tl.where((slot < N_INIT + N_LOCAL) & (all_in == 0)[:, None], forced, -1)
-    rank_f = tl.sum(((forced[:, None, :] < forced[:, :, None]) & (forced[:, None, :] >= 0))
-                    .to(tl.int32), 2) + tl.sum(((fj[:, None, :] < forced[:, :, None])
-                                                & (fj[:, None, :] >= 0)).to(tl.int32), 2)
-    rank_j = tl.sum(((forced[:, None, :] < fj[:, :, None]) & (forced[:, None, :] >= 0))
-                    .to(tl.int32), 2) + tl.sum(((fj[:, None, :] < fj[:, :, None])
-                                                & (fj[:, None, :] >= 0)).to(tl.int32), 2)
-    out = tl.sum(tl.where((rank_f[:, :, None] == slot[:, None, :]) & (forced >= 0)[:, :, None],
-                          forced[:, :, None] + 1, 0), 1)
-    out += tl.sum(tl.where((rank_j[:, :, None] == slot[:, None, :]) & (fj >= 0)[:, :, None],
-                           fj[:, :, None] + 1, 0), 1).to(tl.int32)
+    picked = tl.sum(tl.where((rank[:, None, :] == slot[:, :, None]) & real[:, None, :],
+                             fj[:, None, :], 0), 2)
+    out = tl.where(slot < N_INIT, slot,
+                   tl.where(slot < N_INIT + NF, picked, jt[:, None] - (N - 1) + slot))
     # rows with every candidate chosen: slot i holds block i up to jt
-    out = tl.where(all_in[:, None], tl.where(slot <= jt[:, None], slot, -1), out - 1)
+    out = tl.where(all_in[:, None], tl.where(slot <= jt[:, None], slot, -1), out)
     tl.store(idx_ptr + rows[:, None] * stride_it + g * stride_ih + slot, out.to(tl.int32),
              mask=t_ok[:, None] & (slot < N))
 

@@ -99,16 +99,17 @@ def _cmp_launch(spec: Spec, flags: dict) -> dict:
 
 # ---------------------------------------------------------------------------- select_blocks
 def _select_default(spec: Spec, target: Target, why: list) -> dict:
-    why.append("select_blocks: 4 tokens per program over 2 warps; one pass over the causal "
-               "chunks (256 blocks each) keeps the best key of each segment of 16 blocks, and "
-               "each pick re-reads only the picked segment")
-    return dict(BT=4, SEG=16, CH=256, num_warps=2)
+    why.append("select_blocks: 4 tokens per program in one warp (the picks are serial "
+               "reductions: no barriers between warps); one pass over the causal chunks (256 "
+               "blocks each) keeps the best key of each segment of 32 blocks, and each pick "
+               "re-reads only the picked segment")
+    return dict(BT=4, SEG=32, CH=256, num_warps=1)
 
 
 def _select_space(spec: Spec, default: dict, target: Target, smem: int):
     return [dict(default, BT=bt, SEG=seg, CH=ch, num_warps=nw)
             for bt, seg, ch, nw in itertools.product([1, 2, 4, 8, 16], [16, 32, 64], [128, 256, 1024],
-                                                     [2, 4, 8])], []
+                                                     [1, 2, 4])], []
 
 
 def _select_launch(spec: Spec, flags: dict) -> dict:
