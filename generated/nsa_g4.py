@@ -41,7 +41,7 @@ BLOCK_DV = 128
 SM_SCALE = 0.08838834764831845
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 32, 'GP': 4, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 4, 'SEG': 32, 'CH': 256, 'num_warps': 1}, 'slc_attention_kb': {'GP': 4, 'BT': 16, 'CHUNK_ITERS': 16, 'num_warps': 4, 'num_stages': 2, 'BR': 16, 'MERGE_WARPS': 8}, 'win_attention': {'BT': 32, 'GP': 4, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 16, 'GP': 4, 'BC': 64, 'num_warps': 4, 'BT_KV': 32, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 16, 'GP': 4, 'BK': 64, 'num_warps': 4, 'BT_KV': 32, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
+CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 32, 'GP': 4, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention_kb': {'GP': 4, 'BT': 16, 'CHUNK_ITERS': 16, 'num_warps': 4, 'num_stages': 2, 'BR': 16, 'MERGE_WARPS': 8, 'FBT': 16, 'FBK': 64, 'FORCED_WARPS': 4}, 'win_attention': {'BT': 32, 'GP': 4, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 16, 'GP': 4, 'BC': 64, 'num_warps': 4, 'BT_KV': 32, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 16, 'GP': 4, 'BK': 64, 'num_warps': 4, 'BT_KV': 32, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
 # calls whose every sequence holds at most n*l' tokens run the short-length plan (dense selection)
 SHORT_LEN = 1024
 
@@ -579,9 +579,10 @@ def launch_select_blocks(score, idx, lay, cfg):
 
 @triton.jit
 def slc_attention_kb_bucket(
-    idx_ptr, tok_seq_ptr, seq_first_ptr, count_ptr, cursor_ptr, inv_tok_ptr, inv_slot_ptr,
-    n_entries, n_blocks, stride_it, stride_ih, H: tl.constexpr, N: tl.constexpr,
-    COUNT: tl.constexpr, BE: tl.constexpr,
+    idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, count_ptr, cursor_ptr, inv_tok_ptr,
+    inv_slot_ptr, n_entries, n_blocks, stride_it, stride_ih, H: tl.constexpr, N: tl.constexpr,
+    LB: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, COUNT: tl.constexpr,
+    BE: tl.constexpr,
 ):
     e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
     ok = e < n_entries
@@ -589,7 +590,8 @@ def slc_attention_kb_bucket(
     g = (e // N) % H
     slot = e % N
     blk = tl.load(idx_ptr + tok * stride_it + g * stride_ih + slot, mask=ok, other=-1)
-    valid = ok & (blk >= 0)
+    jt = tl.load(tok_pos_ptr + tok, mask=ok, other=0) // LB
+    valid = ok & (blk >= N_INIT) & (blk <= jt - N_LOCAL)     # free picks only
     seq = tl.load(tok_seq_ptr + tok, mask=valid, other=0)
     group = g * n_blocks + tl.load(seq_first_ptr + seq, mask=valid, other=0) + blk
     if COUNT:
@@ -598,6 +600,71 @@ def slc_attention_kb_bucket(
         at = tl.atomic_add(cursor_ptr + group, 1, mask=valid, sem="relaxed")
         tl.store(inv_tok_ptr + at, tok.to(tl.int32), mask=valid)
         tl.store(inv_slot_ptr + at, slot.to(tl.int32), mask=valid)
+
+
+@triton.jit
+def slc_attention_kb_forced(
+    q_ptr, k_ptr, v_ptr, fo_ptr, fl_ptr, tile_tok_ptr, tile_len_ptr, tok_pos_ptr, tok_kbase_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, qk_scale: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, N_INIT: tl.constexpr,
+    N_LOCAL: tl.constexpr, PREC: tl.constexpr, FBT: tl.constexpr, FBK: tl.constexpr,
+):
+    tl.static_assert(FBT * GP >= 16, "a tile needs at least 16 rows for tensor cores")
+    BM: tl.constexpr = FBT * GP
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    p0 = tl.load(tile_tok_ptr + pid)
+    ntok = tl.load(tile_len_ptr + pid)
+    pos0 = tl.load(tok_pos_ptr + p0)
+    base = tl.load(tok_kbase_ptr + p0).to(tl.int64)  # key row of the sequence's first token
+    offs_m = tl.arange(0, BM)
+    tt = offs_m // GP
+    hh = offs_m % GP
+    row_ok = (tt < ntok) & (hh < G)
+    tok = (p0 + tt).to(tl.int64)
+    pos = pos0 + tt
+    jt = pos // LB
+    head = g * G + hh
+    offs_dk = tl.arange(0, BDK)
+    offs_dv = tl.arange(0, BDV)
+    offs_k = tl.arange(0, FBK)
+    dmask_k = offs_dk[None, :] < DK
+    dmask_v = offs_dv[None, :] < DV
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
+                mask=row_ok[:, None] & dmask_k, other=0.0)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BDV], dtype=tl.float32)
+    hi = pos0 + ntok
+    # the initial blocks, then the local blocks of the tile's first token up to its last key
+    lo_local = tl.maximum(N_INIT, pos0 // LB - N_LOCAL + 1) * LB
+    for r in tl.static_range(2):
+        if r == 0:
+            k_lo = 0
+            k_hi = tl.minimum(N_INIT * LB, hi)
+        else:
+            k_lo = lo_local
+            k_hi = hi
+        for k0 in range(k_lo, k_hi, FBK):
+            kpos = k0 + offs_k
+            kin = kpos < k_hi
+            rows_k = (base + kpos)[:, None]
+            kt = tl.load(k_ptr + rows_k * stride_kt + g * stride_kh + offs_dk[None, :],
+                         mask=kin[:, None] & dmask_k, other=0.0)
+            vt = tl.load(v_ptr + rows_k * stride_vt + g * stride_vh + offs_dv[None, :],
+                         mask=kin[:, None] & dmask_v, other=0.0)
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+            jk = kpos[None, :] // LB
+            ok = (kin[None, :] & (kpos[None, :] <= pos[:, None])
+                  & ((jk < N_INIT) | (jk > jt[:, None] - N_LOCAL)))
+            s = tl.where(ok, s, float("-inf"))
+            m_i, l_i, acc = _online_update(s, m_i, l_i, acc, vt, PREC)
+    part = tok * (H * G) + head
+    tl.store(fo_ptr + part[:, None] * DV + offs_dv[None, :],
+             _normalize(acc, l_i).to(fo_ptr.dtype.element_ty), mask=row_ok[:, None] & dmask_v)
+    tl.store(fl_ptr + part, tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)),
+                                     float("-inf")), mask=row_ok)
 
 
 @triton.jit
@@ -658,9 +725,10 @@ def slc_attention_kb_attend(
 
 @triton.jit
 def slc_attention_kb_merge(
-    op_ptr, lp_ptr, idx_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, n_rows, stride_ot, stride_oh,
-    stride_gt, stride_gh, stride_it, stride_ih, H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr,
-    BDV: tl.constexpr, N: tl.constexpr, HAS_GATES: tl.constexpr, SAVE: tl.constexpr,
+    op_ptr, lp_ptr, fo_ptr, fl_ptr, idx_ptr, tok_pos_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, n_rows,
+    stride_ot, stride_oh, stride_gt, stride_gh, stride_it, stride_ih, H: tl.constexpr,
+    G: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, N: tl.constexpr, LB: tl.constexpr,
+    N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, HAS_GATES: tl.constexpr, SAVE: tl.constexpr,
     BR: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
@@ -670,12 +738,16 @@ def slc_attention_kb_merge(
     g = head // G
     offs_dv = tl.arange(0, BDV)
     dmask = offs_dv[None, :] < DV
-    m_i = tl.full([BR], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BR], dtype=tl.float32)
-    acc = tl.zeros([BR, BDV], dtype=tl.float32)
+    jt = tl.load(tok_pos_ptr + tok, mask=row_ok, other=0) // LB
+    # the forced blocks' partial first (an empty one has LSE -inf and weighs nothing)
+    m_i = tl.load(fl_ptr + r, mask=row_ok, other=float("-inf"))
+    l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
+    acc = tl.load(fo_ptr + r[:, None] * DV + offs_dv[None, :], mask=row_ok[:, None] & dmask,
+                  other=0.0).to(tl.float32) * l_i[:, None]
     for s_i in tl.static_range(N):
         blk = tl.load(idx_ptr + tok * stride_it + g * stride_ih + s_i, mask=row_ok, other=-1)
-        ok = row_ok & (blk >= 0)                 # padding slots wrote no partial
+        # padding slots and forced blocks wrote no partial here
+        ok = row_ok & (blk >= N_INIT) & (blk <= jt - N_LOCAL)
         part = ((tok * H + g) * N + s_i) * G + head % G
         lse = tl.load(lp_ptr + part, mask=ok, other=float("-inf"))
         m_new = tl.maximum(m_i, lse)
@@ -706,6 +778,15 @@ def launch_slc_attention_kb(q, k, v, gates, o, idx, lay, cfg, prec, ob=None, lse
     partials fit SLC_KB_PARTIAL_BYTES. ob / lse: this branch's [Ntok, HQ, Dv] output and
     [Ntok, HQ] LSE to save, or None."""
     n_tok = q.shape[0]
+    # the forced blocks, for every token at once: one partial per (token, head)
+    fo = torch.empty(n_tok, HEADS_Q, DIM_V, dtype=q.dtype, device=q.device)
+    fl = torch.empty(n_tok, HEADS_Q, dtype=torch.float32, device=q.device)
+    tile_tok, tile_len = lay.tiles(cfg["FBT"])
+    _launch(slc_attention_kb_forced)[(tile_tok.numel(), H_KV)](
+        q, k, v, fo, fl, tile_tok, tile_len, lay.tok_pos, lay.tok_kbase, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), qk_scale=QK_SCALE, H=H_KV, G=GROUP,
+        GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N_INIT=1, N_LOCAL=2,
+        PREC=prec, FBT=cfg["FBT"], FBK=cfg["FBK"], num_warps=cfg["FORCED_WARPS"])
     per_tok = H_KV * 16 * GROUP * (DIM_V * q.element_size() + 4)
     step = max(1, SLC_KB_PARTIAL_BYTES // per_tok)
     blocks = lay.blocks(64)
@@ -713,13 +794,14 @@ def launch_slc_attention_kb(q, k, v, gates, o, idx, lay, cfg, prec, ob=None, lse
         sl = slice(t0, min(n_tok, t0 + step))
         _slc_attention_kb_tokens(q[sl], k, v, None if gates is None else gates[sl], o[sl], idx[sl],
                              lay.tok_seq[sl], lay.tok_pos[sl], blocks, lay, cfg, prec,
-                             None if ob is None else ob[sl], None if lse is None else lse[sl])
+                             None if ob is None else ob[sl], None if lse is None else lse[sl],
+                             fo[sl], fl[sl])
 
 
 def _slc_attention_kb_tokens(q, k, v, gates, o, idx, tok_seq, tok_pos, blocks, lay, cfg, prec, ob,
-                         lse):
+                         lse, fo, fl):
     """launch_slc_attention_kb for one chunk of tokens (every tensor but k, v and the block tables
-    sliced to it)."""
+    sliced to it); fo / fl: the chunk's forced partials."""
     n_tok, dev = q.shape[0], q.device
     blk_tok0, blk_nkeys, blk_pos0, seq_first = blocks
     n_blocks = blk_tok0.shape[0]
@@ -733,13 +815,15 @@ def _slc_attention_kb_tokens(q, k, v, gates, o, idx, tok_seq, tok_pos, blocks, l
     grid = (triton.cdiv(n_ent, be),)
     count, cursor = True, counts            # pass 1 counts the picks per (head, block)
     bucket[grid](
-        idx, tok_seq, seq_first, counts, cursor, inv_tok, inv_slot, n_ent, n_blocks, idx.stride(0),
-        idx.stride(1), H=H_KV, N=16, COUNT=count, BE=be, num_warps=4)
+        idx, tok_seq, tok_pos, seq_first, counts, cursor, inv_tok, inv_slot, n_ent, n_blocks,
+        idx.stride(0), idx.stride(1), H=H_KV, N=16, LB=64, N_INIT=1, N_LOCAL=2, COUNT=count, BE=be,
+        num_warps=4)
     offsets = torch.cumsum(counts, 0, dtype=i32) - counts
     count, cursor = False, offsets.clone()  # pass 2 places each pick in its bucket
     bucket[grid](
-        idx, tok_seq, seq_first, counts, cursor, inv_tok, inv_slot, n_ent, n_blocks, idx.stride(0),
-        idx.stride(1), H=H_KV, N=16, COUNT=count, BE=be, num_warps=4)
+        idx, tok_seq, tok_pos, seq_first, counts, cursor, inv_tok, inv_slot, n_ent, n_blocks,
+        idx.stride(0), idx.stride(1), H=H_KV, N=16, LB=64, N_INIT=1, N_LOCAL=2, COUNT=count, BE=be,
+        num_warps=4)
     chunk = cfg["BT"] * cfg["CHUNK_ITERS"]
     chunk_hb, chunk_i0 = lay.group_chunks(counts, chunk, n_ent)
     op = torch.empty(n_ent * GROUP, DIM_V, dtype=q.dtype, device=dev)
@@ -754,10 +838,10 @@ def _slc_attention_kb_tokens(q, k, v, gates, o, idx, tok_seq, tok_pos, blocks, l
     save = ob is not None
     n_rows = n_tok * HEADS_Q
     _launch(slc_attention_kb_merge)[(triton.cdiv(n_rows, cfg["BR"]),)](
-        op, lp, idx, g, o, ob if save else o, lse if save else lp, n_rows, o.stride(0),
-        o.stride(1), g.stride(0), g.stride(1), idx.stride(0), idx.stride(1), H=H_KV, G=GROUP,
-        DV=DIM_V, BDV=BLOCK_DV, N=16, HAS_GATES=gates is not None, SAVE=save, BR=cfg["BR"],
-        num_warps=cfg["MERGE_WARPS"])
+        op, lp, fo, fl, idx, tok_pos, g, o, ob if save else o, lse if save else lp, n_rows,
+        o.stride(0), o.stride(1), g.stride(0), g.stride(1), idx.stride(0), idx.stride(1), H=H_KV,
+        G=GROUP, DV=DIM_V, BDV=BLOCK_DV, N=16, LB=64, N_INIT=1, N_LOCAL=2,
+        HAS_GATES=gates is not None, SAVE=save, BR=cfg["BR"], num_warps=cfg["MERGE_WARPS"])
 
 
 @triton.jit

@@ -41,7 +41,7 @@ BLOCK_DV = 128
 SM_SCALE = 0.07216878364870322
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 64, 'num_warps': 8, 'num_stages': 2}, 'select_blocks': {'BT': 4, 'SEG': 32, 'CH': 256, 'num_warps': 1}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BT_KV': 4, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BT_KV': 4, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
+CONFIGS = {'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 64, 'num_warps': 8, 'num_stages': 2}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BT_KV': 4, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BT_KV': 4, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
 # calls whose every sequence holds at most n*l' tokens run the short-length plan (dense selection)
 SHORT_LEN = 1024
 

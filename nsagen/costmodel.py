@@ -328,22 +328,24 @@ def slc_loop_costs(spec: Spec, target: Target) -> dict[str, float]:
     ``query``: a program per (token, KV head) walks its n blocks; the G heads are the rows of a
     tile padded to 16, so every query head pays n * l' keys of K and V read through L2 (shared
     by the tokens that chose the same blocks) divided by G. ``block``: a program per selected
-    block attends every pick of it; per pick and head it reads q, writes a partial output and
-    its LSE and the merge reads them back, and bucketing reads the picks twice and writes and
-    reads one (token, slot) pair: scattered traffic, at the Target's scatter_efficiency of its
-    memory bandwidth. The larger of traffic time and tensor-core time
-    counts. ``block`` is infinite when a block's K and V do not fit one program's tile
-    (BLOCK_TILE_BYTES)."""
+    block attends every free pick of it; per free pick and head it reads q, writes a partial
+    output and its LSE and the merge reads them back, and bucketing reads the picks twice and
+    writes and reads one (token, slot) pair: scattered traffic, at the Target's
+    scatter_efficiency of its memory bandwidth. The forced blocks (initial and local), shared by
+    neighbouring tokens, are attended as dense tiles: one more partial per head. The larger of
+    traffic time and tensor-core time counts. ``block`` is infinite when a block's K and V do
+    not fit one program's tile (BLOCK_TILE_BYTES)."""
     e = _elem(spec)
     n, lb, G = spec.slc_count, spec.slc_block, spec.group
+    nf = n - spec.slc_initial - spec.slc_local
     dk, dv = spec.dim_qk, spec.dim_v
     l2 = target.l2_bandwidth or 2 * target.mem_bandwidth
     flops = target.bf16_flops if e == 2 else target.bf16_flops / 16
     rows = max(16, G)
     query = max(n * lb * (dk + dv) * e / l2, 2 * rows * n * lb * (dk + dv) / flops)
     scattered = target.scatter_efficiency * target.mem_bandwidth
-    block = max(n * (G * ((dk + 2 * dv) * e + 8) + 24) / scattered,
-                2 * G * n * lb * (dk + dv) / flops)
+    partial = G * ((dk + 2 * dv) * e + 8)        # per head: q read, partial written and read
+    block = max((nf * (partial + 24) + partial) / scattered, 2 * G * n * lb * (dk + dv) / flops)
     if lb * (dk + dv) * e > BLOCK_TILE_BYTES:
         block = float("inf")
     return {"query": query, "block": block}

@@ -50,6 +50,8 @@ def main() -> None:
             for kernel, cfg in entries.items():
                 if kernel in args.retune or kernel not in defaults and kernel != tables.DECODE_SPLITS:
                     continue
+                if kernel in defaults:   # parameters added since the table was tuned: defaults
+                    cfg = {**{p: v for p, v in defaults[kernel][0].items() if p not in cfg}, **cfg}
                 if kernel in defaults and configspace.table_entry_error(
                         spec, kernel, cfg, *defaults[kernel]):
                     print(f"{path.name}: {bucket} {kernel}: entry no longer valid, dropped")

@@ -79,11 +79,12 @@ def nearest(cands: list[dict], default: dict) -> list[dict]:
     return sorted(cands, key=lambda c: sum(c.get(k) != v for k, v in default.items()))
 
 
-def interleave(a: list, b: list) -> list:
-    """a[0], b[0], a[1], b[1], ...: both halves of a kernel get candidates under a cap."""
+def interleave(*lists: list) -> list:
+    """a[0], b[0], a[1], b[1], ...: every part of a kernel gets candidates under a cap."""
     out = []
-    for i in range(max(len(a), len(b))):
-        out += a[i:i + 1] + b[i:i + 1]
+    for i in range(max(map(len, lists))):
+        for part in lists:
+            out += part[i:i + 1]
     return out
 
 

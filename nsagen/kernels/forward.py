@@ -99,11 +99,10 @@ def _cmp_launch(spec: Spec, flags: dict) -> dict:
 
 # ---------------------------------------------------------------------------- select_blocks
 def _select_default(spec: Spec, target: Target, why: list) -> dict:
-    why.append("select_blocks: 4 tokens per program in one warp (the picks are serial "
-               "reductions: no barriers between warps); one pass over the causal chunks (256 "
-               "blocks each) keeps the best key of each segment of 32 blocks, and each pick "
-               "re-reads only the picked segment")
-    return dict(BT=4, SEG=32, CH=256, num_warps=1)
+    why.append("select_blocks: 8 tokens per program over 2 warps; one pass over the causal "
+               "chunks (256 blocks each) keeps the best key of each segment of 32 blocks, and "
+               "each pick re-reads only the picked segment")
+    return dict(BT=8, SEG=32, CH=256, num_warps=2)
 
 
 def _select_space(spec: Spec, default: dict, target: Target, smem: int):
@@ -161,9 +160,12 @@ def _slc_launch(spec: Spec, flags: dict) -> dict:
 def _slc_kb_default(spec: Spec, target: Target, why: list) -> dict:
     gp = Dims.of(spec).gp
     bt = max(1, 64 // gp)
+    fbt = max(1, 64 // gp)
     why.append(f"slc_attention_kb tile: {bt} picks x {gp} head rows = {bt * gp} rows against one "
-               f"block of {spec.slc_block} keys, up to {16 * bt} picks per program")
-    return dict(GP=gp, BT=bt, CHUNK_ITERS=16, num_warps=4, num_stages=2, BR=16, MERGE_WARPS=8)
+               f"block of {spec.slc_block} keys, up to {16 * bt} picks per program; the forced "
+               f"blocks (initial, local) as dense tiles of {fbt} tokens, not bucketed")
+    return dict(GP=gp, BT=bt, CHUNK_ITERS=16, num_warps=4, num_stages=2, BR=16, MERGE_WARPS=8,
+                FBT=fbt, FBK=min(spec.slc_block, 64), FORCED_WARPS=4)
 
 
 def _slc_kb_space(spec: Spec, default: dict, target: Target, smem: int):
@@ -177,16 +179,31 @@ def _slc_kb_space(spec: Spec, default: dict, target: Target, smem: int):
         out.append(dict(default, BT=bt, CHUNK_ITERS=ci, num_warps=nw, num_stages=ns))
     merge = [dict(default, BR=br, MERGE_WARPS=mw)
              for br, mw in itertools.product([16, 32, 64], [2, 4, 8])]
-    return interleave(out, merge), []
+    forced = []
+    for rows, fbk, fw in itertools.product([64, 128], [32, 64], [4, 8]):
+        fbt = max(1, rows // d.gp)
+        if fbt * d.gp < 16 or regs(fbt * d.gp, fbk, d.bdk, d.bdv, fw) > target.reg_limit:
+            continue
+        forced.append(dict(default, FBT=fbt, FBK=fbk, FORCED_WARPS=fw))
+    return interleave(out, merge, forced), []
 
 
 def _slc_kb_launch(spec: Spec, flags: dict) -> dict:
     n = values(N=spec.slc_count)
+    forced = values(LB=spec.slc_block, N_INIT=spec.slc_initial, N_LOCAL=spec.slc_local)
     return dict(
+        forced=signature(
+            ptrs("q", "k", "v", "fo", "fl", "tile_tok", "tile_len", "tok_pos=lay.tok_pos",
+                 "tok_kbase=lay.tok_kbase"),
+            strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
+            consts(qk_scale="QK_SCALE"), HEADS, cfg("GP"), DIMS, forced, consts(PREC="prec"),
+            cfg("FBT", "FBK"), options=options(num_warps='cfg["FORCED_WARPS"]')),
         bucket=signature(
-            ptrs("idx", "tok_seq", "seq_first", "count=counts", "cursor", "inv_tok", "inv_slot"),
+            ptrs("idx", "tok_seq", "tok_pos", "seq_first", "count=counts", "cursor", "inv_tok",
+                 "inv_slot"),
             scalars("n_entries=n_ent", "n_blocks"), strides("idx", "it", "ih"),
-            consts(H="H_KV"), n, consts(COUNT="count", BE="be"), options=options(num_warps="4")),
+            consts(H="H_KV"), n, forced, consts(COUNT="count", BE="be"),
+            options=options(num_warps="4")),
         attend=signature(
             ptrs("q", "k", "v", "op", "lp", "blk_tok0", "blk_nkeys", "blk_pos0", "offsets",
                  "counts", "inv_tok", "inv_slot", "tok_pos", "chunk_hb", "chunk_i0"),
@@ -195,9 +212,10 @@ def _slc_kb_launch(spec: Spec, flags: dict) -> dict:
             values(LB=spec.slc_block), n, consts(PREC="prec"), cfg("BT"), consts(CHUNK="chunk"),
             options=WARPS_STAGES),
         merge=signature(
-            ptrs("op", "lp", "idx", "g", "o", "ob=ob if save else o", "lse=lse if save else lp"),
+            ptrs("op", "lp", "fo", "fl", "idx", "tok_pos", "g", "o", "ob=ob if save else o",
+                 "lse=lse if save else lp"),
             scalars("n_rows"), strides("o", "ot", "oh"), strides("g", "gt", "gh"),
-            strides("idx", "it", "ih"), HEADS, consts(DV="DIM_V", BDV="BLOCK_DV"), n,
+            strides("idx", "it", "ih"), HEADS, consts(DV="DIM_V", BDV="BLOCK_DV"), n, forced,
             consts(HAS_GATES="gates is not None", SAVE="save"), cfg("BR"),
             options=options(num_warps='cfg["MERGE_WARPS"]')))
 
