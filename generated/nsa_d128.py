@@ -41,7 +41,7 @@ BLOCK_DV = 128
 SM_SCALE = 0.08838834764831845
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BT_KV': 8, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BT_KV': 8, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
+CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2, 'FBT': 4, 'FBK': 64, 'FORCED_WARPS': 4}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BT_KV': 8, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BT_KV': 8, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
 # calls whose every sequence holds at most n*l' tokens run the short-length plan (dense selection)
 SHORT_LEN = 1024
 
@@ -578,12 +578,92 @@ def launch_select_blocks(score, idx, lay, cfg):
 
 
 @triton.jit
+def slc_attention_forced(
+    q_ptr, k_ptr, v_ptr, fo_ptr, fl_ptr, tile_tok_ptr, tile_len_ptr, tok_pos_ptr, tok_kbase_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, qk_scale: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, N_INIT: tl.constexpr,
+    N_LOCAL: tl.constexpr, NF: tl.constexpr, PREC: tl.constexpr, FBT: tl.constexpr,
+    FBK: tl.constexpr,
+):
+    tl.static_assert(FBT * GP >= 16, "a tile needs at least 16 rows for tensor cores")
+    BM: tl.constexpr = FBT * GP
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    p0 = tl.load(tile_tok_ptr + pid)
+    ntok = tl.load(tile_len_ptr + pid)
+    pos0 = tl.load(tok_pos_ptr + p0)
+    base = tl.load(tok_kbase_ptr + p0).to(tl.int64)  # key row of the sequence's first token
+    offs_m = tl.arange(0, BM)
+    tt = offs_m // GP
+    hh = offs_m % GP
+    row_ok = (tt < ntok) & (hh < G)
+    tok = (p0 + tt).to(tl.int64)
+    pos = pos0 + tt
+    jt = pos // LB
+    head = g * G + hh
+    offs_dk = tl.arange(0, BDK)
+    offs_dv = tl.arange(0, BDV)
+    offs_k = tl.arange(0, FBK)
+    dmask_k = offs_dk[None, :] < DK
+    dmask_v = offs_dv[None, :] < DV
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
+                mask=row_ok[:, None] & dmask_k, other=0.0)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BDV], dtype=tl.float32)
+    hi = pos0 + ntok
+    # the initial blocks, then the local blocks of the tile's first token up to its last key
+    lo_local = tl.maximum(N_INIT, pos0 // LB - N_LOCAL + 1) * LB
+    for r in tl.static_range(2):
+        if r == 0:
+            k_lo = 0
+            k_hi = tl.minimum(N_INIT * LB, hi)
+        else:
+            k_lo = lo_local
+            k_hi = hi
+        for k0 in range(k_lo, k_hi, FBK):
+            kpos = k0 + offs_k
+            kin = kpos < k_hi
+            rows_k = (base + kpos)[:, None]
+            kt = tl.load(k_ptr + rows_k * stride_kt + g * stride_kh + offs_dk[None, :],
+                         mask=kin[:, None] & dmask_k, other=0.0)
+            vt = tl.load(v_ptr + rows_k * stride_vt + g * stride_vh + offs_dv[None, :],
+                         mask=kin[:, None] & dmask_v, other=0.0)
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+            jk = kpos[None, :] // LB
+            ok = (kin[None, :] & (kpos[None, :] <= pos[:, None])
+                  & ((jk < N_INIT) | (jk > jt[:, None] - N_LOCAL)))
+            s = tl.where(ok, s, float("-inf"))
+            m_i, l_i, acc = _online_update(s, m_i, l_i, acc, vt, PREC)
+    part = tok * (H * G) + head
+    tl.store(fo_ptr + part[:, None] * DV + offs_dv[None, :],
+             _normalize(acc, l_i).to(fo_ptr.dtype.element_ty), mask=row_ok[:, None] & dmask_v)
+    tl.store(fl_ptr + part, tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)),
+                                     float("-inf")), mask=row_ok)
+
+
+def _slc_attention_forced_partials(q, k, v, lay, cfg, prec):
+    """The forced blocks' partial of every (token, head): fo [Ntok, HQ, Dv], fl [Ntok, HQ]."""
+    fo = torch.empty(q.shape[0], HEADS_Q, DIM_V, dtype=q.dtype, device=q.device)
+    fl = torch.empty(q.shape[0], HEADS_Q, dtype=torch.float32, device=q.device)
+    tile_tok, tile_len = lay.tiles(cfg["FBT"])
+    _launch(slc_attention_forced)[(tile_tok.numel(), H_KV)](
+        q, k, v, fo, fl, tile_tok, tile_len, lay.tok_pos, lay.tok_kbase, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), qk_scale=QK_SCALE, H=H_KV, G=GROUP,
+        GP=16, DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N_INIT=1, N_LOCAL=2, NF=13,
+        PREC=prec, FBT=cfg["FBT"], FBK=cfg["FBK"], num_warps=cfg["FORCED_WARPS"])
+    return fo, fl
+
+
+@triton.jit
 def slc_attention(
-    q_ptr, k_ptr, v_ptr, kw_ptr, vw_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, idx_ptr, tok_pos_ptr,
-    tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
-    stride_oh, stride_gt, stride_gh, stride_it, stride_ih, N_TOK, qk_scale: tl.constexpr,
-    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
-    BDV: tl.constexpr, LB: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, kw_ptr, vw_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, idx_ptr, fo_ptr, fl_ptr,
+    tok_pos_ptr, tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_gt, stride_gh, stride_it, stride_ih, N_TOK,
+    qk_scale: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+    N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, NF: tl.constexpr, W: tl.constexpr,
     HAS_GATES: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, BK: tl.constexpr,
 ):
     tl.static_assert(BDK >= DK and BDV >= DV and GP >= G and GP >= 16)
@@ -603,14 +683,21 @@ def slc_attention(
     dmask_k = offs_dk[None, :] < DK
     dmask_v = offs_dv[None, :] < DV
 
-    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GP], dtype=tl.float32)
-    acc = tl.zeros([GP, BDV], dtype=tl.float32)
-    # all N block indices in registers up front: key addresses then depend on no load inside the
-    # loop, so the pipeliner can prefetch the next block's K/V while this one is in the dot
+    # start from the forced blocks' partial (LSE -inf: it saw nothing and weighs nothing)
+    m_i = tl.load(fl_ptr + tok * (G * 4) + head, mask=row_ok,
+                  other=float("-inf"))
+    l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
+    acc = tl.load(fo_ptr + (tok * (G * 4) + head)[:, None] * DV + offs_dv[None, :],
+                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+    acc = acc * l_i[:, None]
+    # the free picks' indices in registers up front: key addresses then depend on no load inside
+    # the loop, so the pipeliner can prefetch the next block's K/V while this one is in the dot.
+    # Short rows hold fewer free picks: the rest of those slots are forced blocks or padding.
     slots = tl.arange(0, NP)
-    blocks = tl.load(idx_ptr + tok * stride_it + g * stride_ih + slots, mask=slots < N, other=-1)
-    for s_i in range(N):
+    free = (slots >= N_INIT) & (slots < N_INIT + NF)
+    blocks = tl.load(idx_ptr + tok * stride_it + g * stride_ih + slots, mask=free, other=-1)
+    blocks = tl.where((blocks >= N_INIT) & (blocks <= pos // LB - N_LOCAL), blocks, -1)
+    for s_i in range(N_INIT, N_INIT + NF):
         blk = tl.sum(tl.where(slots == s_i, blocks, 0))
         for kk in tl.static_range(LB // BK):
             # padding slots (-1) load nothing: a block index of -1 gives negative key positions
@@ -638,17 +725,18 @@ def slc_attention(
 
 def launch_slc_attention(q, k, v, kw, vw, gates, o, idx, lay, cfg, prec, ob=None, lse=None):
     """Selected-block attention, one program per token and KV head."""
+    fo, fl = _slc_attention_forced_partials(q, k, v, lay, cfg, prec)
     g = gates if gates is not None else q
     save = ob is not None
     grid = (q.shape[0], H_KV)
     _launch(slc_attention)[grid](
-        q, k, v, kw, vw, g, o, ob if save else o, lse if save else o, idx, lay.tok_pos,
+        q, k, v, kw, vw, g, o, ob if save else o, lse if save else o, idx, fo, fl, lay.tok_pos,
         lay.tok_kbase, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), o.stride(0), o.stride(1), g.stride(0), g.stride(1), idx.stride(0),
         idx.stride(1), q.shape[0], qk_scale=QK_SCALE, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V,
-        BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N=16, NP=16, W=512, HAS_GATES=gates is not None,
-        PREC=prec, SAVE=save, BK=cfg["BK"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N=16, NP=16, N_INIT=1, N_LOCAL=2, NF=13, W=512,
+        HAS_GATES=gates is not None, PREC=prec, SAVE=save, BK=cfg["BK"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 @triton.jit

@@ -581,17 +581,17 @@ def launch_select_blocks(score, idx, lay, cfg):
 def slc_attention_kb_bucket(
     idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, count_ptr, cursor_ptr, inv_tok_ptr,
     inv_slot_ptr, n_entries, n_blocks, stride_it, stride_ih, H: tl.constexpr, N: tl.constexpr,
-    LB: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, COUNT: tl.constexpr,
-    BE: tl.constexpr,
+    LB: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, NF: tl.constexpr,
+    COUNT: tl.constexpr, BE: tl.constexpr,
 ):
     e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
     ok = e < n_entries
-    tok = e // (H * N)
-    g = (e // N) % H
-    slot = e % N
-    blk = tl.load(idx_ptr + tok * stride_it + g * stride_ih + slot, mask=ok, other=-1)
+    tok = e // (H * NF)
+    g = (e // NF) % H
+    slot = e % NF                                           # free slot: N_INIT + slot in idx
+    blk = tl.load(idx_ptr + tok * stride_it + g * stride_ih + N_INIT + slot, mask=ok, other=-1)
     jt = tl.load(tok_pos_ptr + tok, mask=ok, other=0) // LB
-    valid = ok & (blk >= N_INIT) & (blk <= jt - N_LOCAL)     # free picks only
+    valid = ok & (blk >= N_INIT) & (blk <= jt - N_LOCAL)     # short rows: padding, forced
     seq = tl.load(tok_seq_ptr + tok, mask=valid, other=0)
     group = g * n_blocks + tl.load(seq_first_ptr + seq, mask=valid, other=0) + blk
     if COUNT:
@@ -608,7 +608,8 @@ def slc_attention_kb_forced(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, qk_scale: tl.constexpr,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, N_INIT: tl.constexpr,
-    N_LOCAL: tl.constexpr, PREC: tl.constexpr, FBT: tl.constexpr, FBK: tl.constexpr,
+    N_LOCAL: tl.constexpr, NF: tl.constexpr, PREC: tl.constexpr, FBT: tl.constexpr,
+    FBK: tl.constexpr,
 ):
     tl.static_assert(FBT * GP >= 16, "a tile needs at least 16 rows for tensor cores")
     BM: tl.constexpr = FBT * GP
@@ -667,14 +668,28 @@ def slc_attention_kb_forced(
                                      float("-inf")), mask=row_ok)
 
 
+def _slc_attention_kb_forced_partials(q, k, v, lay, cfg, prec):
+    """The forced blocks' partial of every (token, head): fo [Ntok, HQ, Dv], fl [Ntok, HQ]."""
+    fo = torch.empty(q.shape[0], HEADS_Q, DIM_V, dtype=q.dtype, device=q.device)
+    fl = torch.empty(q.shape[0], HEADS_Q, dtype=torch.float32, device=q.device)
+    tile_tok, tile_len = lay.tiles(cfg["FBT"])
+    _launch(slc_attention_kb_forced)[(tile_tok.numel(), H_KV)](
+        q, k, v, fo, fl, tile_tok, tile_len, lay.tok_pos, lay.tok_kbase, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), qk_scale=QK_SCALE, H=H_KV, G=GROUP,
+        GP=4, DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N_INIT=1, N_LOCAL=2, NF=13,
+        PREC=prec, FBT=cfg["FBT"], FBK=cfg["FBK"], num_warps=cfg["FORCED_WARPS"])
+    return fo, fl
+
+
 @triton.jit
 def slc_attention_kb_attend(
     q_ptr, k_ptr, v_ptr, op_ptr, lp_ptr, blk_tok0_ptr, blk_nkeys_ptr, blk_pos0_ptr, offsets_ptr,
     counts_ptr, inv_tok_ptr, inv_slot_ptr, tok_pos_ptr, chunk_hb_ptr, chunk_i0_ptr, n_blocks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, qk_scale: tl.constexpr,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr,
-    BT: tl.constexpr, CHUNK: tl.constexpr,
+    BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, N_INIT: tl.constexpr,
+    N_LOCAL: tl.constexpr, NF: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     tl.static_assert(BT * GP >= 16, "a tile needs at least 16 rows for tensor cores")
     c = tl.program_id(0)
@@ -717,7 +732,7 @@ def slc_attention_kb_attend(
         p = tl.math.exp2(s - m[:, None])
         l = tl.sum(p, 1)
         o = tl.dot(p.to(vt.dtype), vt, input_precision=PREC) / tl.where(l > 0, l, 1.0)[:, None]
-        part = ((tok * H + g) * N + slot) * G + hh
+        part = ((tok * H + g) * NF + slot) * G + hh
         tl.store(op_ptr + part[:, None] * DV + offs_dv[None, :], o.to(op_ptr.dtype.element_ty),
                  mask=ok[:, None] & (offs_dv[None, :] < DV))
         tl.store(lp_ptr + part, m + tl.math.log2(tl.where(l > 0, l, 1.0)), mask=ok)
@@ -728,8 +743,8 @@ def slc_attention_kb_merge(
     op_ptr, lp_ptr, fo_ptr, fl_ptr, idx_ptr, tok_pos_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, n_rows,
     stride_ot, stride_oh, stride_gt, stride_gh, stride_it, stride_ih, H: tl.constexpr,
     G: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, N: tl.constexpr, LB: tl.constexpr,
-    N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, HAS_GATES: tl.constexpr, SAVE: tl.constexpr,
-    BR: tl.constexpr,
+    N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, NF: tl.constexpr, HAS_GATES: tl.constexpr,
+    SAVE: tl.constexpr, BR: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     row_ok = r < n_rows
@@ -744,11 +759,11 @@ def slc_attention_kb_merge(
     l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
     acc = tl.load(fo_ptr + r[:, None] * DV + offs_dv[None, :], mask=row_ok[:, None] & dmask,
                   other=0.0).to(tl.float32) * l_i[:, None]
-    for s_i in tl.static_range(N):
-        blk = tl.load(idx_ptr + tok * stride_it + g * stride_ih + s_i, mask=row_ok, other=-1)
-        # padding slots and forced blocks wrote no partial here
-        ok = row_ok & (blk >= N_INIT) & (blk <= jt - N_LOCAL)
-        part = ((tok * H + g) * N + s_i) * G + head % G
+    for s_i in tl.static_range(NF):
+        blk = tl.load(idx_ptr + tok * stride_it + g * stride_ih + N_INIT + s_i, mask=row_ok,
+                      other=-1)
+        ok = row_ok & (blk >= N_INIT) & (blk <= jt - N_LOCAL)   # short rows: padding, forced
+        part = ((tok * H + g) * NF + s_i) * G + head % G
         lse = tl.load(lp_ptr + part, mask=ok, other=float("-inf"))
         m_new = tl.maximum(m_i, lse)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -770,6 +785,7 @@ def slc_attention_kb_merge(
 
 # the partial outputs a block-outer launch holds at once; longer inputs run in token chunks
 SLC_KB_PARTIAL_BYTES = 16 * 2 ** 30
+NUM_FREE = 13   # free picks per (token, KV head)
 
 
 def launch_slc_attention_kb(q, k, v, gates, o, idx, lay, cfg, prec, ob=None, lse=None):
@@ -778,17 +794,9 @@ def launch_slc_attention_kb(q, k, v, gates, o, idx, lay, cfg, prec, ob=None, lse
     partials fit SLC_KB_PARTIAL_BYTES. ob / lse: this branch's [Ntok, HQ, Dv] output and
     [Ntok, HQ] LSE to save, or None."""
     n_tok = q.shape[0]
-    # the forced blocks, for every token at once: one partial per (token, head)
-    fo = torch.empty(n_tok, HEADS_Q, DIM_V, dtype=q.dtype, device=q.device)
-    fl = torch.empty(n_tok, HEADS_Q, dtype=torch.float32, device=q.device)
-    tile_tok, tile_len = lay.tiles(cfg["FBT"])
-    _launch(slc_attention_kb_forced)[(tile_tok.numel(), H_KV)](
-        q, k, v, fo, fl, tile_tok, tile_len, lay.tok_pos, lay.tok_kbase, q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), qk_scale=QK_SCALE, H=H_KV, G=GROUP,
-        GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N_INIT=1, N_LOCAL=2,
-        PREC=prec, FBT=cfg["FBT"], FBK=cfg["FBK"], num_warps=cfg["FORCED_WARPS"])
-    per_tok = H_KV * 16 * GROUP * (DIM_V * q.element_size() + 4)
-    step = max(1, SLC_KB_PARTIAL_BYTES // per_tok)
+    fo, fl = _slc_attention_kb_forced_partials(q, k, v, lay, cfg, prec)
+    per_tok = H_KV * NUM_FREE * GROUP * (DIM_V * q.element_size() + 4)
+    step = max(1, SLC_KB_PARTIAL_BYTES // max(1, per_tok))
     blocks = lay.blocks(64)
     for t0 in range(0, n_tok, step):
         sl = slice(t0, min(n_tok, t0 + step))
@@ -805,25 +813,36 @@ def _slc_attention_kb_tokens(q, k, v, gates, o, idx, tok_seq, tok_pos, blocks, l
     n_tok, dev = q.shape[0], q.device
     blk_tok0, blk_nkeys, blk_pos0, seq_first = blocks
     n_blocks = blk_tok0.shape[0]
-    n_ent = n_tok * H_KV * 16
+    n_ent = n_tok * H_KV * NUM_FREE
     i32 = torch.int32
     counts = torch.zeros(H_KV * n_blocks, dtype=i32, device=dev)
     inv_tok = torch.empty(n_ent, dtype=i32, device=dev)
     inv_slot = torch.empty(n_ent, dtype=i32, device=dev)
     be = 1024
+    if n_ent == 0:   # every pick is forced: the merge takes the forced partials alone
+        op, lp = fo, fl
+        g = gates if gates is not None else q
+        save = ob is not None
+        n_rows = n_tok * HEADS_Q
+        _launch(slc_attention_kb_merge)[(triton.cdiv(n_rows, cfg["BR"]),)](
+            op, lp, fo, fl, idx, tok_pos, g, o, ob if save else o, lse if save else lp, n_rows,
+        o.stride(0), o.stride(1), g.stride(0), g.stride(1), idx.stride(0), idx.stride(1), H=H_KV,
+        G=GROUP, DV=DIM_V, BDV=BLOCK_DV, N=16, LB=64, N_INIT=1, N_LOCAL=2, NF=13,
+        HAS_GATES=gates is not None, SAVE=save, BR=cfg["BR"], num_warps=cfg["MERGE_WARPS"])
+        return
     bucket = _launch(slc_attention_kb_bucket)
     grid = (triton.cdiv(n_ent, be),)
     count, cursor = True, counts            # pass 1 counts the picks per (head, block)
     bucket[grid](
         idx, tok_seq, tok_pos, seq_first, counts, cursor, inv_tok, inv_slot, n_ent, n_blocks,
-        idx.stride(0), idx.stride(1), H=H_KV, N=16, LB=64, N_INIT=1, N_LOCAL=2, COUNT=count, BE=be,
-        num_warps=4)
+        idx.stride(0), idx.stride(1), H=H_KV, N=16, LB=64, N_INIT=1, N_LOCAL=2, NF=13, COUNT=count,
+        BE=be, num_warps=4)
     offsets = torch.cumsum(counts, 0, dtype=i32) - counts
     count, cursor = False, offsets.clone()  # pass 2 places each pick in its bucket
     bucket[grid](
         idx, tok_seq, tok_pos, seq_first, counts, cursor, inv_tok, inv_slot, n_ent, n_blocks,
-        idx.stride(0), idx.stride(1), H=H_KV, N=16, LB=64, N_INIT=1, N_LOCAL=2, COUNT=count, BE=be,
-        num_warps=4)
+        idx.stride(0), idx.stride(1), H=H_KV, N=16, LB=64, N_INIT=1, N_LOCAL=2, NF=13, COUNT=count,
+        BE=be, num_warps=4)
     chunk = cfg["BT"] * cfg["CHUNK_ITERS"]
     chunk_hb, chunk_i0 = lay.group_chunks(counts, chunk, n_ent)
     op = torch.empty(n_ent * GROUP, DIM_V, dtype=q.dtype, device=dev)
@@ -832,15 +851,15 @@ def _slc_attention_kb_tokens(q, k, v, gates, o, idx, tok_seq, tok_pos, blocks, l
         q, k, v, op, lp, blk_tok0, blk_nkeys, blk_pos0, offsets, counts, inv_tok, inv_slot,
         tok_pos, chunk_hb, chunk_i0, n_blocks, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), qk_scale=QK_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK,
-        DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N=16, PREC=prec, BT=cfg["BT"], CHUNK=chunk,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N_INIT=1, N_LOCAL=2, NF=13, N=16, PREC=prec,
+        BT=cfg["BT"], CHUNK=chunk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     g = gates if gates is not None else q
     save = ob is not None
     n_rows = n_tok * HEADS_Q
     _launch(slc_attention_kb_merge)[(triton.cdiv(n_rows, cfg["BR"]),)](
         op, lp, fo, fl, idx, tok_pos, g, o, ob if save else o, lse if save else lp, n_rows,
         o.stride(0), o.stride(1), g.stride(0), g.stride(1), idx.stride(0), idx.stride(1), H=H_KV,
-        G=GROUP, DV=DIM_V, BDV=BLOCK_DV, N=16, LB=64, N_INIT=1, N_LOCAL=2,
+        G=GROUP, DV=DIM_V, BDV=BLOCK_DV, N=16, LB=64, N_INIT=1, N_LOCAL=2, NF=13,
         HAS_GATES=gates is not None, SAVE=save, BR=cfg["BR"], num_warps=cfg["MERGE_WARPS"])
 
 

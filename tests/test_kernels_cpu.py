@@ -136,6 +136,18 @@ def test_selected_attention_loop_orders(slc_order, G, dtype):
     check_forward(spec, B=1, T=0, dtype=dtype, device="cpu", seed=G, varlen_lens=[3, 70, 1, 41])
 
 
+@pytest.mark.parametrize("slc_order", ["query", "block"], indirect=True)
+@pytest.mark.parametrize("n,n_init,n_local", [(3, 1, 2), (3, 0, 3), (3, 3, 0), (4, 0, 1)])
+def test_forced_and_free_picks(slc_order, n, n_init, n_local):
+    """The forced blocks (dense tiles) and the free picks split as the spec's counts say: with
+    n = n_init + n_local every pick is forced (nothing to bucket or walk), and specs with no
+    initial or no local blocks."""
+    spec = scaled(nsagen.load_spec("nsa-d128")).replace(heads_q=2, heads_kv=2, slc_count=n,
+                                                         slc_initial=n_init, slc_local=n_local)
+    check_forward(spec, B=1, T=0, dtype=torch.float32, device="cpu", seed=5,
+                  varlen_lens=[70, 9, 41])
+
+
 @pytest.mark.parametrize("slc_order", ["block"], indirect=True)
 def test_block_outer_in_token_chunks(slc_order, monkeypatch):
     """Inputs whose partial outputs exceed the launch's budget run in chunks of tokens (here 7,

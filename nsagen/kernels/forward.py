@@ -124,12 +124,54 @@ def _select_launch(spec: Spec, flags: dict) -> dict:
         options=WARPS))
 
 
+# ---------------------------------------------------------------------------- forced blocks
+# Both selected-attention kernels attend the blocks every token takes (initial, local) as dense
+# tiles of consecutive tokens first (templates/_slc_forced.py.jinja), then only the free picks.
+def forced_values(spec: Spec) -> list:
+    """The selection's forced blocks as constexprs: n_init, n_local and the free picks."""
+    return values(N_INIT=spec.slc_initial, N_LOCAL=spec.slc_local,
+                  NF=spec.slc_count - spec.slc_initial - spec.slc_local)
+
+
+def forced_default(spec: Spec, why: list) -> dict:
+    """Tokens per forced tile (64 rows of heads), keys per step, warps."""
+    fbt = max(1, 64 // Dims.of(spec).gp)
+    why.append(f"forced blocks (initial {spec.slc_initial}, local {spec.slc_local}): dense tiles "
+               f"of {fbt} tokens, shared by the tile; the selected kernel walks the "
+               f"{spec.slc_count - spec.slc_initial - spec.slc_local} free picks only")
+    return dict(FBT=fbt, FBK=min(spec.slc_block, 64), FORCED_WARPS=4)
+
+
+def forced_space(spec: Spec, default: dict, target: Target) -> list:
+    """The forced tiles' configs: 64 or 128 rows, 32 or 64 keys a step, 4 or 8 warps."""
+    d = Dims.of(spec)
+    out = []
+    for rows, fbk, fw in itertools.product([64, 128], [32, 64], [4, 8]):
+        fbt = max(1, rows // d.gp)
+        if fbt * d.gp < 16 or regs(fbt * d.gp, fbk, d.bdk, d.bdv, fw) > target.reg_limit:
+            continue
+        out.append(dict(default, FBT=fbt, FBK=fbk, FORCED_WARPS=fw))
+    return out
+
+
+def forced_signature(spec: Spec):
+    """The forced-tile kernel's launch, declared once for both selected-attention templates."""
+    return signature(
+        ptrs("q", "k", "v", "fo", "fl", "tile_tok", "tile_len", "tok_pos=lay.tok_pos",
+             "tok_kbase=lay.tok_kbase"),
+        strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
+        consts(qk_scale="QK_SCALE"), HEADS, values(GP=Dims.of(spec).gp), DIMS,
+        values(LB=spec.slc_block), forced_values(spec), consts(PREC="prec"), cfg("FBT", "FBK"),
+        options=options(num_warps='cfg["FORCED_WARPS"]'))
+
+
 # ---------------------------------------------------------------------------- slc_attention
 def _slc_default(spec: Spec, target: Target, why: list) -> dict:
     gps = max(16, Dims.of(spec).gp)
     why.append(f"slc_attention: one token x {spec.group} heads per program, rows padded to {gps} "
                "for tensor-core tiles" + (" (small group: padded)" if gps > spec.group else ""))
-    return dict(GP=gps, BK=min(spec.slc_block, 64), num_warps=2, num_stages=2)
+    return dict(GP=gps, BK=min(spec.slc_block, 64), num_warps=2, num_stages=2,
+                **forced_default(spec, why))
 
 
 def _slc_space(spec: Spec, default: dict, target: Target, smem: int):
@@ -141,17 +183,19 @@ def _slc_space(spec: Spec, default: dict, target: Target, smem: int):
                 or regs(default["GP"], bk, d.bdk, d.bdv, nw) > target.reg_limit):
             continue
         out.append(dict(default, BK=bk, num_warps=nw, num_stages=ns))
-    return out, []
+    return interleave(out, forced_space(spec, default, target)), []
 
 
 def _slc_launch(spec: Spec, flags: dict) -> dict:
-    return dict(main=signature(
+    return dict(forced=forced_signature(spec), main=signature(
         ptrs("q", "k", "v", "kw", "vw", "g", "o", "ob=ob if save else o",
-             "lse=lse if save else o", "idx", "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
+             "lse=lse if save else o", "idx", "fo", "fl", "tok_pos=lay.tok_pos",
+             "tok_kbase=lay.tok_kbase"),
         strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
         strides("o", "ot", "oh"), strides("g", "gt", "gh"), strides("idx", "it", "ih"),
         consts(qk_scale="QK_SCALE"), scalars("N_TOK=q.shape[0]"),
-        consts(G="GROUP"), cfg("GP"), DIMS, topn_values(spec), values(W=spec.window or 1),
+        consts(G="GROUP"), cfg("GP"), DIMS, topn_values(spec), forced_values(spec),
+        values(W=spec.window or 1),
         consts(HAS_GATES="gates is not None", PREC="prec", SAVE="save"), cfg("BK"),
         options=WARPS_STAGES))
 
@@ -160,12 +204,10 @@ def _slc_launch(spec: Spec, flags: dict) -> dict:
 def _slc_kb_default(spec: Spec, target: Target, why: list) -> dict:
     gp = Dims.of(spec).gp
     bt = max(1, 64 // gp)
-    fbt = max(1, 64 // gp)
     why.append(f"slc_attention_kb tile: {bt} picks x {gp} head rows = {bt * gp} rows against one "
-               f"block of {spec.slc_block} keys, up to {16 * bt} picks per program; the forced "
-               f"blocks (initial, local) as dense tiles of {fbt} tokens, not bucketed")
+               f"block of {spec.slc_block} keys, up to {16 * bt} picks per program")
     return dict(GP=gp, BT=bt, CHUNK_ITERS=16, num_warps=4, num_stages=2, BR=16, MERGE_WARPS=8,
-                FBT=fbt, FBK=min(spec.slc_block, 64), FORCED_WARPS=4)
+                **forced_default(spec, why))
 
 
 def _slc_kb_space(spec: Spec, default: dict, target: Target, smem: int):
@@ -179,25 +221,14 @@ def _slc_kb_space(spec: Spec, default: dict, target: Target, smem: int):
         out.append(dict(default, BT=bt, CHUNK_ITERS=ci, num_warps=nw, num_stages=ns))
     merge = [dict(default, BR=br, MERGE_WARPS=mw)
              for br, mw in itertools.product([16, 32, 64], [2, 4, 8])]
-    forced = []
-    for rows, fbk, fw in itertools.product([64, 128], [32, 64], [4, 8]):
-        fbt = max(1, rows // d.gp)
-        if fbt * d.gp < 16 or regs(fbt * d.gp, fbk, d.bdk, d.bdv, fw) > target.reg_limit:
-            continue
-        forced.append(dict(default, FBT=fbt, FBK=fbk, FORCED_WARPS=fw))
-    return interleave(out, merge, forced), []
+    return interleave(out, merge, forced_space(spec, default, target)), []
 
 
 def _slc_kb_launch(spec: Spec, flags: dict) -> dict:
     n = values(N=spec.slc_count)
-    forced = values(LB=spec.slc_block, N_INIT=spec.slc_initial, N_LOCAL=spec.slc_local)
+    forced = values(LB=spec.slc_block) + forced_values(spec)
     return dict(
-        forced=signature(
-            ptrs("q", "k", "v", "fo", "fl", "tile_tok", "tile_len", "tok_pos=lay.tok_pos",
-                 "tok_kbase=lay.tok_kbase"),
-            strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
-            consts(qk_scale="QK_SCALE"), HEADS, cfg("GP"), DIMS, forced, consts(PREC="prec"),
-            cfg("FBT", "FBK"), options=options(num_warps='cfg["FORCED_WARPS"]')),
+        forced=forced_signature(spec),
         bucket=signature(
             ptrs("idx", "tok_seq", "tok_pos", "seq_first", "count=counts", "cursor", "inv_tok",
                  "inv_slot"),
@@ -209,7 +240,7 @@ def _slc_kb_launch(spec: Spec, flags: dict) -> dict:
                  "counts", "inv_tok", "inv_slot", "tok_pos", "chunk_hb", "chunk_i0"),
             scalars("n_blocks"), strides("q", "qt", "qh"), strides("k", "kt", "kh"),
             strides("v", "vt", "vh"), consts(qk_scale="QK_SCALE"), HEADS, cfg("GP"), DIMS,
-            values(LB=spec.slc_block), n, consts(PREC="prec"), cfg("BT"), consts(CHUNK="chunk"),
+            forced, n, consts(PREC="prec"), cfg("BT"), consts(CHUNK="chunk"),
             options=WARPS_STAGES),
         merge=signature(
             ptrs("op", "lp", "fo", "fl", "idx", "tok_pos", "g", "o", "ob=ob if save else o",
