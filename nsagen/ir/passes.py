@@ -127,8 +127,8 @@ def _slc_loop_order(spec: Spec, target: Target, why: list[str]) -> str:
         f"slc_attn loop order: {order}-outer. Estimated per "
         f"(token, KV head) on {target.name}: query-outer {ns['query']} (n={spec.slc_count} "
         f"blocks of K/V through L2 for G={spec.group} head rows, padded to {max(16, spec.group)}),"
-        f" block-outer {ns['block']} (per pick and head: q read, partial output written and "
-        "merged, through memory)")
+        f" block-outer {ns['block']} (per free pick and head: q read, partial output written "
+        "and merged, through memory; the forced blocks as dense tiles)")
     return order
 
 
