@@ -810,26 +810,34 @@ def _slc_attention_kb_tokens(q, k, v, gates, o, idx, tok_seq, tok_pos, blocks, l
                          lse, fo, fl):
     """launch_slc_attention_kb for one chunk of tokens (every tensor but k, v and the block tables
     sliced to it); fo / fl: the chunk's forced partials."""
-    n_tok, dev = q.shape[0], q.device
+    n_tok = q.shape[0]
+    n_ent = n_tok * H_KV * NUM_FREE
+    if n_ent:
+        op, lp = _slc_attention_kb_free_partials(q, k, v, idx, tok_seq, tok_pos, blocks, lay, cfg,
+                                             prec, n_ent)
+    else:            # every pick is forced: the merge reads the forced partials alone
+        op, lp = fo, fl
+    g = gates if gates is not None else q
+    save = ob is not None
+    n_rows = n_tok * HEADS_Q
+    _launch(slc_attention_kb_merge)[(triton.cdiv(n_rows, cfg["BR"]),)](
+        op, lp, fo, fl, idx, tok_pos, g, o, ob if save else o, lse if save else lp, n_rows,
+        o.stride(0), o.stride(1), g.stride(0), g.stride(1), idx.stride(0), idx.stride(1), H=H_KV,
+        G=GROUP, DV=DIM_V, BDV=BLOCK_DV, N=16, LB=64, N_INIT=1, N_LOCAL=2, NF=13,
+        HAS_GATES=gates is not None, SAVE=save, BR=cfg["BR"], num_warps=cfg["MERGE_WARPS"])
+
+
+def _slc_attention_kb_free_partials(q, k, v, idx, tok_seq, tok_pos, blocks, lay, cfg, prec, n_ent):
+    """Bucket the chunk's n_ent free picks by (KV head, block) and attend each block once for
+    all of them: the partial outputs [n_ent * G, Dv] and their LSEs [n_ent * G]."""
+    dev = q.device
     blk_tok0, blk_nkeys, blk_pos0, seq_first = blocks
     n_blocks = blk_tok0.shape[0]
-    n_ent = n_tok * H_KV * NUM_FREE
     i32 = torch.int32
     counts = torch.zeros(H_KV * n_blocks, dtype=i32, device=dev)
     inv_tok = torch.empty(n_ent, dtype=i32, device=dev)
     inv_slot = torch.empty(n_ent, dtype=i32, device=dev)
     be = 1024
-    if n_ent == 0:   # every pick is forced: the merge takes the forced partials alone
-        op, lp = fo, fl
-        g = gates if gates is not None else q
-        save = ob is not None
-        n_rows = n_tok * HEADS_Q
-        _launch(slc_attention_kb_merge)[(triton.cdiv(n_rows, cfg["BR"]),)](
-            op, lp, fo, fl, idx, tok_pos, g, o, ob if save else o, lse if save else lp, n_rows,
-        o.stride(0), o.stride(1), g.stride(0), g.stride(1), idx.stride(0), idx.stride(1), H=H_KV,
-        G=GROUP, DV=DIM_V, BDV=BLOCK_DV, N=16, LB=64, N_INIT=1, N_LOCAL=2, NF=13,
-        HAS_GATES=gates is not None, SAVE=save, BR=cfg["BR"], num_warps=cfg["MERGE_WARPS"])
-        return
     bucket = _launch(slc_attention_kb_bucket)
     grid = (triton.cdiv(n_ent, be),)
     count, cursor = True, counts            # pass 1 counts the picks per (head, block)
@@ -853,14 +861,7 @@ def _slc_attention_kb_tokens(q, k, v, gates, o, idx, tok_seq, tok_pos, blocks, l
         v.stride(0), v.stride(1), qk_scale=QK_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK,
         DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N_INIT=1, N_LOCAL=2, NF=13, N=16, PREC=prec,
         BT=cfg["BT"], CHUNK=chunk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    g = gates if gates is not None else q
-    save = ob is not None
-    n_rows = n_tok * HEADS_Q
-    _launch(slc_attention_kb_merge)[(triton.cdiv(n_rows, cfg["BR"]),)](
-        op, lp, fo, fl, idx, tok_pos, g, o, ob if save else o, lse if save else lp, n_rows,
-        o.stride(0), o.stride(1), g.stride(0), g.stride(1), idx.stride(0), idx.stride(1), H=H_KV,
-        G=GROUP, DV=DIM_V, BDV=BLOCK_DV, N=16, LB=64, N_INIT=1, N_LOCAL=2, NF=13,
-        HAS_GATES=gates is not None, SAVE=save, BR=cfg["BR"], num_warps=cfg["MERGE_WARPS"])
+    return op, lp
 
 
 @triton.jit
