@@ -684,10 +684,10 @@ def slc_attention(
     dmask_v = offs_dv[None, :] < DV
 
     # start from the forced blocks' partial (LSE -inf: it saw nothing and weighs nothing)
-    m_i = tl.load(fl_ptr + tok * (G * 4) + head, mask=row_ok,
-                  other=float("-inf"))
+    f_rows = tok * (G * 4) + head
+    m_i = tl.load(fl_ptr + f_rows, mask=row_ok, other=float("-inf"))
     l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
-    acc = tl.load(fo_ptr + (tok * (G * 4) + head)[:, None] * DV + offs_dv[None, :],
+    acc = tl.load(fo_ptr + f_rows[:, None] * DV + offs_dv[None, :],
                   mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
     acc = acc * l_i[:, None]
     # the free picks' indices in registers up front: key addresses then depend on no load inside

@@ -785,7 +785,8 @@ def slc_attention_kb_merge(
 
 # the partial outputs a block-outer launch holds at once; longer inputs run in token chunks
 SLC_KB_PARTIAL_BYTES = 16 * 2 ** 30
-NUM_FREE = 13   # free picks per (token, KV head)
+# free picks per (token, KV head)
+NUM_FREE = 13
 
 
 def launch_slc_attention_kb(q, k, v, gates, o, idx, lay, cfg, prec, ob=None, lse=None):

@@ -10,8 +10,8 @@ import triton
 from ..spec import Spec
 from ..target import Target
 from .base import Dims, KernelDef, interleave, regs, smem_bytes
-from .signature import (DIMS, HEADS, WARPS, WARPS_STAGES, cfg, consts, options, ptrs, scalars,
-                        signature, strides, values)
+from .signature import (DIMS, HEADS, WARPS, WARPS_STAGES, Signature, cfg, consts, options, ptrs,
+                        scalars, signature, strides, values)
 
 
 def cmp_values(spec: Spec) -> list:
@@ -106,9 +106,8 @@ def _select_default(spec: Spec, target: Target, why: list) -> dict:
 
 
 def _select_space(spec: Spec, default: dict, target: Target, smem: int):
-    return [dict(default, BT=bt, SEG=seg, CH=ch, num_warps=nw)
-            for bt, seg, ch, nw in itertools.product([1, 2, 4, 8, 16], [16, 32, 64], [128, 256, 1024],
-                                                     [1, 2, 4])], []
+    grid = itertools.product([1, 2, 4, 8, 16], [16, 32, 64], [128, 256, 1024], [1, 2, 4])
+    return [dict(default, BT=bt, SEG=seg, CH=ch, num_warps=nw) for bt, seg, ch, nw in grid], []
 
 
 def _select_launch(spec: Spec, flags: dict) -> dict:
@@ -117,8 +116,7 @@ def _select_launch(spec: Spec, flags: dict) -> dict:
         ptrs("score", "idx", "tok_pos=lay.tok_pos", "tok_ncmp=lay.tok_ncmp"), scalars("n_tok"),
         strides("score", "st", "sh"), strides("idx", "it", "ih"),
         values(L=spec.cmp_block, STRIDE=spec.cmp_stride), topn_values(spec),
-        values(N_INIT=spec.slc_initial, N_LOCAL=spec.slc_local, NF=nf,
-               NFP=triton.next_power_of_2(max(1, nf))),
+        forced_values(spec), values(NFP=triton.next_power_of_2(max(1, nf))),
         consts(NBP="score.shape[2]", SEG='min(cfg["SEG"], score.shape[2])',
                CH='min(max(cfg["CH"], cfg["SEG"]), score.shape[2])'), cfg("BT"),
         options=WARPS))
@@ -154,7 +152,7 @@ def forced_space(spec: Spec, default: dict, target: Target) -> list:
     return out
 
 
-def forced_signature(spec: Spec):
+def forced_signature(spec: Spec) -> Signature:
     """The forced-tile kernel's launch, declared once for both selected-attention templates."""
     return signature(
         ptrs("q", "k", "v", "fo", "fl", "tile_tok", "tile_len", "tok_pos=lay.tok_pos",
