@@ -285,6 +285,29 @@ def _topn_scores(s_rows, j, free, jlast):
 
 
 @triton.jit
+def _tile_rows(q_ptr, tile_tok_ptr, tile_len_ptr, tok_pos_ptr, tok_kbase_ptr, stride_qt, stride_qh,
+               pid, g, BM: tl.constexpr, GP: tl.constexpr, G: tl.constexpr, BDK: tl.constexpr,
+               DK: tl.constexpr):
+    """A forward tile of consecutive tokens x the G heads of KV head g (token-major rows): the
+    tile's length and first position, the key row of its sequence's first token, and per row
+    whether it is real, its token, position and head, and q."""
+    p0 = tl.load(tile_tok_ptr + pid)
+    ntok = tl.load(tile_len_ptr + pid)
+    pos0 = tl.load(tok_pos_ptr + p0)
+    base = tl.load(tok_kbase_ptr + p0).to(tl.int64)
+    offs_m = tl.arange(0, BM)
+    tt = offs_m // GP
+    hh = offs_m % GP
+    row_ok = (tt < ntok) & (hh < G)
+    tok = (p0 + tt).to(tl.int64)
+    head = g * G + hh
+    offs_dk = tl.arange(0, BDK)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    return ntok, pos0, base, row_ok, tok, pos0 + tt, head, q
+
+
+@triton.jit
 def cmp_attention(
     q_ptr, kc_ptr, vc_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, score_ptr, tile_tok_ptr, tile_len_ptr,
     tok_pos_ptr, tok_cstart_ptr, tok_ncmp_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
@@ -542,25 +565,15 @@ def slc_attention_forced(
     BM: tl.constexpr = FBT * GP
     pid = tl.program_id(0)
     g = tl.program_id(1)
-    p0 = tl.load(tile_tok_ptr + pid)
-    ntok = tl.load(tile_len_ptr + pid)
-    pos0 = tl.load(tok_pos_ptr + p0)
-    base = tl.load(tok_kbase_ptr + p0).to(tl.int64)  # key row of the sequence's first token
-    offs_m = tl.arange(0, BM)
-    tt = offs_m // GP
-    hh = offs_m % GP
-    row_ok = (tt < ntok) & (hh < G)
-    tok = (p0 + tt).to(tl.int64)
-    pos = pos0 + tt
+    ntok, pos0, base, row_ok, tok, pos, head, q = _tile_rows(
+        q_ptr, tile_tok_ptr, tile_len_ptr, tok_pos_ptr, tok_kbase_ptr, stride_qt, stride_qh, pid,
+        g, BM, GP, G, BDK, DK)
     jt = pos // LB
-    head = g * G + hh
     offs_dk = tl.arange(0, BDK)
     offs_dv = tl.arange(0, BDV)
     offs_k = tl.arange(0, FBK)
     dmask_k = offs_dk[None, :] < DK
     dmask_v = offs_dv[None, :] < DV
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
-                mask=row_ok[:, None] & dmask_k, other=0.0)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
@@ -704,24 +717,14 @@ def win_attention(
     BM: tl.constexpr = BT * GP
     pid = tl.program_id(0)
     g = tl.program_id(1)
-    p0 = tl.load(tile_tok_ptr + pid)
-    ntok = tl.load(tile_len_ptr + pid)
-    pos0 = tl.load(tok_pos_ptr + p0)
-    base = tl.load(tok_kbase_ptr + p0).to(tl.int64)  # key row of the sequence's first token
-    offs_m = tl.arange(0, BM)
-    tt = offs_m // GP
-    hh = offs_m % GP
-    row_ok = (tt < ntok) & (hh < G)
-    tok = (p0 + tt).to(tl.int64)
-    pos = pos0 + tt
-    head = g * G + hh
+    ntok, pos0, base, row_ok, tok, pos, head, q = _tile_rows(
+        q_ptr, tile_tok_ptr, tile_len_ptr, tok_pos_ptr, tok_kbase_ptr, stride_qt, stride_qh, pid,
+        g, BM, GP, G, BDK, DK)
     offs_dk = tl.arange(0, BDK)
     offs_dv = tl.arange(0, BDV)
     offs_k = tl.arange(0, BK)
     dmask_k = offs_dk[None, :] < DK
     dmask_v = offs_dv[None, :] < DV
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
-                mask=row_ok[:, None] & dmask_k, other=0.0)
 
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
