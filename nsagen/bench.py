@@ -27,6 +27,8 @@ from .tune.timing import capture_graph, median_ms, profile_kernels
 from .tune.workloads import random_inputs
 
 log = logging.getLogger("nsagen")
+# consecutive decode steps per timed call (then one rewind returns the cache to its length)
+DECODE_STEPS = 8
 
 
 def _sync(device: str) -> None:
@@ -276,9 +278,10 @@ def bench_decode(spec: Spec, cache_lens: list[int], batches: list[int], baseline
                  pdl: bool = True, page_size: int = 64) -> dict:
     """One-token decode steps as a user runs them, `cache.decode` (append the token, then
     attend), eager and replayed from a CUDA graph, with the attention alone (`cache.step`) as a
-    breakdown, beside SDPA decoding (GQA) and fla. Each timed call is followed by a one-token
-    `cache.rewind` (one more tiny launch, counted in the time), so every call sees the same
-    cache length.
+    breakdown, beside SDPA decoding (GQA) and fla. A timed call runs DECODE_STEPS consecutive
+    steps from a cache of L - DECODE_STEPS tokens (so they attend over L - DECODE_STEPS + 1 ..
+    L), then one `cache.rewind` of as many tokens, whose two launches are counted, spread over
+    the steps.
 
     Reports microseconds and the rate on the bytes NSA must read (cost model) against the
     measured copy bandwidth, and the split counts the IR chose for each batch; `breakdown`
@@ -310,12 +313,13 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
         for L in cache_lens:
             progress(f"decode B={B} cache={L}")
             torch.manual_seed(L + B)
+            n_steps = max(1, min(DECODE_STEPS, L - 1))      # timed steps: lengths L - n_steps + 1 .. L
             cache = op.new_cache(B, L, device=dev, dtype=dt)
-            k = torch.randn(B, L - 1, H, Dk, dtype=dt, device=dev)
-            v = torch.randn(B, L - 1, H, Dv, dtype=dt, device=dev)
+            k = torch.randn(B, L - n_steps, H, Dk, dtype=dt, device=dev)
+            v = torch.randn(B, L - n_steps, H, Dv, dtype=dt, device=dev)
             extra = {}
             if spec.learned_compression:
-                nc = spec.num_cmp(L - 1)
+                nc = spec.num_cmp(L - n_steps)
                 extra = dict(k_cmp=torch.randn(B, nc, H, Dk, dtype=dt, device=dev),
                              v_cmp=torch.randn(B, nc, H, Dv, dtype=dt, device=dev))
             if cache.separate:
@@ -334,21 +338,21 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
             gates = torch.rand(B, HQ, 3, dtype=dt, device=dev)
             row: dict = {"B": B, "T": L, "splits": dict(cache.splits)}
             # the step alone (attention over L tokens), as a breakdown
-            cache.append(k_t, v_t, **step_extra)
+            for _ in range(n_steps):
+                cache.append(k_t, v_t, **step_extra)
             step = lambda: cache.step(q, gates)  # noqa: E731
             time_decode(row, "step", step, dev, breakdown=False)
-            cache.rewind(1)
-            # what a user runs each step: append the token, then attend (the cache is rewound by
-            # one token after each call, one more tiny launch, so every call sees L tokens)
-            whole = lambda: (cache.decode(q, k_t, v_t, gates, **step_extra),  # noqa: E731
-                             cache.rewind(1))
-            time_decode(row, "nsagen", whole, dev, breakdown)
+            if page_size and not cache.separate:   # page pools of the same L tokens, for below
+                pools = paged.to_pages(cache, page_size)
+            cache.rewind(n_steps)
+            # what a user runs each step: append the token, then attend
+            time_steps(row, "nsagen", lambda: cache.decode(q, k_t, v_t, gates, **step_extra),
+                       cache.rewind, n_steps, dev, breakdown)
             if page_size and not cache.separate:
                 # the same step over page pools (shuffled pages), as an engine runs it: the
                 # engine's lengths stay at L, so each call writes the same token again
-                cache.append(k_t, v_t, **step_extra)
-                kp, vp, kcp, vcp, table, ctable, lens = paged.to_pages(cache, page_size)
-                cache.rewind(1)
+                kp, vp, kcp, vcp, table, ctable, lens = pools
+                del pools
 
                 def paged_step():
                     op.append_paged(k_t, v_t, kp, vp, kcp, vcp, table, ctable, lens,
@@ -402,18 +406,30 @@ def report_row(progress, row: dict, unit: str, kernels: int) -> None:
         progress(f"      {t:8.3f} {unit}  {name[:100]}")
 
 
-def time_decode(row: dict, name: str, f, dev: str, breakdown: bool) -> None:
+def time_steps(row: dict, name: str, step, rewind, n_steps: int, dev: str,
+               breakdown: bool) -> None:
+    """time_decode of consecutive decode steps as a model runs them: a timed call runs `step`
+    (which appends a token) `n_steps` times, then `rewind(n_steps)`, so every call sees the same
+    cache lengths; the rewind's launches count, spread over the steps."""
+    def run():
+        for _ in range(n_steps):
+            step()
+        rewind(n_steps)
+    time_decode(row, name, run, dev, breakdown, steps=n_steps)
+
+
+def time_decode(row: dict, name: str, f, dev: str, breakdown: bool, steps: int = 1) -> None:
     """Eager median (`<name>_us`), CUDA-graph median (`<name>_graph_us`) and, with `breakdown`,
-    per-kernel times of a decode call."""
+    per-kernel times of a decode step, where one call of `f` runs `steps` steps."""
     f()
     _sync(dev)
-    row[f"{name}_us"] = median_ms(f) * 1e3
+    row[f"{name}_us"] = median_ms(f) * 1e3 / steps
     if breakdown and dev == "cuda":
-        row["kernels_us"] = {k_: ms * 1e3 for k_, ms in kernel_breakdown(f).items()}
+        row["kernels_us"] = {k_: ms * 1e3 / steps for k_, ms in kernel_breakdown(f).items()}
     if dev == "cuda":
         try:
             graph = capture_graph(f)
-            row[f"{name}_graph_us"] = median_ms(graph.replay) * 1e3
+            row[f"{name}_graph_us"] = median_ms(graph.replay) * 1e3 / steps
         except Exception as err:
             log.info("nsagen bench: graph capture failed: %s", str(err)[:160])
 

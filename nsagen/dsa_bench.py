@@ -150,8 +150,8 @@ def bench_dsa_decode(spec: DSASpec, cache_lens: list[int], batches: list[int],
                      baselines: bool = True, progress=print, device: str = "cuda",
                      breakdown: bool = False) -> dict:
     """Decode steps as a model runs them (`cache.decode`: append the token, indexer over the
-    cache, top-k, sparse attention), eager and from a CUDA graph, each followed by a one-token
-    rewind so every call sees the same cache; the attention step alone as a breakdown; beside
+    cache, top-k, sparse attention), eager and from a CUDA graph, consecutive steps up to L
+    tokens as bench.time_steps runs them; the attention step alone as a breakdown; beside
     dense attention over the whole cache."""
     dt = torch.bfloat16
     op = build(spec)
@@ -161,21 +161,23 @@ def bench_dsa_decode(spec: DSASpec, cache_lens: list[int], batches: list[int],
     for B in batches:
         for L in cache_lens:
             progress(f"decode B={B} cache={L}")
+            n_steps = max(1, min(bench.DECODE_STEPS, L - 1))
             cache = op.new_cache(B, L, device=device, dtype=dt, with_values=not mla)
-            x = _inputs(spec, B, L - 1, device, dt)
+            x = _inputs(spec, B, L - n_steps, device, dt)
             cache.prefill(x["k"], x["v"], x["k_idx"],
-                          torch.full((B,), L - 1, dtype=torch.int32, device=device))
+                          torch.full((B,), L - n_steps, dtype=torch.int32, device=device))
             t = _inputs(spec, B, 1, device, dt)
             q, k_t, q_idx, k_idx_t, w_idx = (t["q"][:, 0], t["k"][:, 0], t["q_idx"][:, 0],
                                               t["k_idx"][:, 0], t["w_idx"][:, 0])
             v_t = None if mla else t["v"][:, 0]
             row: dict = {"B": B, "T": L}
-            cache.append(k_t, v_t, k_idx_t)
+            for _ in range(n_steps):
+                cache.append(k_t, v_t, k_idx_t)
             bench.time_decode(row, "step", lambda: cache.step(q, q_idx, w_idx), device, False)
-            cache.rewind(1)
-            whole = lambda: (cache.decode(q, k_t, v_t, q_idx, k_idx_t, w_idx),  # noqa: E731
-                             cache.rewind(1))
-            bench.time_decode(row, "nsagen", whole, device, breakdown)
+            cache.rewind(n_steps)
+            bench.time_steps(row, "nsagen", lambda: cache.decode(q, k_t, v_t, q_idx, k_idx_t,
+                                                                 w_idx),
+                             cache.rewind, n_steps, device, breakdown)
             if baselines:
                 # dense attention over the whole cache, each KV head's G query heads as the rows
                 # of one product (SDPA has no fused kernel for wide MLA heads, and its fallback

@@ -86,15 +86,25 @@ def test_dense_baselines_and_the_best_of_them(monkeypatch, backward):
 
 
 def test_bench_decode_rows_and_table(monkeypatch):
+    """A timed decode call is DECODE_STEPS consecutive steps ending at the row's cache length
+    (the time reported per step); the paged step is one step at that length."""
     monkeypatch.setattr(bench, "median_ms", lambda fn, warmup=25, rep=100: (fn(), 0.01)[1])
+    from nsagen.decode import DecodeCache
+    lens = []
+    real = DecodeCache.decode
+    monkeypatch.setattr(DecodeCache, "decode",
+                        lambda self, *a, **k: (real(self, *a, **k), lens.append(
+                            tuple(self.lens.tolist())))[0])
     spec = scaled(nsagen.load_spec("nsa-d128"))
     doc = bench.bench_decode(spec, [12, 40], [1, 2], baselines=False, device="cpu",
                              progress=lambda m: None, page_size=8)
     assert doc["mode"] == "decode" and len(doc["rows"]) == 4
+    n = bench.DECODE_STEPS
+    assert lens[-2 * n:] == [(t, t) for t in range(41 - n, 41)] * 2    # warm-up call, timed call
     r = doc["rows"][-1]
-    assert r["B"] == 2 and r["T"] == 40 and r["nsagen_us"] == 10.0 and r["nsa_bytes"] > 0
+    assert r["B"] == 2 and r["T"] == 40 and r["nsagen_us"] == 10.0 / n and r["nsa_bytes"] > 0
     assert r["paged_us"] == 10.0 and r["page_size"] == 8
-    assert "| 2 | 40 | 10.0 |" in bench.format_table(doc)
+    assert f"| 2 | 40 | {10.0 / n:.1f} |" in bench.format_table(doc)
 
 
 def test_bench_decode_pdl_switch_is_restored(monkeypatch):
@@ -152,18 +162,28 @@ def test_dsa_bench_rows_and_table(monkeypatch, tmp_path, backward):
 @pytest.mark.parametrize("kv,dv", [(1, 16), (2, 24)])
 def test_dsa_bench_decode_rows(monkeypatch, kv, dv):
     """Decode rows of a DSA spec (MLA-style cache without values when Dv < Dk): the whole step
-    and the attention alone are timed; the cache is rewound after each timed step."""
+    (consecutive steps ending at the row's length, the time per step) and the attention alone
+    are timed; the cache is rewound after each timed call."""
     from nsagen import dsa_bench
+    from nsagen.dsa_decode import DSACache
 
     monkeypatch.setattr(bench, "median_ms", lambda fn, warmup=25, rep=100: (fn(), 0.01)[1])
+    lens = []
+    real = DSACache.decode
+    monkeypatch.setattr(DSACache, "decode",
+                        lambda self, *a, **k: (real(self, *a, **k), lens.append(
+                            tuple(self.lens.tolist())))[0])
     spec = _small_dsa(heads_kv=kv, dim_v=dv)
     doc = dsa_bench.bench_dsa_decode(spec, [12], [2], baselines=True, device="cpu",
                                      progress=lambda m: None)
+    n = bench.DECODE_STEPS
+    assert lens == [(t, t) for t in range(13 - n, 13)] * 2       # warm-up call, timed call
     r = doc["rows"][0]
     assert doc["mode"] == "decode" and r["B"] == 2 and r["T"] == 12
-    assert r["nsagen_us"] == 10.0 and r["step_us"] == 10.0
-    assert r["dense_us"] == 10.0 and r["speedup_vs_dense"] == 1.0
-    assert "| 2 | 12 | 10.0 |" in bench.format_table(doc) and "x dense" in bench.format_table(doc)
+    assert r["nsagen_us"] == 10.0 / n and r["step_us"] == 10.0
+    assert r["dense_us"] == 10.0 and r["speedup_vs_dense"] == n
+    table = bench.format_table(doc)
+    assert f"| 2 | 12 | {10.0 / n:.1f} |" in table and "x dense" in table
 
 
 def test_dense_decode_baseline_is_attention():
