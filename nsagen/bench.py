@@ -340,14 +340,13 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
             # the step alone (attention over L tokens), as a breakdown
             for _ in range(n_steps):
                 cache.append(k_t, v_t, **step_extra)
-            step = lambda: cache.step(q, gates)  # noqa: E731
-            time_decode(row, "step", step, dev, breakdown=False)
+            time_steps(row, "step", lambda: cache.step(q, gates), n_steps, dev, False)
             if page_size and not cache.separate:   # page pools of the same L tokens, for below
                 pools = paged.to_pages(cache, page_size)
             cache.rewind(n_steps)
             # what a user runs each step: append the token, then attend
             time_steps(row, "nsagen", lambda: cache.decode(q, k_t, v_t, gates, **step_extra),
-                       cache.rewind, n_steps, dev, breakdown)
+                       n_steps, dev, breakdown, rewind=cache.rewind)
             if page_size and not cache.separate:
                 # the same step over page pools (shuffled pages), as an engine runs it: the
                 # engine's lengths stay at L, so each call writes the same token again
@@ -358,7 +357,7 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
                     op.append_paged(k_t, v_t, kp, vp, kcp, vcp, table, ctable, lens,
                                     **step_extra)
                     return op.decode_paged(q, gates, kp, vp, kcp, vcp, table, ctable, lens)
-                time_decode(row, "paged", paged_step, dev, breakdown=False)
+                time_steps(row, "paged", paged_step, n_steps, dev, False)
                 row["page_size"] = page_size
                 del kp, vp, kcp, vcp
             nbytes = float(costmodel.evaluate(bytes_expr, T=L, B=B))
@@ -406,15 +405,17 @@ def report_row(progress, row: dict, unit: str, kernels: int) -> None:
         progress(f"      {t:8.3f} {unit}  {name[:100]}")
 
 
-def time_steps(row: dict, name: str, step, rewind, n_steps: int, dev: str,
-               breakdown: bool) -> None:
-    """time_decode of consecutive decode steps as a model runs them: a timed call runs `step`
-    (which appends a token) `n_steps` times, then `rewind(n_steps)`, so every call sees the same
-    cache lengths; the rewind's launches count, spread over the steps."""
+def time_steps(row: dict, name: str, step, n_steps: int, dev: str, breakdown: bool,
+               rewind=None) -> None:
+    """time_decode of consecutive decode steps, as a model's CUDA graph holds one step's calls
+    back to back: a timed call runs `step` `n_steps` times (then `rewind(n_steps)` where the step
+    appends a token, so every call sees the same cache lengths; its launches count), and the
+    times are per step."""
     def run():
         for _ in range(n_steps):
             step()
-        rewind(n_steps)
+        if rewind is not None:
+            rewind(n_steps)
     time_decode(row, name, run, dev, breakdown, steps=n_steps)
 
 

@@ -173,11 +173,12 @@ def bench_dsa_decode(spec: DSASpec, cache_lens: list[int], batches: list[int],
             row: dict = {"B": B, "T": L}
             for _ in range(n_steps):
                 cache.append(k_t, v_t, k_idx_t)
-            bench.time_decode(row, "step", lambda: cache.step(q, q_idx, w_idx), device, False)
+            bench.time_steps(row, "step", lambda: cache.step(q, q_idx, w_idx), n_steps, device,
+                             False)
             cache.rewind(n_steps)
             bench.time_steps(row, "nsagen", lambda: cache.decode(q, k_t, v_t, q_idx, k_idx_t,
                                                                  w_idx),
-                             cache.rewind, n_steps, device, breakdown)
+                             n_steps, device, breakdown, rewind=cache.rewind)
             if baselines:
                 # dense attention over the whole cache, each KV head's G query heads as the rows
                 # of one product (SDPA has no fused kernel for wide MLA heads, and its fallback
