@@ -31,6 +31,12 @@ log = logging.getLogger("nsagen")
 DECODE_STEPS = 8
 
 
+def decode_steps(cache_len: int) -> int:
+    """Steps a timed decode call runs for a row of `cache_len` tokens: the cache is prefilled
+    to cache_len minus that many, so the steps attend over lengths up to cache_len."""
+    return max(1, min(DECODE_STEPS, cache_len - 1))
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -313,7 +319,7 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
         for L in cache_lens:
             progress(f"decode B={B} cache={L}")
             torch.manual_seed(L + B)
-            n_steps = max(1, min(DECODE_STEPS, L - 1))      # timed steps: lengths L - n_steps + 1 .. L
+            n_steps = decode_steps(L)
             cache = op.new_cache(B, L, device=dev, dtype=dt)
             k = torch.randn(B, L - n_steps, H, Dk, dtype=dt, device=dev)
             v = torch.randn(B, L - n_steps, H, Dv, dtype=dt, device=dev)

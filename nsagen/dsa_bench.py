@@ -161,7 +161,7 @@ def bench_dsa_decode(spec: DSASpec, cache_lens: list[int], batches: list[int],
     for B in batches:
         for L in cache_lens:
             progress(f"decode B={B} cache={L}")
-            n_steps = max(1, min(bench.DECODE_STEPS, L - 1))
+            n_steps = bench.decode_steps(L)
             cache = op.new_cache(B, L, device=device, dtype=dt, with_values=not mla)
             x = _inputs(spec, B, L - n_steps, device, dt)
             cache.prefill(x["k"], x["v"], x["k_idx"],
