@@ -90,6 +90,7 @@ def test_bench_decode_rows_and_table(monkeypatch):
     (the time reported per step); the attention alone and the paged step are timed the same
     way at that length."""
     monkeypatch.setattr(bench, "median_ms", lambda fn, warmup=25, rep=100: (fn(), 0.01)[1])
+    monkeypatch.setattr(bench, "DECODE_STEPS", 3)     # a short run under the interpreter
     from nsagen.decode import DecodeCache
     lens = []
     real = DecodeCache.decode
@@ -112,6 +113,7 @@ def test_bench_decode_pdl_switch_is_restored(monkeypatch):
     """`nsagen bench --decode --no-pdl` turns the decode kernels' dependent launches off for the
     run only; on a CPU device they are never on."""
     monkeypatch.setattr(bench, "median_ms", lambda fn, warmup=25, rep=100: (fn(), 0.01)[1])
+    monkeypatch.setattr(bench, "DECODE_STEPS", 3)     # a short run under the interpreter
     spec = scaled(nsagen.load_spec("nsa-d128"))
     mod = nsagen.build(spec).module
     assert not mod._decode_pdl(torch.device("cpu"))
@@ -169,6 +171,7 @@ def test_dsa_bench_decode_rows(monkeypatch, kv, dv):
     from nsagen.dsa_decode import DSACache
 
     monkeypatch.setattr(bench, "median_ms", lambda fn, warmup=25, rep=100: (fn(), 0.01)[1])
+    monkeypatch.setattr(bench, "DECODE_STEPS", 3)     # a short run under the interpreter
     lens = []
     real = DSACache.decode
     monkeypatch.setattr(DSACache, "decode",
