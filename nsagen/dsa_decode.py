@@ -138,7 +138,7 @@ class DSACache:
         k_scale = self.k_idx_scale.view(-1) if fp8 else None
         B, L = self.batch, self.max_len
         kp = k.view(B * L, spec.heads_kv, spec.dim_qk)
-        vp = kp[..., :spec.dim_v] if v is None else v.view(B * L, spec.heads_kv, spec.dim_v)
+        vp = None if v is None else v.view(B * L, spec.heads_kv, spec.dim_v)
         lay = self._layout.refresh(self.lens)
         cfg = self.op.configs_for(self.k.device, self.max_len)
         with torch.no_grad(), direct_launches():

@@ -47,7 +47,7 @@ def run_poisoned(op, x, lens):
     o = torch.full((n, spec.heads_q, spec.dim_v), float("nan"), dtype=q.dtype, device=q.device)
     idx = torch.full((n, spec.topk), -7, dtype=torch.int32, device=q.device)
     kp = pack(x["k"])
-    vp = kp[..., :spec.dim_v] if x["v"] is None else pack(x["v"])
+    vp = None if x["v"] is None else pack(x["v"])      # None: v is k's first Dv columns
     lay = build_layout(spec, tuple(lens), q.device)
     op.module.forward(pack(q), kp, vp, pack(x["q_idx"]), pack(x["k_idx"]), pack(x["w_idx"]), lay,
                       configs=op.configs, out=o, idx_out=idx)

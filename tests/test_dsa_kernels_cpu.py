@@ -32,7 +32,7 @@ def test_forward_matches_reference(kv, with_v, dtype):
     spec = spec_of(kv=kv)
     op = nsagen.build(spec)
     lens = [45]
-    x, _ = dsa_inputs(spec, lens, dtype, "cpu", seed=kv * 10 + with_v)
+    x, _ = dsa_inputs(spec, lens, dtype, "cpu", seed=kv * 10 + with_v, with_v=with_v)
     check_forward(op, x, lens, dtype)
 
 

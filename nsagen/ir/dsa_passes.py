@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..dsa_spec import DSASpec
 from ..kernels import KERNELS
-from ..kernels.dsa import dim_split, head_rows
+from ..kernels.dsa import dim_split, head_rows, values_from_keys
 from ..target import Target, current
 from .graph import build_graph
 from .passes import Decisions, KernelPlan, Plan
@@ -27,17 +27,21 @@ def lower_dsa(spec: DSASpec, target: Target | None = None) -> Plan:
                "(at most DSA_SCORE_BYTES) are written, then selected, so memory stays "
                "O(chunk x T) rather than O(T^2)")
     dka, dkb = dim_split(spec.dim_qk)
+    reuse = values_from_keys(spec)
     why.append(f"sparse_attn: keys {spec.dim_qk} wide are read as {dka}"
                + (f" + {dkb} columns" if dkb else " columns")
                + ("; v is the key's first columns when no v is given (MLA)"
-                  if spec.dim_v <= spec.dim_qk else ""))
+                  if spec.dim_v <= spec.dim_qk else "")
+               + ("; then the gathered key tile is the value tile (one gather a step, and "
+                  "the backward adds dV into dK's tile before its one atomic add)" if reuse else ""))
     why.append("indexer_loss: a kernel of its own, run by the op's indexer_loss after the "
                "forward has chosen S_t and saved the attention's LSE (sparse stage), or after "
                "dsa_attention has run densely for the dense attention's LSE (warm-up stage)")
     why.during("tiles")
     kernels = []
     for node, name in _PARTITION:
-        params = dict(rows=head_rows(spec)) if name == "dsa_attention" else {}
+        params = (dict(rows=head_rows(spec), values_from_keys=reuse)
+                  if name == "dsa_attention" else {})
         kernels.append(KernelPlan(name, KERNELS[name].template, (node,), params=params,
                                   config=KERNELS[name].default(spec, target, why)))
         g.nodes[node]["kernel"] = name
@@ -48,7 +52,8 @@ def lower_dsa(spec: DSASpec, target: Target | None = None) -> Plan:
     why.append("backward: sparse_attn only (the selection is not differentiated); the "
                "indexer's gradient comes from the indexer loss")
     backward = [KernelPlan("dsa_attention_bwd", KERNELS["dsa_attention_bwd"].template,
-                           ("sparse_attn",), params=dict(rows=head_rows(spec)),
+                           ("sparse_attn",),
+                           params=dict(rows=head_rows(spec), values_from_keys=reuse),
                            config=KERNELS["dsa_attention_bwd"].default(spec, target, why))]
     return Plan(spec=spec, graph=g, kernels=kernels, decisions=why, backward=backward,
                 target=target)

@@ -23,6 +23,14 @@ def dim_split(d: int) -> tuple[int, int]:
     return a, (triton.next_power_of_2(d - a) if d > a else 0)
 
 
+def values_from_keys(spec: DSASpec) -> bool:
+    """Whether the attention kernels can take the value tile from the key tile they gathered
+    when v is the key's first Dv columns (MLA): the key's first tile (dim_split) is exactly the
+    padded value width, so one gather a step serves both products."""
+    return spec.dim_v <= spec.dim_qk and dim_split(spec.dim_qk)[0] == triton.next_power_of_2(
+        spec.dim_v)
+
+
 def index_rows(spec: DSASpec) -> int:
     """Indexer heads padded to a power of two (rows per token of the indexer tile)."""
     return triton.next_power_of_2(spec.indexer_heads)
@@ -124,7 +132,11 @@ def _attention_default(spec: DSASpec, target: Target, why: list) -> dict:
     why.append("dsa_attention: with fewer programs than SMs (a decode step), each token's "
                "picks are split in up to 16 runs, one program each, until there is one per SM; "
                "the partials are combined 4 heads per program")
-    return dict(BK=bk, num_warps=4 if bh <= 16 else 8, num_stages=2, SMS=target.sm_count)
+    if spec.group > bh:
+        why.append(f"dsa_attention: a token's {triton.cdiv(spec.group, bh)} head blocks are "
+                   "neighbours in launch order, so the later ones find its gathered keys in L2")
+    return dict(BK=bk, num_warps=4 if bh <= 16 else 8, num_stages=2, HFAST=1,
+                SMS=target.sm_count)
 
 
 def _attention_space(spec: DSASpec, default: dict, target: Target, smem: int):
@@ -144,8 +156,8 @@ def _attention_launch(spec: DSASpec, flags: dict) -> dict:
             consts(qk_scale="QK_SCALE", H="H_KV", G="GROUP"),
             values(BH=head_rows(spec), DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
                    BDV=bdv, K=spec.topk),
-            consts(PREC="prec", DENSE="dense", NS="ns", NHB="nhb",
-                   HFAST='cfg.get("HFAST", 0)'), cfg("BK"), options=WARPS_STAGES),
+            consts(PREC="prec", DENSE="dense", NS="ns", NHB="nhb", VK="vk",
+                   HFAST='cfg.get("HFAST", 1)'), cfg("BK"), options=WARPS_STAGES),
         combine=signature(
             ptrs("po", "plse", "o", "lse"), strides("o", "ot", "oh"),
             consts(H="H_KV", G="GROUP", NS="ns"), values(BH=4, DV=spec.dim_v, BDV=bdv),
@@ -180,7 +192,7 @@ def _attention_bwd_launch(spec: DSASpec, flags: dict) -> dict:
         consts(qk_scale="QK_SCALE", sm_scale="SM_SCALE", H="H_KV", G="GROUP"),
         values(DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
                BDV=triton.next_power_of_2(spec.dim_v), K=spec.topk),
-        consts(PREC="prec"), cfg("BH", "BK"), options=WARPS_STAGES))
+        consts(PREC="prec", VK="vk"), cfg("BH", "BK"), options=WARPS_STAGES))
 
 
 # ---------------------------------------------------------------------------- dsa_indexer_loss
