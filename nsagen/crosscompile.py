@@ -138,13 +138,23 @@ def _record_dsa(op, seq_len: int, dtype: torch.dtype, cfg: dict) -> None:
     vv = k[..., :spec.dim_v] if v is None else v
     qi, ki, wi = (r(n, spec.indexer_heads, spec.indexer_dim), r(n, spec.indexer_dim),
                   r(n, spec.indexer_heads))
-    o, idx, lse = op.module.forward(q, k, vv, qi, ki, wi, lay, configs=cfg)
+    o, idx, lse = op.module.forward(q, k, v, qi, ki, wi, lay, configs=cfg)
+    op.module.forward(q, k, vv, qi, ki, wi, lay, configs=cfg)     # v passed as a view of k
+    # rows longer than topk: the top-k's candidate-list path (a row of topk + 1 scores)
+    long = build_layout(spec, (spec.topk + 1,), "cpu")
+    bt = cfg["dsa_indexer"]["BT"]
+    tiles = long.tiles(bt)[0].shape[0]
+    op.module.launch_dsa_topk(torch.zeros(tiles * bt, spec.topk + 1),
+                              torch.empty(spec.topk + 1, spec.topk, dtype=torch.int32), long, 0,
+                              tiles, bt, cfg["dsa_topk"])
     # a decode step splits its few rows (top-k) and its picks (attention) across programs:
     # short segments and an unreachable program count force both here
     split = dict(cfg, dsa_topk=dict(cfg["dsa_topk"], SEG=32, SPLIT_BELOW=1 << 30),
                  dsa_attention=dict(cfg["dsa_attention"], SMS=1 << 30))
     op.module.forward(q, k, vv, qi, ki, wi, lay, configs=split)
     op.module.backward(torch.randn_like(o), q, k, v, idx, o, lse, lay, configs=cfg)
+    if v is None:
+        op.module.backward(torch.randn_like(o), q, k, vv, idx, o, lse, lay, configs=cfg)
     cache = op.new_cache(2, 64, device="cpu", dtype=dtype)     # a decode step's append
     cache.append(r(2, spec.heads_kv, spec.dim_qk),
                  None if cache.v is None else r(2, spec.heads_kv, spec.dim_v),

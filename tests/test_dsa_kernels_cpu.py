@@ -106,18 +106,22 @@ def test_attention_splits_a_tokens_picks_across_programs(kv, hfast):
         op.configs = {}
 
 
-@pytest.mark.parametrize("rb,ch,T,seg", [(11, 2048, 33, 0), (8, 16, 90, 0), (5, 64, 70, 0),
-                                         (8, 16, 56, 16), (11, 16, 77, 32), (5, 16, 45, 16)])
-def test_ties_go_to_the_lower_position(rb, ch, T, seg):
+@pytest.mark.parametrize("rb,ch,T,seg,cap", [
+    (11, 2048, 33, 0, 16), (8, 16, 90, 0, 16), (8, 16, 90, 0, 128), (8, 16, 90, 0, 0),
+    (5, 64, 70, 0, 128), (5, 16, 70, 0, 24), (8, 16, 56, 16, 16), (11, 16, 77, 32, 16),
+    (5, 16, 45, 16, 16)])
+def test_ties_go_to_the_lower_position(rb, ch, T, seg, cap):
     """Integer inputs make many scores equal (zeros from the ReLU, negative and positive
     ties): the picks must be the reference's exactly, with radix digits of several widths
-    (the last one narrower) and rows read in several steps; and with rows split in segments
-    of `seg` scores across programs (the decode path), a segment's picks placed after the
-    earlier segments'."""
+    (the last one narrower) and rows read in several steps; with candidate lists of `cap`
+    scores (0: none; 128: every row's candidates fit, ties included; 16, 24: some rows fall
+    back to the whole row); and with rows split in segments of `seg` scores across programs
+    (the decode path), a segment's picks placed after the earlier segments'."""
     spec = spec_of(topk=8)
     op = nsagen.build(spec)
     split = dict(SEG=seg, SPLIT_BELOW=1 << 20) if seg else dict(SPLIT_BELOW=0)
-    op.configs = {"dsa_topk": dict(op.module.CONFIGS["dsa_topk"], RB=rb, CH=ch, **split)}
+    op.configs = {"dsa_topk": dict(op.module.CONFIGS["dsa_topk"], RB=rb, CH=ch, CAP=cap,
+                                   **split)}
     g = torch.Generator().manual_seed(rb)
     r = lambda *s: torch.randint(-1, 2, s, generator=g).float()  # noqa: E731
     x = dict(q=torch.randn(1, T, 4, 24, generator=g), k=torch.randn(1, T, 1, 24, generator=g),

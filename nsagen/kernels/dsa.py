@@ -92,24 +92,31 @@ def _topk_default(spec: DSASpec, target: Target, why: list) -> dict:
                f"histogram's cost per score grows with its bins, so digits stay narrow), then "
                f"keeps, in position order, the scores above it and the first ones equal to it "
                f"(ties to the lower position): the picks come out ascending, with no sort")
+    cap = 2 * spec.topk
+    why.append(f"dsa_topk: rows longer than {spec.topk} first find the bucket of the "
+               f"{spec.topk}-th largest score among {1 << rb} equal-width buckets between the "
+               f"row's extremes; when at most {cap} scores are in it or above, they are copied "
+               f"(in position order) and the select reads only them: three passes over the row "
+               f"instead of about four")
     why.append(f"dsa_topk: fewer than {target.sm_count} rows (a decode step) over rows longer "
                f"than 2 x 4096 scores: each row is split in segments of 4096 scores, one program "
                f"each, every radix pass its own launch")
-    return dict(RB=rb, CH=1024, num_warps=4, SEG=4096, SPLIT_BELOW=target.sm_count)
+    return dict(RB=rb, CH=1024, num_warps=4, CAP=cap, SEG=4096, SPLIT_BELOW=target.sm_count)
 
 
 def _topk_space(spec: DSASpec, default: dict, target: Target, smem: int):
-    return [dict(default, RB=rb, CH=ch, num_warps=nw)
-            for rb, ch, nw in itertools.product((8, 11), (1024, 2048, 4096), (4, 8))], []
+    return [dict(default, RB=rb, CH=ch, num_warps=nw, CAP=cap)
+            for rb, ch, nw, cap in itertools.product((8, 11), (1024, 2048, 4096), (4, 8),
+                                                     (0, 2 * spec.topk))], []
 
 
 def _topk_launch(spec: DSASpec, flags: dict) -> dict:
     rows = ("tile_tok", "tile_len", "tok_pos=lay.tok_pos")
     split = (scalars("tile0", "seg"), strides("score", "sr"))
     return dict(
-        main=signature(ptrs("score", "idx", *rows), scalars("tile0"), strides("score", "sr"),
-                       strides("idx", "it"), values(K=spec.topk), consts(BT="bt"),
-                       cfg("RB", "CH"), options=WARPS),
+        main=signature(ptrs("score", "idx", "cand", *rows), scalars("tile0"),
+                       strides("score", "sr"), strides("idx", "it"), values(K=spec.topk),
+                       consts(BT="bt", CAP="cap"), cfg("RB", "CH"), options=WARPS),
         hist=signature(ptrs("score", "hist", *rows), *split, values(K=spec.topk),
                        consts(BT="bt", LEVELS="levels", LVL="lvl"), cfg("RB", "CH"),
                        options=WARPS),
