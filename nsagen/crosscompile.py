@@ -140,13 +140,21 @@ def _record_dsa(op, seq_len: int, dtype: torch.dtype, cfg: dict) -> None:
                   r(n, spec.indexer_heads))
     o, idx, lse = op.module.forward(q, k, v, qi, ki, wi, lay, configs=cfg)
     op.module.forward(q, k, vv, qi, ki, wi, lay, configs=cfg)     # v passed as a view of k
-    # rows longer than topk: the top-k's candidate-list path (a row of topk + 1 scores)
-    long = build_layout(spec, (spec.topk + 1,), "cpu")
+    # rows longer than topk: the indexer folds each row's extremes and the top-k reads
+    # candidate lists (a sequence of topk + 1 tokens)
+    m = spec.topk + 1
+    long = build_layout(spec, (m,), "cpu")
     bt = cfg["dsa_indexer"]["BT"]
     tiles = long.tiles(bt)[0].shape[0]
-    op.module.launch_dsa_topk(torch.zeros(tiles * bt, spec.topk + 1),
-                              torch.empty(spec.topk + 1, spec.topk, dtype=torch.int32), long, 0,
-                              tiles, bt, cfg["dsa_topk"])
+    score, ext = torch.zeros(tiles * bt, m), torch.zeros(tiles * bt, 2, dtype=torch.int32)
+    long_ki, long_ks = r(m, spec.indexer_dim), None
+    if spec.fp8_keys:
+        long_ki, long_ks = op.module.quantize_keys(long_ki)
+    op.module.launch_dsa_indexer(r(m, spec.indexer_heads, spec.indexer_dim), long_ki, long_ks,
+                                 r(m, spec.indexer_heads), score,
+                                 long, 0, tiles, cfg["dsa_indexer"], "tf32", ext=ext)
+    op.module.launch_dsa_topk(score, torch.empty(m, spec.topk, dtype=torch.int32), long, 0,
+                              tiles, bt, cfg["dsa_topk"], ext=ext)
     # a decode step splits its few rows (top-k) and its picks (attention) across programs:
     # short segments and an unreachable program count force both here
     split = dict(cfg, dsa_topk=dict(cfg["dsa_topk"], SEG=32, SPLIT_BELOW=1 << 30),

@@ -67,7 +67,7 @@ def test_dsa_kernels_write_only_their_outputs(name):
     assert run.returncode == 0, run.stderr[-3000:]
     writes = json.loads(run.stdout.strip().splitlines()[-1])
     assert writes == {
-        "dsa_indexer": ["score_ptr"],
+        "dsa_indexer": ["ext_ptr", "score_ptr"],
         "dsa_topk": ["idx_ptr"],
         "dsa_topk_hist": ["hist_ptr"],
         "dsa_topk_select": ["cnt_ptr", "idx_ptr"],

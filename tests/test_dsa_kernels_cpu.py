@@ -76,6 +76,37 @@ def test_indexer_key_blocks_per_program(bk, kb, krows, fp8):
         op.configs = {}
 
 
+@pytest.mark.parametrize("bk,kb,krows", [(16, 1, 0), (16, 1, 1), (32, 4, 1)])
+def test_indexer_folds_each_rows_extreme_scores(bk, kb, krows):
+    """With ext, the indexer folds into each row the largest and smallest score it wrote over
+    s <= t (what the top-k's buckets span), across the key blocks and programs of ragged packed
+    sequences; a row's scores past its token do not count."""
+    from nsagen.launch import pack
+    from nsagen.layout import build_layout
+
+    spec = spec_of(topk=8)
+    op = nsagen.build(spec)
+    lens = [45, 3, 20]
+    x, _ = dsa_inputs(spec, lens, torch.float32, "cpu", seed=bk * kb + krows)
+    lay = build_layout(spec, tuple(lens), "cpu")
+    cfg = dict(op.module.CONFIGS["dsa_indexer"], BK=bk, KB=kb, KROWS=krows, SMS=0)
+    bt = cfg["BT"]
+    tile_tok, tile_len = lay.tiles(bt)
+    tiles = tile_tok.shape[0]
+    score = torch.full((tiles * bt, max(lens)), float("nan"))
+    ext = torch.tensor([[-2 ** 31, 2 ** 31 - 1]], dtype=torch.int32).repeat(tiles * bt, 1)
+    op.module.launch_dsa_indexer(pack(x["q_idx"]), pack(x["k_idx"]), None, pack(x["w_idx"]),
+                                 score, lay, 0, tiles, cfg, "ieee", ext=ext)
+    bits = ext ^ ((ext >> 31) & 0x7FFFFFFF)                 # back to the scores' fp32 bits
+    got = bits.view(torch.float32)
+    for tile in range(tiles):
+        for i in range(int(tile_len[tile])):
+            row, pos = tile * bt + i, int(lay.tok_pos[int(tile_tok[tile]) + i])
+            s = score[row, :pos + 1]
+            assert not torch.isnan(s).any()
+            assert got[row, 0] == s.max() and got[row, 1] == s.min(), (row, pos)
+
+
 @pytest.mark.parametrize("kv,hfast", [(1, 0), (2, 0), (1, 1)])
 def test_attention_splits_a_tokens_picks_across_programs(kv, hfast):
     """A grid of few programs (a decode step) splits each token's picks into runs, one program

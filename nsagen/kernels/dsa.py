@@ -72,13 +72,14 @@ def _indexer_launch(spec: DSASpec, flags: dict) -> dict:
     # FP8 products take k in steps of 32 on the tensor cores
     bdi = max(32 if spec.fp8_keys else 16, triton.next_power_of_2(spec.indexer_dim))
     return dict(main=signature(
-        ptrs("qi=q_idx", "ki=k_idx", "ks=k_scale", "w=w_idx", "score", "tile_tok", "tile_len",
-             "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
+        ptrs("qi=q_idx", "ki=k_idx", "ks=k_scale", "w=w_idx", "score", "ext", "tile_tok",
+             "tile_len", "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
         scalars("tile0"), strides("q_idx", "qit", "qih"), strides("k_idx", "kit"),
         strides("w_idx", "wt"), strides("score", "sr"),
         values(HI=spec.indexer_heads, HIP=index_rows(spec), DI=spec.indexer_dim, BDI=bdi,
                FP8=spec.fp8_keys),
-        consts(PREC="prec", KB="kb"), cfg("BT", "BK", "KROWS"), options=WARPS_STAGES))
+        consts(PREC="prec", KB="kb", EXT="use_ext"), cfg("BT", "BK", "KROWS"),
+        options=WARPS_STAGES))
 
 
 # ---------------------------------------------------------------------------- dsa_topk
@@ -95,9 +96,9 @@ def _topk_default(spec: DSASpec, target: Target, why: list) -> dict:
     cap = 2 * spec.topk
     why.append(f"dsa_topk: rows longer than {spec.topk} first find the bucket of the "
                f"{spec.topk}-th largest score among {1 << rb} equal-width buckets between the "
-               f"row's extremes; when at most {cap} scores are in it or above, they are copied "
-               f"(in position order) and the select reads only them: three passes over the row "
-               f"instead of about four")
+               f"row's extremes (which the indexer folds as it writes the scores); when at "
+               f"most {cap} scores are in it or above, they are copied (in position order) and "
+               f"the select reads only them: two passes over the row instead of about four")
     why.append(f"dsa_topk: fewer than {target.sm_count} rows (a decode step) over rows longer "
                f"than 2 x 4096 scores: each row is split in segments of 4096 scores, one program "
                f"each, every radix pass its own launch")
@@ -114,7 +115,7 @@ def _topk_launch(spec: DSASpec, flags: dict) -> dict:
     rows = ("tile_tok", "tile_len", "tok_pos=lay.tok_pos")
     split = (scalars("tile0", "seg"), strides("score", "sr"))
     return dict(
-        main=signature(ptrs("score", "idx", "cand", *rows), scalars("tile0"),
+        main=signature(ptrs("score", "idx", "cand", "ext", *rows), scalars("tile0"),
                        strides("score", "sr"), strides("idx", "it"), values(K=spec.topk),
                        consts(BT="bt", CAP="cap"), cfg("RB", "CH"), options=WARPS),
         hist=signature(ptrs("score", "hist", *rows), *split, values(K=spec.topk),
@@ -138,7 +139,7 @@ def _attention_default(spec: DSASpec, target: Target, why: list) -> dict:
                + " columns")
     why.append("dsa_attention: with fewer programs than SMs (a decode step), each token's "
                "picks are split in up to 16 runs, one program each, until there is one per SM; "
-               "the partials are combined 4 heads per program")
+               "the partials are combined one (token, head) per program, all runs loaded at once")
     if spec.group > bh:
         why.append(f"dsa_attention: a token's {triton.cdiv(spec.group, bh)} head blocks are "
                    "neighbours in launch order, so the later ones find its gathered keys in L2")
@@ -167,7 +168,7 @@ def _attention_launch(spec: DSASpec, flags: dict) -> dict:
                    HFAST='cfg.get("HFAST", 1)'), cfg("BK"), options=WARPS_STAGES),
         combine=signature(
             ptrs("po", "plse", "o", "lse"), strides("o", "ot", "oh"),
-            consts(H="H_KV", G="GROUP", NS="ns"), values(BH=4, DV=spec.dim_v, BDV=bdv),
+            consts(H="H_KV", G="GROUP", NS="ns"), values(DV=spec.dim_v, BDV=bdv),
             options=options(num_warps="4")))
 
 
