@@ -36,18 +36,23 @@ def dsa_flops(spec: DSASpec, T: int, batch: int = 1) -> dict[str, float]:
             "attention_bwd": batch * picks * hq * (3 * dk + 2 * dv) * 2}
 
 
-def _inputs(spec: DSASpec, B: int, T: int, dev: str, dt: torch.dtype) -> dict:
-    """Random layer inputs; no v when it can be the key's first columns (MLA's layout)."""
+def _inputs(spec: DSASpec, B: int, T: int, dev: str, dt: torch.dtype,
+            cache_only: bool = False) -> dict:
+    """Random layer inputs; no v when it can be the key's first columns (MLA's layout). With
+    `cache_only`, what a decode cache holds (k, v, k_idx) and none of the queries, which at
+    128 heads x 576 would take 8x the cache's memory."""
     H, HQ = spec.heads_kv, spec.heads_q
     mla = spec.dim_v < spec.dim_qk
 
     def r(*shape):
         return torch.randn(*shape, dtype=dt, device=dev)
 
-    return dict(q=r(B, T, HQ, spec.dim_qk), k=r(B, T, H, spec.dim_qk),
-                v=None if mla else r(B, T, H, spec.dim_v),
-                q_idx=r(B, T, spec.indexer_heads, spec.indexer_dim),
-                k_idx=r(B, T, spec.indexer_dim), w_idx=r(B, T, spec.indexer_heads))
+    x = dict(k=r(B, T, H, spec.dim_qk), v=None if mla else r(B, T, H, spec.dim_v),
+             k_idx=r(B, T, spec.indexer_dim))
+    if not cache_only:
+        x.update(q=r(B, T, HQ, spec.dim_qk), q_idx=r(B, T, spec.indexer_heads, spec.indexer_dim),
+                 w_idx=r(B, T, spec.indexer_heads))
+    return x
 
 
 def _dense_ms(spec: DSASpec, x: dict, backward: bool) -> dict[str, float]:
@@ -163,7 +168,7 @@ def bench_dsa_decode(spec: DSASpec, cache_lens: list[int], batches: list[int],
             progress(f"decode B={B} cache={L}")
             n_steps = bench.decode_steps(L)
             cache = op.new_cache(B, L, device=device, dtype=dt, with_values=not mla)
-            x = _inputs(spec, B, L - n_steps, device, dt)
+            x = _inputs(spec, B, L - n_steps, device, dt, cache_only=True)
             cache.prefill(x["k"], x["v"], x["k_idx"],
                           torch.full((B,), L - n_steps, dtype=torch.int32, device=device))
             t = _inputs(spec, B, 1, device, dt)
