@@ -536,6 +536,24 @@ def test_tune_dsa_plumbing(tmp_path, monkeypatch):
     assert search.MARGIN > 0
 
 
+def test_dsa_switches_and_candidate_caps_may_be_zero():
+    """Every value the DSA search spaces hold passes the table check (switches 0 / 1, CAP 0:
+    no candidate lists), and values outside them are refused by name."""
+    import nsagen
+    from nsagen.dsa_spec import DSASpec
+    from nsagen.tune import dsa
+
+    spec = DSASpec(name="dsa-space", heads_q=4, heads_kv=1, dim_qk=24, dim_v=16,
+                   indexer_heads=2, indexer_dim=8, topk=8, dtype="float32")
+    op = nsagen.build(spec)
+    for k in ("dsa_indexer", "dsa_topk", "dsa_attention"):
+        for cfg in dsa.candidates(spec, k, op.module.CONFIGS[k]):
+            assert op._table_entry_error("T<=1024", k, cfg) is None, (k, cfg)
+    top, att = op.module.CONFIGS["dsa_topk"], op.module.CONFIGS["dsa_attention"]
+    assert "CAP" in op._table_entry_error("T<=1024", "dsa_topk", dict(top, CAP=-1))
+    assert "HFAST" in op._table_entry_error("T<=1024", "dsa_attention", dict(att, HFAST=2))
+
+
 def test_tune_dsa_never_saves_what_the_reference_rejects(tmp_path, monkeypatch):
     import torch
 
