@@ -176,8 +176,11 @@ def _record_dsa(op, seq_len: int, dtype: torch.dtype, cfg: dict) -> None:
                                         configs=cfg, dense=dense)
 
 
-def _signature(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
-    """Triton's (signature, constexprs, options) of one recorded launch."""
+def _signature(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
+    """Triton's (signature, constexprs, options, attrs) of one recorded launch. attrs carries
+    the 16-divisibility the launcher would find (pointers on 16-byte boundaries, integers that
+    are multiples of 16): without it the compiler cannot vectorize the loads, and a pipelined
+    load it cannot vectorize stays synchronous, so the compiled code would not be the GPU's."""
     names = fn.arg_names
     values = dict(zip(names, args))
     options = {}
@@ -186,7 +189,7 @@ def _signature(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
             values[k] = v
         else:
             options[k] = v          # num_warps, num_stages, ...
-    sig, consts = {}, {}
+    sig, consts, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(names, fn.params)):
         v = values.get(name, param.default)
         if param.is_constexpr or v is None:
@@ -194,15 +197,19 @@ def _signature(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
             consts[(i,)] = v
         elif isinstance(v, torch.Tensor):
             sig[name] = "*" + _PTR_TYPES[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, bool):
             sig[name] = "i1"
         elif isinstance(v, int):
             sig[name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+            if v % 16 == 0 and i not in getattr(fn, "do_not_specialize", ()):
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             sig[name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: argument {name} of type {type(v).__name__}")
-    return sig, consts, options
+    return sig, consts, options, attrs
 
 
 def compile_for(op, arch: int = 90, seq_len: int = 300, dtype=torch.bfloat16,
@@ -219,11 +226,12 @@ def compile_for(op, arch: int = 90, seq_len: int = 300, dtype=torch.bfloat16,
         if arch >= 90 and "PDL" in kwargs and op.module.DECODE_PDL:
             # recorded on the CPU; on the GPU the decode kernels chain with dependent launches
             kwargs = dict(kwargs, PDL=True, launch_pdl=True)
-        sig, consts, options = _signature(fn, args, kwargs)
+        sig, consts, options, attrs = _signature(fn, args, kwargs)
         named = {fn.arg_names[i[0]]: v for i, v in consts.items() if v is not None}
         t0 = time.perf_counter()
         try:
-            triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=options)
+            triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
+                           options=options)
         except Exception as err:
             raise RuntimeError(f"{fn.__name__} {named} does not compile for sm_{arch}: "
                                f"{str(err)[:2000]}") from err

@@ -56,21 +56,38 @@ def _inputs(spec: DSASpec, B: int, T: int, dev: str, dt: torch.dtype,
 
 
 def _dense_ms(spec: DSASpec, x: dict, backward: bool) -> dict[str, float]:
-    """Dense causal attention at the same dims through SDPA (GQA expanded by SDPA), with each
-    backend that runs these head dims; backends that refuse are left out."""
+    """Dense causal attention at the same dims through SDPA, with each backend that runs these
+    head dims; backends that refuse are left out. GQA goes to SDPA as is (`enable_gqa`); a
+    backend that refuses it gets k and v expanded to every query head (copied once, outside
+    the timing: the memory-efficient kernel takes MLA's 576/512 dims only that way)."""
     q = x["q"].detach().transpose(1, 2)
     k = x["k"].detach().transpose(1, 2)
     v = (x["k"][..., :spec.dim_v] if x["v"] is None else x["v"]).detach().transpose(1, 2)
+    expanded = None
     out = {}
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION),
                           ("cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
-        def f():
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
-                                                      scale=spec.softmax_scale)
+        def attempt(kk, vv, gqa, backend=backend):
+            def f():
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, kk, vv, is_causal=True,
+                                                          enable_gqa=gqa,
+                                                          scale=spec.softmax_scale)
+            with torch.no_grad():
+                f()                          # raises when the backend refuses
+            return f, [q, kk, vv]
         try:
-            out[f"sdpa_{name}_ms"] = bench.timed(f, backward, [q, k, v]) if backward else (
+            try:
+                f, leaves = attempt(k, v, True)
+            except RuntimeError:
+                if spec.group == 1:
+                    raise
+                if expanded is None:
+                    expanded = (k.repeat_interleave(spec.group, 1),
+                                v.repeat_interleave(spec.group, 1))
+                f, leaves = attempt(*expanded, False)
+            out[f"sdpa_{name}_ms"] = bench.timed(f, backward, leaves) if backward else (
                 bench.median_ms(f))
         except Exception as err:             # this backend does not take these dims
             log.info("nsagen bench: SDPA %s: %s", name, str(err)[:120])

@@ -117,7 +117,7 @@ def test_attention_splits_a_tokens_picks_across_programs(kv, hfast):
     op = nsagen.build(spec)
     lens = [40] if hfast else [70, 30]
     x, cu = dsa_inputs(spec, lens, torch.float32, "cpu", seed=11)
-    op.configs = {"dsa_attention": dict(op.module.CONFIGS["dsa_attention"], BK=16,
+    op.configs = {"dsa_attention": dict(op.module.CONFIGS["dsa_attention"], BK=16, BKV=16,
                                         SMS=1 << 20, HFAST=hfast)}
     try:
         check_forward(op, x, lens, torch.float32)
@@ -190,6 +190,30 @@ def test_op_call_batch_varlen_and_dtype():
     assert o16.dtype == torch.bfloat16 and rel_err(o16, ref16) < 1e-2
 
 
+def check_gradients(op, x, lens, cu, dtype):
+    """dq, dk (and dv) of op against autograd through the float64 reference on op's picks."""
+    spec = op.spec
+    x = dict(x)
+    leaves = [n for n in ("q", "k", "v") if x[n] is not None]
+    for n in leaves:
+        x[n] = x[n].detach().clone().requires_grad_(True)
+    o, idx = op(**x, cu_seqlens=cu, return_indices=True)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    got = torch.autograd.grad(o, [x[n] for n in leaves], do)
+    ref_in = {n: x[n].detach().double().requires_grad_(True) for n in leaves}
+    outs, t0 = [], 0
+    for n in lens:
+        sl = slice(t0, t0 + n)
+        outs.append(reference.dsa_sparse_attention(
+            spec, ref_in["q"][:, sl], ref_in["k"][:, sl],
+            ref_in["v"][:, sl] if "v" in ref_in else None, idx[:, sl]))
+        t0 += n
+    want = torch.autograd.grad(torch.cat(outs, 1), [ref_in[n] for n in leaves], do.double())
+    tol = 1e-4 if dtype == torch.float32 else 5e-3
+    for n, a, b in zip(leaves, got, want):
+        assert a.dtype == dtype and rel_err(a, b) < tol, (n, rel_err(a, b))
+
+
 @pytest.mark.parametrize("kv,with_v,dtype", [(1, True, torch.float32), (2, False, torch.float32),
                                               (2, True, torch.float16)])
 def test_gradients_match_reference(kv, with_v, dtype):
@@ -201,24 +225,7 @@ def test_gradients_match_reference(kv, with_v, dtype):
     x, cu = dsa_inputs(spec, lens, dtype, "cpu", seed=11 + kv)
     if not with_v:
         x["v"] = None
-    leaves = [n for n in ("q", "k", "v") if x[n] is not None]
-    for n in leaves:
-        x[n].requires_grad_(True)
-    o, idx = op(**x, cu_seqlens=cu, return_indices=True)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
-    got = torch.autograd.grad(o, [x[n] for n in leaves], do)
-    ref_in = {n: x[n].detach().double().requires_grad_(True) for n in leaves}
-    outs, t0 = [], 0
-    for n in lens:
-        sl = slice(t0, t0 + n)
-        outs.append(reference.dsa_sparse_attention(
-            spec, ref_in["q"][:, sl], ref_in["k"][:, sl],
-            ref_in["v"][:, sl] if with_v else None, idx[:, sl]))
-        t0 += n
-    want = torch.autograd.grad(torch.cat(outs, 1), [ref_in[n] for n in leaves], do.double())
-    tol = 1e-4 if dtype == torch.float32 else 5e-3
-    for n, a, b in zip(leaves, got, want):
-        assert a.dtype == dtype and rel_err(a, b) < tol, (n, rel_err(a, b))
+    check_gradients(op, x, lens, cu, dtype)
 
 
 def test_unsupported_specs_are_refused_by_name(monkeypatch):

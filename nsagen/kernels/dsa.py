@@ -128,28 +128,57 @@ def _topk_launch(spec: DSASpec, flags: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- dsa_attention
+def attention_smem(spec: DSASpec, bk: int, stages: int, keys_as_values: bool) -> int:
+    """Shared memory of the attention forward's tiles (bytes, 2-byte inputs): the block's
+    query rows, resident, and `stages` buffers of the gathered key tile (and of the value tile
+    when v is its own tensor). The compiler's scratch is what Target.smem_budget leaves."""
+    dka, dkb = dim_split(spec.dim_qk)
+    row = dka + dkb + (0 if keys_as_values else triton.next_power_of_2(spec.dim_v))
+    return 2 * (head_rows(spec) * (dka + dkb) + stages * bk * row)
+
+
+def _attention_tile(spec: DSASpec, target: Target, stages: int, keys_as_values: bool) -> int:
+    """The most picks per step (64 at most: measured best on H100 for MLA's 576/512 dims,
+    results/h100/dsa-2026-12-06b/NOTES.md) whose tiles fit the target's shared memory."""
+    for bk in (64, 32):
+        if attention_smem(spec, bk, stages, keys_as_values) <= target.smem_budget:
+            return bk
+    return 16
+
+
 def _attention_default(spec: DSASpec, target: Target, why: list) -> dict:
     bh = head_rows(spec)
     dka, dkb = dim_split(spec.dim_qk)
-    bk = 64 if dka + dkb + triton.next_power_of_2(spec.dim_v) <= 512 else 32
+    stages = 2
+    bk = _attention_tile(spec, target, stages, values_from_keys(spec))
+    bkv = _attention_tile(spec, target, stages, False)
     why.append(f"dsa_attention: one program per token x KV head x block of {bh} of its "
                f"{spec.group} query heads ({'padded' if bh > spec.group else 'rows'}); the "
-               f"selected keys are gathered {bk} at a time and shared by the block's heads; "
-               f"the {spec.dim_qk}-wide key is read as {dka}" + (f" + {dkb}" if dkb else "")
-               + " columns")
+               f"selected keys are gathered {bk} at a time ({bkv} when v is its own tensor: "
+               f"as many as {stages} buffers of the tiles fit in shared memory) and shared by "
+               f"the block's heads; the {spec.dim_qk}-wide key is read as {dka}"
+               + (f" + {dkb}" if dkb else "") + " columns")
     why.append("dsa_attention: with fewer programs than SMs (a decode step), each token's "
                "picks are split in up to 16 runs, one program each, until there is one per SM; "
                "the partials are combined one (token, head) per program, all runs loaded at once")
     if spec.group > bh:
         why.append(f"dsa_attention: a token's {triton.cdiv(spec.group, bh)} head blocks are "
                    "neighbours in launch order, so the later ones find its gathered keys in L2")
-    return dict(BK=bk, num_warps=4 if bh <= 16 else 8, num_stages=2, HFAST=1,
+    return dict(BK=bk, BKV=bkv, num_warps=4 if bh <= 16 else 8, num_stages=stages, HFAST=1,
                 SMS=target.sm_count)
 
 
 def _attention_space(spec: DSASpec, default: dict, target: Target, smem: int):
-    return [dict(default, BK=bk, num_warps=nw, num_stages=ns, HFAST=hf)
-            for bk, nw, ns, hf in itertools.product([16, 32, 64], [4, 8], [1, 2, 3], [0, 1])], []
+    # one warpgroup would hold a wide accumulator ([64, 512] fp32) in 256 registers a thread
+    wide = head_rows(spec) * triton.next_power_of_2(spec.dim_v) > 64 * 256
+    budget = min(smem, target.smem_budget) if smem else target.smem_budget
+    out = []
+    for bk, nw, ns, hf in itertools.product([16, 32, 64], [8] if wide else [4, 8], [1, 2, 3],
+                                            [0, 1]):
+        bkv = min(bk, _attention_tile(spec, target, ns, False))
+        if attention_smem(spec, bk, ns, values_from_keys(spec)) <= budget:
+            out.append(dict(default, BK=bk, BKV=bkv, num_warps=nw, num_stages=ns, HFAST=hf))
+    return out, []
 
 
 def _attention_launch(spec: DSASpec, flags: dict) -> dict:
@@ -165,7 +194,7 @@ def _attention_launch(spec: DSASpec, flags: dict) -> dict:
             values(BH=head_rows(spec), DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
                    BDV=bdv, K=spec.topk),
             consts(PREC="prec", DENSE="dense", NS="ns", NHB="nhb", VK="vk",
-                   HFAST='cfg.get("HFAST", 1)'), cfg("BK"), options=WARPS_STAGES),
+                   HFAST='cfg.get("HFAST", 1)', BK="bk"), options=WARPS_STAGES),
         combine=signature(
             ptrs("po", "plse", "o", "lse"), strides("o", "ot", "oh"),
             consts(H="H_KV", G="GROUP", NS="ns"), values(DV=spec.dim_v, BDV=bdv),
@@ -180,7 +209,9 @@ def _attention_bwd_default(spec: DSASpec, target: Target, why: list) -> dict:
     why.append(f"dsa_attention_bwd: the forward's programs again (token x KV head x {bh} "
                f"heads{fewer}); dq in registers, dK and dV of each step's gathered keys added "
                f"atomically into fp32 buffers")
-    return dict(BH=bh, BK=16 if wide else 32, num_warps=4 if bh <= 16 else 8, num_stages=1)
+    # wide heads: 32 keys a step, double-buffered, ran 28% faster than 16 single-buffered
+    # (H100, results/h100/dsa-2026-12-06b/NOTES.md)
+    return dict(BH=bh, BK=32, num_warps=4 if bh <= 16 else 8, num_stages=2 if wide else 1)
 
 
 def _attention_bwd_space(spec: DSASpec, default: dict, target: Target, smem: int):
