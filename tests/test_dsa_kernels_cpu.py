@@ -228,6 +228,26 @@ def test_gradients_match_reference(kv, with_v, dtype):
     check_gradients(op, x, lens, cu, dtype)
 
 
+@pytest.mark.parametrize("kv,dk,dv,with_v", [(1, 40, 32, False), (2, 24, 16, True),
+                                             (1, 576, 512, False), (2, 576, 512, True)])
+def test_gradients_keys_as_rows(kv, dk, dv, with_v):
+    """The backward's keys-as-rows form (cfg KT: S^T = K Q^T ..., the head dim in column
+    chunks, two of 256 for MLA's 576/512) gives the reference's gradients, with v read from k
+    and with v its own tensor."""
+    spec = spec_of(kv=kv, dk=dk, dv=dv)
+    op = nsagen.build(spec)
+    lens = [30, 7]
+    x, cu = dsa_inputs(spec, lens, torch.float32, "cpu", seed=kv + dk)
+    if not with_v:
+        x["v"] = None
+    op.configs = {"dsa_attention_bwd": dict(op.module.CONFIGS["dsa_attention_bwd"], KT=1,
+                                            BH=16, BK=16)}
+    try:
+        check_gradients(op, x, lens, cu, torch.float32)
+    finally:
+        op.configs = {}
+
+
 def test_unsupported_specs_are_refused_by_name(monkeypatch):
     spec = spec_of()
     with pytest.raises(SpecError, match="indexer.topk"):

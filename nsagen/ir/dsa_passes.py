@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..dsa_spec import DSASpec
 from ..kernels import KERNELS
-from ..kernels.dsa import dim_split, head_rows, values_from_keys
+from ..kernels.dsa import column_chunks, dim_split, head_rows, values_from_keys
 from ..target import Target, current
 from .graph import build_graph
 from .passes import Decisions, KernelPlan, Plan
@@ -53,7 +53,9 @@ def lower_dsa(spec: DSASpec, target: Target | None = None) -> Plan:
                "indexer's gradient comes from the indexer loss")
     backward = [KernelPlan("dsa_attention_bwd", KERNELS["dsa_attention_bwd"].template,
                            ("sparse_attn",),
-                           params=dict(rows=head_rows(spec), values_from_keys=reuse),
+                           params=dict(rows=head_rows(spec), values_from_keys=reuse,
+                                       chunks=column_chunks(spec)[1],
+                                       value_chunks=column_chunks(spec)[2]),
                            config=KERNELS["dsa_attention_bwd"].default(spec, target, why))]
     return Plan(spec=spec, graph=g, kernels=kernels, decisions=why, backward=backward,
                 target=target)

@@ -31,6 +31,15 @@ def values_from_keys(spec: DSASpec) -> bool:
         spec.dim_v)
 
 
+def column_chunks(spec: DSASpec) -> tuple[int, int, int]:
+    """(CW, chunks of DKA, chunks of the padded Dv): the column chunk of the backward's
+    keys-as-rows form, at most 256 wide and dividing both tiles (576/512: 256, 2, 2)."""
+    dka = dim_split(spec.dim_qk)[0]
+    bdv = triton.next_power_of_2(spec.dim_v)
+    cw = min(256, dka, bdv)
+    return cw, dka // cw, bdv // cw
+
+
 def index_rows(spec: DSASpec) -> int:
     """Indexer heads padded to a power of two (rows per token of the indexer tile)."""
     return triton.next_power_of_2(spec.indexer_heads)
@@ -211,27 +220,32 @@ def _attention_bwd_default(spec: DSASpec, target: Target, why: list) -> dict:
                f"atomically into fp32 buffers")
     # wide heads: 32 keys a step, double-buffered, ran 28% faster than 16 single-buffered
     # (H100, results/h100/dsa-2026-12-06b/NOTES.md)
-    return dict(BH=bh, BK=32, num_warps=4 if bh <= 16 else 8, num_stages=2 if wide else 1)
+    return dict(BH=bh, BK=32, num_warps=4 if bh <= 16 else 8, num_stages=2 if wide else 1,
+                KT=0)
 
 
 def _attention_bwd_space(spec: DSASpec, default: dict, target: Target, smem: int):
     rows = [b for b in (16, 32, 64) if b <= head_rows(spec)]
-    return [dict(default, BH=bh, BK=bk, num_warps=nw, num_stages=ns)
-            for bh, bk, nw, ns in itertools.product(rows, [16, 32, 64], [4, 8], [1, 2])], []
+    return [dict(default, BH=bh, BK=bk, num_warps=nw, num_stages=ns, KT=kt)
+            for bh, bk, nw, ns, kt in itertools.product(rows, [16, 32, 64], [4, 8], [1, 2],
+                                                        [0, 1])], []
 
 
 def _attention_bwd_launch(spec: DSASpec, flags: dict) -> dict:
     dka, dkb = dim_split(spec.dim_qk)
-    return dict(main=signature(
-        ptrs("q", "k", "v", "idx", "do", "lse", "delta", "dq", "dk", "dv",
-             "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
-        strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
-        strides("idx", "it"), strides("do", "ot", "oh"), strides("dq", "dqt", "dqh"),
-        strides("dk", "dkt", "dkh"), strides("dv", "dvt", "dvh"),
-        consts(qk_scale="QK_SCALE", sm_scale="SM_SCALE", H="H_KV", G="GROUP"),
-        values(DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
-               BDV=triton.next_power_of_2(spec.dim_v), K=spec.topk),
-        consts(PREC="prec", VK="vk"), cfg("BH", "BK"), options=WARPS_STAGES))
+
+    def form(**extra):
+        return signature(
+            ptrs("q", "k", "v", "idx", "do", "lse", "delta", "dq", "dk", "dv",
+                 "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
+            strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
+            strides("idx", "it"), strides("do", "ot", "oh"), strides("dq", "dqt", "dqh"),
+            strides("dk", "dkt", "dkh"), strides("dv", "dvt", "dvh"),
+            consts(qk_scale="QK_SCALE", sm_scale="SM_SCALE", H="H_KV", G="GROUP"),
+            values(DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
+                   BDV=triton.next_power_of_2(spec.dim_v), K=spec.topk, **extra),
+            consts(PREC="prec", VK="vk"), cfg("BH", "BK"), options=WARPS_STAGES)
+    return dict(main=form(), kt=form(CW=column_chunks(spec)[0]))
 
 
 # ---------------------------------------------------------------------------- dsa_indexer_loss
