@@ -109,9 +109,11 @@ def _topk_default(spec: DSASpec, target: Target, why: list) -> dict:
                f"most {cap} scores are in it or above, they are copied (in position order) and "
                f"the select reads only them: two passes over the row instead of about four")
     why.append(f"dsa_topk: fewer than {target.sm_count} rows (a decode step) over rows longer "
-               f"than 2 x 4096 scores: each row is split in segments of 4096 scores, one program "
+               f"than 2 x 2048 scores: each row is split in segments of 2048 scores, one program "
                f"each, every radix pass its own launch")
-    return dict(RB=rb, CH=1024, num_warps=4, CAP=cap, SEG=4096, SPLIT_BELOW=target.sm_count)
+    # 2048-score segments: 42.5-46.8 us against 47.7-54.3 for 4096 at B=8, 64k (H100,
+    # results/h100/dsa-2026-12-06b/NOTES.md)
+    return dict(RB=rb, CH=1024, num_warps=4, CAP=cap, SEG=2048, SPLIT_BELOW=target.sm_count)
 
 
 def _topk_space(spec: DSASpec, default: dict, target: Target, smem: int):
@@ -217,9 +219,16 @@ def _attention_bwd_default(spec: DSASpec, target: Target, why: list) -> dict:
     fewer = ", fewer than the forward: a wide head keeps dq and dO on chip" if wide else ""
     why.append(f"dsa_attention_bwd: the forward's programs again (token x KV head x {bh} "
                f"heads{fewer}); dq in registers, dK and dV of each step's gathered keys added "
-               f"atomically into fp32 buffers")
+               f"atomically into fp32 buffers"
+               + ("; tuning may choose the keys-as-rows form (KT): every product has the "
+                  "step's keys or a chunk of the head dim as its rows, never the heads"
+                  if wide else ""))
     # wide heads: 32 keys a step, double-buffered, ran 28% faster than 16 single-buffered
     # (H100, results/h100/dsa-2026-12-06b/NOTES.md)
+    # The keys-as-rows form (KT=1), 32 x 32 double-buffered, took 38.5 ms at 4k against 46.0
+    # for this form (H100, results/h100/dsa-2026-12-06b/NOTES.md); it stays a tuning choice,
+    # which `nsagen tune` checks against the reference on the GPU, until bf16 GPU tests have
+    # run it as a default
     return dict(BH=bh, BK=32, num_warps=4 if bh <= 16 else 8, num_stages=2 if wide else 1,
                 KT=0)
 
