@@ -62,7 +62,7 @@ def _indexer_default(spec: DSASpec, target: Target, why: list) -> dict:
                f"keys are the product's rows and the heads its columns, so the ReLU, the head "
                f"weights and the head sum stay within threads (with heads as rows the sum would "
                f"cross warps through shared memory), and only [tokens, keys] scores are written "
-               f"(one chunk of query tiles at a time); a grid under two programs per SM (a "
+               f"(one chunk of query tiles at a time); a grid under one program per SM (a "
                f"decode step) takes fewer key blocks per program")
     # FP8 ran best with one warpgroup and 4 stages, bf16 with two and 2 (results/h200/dsa-sweep.md)
     return dict(BT=bt, BK=128, KB=kb, KROWS=1, num_warps=4 if spec.fp8_keys else 8,
