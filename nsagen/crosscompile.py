@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import subprocess
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ except ImportError:    # older torch
 
 from .ir.passes import decode_splits
 from .layout import build_layout
+from .target import Target
 from .tune.compile import recording, variant_key
 from .tune.workloads import DecodeSetup, packed_args, random_inputs
 
@@ -40,11 +44,42 @@ _PTR_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp3
 
 @dataclass
 class Compiled:
-    """One compiled launch variant: the kernel, its constexprs and the compile time."""
+    """One compiled launch variant: the kernel, its constexprs, the compile time and what one
+    program of it holds: shared memory (bytes), registers a thread and bytes a thread spills
+    to local memory (None where the bundled cuobjdump is missing)."""
 
     kernel: str
     constexprs: dict
     seconds: float
+    shared: int = 0
+    registers: int | None = None
+    spilled: int | None = None
+
+    def resources(self) -> str:
+        """'221.4 KB shared, 255 registers, 448 B spilled' (what is known of it)."""
+        out = [f"{self.shared / 1024:.1f} KB shared"]
+        if self.registers is not None:
+            out.append(f"{self.registers} registers")
+        if self.spilled:
+            out.append(f"{self.spilled} B spilled")
+        return ", ".join(out)
+
+
+def _registers(cubin: bytes) -> tuple[int | None, int | None]:
+    """(registers a thread, bytes of stack a thread: spills) of a cubin, read by the cuobjdump
+    that Triton's NVIDIA backend bundles; (None, None) without it."""
+    from triton.backends.nvidia import compiler as nv
+
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, timeout=60).stdout
+    reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    return (int(reg.group(1)) if reg else None), (int(stack.group(1)) if stack else None)
 
 
 def record_launches(op, seq_len: int = 300, dtype=torch.bfloat16, decode_batch: int = 2,
@@ -213,11 +248,15 @@ def _signature(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
 
 
 def compile_for(op, arch: int = 90, seq_len: int = 300, dtype=torch.bfloat16,
-                workers: int | None = None, progress=print) -> list[Compiled]:
-    """Compile every launch variant of `op` (see record_launches) for sm_`arch`, in parallel
-    threads. Raises on the first kernel that does not compile, naming it and its constexprs."""
+                workers: int | None = None, progress=print,
+                configs: dict | None = None) -> list[Compiled]:
+    """Compile every launch variant of `op` (see record_launches; `configs` as there) for
+    sm_`arch`, in parallel threads, and read what each program holds. Raises on the first
+    kernel that does not compile, or that needs more shared memory than a program of sm_`arch`
+    may have (it would compile and then fail to launch), naming it and its constexprs."""
     target = GPUTarget("cuda", arch, 32)
-    launches = record_launches(op, seq_len, dtype)
+    limit = Target.for_arch(arch).smem_per_block
+    launches = record_launches(op, seq_len, dtype, configs=configs)
     progress(f"{op.spec.name}: {len(launches)} kernel variants to compile for sm_{arch} "
              f"(Triton {triton.__version__})")
 
@@ -230,18 +269,30 @@ def compile_for(op, arch: int = 90, seq_len: int = 300, dtype=torch.bfloat16,
         named = {fn.arg_names[i[0]]: v for i, v in consts.items() if v is not None}
         t0 = time.perf_counter()
         try:
-            triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
-                           options=options)
+            ck = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
+                                target=target, options=options)
         except Exception as err:
             raise RuntimeError(f"{fn.__name__} {named} does not compile for sm_{arch}: "
                                f"{str(err)[:2000]}") from err
-        return Compiled(fn.__name__, named, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        shared = int(ck.metadata.shared)
+        if shared > limit:
+            raise RuntimeError(f"{fn.__name__} {named} {options} needs {shared} bytes of shared "
+                               f"memory a program; sm_{arch} allows {limit}: it would not "
+                               f"launch")
+        regs, spilled = _registers(ck.asm["cubin"])
+        return Compiled(fn.__name__, named, seconds, shared, regs, spilled)
 
     out = []
-    with ThreadPoolExecutor(workers or max(1, min(8, os.cpu_count() or 1))) as pool:
+    pool = ThreadPoolExecutor(workers or max(1, min(8, os.cpu_count() or 1)))
+    try:
         for done in pool.map(one, launches):    # in launch order, as they finish
-            progress(f"  {done.kernel}: {done.seconds:.1f} s")
+            progress(f"  {done.kernel}: {done.seconds:.1f} s, {done.resources()}")
             out.append(done)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)    # the first failure ends the build
+        raise
+    pool.shutdown()
     return out
 
 

@@ -31,11 +31,43 @@ def test_every_kernel_compiles_for_sm90(name):
     op = nsagen.build(nsagen.load_spec(name))
     kernels = set(op.module.CONFIGS) | set(getattr(op.module, "DECODE_CONFIGS", {}))
     compiled = {line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  ")}
+    assert all("KB shared" in line for line in out.splitlines() if line.startswith("  "))
     # every forward, backward and decode kernel of the module compiled (the backward's dq and
     # dk/dv halves are separate kernels of one config entry)
     for k in kernels:
         assert any(c == k or c.startswith(k + "_") for c in compiled), (k, out)
     assert "compile for sm_90" in out
+
+
+_TOO_BIG = """
+import dataclasses
+import nsagen
+from nsagen import crosscompile
+from nsagen.target import Target
+tiny = dataclasses.replace(Target.for_arch(90), smem_per_block=1024)
+crosscompile.Target = type("Tiny", (), {{"for_arch": staticmethod(lambda arch: tiny)}})
+seen = []
+try:
+    crosscompile.compile_for(nsagen.build(nsagen.load_spec({name!r})), workers=1,
+                             progress=seen.append)
+except RuntimeError as err:
+    print("REFUSED", len(seen), str(err)[:300])
+"""
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="Triton without its NVIDIA backend")
+def test_a_kernel_over_the_targets_shared_memory_is_refused():
+    """A variant that compiles but needs more shared memory than a program of the target may
+    have would fail at launch: the offline build refuses it, naming the kernel and the bytes,
+    and stops there (one variant compiled, not every one). Each compiled variant reports its
+    shared memory and registers."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _TOO_BIG.format(name="dsa-gqa")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = run.stdout.strip().splitlines()[-1]
+    assert line.startswith("REFUSED 1 dsa_indexer"), line
+    assert "bytes of shared memory a program; sm_90 allows 1024" in line
 
 
 def test_refuses_to_cross_compile_under_the_interpreter(monkeypatch):
