@@ -51,11 +51,11 @@ def lower_dsa(spec: DSASpec, target: Target | None = None) -> Plan:
     why.during("backward")
     why.append("backward: sparse_attn only (the selection is not differentiated); the "
                "indexer's gradient comes from the indexer loss")
+    _, chunks, value_chunks = column_chunks(spec)
     backward = [KernelPlan("dsa_attention_bwd", KERNELS["dsa_attention_bwd"].template,
                            ("sparse_attn",),
                            params=dict(rows=head_rows(spec), values_from_keys=reuse,
-                                       chunks=column_chunks(spec)[1],
-                                       value_chunks=column_chunks(spec)[2]),
+                                       chunks=chunks, value_chunks=value_chunks),
                            config=KERNELS["dsa_attention_bwd"].default(spec, target, why))]
     return Plan(spec=spec, graph=g, kernels=kernels, decisions=why, backward=backward,
                 target=target)

@@ -223,12 +223,10 @@ def _attention_bwd_default(spec: DSASpec, target: Target, why: list) -> dict:
                + ("; tuning may choose the keys-as-rows form (KT): every product has the "
                   "step's keys or a chunk of the head dim as its rows, never the heads"
                   if wide else ""))
-    # wide heads: 32 keys a step, double-buffered, ran 28% faster than 16 single-buffered
-    # (H100, results/h100/dsa-2026-12-06b/NOTES.md)
-    # The keys-as-rows form (KT=1), 32 x 32 double-buffered, took 38.5 ms at 4k against 46.0
-    # for this form (H100, results/h100/dsa-2026-12-06b/NOTES.md); it stays a tuning choice,
-    # which `nsagen tune` checks against the reference on the GPU, until bf16 GPU tests have
-    # run it as a default
+    # Wide heads, H100 at 4k (results/h100/dsa-2026-12-06b/NOTES.md): 32 keys a step,
+    # double-buffered, 46.0 ms against 63.7 for 16 single-buffered; the keys-as-rows form
+    # (KT=1) took 38.5 ms but stays a tuning choice (`nsagen tune` checks it against the
+    # reference on the GPU) until bf16 GPU tests have run it as a default
     return dict(BH=bh, BK=32, num_warps=4 if bh <= 16 else 8, num_stages=2 if wide else 1,
                 KT=0)
 
