@@ -109,6 +109,30 @@ def test_own_query_for_the_compressed_branch_bf16(name):
                    q_cmp=True)
 
 
+def test_q_cmp_equal_to_q_is_todays_op_bit_for_bit_bf16():
+    """Passing q itself as q_cmp launches the same kernels on the same data: the output is bit
+    for bit that of the call without q_cmp, and so is every gradient up to the order of the
+    backward's fp32 atomic adds (the CPU test compares those bit for bit too)."""
+    spec = nsagen.load_spec("nsa-d128")
+    op = nsagen.build(spec)
+    torch.manual_seed(13)
+    T = 2000
+    q = torch.randn(1, T, spec.heads_q, spec.dim_qk, device="cuda", dtype=BF16)
+    k = torch.randn(1, T, spec.heads_kv, spec.dim_qk, device="cuda", dtype=BF16)
+    v = torch.randn(1, T, spec.heads_kv, spec.dim_v, device="cuda", dtype=BF16)
+    gates = torch.rand(1, T, spec.heads_q, 3, device="cuda", dtype=BF16)
+    args = [t.requires_grad_(True) for t in (q, k, v, gates)]
+    do = torch.randn(1, T, spec.heads_q, spec.dim_v, device="cuda", dtype=BF16)
+    o = op(*args)
+    g = torch.autograd.grad(o, args, do)
+    o2 = op(*args, q_cmp=q)
+    g2 = torch.autograd.grad(o2, args, do)
+    assert torch.equal(o, o2)
+    for a, b in zip(g, g2):
+        assert ((a.float() - b.float()).norm() <= 1e-3 * b.float().norm()), \
+            (a.float() - b.float()).norm() / b.float().norm()
+
+
 @pytest.mark.parametrize("name", ["nsa-d128", "nsa-paper", "nsa-g1"])
 def test_queries_that_end_each_sequence_bf16(name):
     """cu_seqlens_k (a chunk over its whole prefix, as context parallelism runs it) at real

@@ -15,22 +15,24 @@ pytestmark = [pytest.mark.gpu,
 BF16 = torch.bfloat16
 
 
-def _ref_row(spec, q_t, k, v, g_t, t, idx=None):
+def _ref_row(spec, q_t, k, v, g_t, t, idx=None, qc_t=None):
     """float64 reference of one decode query at position t of one sequence: (o [HQ, Dv],
-    chosen blocks [H, n], block scores [H, NB]); `idx` [H, n] replaces the top-n choice."""
+    chosen blocks [H, n], block scores [H, NB]); `idx` [H, n] replaces the top-n choice;
+    `qc_t` is the compressed branch's own query (default q_t)."""
     d = torch.float64
     o, ref_idx, score = reference._nsa_core(
         spec, q_t[None, None].to(d), torch.tensor([t], device=q_t.device), k[None, :t + 1].to(d),
         v[None, :t + 1].to(d), g_t[None, None].to(d), None, None, None, None,
-        None if idx is None else idx[None, None])
+        None if idx is None else idx[None, None],
+        q_cmp=None if qc_t is None else qc_t[None, None].to(d))
     return o[0, 0], None if ref_idx is None else ref_idx[0, 0], None if score is None else score[0, 0]
 
 
-def _check_step(spec, o_b, idx_b, q_t, k, v, g_t, t):
+def _check_step(spec, o_b, idx_b, q_t, k, v, g_t, t, qc_t=None):
     """One row of a step: the chosen blocks score like the reference's (a near-tie may flip in
     bf16), and the output equals the reference on the blocks the kernels chose."""
     if spec.has("slc"):
-        _, ref_idx, score = _ref_row(spec, q_t, k, v, g_t, t)
+        _, ref_idx, score = _ref_row(spec, q_t, k, v, g_t, t, qc_t=qc_t)
 
         def total(ix):
             return torch.where(ix >= 0, score.gather(-1, ix.clamp(min=0).long()), 0.0).sum(-1)
@@ -38,7 +40,7 @@ def _check_step(spec, o_b, idx_b, q_t, k, v, g_t, t):
         best = total(ref_idx)
         assert (total(idx_b) >= best - SCORE_TOL[BF16] * best.clamp_min(1e-6)).all(), (t, idx_b, ref_idx)
         assert ((idx_b >= 0).sum(-1) == min(spec.slc_count, t // spec.slc_block + 1)).all()
-    want, _, _ = _ref_row(spec, q_t, k, v, g_t, t, idx_b if spec.has("slc") else None)
+    want, _, _ = _ref_row(spec, q_t, k, v, g_t, t, idx_b if spec.has("slc") else None, qc_t)
     err = rel_err(o_b, want)
     assert err < 2e-2, (t, err)
 
@@ -309,3 +311,39 @@ def test_several_tokens_per_step_bf16():
             p = int(t[b, s])
             # the picks score like the reference's; the output is the reference's on them
             _check_step(spec, o[b, s], idx[b, s], q[b, p], k[b], v[b], gates[b, p], p)
+
+
+def test_decode_with_the_compressed_branchs_own_query_bf16():
+    """q_cmp drives the compressed branch and the block scores in decoding: a one-token step
+    and a three-token step over a 3000-token cache equal the reference with the same q_cmp
+    (which here differs from q enough to change the result)."""
+    spec = nsagen.load_spec("nsa-d128")
+    op = nsagen.build(spec)
+    B, T = 2, 3000
+    torch.manual_seed(21)
+    q = torch.randn(B, T, spec.heads_q, spec.dim_qk, device="cuda", dtype=BF16)
+    q_cmp = torch.randn_like(q)
+    k = torch.randn(B, T, spec.heads_kv, spec.dim_qk, device="cuda", dtype=BF16)
+    v = torch.randn(B, T, spec.heads_kv, spec.dim_v, device="cuda", dtype=BF16)
+    gates = torch.rand(B, T, spec.heads_q, 3, device="cuda", dtype=BF16)
+    cache = op.new_cache(B, T, device="cuda", dtype=BF16)
+    prompt = [2500, 2941]
+    cache.prefill(k[:, :2941], v[:, :2941], torch.tensor(prompt, dtype=torch.int32, device="cuda"))
+    rows = torch.arange(B, device="cuda")
+    t = torch.tensor(prompt, device="cuda")
+    o, idx = cache.decode(q[rows, t], k[rows, t], v[rows, t], gates[rows, t],
+                          q_cmp=q_cmp[rows, t], return_indices=True)
+    plain, _, _ = _ref_row(spec, q[0, prompt[0]], k[0], v[0], gates[0, prompt[0]], prompt[0])
+    assert rel_err(o[0], plain) > 5e-2          # q_cmp matters at these inputs
+    for b in range(B):
+        p = prompt[b]
+        _check_step(spec, o[b], idx[b], q[b, p], k[b], v[b], gates[b, p], p, q_cmp[b, p])
+    r = rows[:, None]
+    t3 = t[:, None] + 1 + torch.arange(3, device="cuda")
+    o, idx = cache.decode(q[r, t3], k[r, t3], v[r, t3], gates[r, t3], q_cmp=q_cmp[r, t3],
+                          return_indices=True)
+    for b in range(B):
+        for s in range(3):
+            p = int(t3[b, s])
+            _check_step(spec, o[b, s], idx[b, s], q[b, p], k[b], v[b], gates[b, p], p,
+                        q_cmp[b, p])

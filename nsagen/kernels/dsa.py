@@ -220,15 +220,13 @@ def _attention_bwd_default(spec: DSASpec, target: Target, why: list) -> dict:
     why.append(f"dsa_attention_bwd: the forward's programs again (token x KV head x {bh} "
                f"heads{fewer}); dq in registers, dK and dV of each step's gathered keys added "
                f"atomically into fp32 buffers"
-               + ("; tuning may choose the keys-as-rows form (KT): every product has the "
-                  "step's keys or a chunk of the head dim as its rows, never the heads"
-                  if wide else ""))
+               + ("; keys-as-rows form (KT): every product has the step's keys or a chunk "
+                  "of the head dim as its rows, never the heads" if wide else ""))
     # Wide heads, H100 at 4k (results/h100/dsa-2026-12-06b/NOTES.md): 32 keys a step,
-    # double-buffered, 46.0 ms against 63.7 for 16 single-buffered; the keys-as-rows form
-    # (KT=1) took 38.5 ms but stays a tuning choice (`nsagen tune` checks it against the
-    # reference on the GPU) until bf16 GPU tests have run it as a default
+    # double-buffered, 46.0 ms against 63.7 for 16 single-buffered, and 38.5 ms in the
+    # keys-as-rows form (KT=1), whose products keep 32 or more rows where the heads give 32
     return dict(BH=bh, BK=32, num_warps=4 if bh <= 16 else 8, num_stages=2 if wide else 1,
-                KT=0)
+                KT=1 if wide else 0)
 
 
 def _attention_bwd_space(spec: DSASpec, default: dict, target: Target, smem: int):
