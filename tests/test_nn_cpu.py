@@ -505,6 +505,44 @@ def test_straight_through_changes_gradients_not_values():
         SparseAttention(spec, hidden, selection_grad="soft")
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_cmp_grad_floor_scales_only_the_compressed_branchs_gradient(varlen):
+    """cmp_grad_floor: the same output (up to rounding) and the same gate gradients; the
+    compressed branch's own parameters (the mlp compression) get their gradient times
+    floor / gate, here with one constant gate sigmoid(-4) below the floor 0.5; a floor
+    under the gate changes nothing (up to the full plan the branches' outputs need at short
+    lengths)."""
+    spec = small_spec(kind="mlp")
+    hidden = spec.heads_q * spec.dim_v
+    g = torch.Generator().manual_seed(11)
+    B, T = (1, 35) if varlen else (2, 27)
+    cu = torch.tensor([0, 20, 35], dtype=torch.int32) if varlen else None
+    x = torch.randn(B, T, hidden, generator=g)
+    dy = torch.randn(B, T, hidden, generator=g)
+    gate = torch.sigmoid(torch.tensor(-4.0)).item()
+    runs = {}
+    for floor in (0.0, 0.5, 0.01):
+        layer = randomize(SparseAttention(spec, hidden, cmp_grad_floor=floor), 9)
+        with torch.no_grad():     # one constant gate per branch: cmp sigmoid(-4), others 0.5
+            layer.gate[2].weight.zero_()
+            layer.gate[2].bias.copy_(torch.tensor([-4.0, 0.0, 0.0]).repeat(spec.heads_q))
+        y = layer(x, cu_seqlens=cu)
+        y.backward(dy)
+        runs[floor] = (y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()})
+    (y0, g0), (y1, g1), (y2, g2) = runs[0.0], runs[0.5], runs[0.01]
+    assert rel(y1, y0) < 1e-6 and rel(y2, y0) < 1e-6
+    for n in g0:
+        assert rel(g2[n], g0[n]) < 1e-5, (n, rel(g2[n], g0[n]))
+        if n.startswith("gate"):
+            assert rel(g1[n], g0[n]) < 1e-5, (n, rel(g1[n], g0[n]))
+        elif n.startswith(("phi_k", "phi_v")):
+            assert rel(g1[n], g0[n] * (0.5 / gate)) < 1e-4, (n, rel(g1[n], g0[n] * 0.5 / gate))
+    assert rel(g1["q_proj.weight"], g0["q_proj.weight"]) > 1e-3   # q feeds the compressed branch
+    for bad in (1.5, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match="cmp_grad_floor"):
+            SparseAttention(spec, hidden, cmp_grad_floor=bad)
+
+
 def test_return_branches_are_the_reference_branches():
     """op(..., return_branches=True): the branches' outputs before gating equal the reference's,
     and gating them gives the output."""
