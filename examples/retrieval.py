@@ -41,7 +41,6 @@ accuracy split by whether any branch could reach the needle.
 
     python examples/retrieval.py results/arm2.json --rope no-cmp --curriculum 256,1024,2048
     python examples/retrieval.py results/arm4.json --rope no-cmp --selection-grad straight-through
-    python examples/retrieval.py results/arm5.json --rope no-cmp --cmp-grad-floor 0.5
 
 On CUDA the models train under bf16 autocast (fp32 master weights); on the CPU in float32, where
 the NSA op runs nsagen's PyTorch reference (or the kernels under TRITON_INTERPRET=1, slowly).
@@ -210,8 +209,7 @@ def build_model(kind: str, a, vocab: int, device) -> Model:
 
         def make():
             return SparseAttention(spec, a.hidden, rope_theta=a.rope_theta, rope=rope,
-                                   gate_bias=bias, selection_grad=a.selection_grad,
-                                   cmp_grad_floor=a.cmp_grad_floor)
+                                   gate_bias=bias, selection_grad=a.selection_grad)
     else:
         def make():
             return FullAttention(a.hidden, a.heads, a.kv_heads, dim, a.rope_theta,
@@ -483,10 +481,6 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--selection-grad", default="none", choices=["none", "straight-through"],
                    help="the NSA layer's selection_grad (straight-through: beyond the paper, "
                         "the selected branch's gate gradient reaches the chosen blocks' scores)")
-    p.add_argument("--cmp-grad-floor", type=float, default=0.0,
-                   help="the NSA layer's cmp_grad_floor (beyond the paper: the compressed "
-                        "branch, and so the block scores, learns as if its gate were at least "
-                        "this; default 0, the paper)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     for k, v in GPU_DEFAULTS.items():
         flag = "--" + k.replace("_", "-")

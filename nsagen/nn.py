@@ -164,11 +164,6 @@ class SparseAttention(nn.Module):
             "straight-through", beyond the paper: the selected branch's gate gradient also
             reaches the chosen blocks' scores (nsagen.straight_through says how); training
             without cu_seqlens or cp_group.
-        cmp_grad_floor: beyond the paper, 0 (the paper) to 1: in training, the compressed
-            branch's output receives its gradient as if its gate were at least this value
-            (the output's value is unchanged, up to rounding, and so is the gate's gradient).
-            In NSA the block scores learn only through that branch, so a closed compressed
-            gate stops them learning; docs/layer.md shows it happening. Not with cp_group.
         cp_group: context parallelism over this torch.distributed group: x is then this rank's
             zig-zag share [B, T / W, hidden] (`nsagen.distributed.shard`), and so is the
             output (docs/distributed.md); training and prefill only.
@@ -183,8 +178,7 @@ class SparseAttention(nn.Module):
                  gate_hidden: int | None = None, cmp_hidden: int | None = None,
                  bias: bool = False, match_width: bool = True, op=None,
                  gate_bias: dict[str, float] | None = None, cp_group=None,
-                 selection_grad: str = "none", cmp_grad_floor: float = 0.0, device=None,
-                 dtype=None):
+                 selection_grad: str = "none", device=None, dtype=None):
         super().__init__()
         if isinstance(spec, (str, os.PathLike)):
             spec = load_spec(spec)
@@ -219,13 +213,6 @@ class SparseAttention(nn.Module):
         if selection_grad not in ("none", "straight-through"):
             raise ValueError(f"selection_grad: expected 'none' or 'straight-through', got "
                              f"{str(selection_grad)[:40]!r}")
-        if (isinstance(cmp_grad_floor, bool) or not isinstance(cmp_grad_floor, (int, float))
-                or not 0.0 <= cmp_grad_floor <= 1.0):
-            raise ValueError(f"cmp_grad_floor: expected a number in [0, 1], got "
-                             f"{str(cmp_grad_floor)[:40]!r}")
-        if cmp_grad_floor and cp_group is not None:
-            raise ValueError("cmp_grad_floor: not supported with cp_group")
-        self.cmp_grad_floor = float(cmp_grad_floor) if spec.has("cmp") else 0.0
         self.op = op
         self._rope_cache: dict = {}
         self.cp_group = cp_group
@@ -407,11 +394,9 @@ class SparseAttention(nn.Module):
                                  "batch)")
             return self._decode(x, cache)
         p = self.project(x, cu_seqlens)
-        if self.training and torch.is_grad_enabled():
-            if self.selection_grad == "straight-through" and self.spec.has("slc"):
-                return self._out(self._straight_through(p, cu_seqlens))
-            if self.cmp_grad_floor:
-                return self._out(self._call_floored(p, cu_seqlens)[0])
+        if (self.selection_grad == "straight-through" and self.spec.has("slc") and self.training
+                and torch.is_grad_enabled()):
+            return self._out(self._straight_through(p, cu_seqlens))
         cp = {} if self.cp_group is None else {"cp_group": self.cp_group}
         o = self._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
                        cu_seqlens=cu_seqlens, k_win=p["k_win"], v_win=p["v_win"],
@@ -425,7 +410,9 @@ class SparseAttention(nn.Module):
             raise ValueError("selection_grad='straight-through': not supported with cu_seqlens "
                              "or cp_group")
         s = self.spec
-        o, idx, branches = self._call_floored(p, None)
+        o, idx, branches = self._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"],
+                                      p["v_cmp"], k_win=p["k_win"], v_win=p["v_win"],
+                                      return_branches=True, **_q_cmp_arg(p))
         q_sc = p["q"] if p["q_cmp"] is None else p["q_cmp"]
         k_sc = p["k_cmp"] if p["k_cmp"] is not None else reference.mean_compress(p["k"], s)
         pos = torch.arange(o.shape[1], device=o.device)
@@ -433,23 +420,6 @@ class SparseAttention(nn.Module):
         g_slc = p["gates"][..., 1].detach()
         zero = (w - w.detach()).repeat_interleave(s.group, -1) * g_slc   # 0, with w's gradient
         return o + zero[..., None].to(o.dtype) * branches[1]
-
-    def _call_floored(self, p: dict, cu_seqlens) -> tuple:
-        """The op with its branches' outputs: (o, indices, branches [3, B, T, HQ, Dv]). With
-        cmp_grad_floor the op runs with the compressed gate raised to the floor, which scales
-        the gradient its branch receives, and the raise's share of the value is taken back out
-        (a constant), so o and the gate's gradient are those of the real gate."""
-        gates = p["gates"]
-        g = gates[..., 0]
-        if self.cmp_grad_floor:
-            raise_ = (g.clamp(min=self.cmp_grad_floor) - g).detach()
-            gates = torch.stack([g + raise_, gates[..., 1], gates[..., 2]], -1)
-        o, idx, branches = self._op()(p["q"], p["k"], p["v"], gates, p["k_cmp"], p["v_cmp"],
-                                      cu_seqlens=cu_seqlens, k_win=p["k_win"],
-                                      v_win=p["v_win"], return_branches=True, **_q_cmp_arg(p))
-        if self.cmp_grad_floor:
-            o = (o.float() - raise_[..., None].float() * branches[0].float()).to(o.dtype)
-        return o, idx, branches
 
     # ------------------------------------------------------------------ decoding
     def new_cache(self, batch: int, max_len: int, device=None,

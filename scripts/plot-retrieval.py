@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Plot the retrieval experiment's arms (scripts/retrieval-arms.sh): for every JSON in a folder,
-the NSA model's training accuracy and each layer's needle-selected rate against steps (beside
+the NSA model's training accuracy and the best layer's needle-selected rate against steps (beside
 the random-coverage baseline), and a table of the final recall per length of both models.
 
     python scripts/plot-retrieval.py results/retrieval      # writes results/retrieval/arms.png
@@ -43,22 +43,25 @@ def main() -> int:
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_sel) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for name, doc in runs.items():
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for n, (name, doc) in enumerate(runs.items()):
         nsa = doc["models"].get("nsagen")
         if nsa is None:
             continue
+        color = colors[n % len(colors)]
         curve = nsa["curve"]
-        ax_acc.plot([c["step"] for c in curve], [c["acc"] for c in curve], label=name, lw=0.8)
+        ax_acc.plot([c["step"] for c in curve], [c["acc"] for c in curve], label=name, lw=0.8,
+                    color=color)
         probes = nsa.get("probe") or []
-        for i in range(len(probes[0]["layers"]) if probes else 0):
+        if probes:      # the layer that selects the needle best at each probe
             ax_sel.plot([p["step"] for p in probes],
-                        [p["layers"][i]["needle_selected"] for p in probes],
-                        label=f"{name} layer {i}", lw=0.8)
-        if probes:
+                        [max(layer["needle_selected"] for layer in p["layers"]) for p in probes],
+                        label=name, lw=0.8, color=color)
             ax_sel.plot([p["step"] for p in probes],
                         [p["layers"][0]["random_coverage"] for p in probes], "k:", lw=0.6)
     ax_acc.set(xlabel="step", ylabel="training answer accuracy (NSA)")
-    ax_sel.set(xlabel="step", ylabel="needle block selected (dotted: random)", ylim=(0, 1.02))
+    ax_sel.set(xlabel="step", ylabel="needle block selected, best layer (dotted: random)",
+               ylim=(0, 1.02))
     for ax in (ax_acc, ax_sel):
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
