@@ -41,6 +41,7 @@ accuracy split by whether any branch could reach the needle.
 
     python examples/retrieval.py results/arm2.json --rope no-cmp --curriculum 256,1024,2048
     python examples/retrieval.py results/arm4.json --rope no-cmp --selection-grad straight-through
+    python examples/retrieval.py results/arm5.json --rope no-cmp --selection-grad distill
 
 On CUDA the models train under bf16 autocast (fp32 master weights); on the CPU in float32, where
 the NSA op runs nsagen's PyTorch reference (or the kernels under TRITON_INTERPRET=1, slowly).
@@ -209,7 +210,8 @@ def build_model(kind: str, a, vocab: int, device) -> Model:
 
         def make():
             return SparseAttention(spec, a.hidden, rope_theta=a.rope_theta, rope=rope,
-                                   gate_bias=bias, selection_grad=a.selection_grad)
+                                   gate_bias=bias, selection_grad=a.selection_grad,
+                                   selection_weight=a.selection_weight)
     else:
         def make():
             return FullAttention(a.hidden, a.heads, a.kv_heads, dim, a.rope_theta,
@@ -296,6 +298,8 @@ def probe(model: Model, a, task: Task, device, T: int) -> dict | None:
                        "window_reaches": round(in_win.float().mean().item(), 4),
                        "gate_cmp": round(g[0].item(), 4), "gate_slc": round(g[1].item(), 4),
                        "gate_win": round(g[2].item(), 4)})
+        if attn.last_selection_loss is not None:    # "distill": its last training step's loss
+            layers[-1]["selection_loss"] = round(attn.last_selection_loss.item(), 4)
 
     def acc(mask):
         return round(right[mask].float().mean().item(), 4) if mask.any() else None
@@ -478,9 +482,14 @@ def parse(argv=None) -> argparse.Namespace:
                         "branch and the block scores un-rotated; full attention keeps RoPE)")
     p.add_argument("--gate-bias-cmp", type=float, default=None,
                    help="initial logit of the NSA model's compressed gate (default 0: 0.5)")
-    p.add_argument("--selection-grad", default="none", choices=["none", "straight-through"],
-                   help="the NSA layer's selection_grad (straight-through: beyond the paper, "
-                        "the selected branch's gate gradient reaches the chosen blocks' scores)")
+    p.add_argument("--selection-grad", default="none",
+                   choices=["none", "straight-through", "distill"],
+                   help="the NSA layer's selection_grad, beyond the paper: straight-through "
+                        "(the selected branch's gate gradient reaches the chosen blocks' scores) "
+                        "or distill (the block scores learn to rank the chosen blocks as the "
+                        "selected branch's attention does)")
+    p.add_argument("--selection-weight", type=float, default=1.0,
+                   help="the NSA layer's selection_weight (the distill loss's weight)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     for k, v in GPU_DEFAULTS.items():
         flag = "--" + k.replace("_", "-")

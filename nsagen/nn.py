@@ -33,7 +33,7 @@ from torch import nn
 from . import reference
 from .distributed import gather, share_positions
 from .rope import apply_rope, rope_tables
-from .straight_through import chosen_block_score
+from .selection_grad import DISTILL_STRIDE, chosen_block_score, distill_loss, with_loss
 from .spec import Spec
 from .ops import build
 from .specfile import load_spec
@@ -160,10 +160,14 @@ class SparseAttention(nn.Module):
         bias: bias in the q/k/v/o projections.
         op: the attention op; default `nsagen.build(spec)`. Any callable with the op's
             signature works (e.g. `reference_op(spec)`); decoding needs `op.new_cache`.
-        selection_grad: "none" (the paper: the block choice gets no gradient) or
-            "straight-through", beyond the paper: the selected branch's gate gradient also
-            reaches the chosen blocks' scores (nsagen.straight_through says how); training
-            without cu_seqlens or cp_group.
+        selection_grad: "none" (the paper: the block choice gets no gradient), or beyond the
+            paper "straight-through" (the selected branch's gate gradient also reaches the
+            chosen blocks' scores) or "distill" (the block scores learn to rank the chosen
+            blocks as the selected branch's attention does, a loss of weight
+            `selection_weight` whose gradient is added in the backward, as if it were part of
+            the model's loss; not scaled by a float16 GradScaler). nsagen.selection_grad says
+            how; training without cu_seqlens or cp_group. After a "distill" training call,
+            `last_selection_loss` holds the loss (detached).
         cp_group: context parallelism over this torch.distributed group: x is then this rank's
             zig-zag share [B, T / W, hidden] (`nsagen.distributed.shard`), and so is the
             output (docs/distributed.md); training and prefill only.
@@ -178,7 +182,8 @@ class SparseAttention(nn.Module):
                  gate_hidden: int | None = None, cmp_hidden: int | None = None,
                  bias: bool = False, match_width: bool = True, op=None,
                  gate_bias: dict[str, float] | None = None, cp_group=None,
-                 selection_grad: str = "none", device=None, dtype=None):
+                 selection_grad: str = "none", selection_weight: float = 1.0, device=None,
+                 dtype=None):
         super().__init__()
         if isinstance(spec, (str, os.PathLike)):
             spec = load_spec(spec)
@@ -210,9 +215,15 @@ class SparseAttention(nn.Module):
         self.spec, self.hidden_size = spec, hidden_size
         self.rope, self.rope_theta = rope, float(rope_theta)
         self.rope_cmp, self.rope_main = rope_cmp, rope_main
-        if selection_grad not in ("none", "straight-through"):
-            raise ValueError(f"selection_grad: expected 'none' or 'straight-through', got "
-                             f"{str(selection_grad)[:40]!r}")
+        if selection_grad not in ("none", "straight-through", "distill"):
+            raise ValueError(f"selection_grad: expected 'none', 'straight-through' or 'distill', "
+                             f"got {str(selection_grad)[:40]!r}")
+        if (isinstance(selection_weight, bool) or not isinstance(selection_weight, (int, float))
+                or not 0 < selection_weight < float("inf")):
+            raise ValueError(f"selection_weight: expected a positive number, got "
+                             f"{str(selection_weight)[:40]!r}")
+        self.selection_weight = float(selection_weight)
+        self.last_selection_loss: torch.Tensor | None = None
         self.op = op
         self._rope_cache: dict = {}
         self.cp_group = cp_group
@@ -394,32 +405,39 @@ class SparseAttention(nn.Module):
                                  "batch)")
             return self._decode(x, cache)
         p = self.project(x, cu_seqlens)
-        if (self.selection_grad == "straight-through" and self.spec.has("slc") and self.training
+        if (self.selection_grad != "none" and self.spec.has("slc") and self.training
                 and torch.is_grad_enabled()):
-            return self._out(self._straight_through(p, cu_seqlens))
+            return self._out(self._with_selection_grad(p, cu_seqlens))
         cp = {} if self.cp_group is None else {"cp_group": self.cp_group}
         o = self._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
                        cu_seqlens=cu_seqlens, k_win=p["k_win"], v_win=p["v_win"],
                        **_q_cmp_arg(p), **cp)
         return self._out(o)
 
-    def _straight_through(self, p: dict, cu_seqlens) -> torch.Tensor:
-        """The op's output plus a term that is zero in value and gives the chosen blocks'
-        scores the selected branch's gate gradient (nsagen.straight_through)."""
+    def _with_selection_grad(self, p: dict, cu_seqlens) -> torch.Tensor:
+        """The op's output, with the block scores given the selection_grad signal: a term zero
+        in value ("straight-through") or a loss whose gradient joins the backward ("distill");
+        nsagen.selection_grad says how."""
         if cu_seqlens is not None or self.cp_group is not None:
-            raise ValueError("selection_grad='straight-through': not supported with cu_seqlens "
-                             "or cp_group")
+            raise ValueError(f"selection_grad={self.selection_grad!r}: not supported with "
+                             f"cu_seqlens or cp_group")
         s = self.spec
-        o, idx, branches = self._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"],
-                                      p["v_cmp"], k_win=p["k_win"], v_win=p["v_win"],
-                                      return_branches=True, **_q_cmp_arg(p))
+        straight = self.selection_grad == "straight-through"
+        out = self._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
+                         k_win=p["k_win"], v_win=p["v_win"], return_indices=True,
+                         return_branches=straight, **_q_cmp_arg(p))
+        o, idx = out[0], out[1]
         q_sc = p["q"] if p["q_cmp"] is None else p["q_cmp"]
         k_sc = p["k_cmp"] if p["k_cmp"] is not None else reference.mean_compress(p["k"], s)
+        if not straight:
+            loss = distill_loss(s, p["q"], p["k"], q_sc, k_sc, idx, DISTILL_STRIDE)
+            self.last_selection_loss = loss.detach()
+            return with_loss(o, loss * self.selection_weight)
         pos = torch.arange(o.shape[1], device=o.device)
         w = chosen_block_score(s, q_sc, k_sc, idx, pos)
         g_slc = p["gates"][..., 1].detach()
         zero = (w - w.detach()).repeat_interleave(s.group, -1) * g_slc   # 0, with w's gradient
-        return o + zero[..., None].to(o.dtype) * branches[1]
+        return o + zero[..., None].to(o.dtype) * out[2][1]
 
     # ------------------------------------------------------------------ decoding
     def new_cache(self, batch: int, max_len: int, device=None,

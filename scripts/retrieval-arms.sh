@@ -5,6 +5,7 @@
 #   nope      no RoPE anywhere (the NoPE full-attention baseline beside it)
 #   open      no-cmp with the compressed gate started open (sigmoid(2) = 0.88)
 #   st        no-cmp with the straight-through selection gradient (beyond the paper)
+#   distill   no-cmp with the distilled selection loss (beyond the paper)
 # each with the curriculum 256 -> 1024 -> 2048 (the first sparse stage) -> 4k/8k/16k, for every
 # seed in SEEDS. JSON per arm and seed in $OUT, then a plot of recall and needle-selected rate
 # against steps (scripts/plot-retrieval.py, needs matplotlib).
@@ -15,13 +16,14 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 common="--curriculum 256,1024,2048 --log-every 100"
-for arm in ${ARMS:-control no-cmp nope open st}; do
+for arm in ${ARMS:-control no-cmp nope open st distill}; do
   case $arm in
     control) args="" ;;
     no-cmp) args="--rope no-cmp" ;;
     nope) args="--rope none" ;;
     open) args="--rope no-cmp --gate-bias-cmp 2" ;;
     st) args="--rope no-cmp --selection-grad straight-through" ;;
+    distill) args="--rope no-cmp --selection-grad distill" ;;
     *) echo "unknown arm $arm"; exit 2 ;;
   esac
   for seed in ${SEEDS:-0 1}; do

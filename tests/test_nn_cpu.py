@@ -422,6 +422,14 @@ def test_retrieval_example_smoke(tmp_path, monkeypatch):
     assert arm["config"]["rope"] == "no-cmp" and arm["config"]["gate_bias_cmp"] == 2.0
     assert arm["config"]["selection_grad"] == "straight-through"
     assert all(math.isfinite(c["loss"]) for r in arm["models"].values() for c in r["curve"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        arm = mod.main([str(out), "--smoke", "--rope", "no-cmp", "--selection-grad", "distill",
+                        "--selection-weight", "0.5", "--models", "nsagen"])
+    assert arm["config"]["selection_weight"] == 0.5
+    assert all(math.isfinite(c["loss"]) for r in arm["models"].values() for c in r["curve"])
+    assert all(math.isfinite(layer["selection_loss"])
+               for pr in arm["models"]["nsagen"]["probe"] for layer in pr["layers"])
 
 
 def _chosen_block_score_loops(spec, q_cmp, k_cmp, idx):
@@ -455,7 +463,7 @@ def _chosen_block_score_loops(spec, q_cmp, k_cmp, idx):
 def test_chosen_block_score_equals_loops():
     """The chosen blocks' log share of the importance: the loops' value, at most 0, and exactly
     0 while the top-n holds every block (nothing to choose between)."""
-    from nsagen.straight_through import chosen_block_score
+    from nsagen.selection_grad import chosen_block_score
 
     spec = small_spec(kind="mean", heads=(4, 2))
     g = torch.Generator().manual_seed(5)
@@ -473,6 +481,112 @@ def test_chosen_block_score_equals_loops():
     # shorter than l: no compressed token, every score 0 (this once indexed an empty tensor)
     short = chosen_block_score(spec, q[:, :5], kc[:, :0], idx[:, :5], torch.arange(5))
     assert short.shape == (B, 5, 2) and not short.any()
+
+
+def _distill_loss_loops(spec, q, k, q_cmp, k_cmp, idx, stride):
+    """distill_loss written as loops over sampled tokens, KV heads and chosen blocks (float64):
+    the selected attention's mass per chosen block against the softmax of their log
+    importance (the loops of _chosen_block_score_loops), over blocks with a visible window."""
+    from nsagen import reference
+
+    B, T, HQ, _ = q.shape
+    H, G, d, lw, bs = spec.heads_kv, spec.group, spec.cmp_stride, spec.cmp_block, spec.slc_block
+    W = reference.block_weights(spec, k_cmp.shape[1], spec.num_blocks(T))
+    total, rows = 0.0, 0
+    for b in range(B):
+        for t in range(stride - 1, T, stride):
+            for h in range(H):
+                blocks, logimp = [], []
+                for j in idx[b, t, h].tolist():
+                    terms = [math.log(W[i, j]) + spec.softmax_scale
+                             * float(q_cmp[b, t, h * G + g] @ k_cmp[b, i, h])
+                             for i in range(k_cmp.shape[1]) if j >= 0 and W[i, j] > 0
+                             and i * d + lw - 1 <= t for g in range(G)]
+                    if terms:
+                        blocks.append(j)
+                        logimp.append(float(torch.logsumexp(
+                            torch.tensor(terms, dtype=torch.float64), 0)))
+                if len(blocks) < 2:
+                    continue
+                toks = [s for j in idx[b, t, h].tolist() if j >= 0
+                        for s in range(j * bs, min((j + 1) * bs, t + 1))]
+                mass = {j: 0.0 for j in blocks}
+                for g in range(G):
+                    z = torch.tensor([spec.softmax_scale * float(q[b, t, h * G + g] @ k[b, s, h])
+                                      for s in toks], dtype=torch.float64)
+                    pr = torch.softmax(z, 0)
+                    for s, ps in zip(toks, pr.tolist()):
+                        if s // bs in mass:
+                            mass[s // bs] += ps / G
+                tgt = torch.tensor([mass[j] for j in blocks], dtype=torch.float64)
+                tgt = tgt / tgt.sum()
+                logp = torch.log_softmax(torch.tensor(logimp, dtype=torch.float64), 0)
+                total += float((tgt * (tgt.log() - logp)).sum())
+                rows += 1
+    return total / max(rows, 1)
+
+
+def test_distill_loss_equals_loops():
+    from nsagen.selection_grad import distill_loss
+
+    spec = small_spec(kind="mean", heads=(4, 2))
+    g = torch.Generator().manual_seed(12)
+    B, T = 2, 61
+    q = torch.randn(B, T, 4, 12, generator=g, dtype=torch.float64)
+    q_cmp = torch.randn(B, T, 4, 12, generator=g, dtype=torch.float64)
+    k = torch.randn(B, T, 2, 12, generator=g, dtype=torch.float64)
+    kc = nsagen.reference.mean_compress(k, spec)
+    _, idx = nsagen.reference.nsa(q, k, torch.randn(B, T, 2, 8, generator=g, dtype=torch.float64),
+                                  None, spec, return_indices=True, q_cmp=q_cmp)
+    for stride in (1, 4):
+        got = distill_loss(spec, q, k, q_cmp, kc, idx, stride)
+        want = _distill_loss_loops(spec, q, k, q_cmp, kc, idx, stride)
+        assert want > 1e-3 and abs(got.item() - want) < 1e-10 * max(1.0, want), (got, want)
+    # rows without two ranked blocks, or no compressed token at all: 0, and a finite gradient
+    qs = q_cmp[:, :10].clone().requires_grad_(True)
+    short = distill_loss(spec, q[:, :10], k[:, :10], qs, kc[:, :1], idx[:, :10], 1)
+    short.backward()
+    assert short.item() == 0 and torch.isfinite(qs.grad).all()
+
+
+def test_distill_adds_its_loss_to_the_backward():
+    """selection_grad='distill': the output as without it (up to the full plan the indices
+    need at short lengths); every gradient is the plain one plus selection_weight times the
+    distill loss's, which reaches the query projection and the compression only."""
+    from nsagen.selection_grad import DISTILL_STRIDE, distill_loss
+
+    spec = small_spec(kind="mlp")
+    hidden = spec.heads_q * spec.dim_v
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 40, hidden, generator=g)
+    dy = torch.randn(2, 40, hidden, generator=g)
+    runs = []
+    for mode in ("none", "distill"):
+        layer = randomize(SparseAttention(spec, hidden, selection_grad=mode,
+                                          selection_weight=0.7, rope=("slc", "win")), 3)
+        y = layer(x)
+        y.backward(dy)
+        runs.append((y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()},
+                     layer))
+    (y0, g0, _), (y1, g1, layer1) = runs
+    assert rel(y1, y0) < 1e-6
+    p = layer1.project(x)
+    _, idx = layer1._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
+                          q_cmp=p["q_cmp"], return_indices=True)
+    loss = distill_loss(spec, p["q"], p["k"], p["q_cmp"], p["k_cmp"], idx, DISTILL_STRIDE)
+    assert torch.allclose(layer1.last_selection_loss, loss.detach())
+    assert loss.item() > 1e-3
+    names = [n for n, _ in layer1.named_parameters()]
+    extra = torch.autograd.grad(loss * 0.7, list(layer1.parameters()), allow_unused=True)
+    for n, e in zip(names, extra):
+        if e is None or not e.any():
+            assert rel(g1[n], g0[n]) < 1e-5, n
+            assert not n.startswith(("q_proj", "phi_k")), n
+        else:
+            assert n.startswith(("q_proj", "k_proj", "phi_k")), n
+            assert rel(g1[n] - g0[n], e) < 1e-4, (n, rel(g1[n] - g0[n], e))
+    with pytest.raises(ValueError, match="selection_weight"):
+        SparseAttention(spec, hidden, selection_grad="distill", selection_weight=0)
 
 
 def test_straight_through_changes_gradients_not_values():
@@ -498,7 +612,7 @@ def test_straight_through_changes_gradients_not_values():
             assert torch.equal(g0[n], g1[n]), n
     assert rel(g1["q_proj.weight"], g0["q_proj.weight"]) > 1e-3
     # the extra gradient is that of sum w * c, c = g_slc <dO, o_slc> summed over the group
-    from nsagen.straight_through import chosen_block_score
+    from nsagen.selection_grad import chosen_block_score
 
     layer = randomize(SparseAttention(spec, hidden, rope=("slc", "win")), 7)
     p = layer.project(x)
