@@ -165,7 +165,8 @@ class SparseAttention(nn.Module):
             chosen blocks' scores) or "distill" (the block scores learn to rank the chosen
             blocks as the selected branch's attention does, a loss of weight
             `selection_weight` whose gradient is added in the backward, as if it were part of
-            the model's loss; not scaled by a float16 GradScaler). nsagen.selection_grad says
+            the model's loss, but not scaled with it: not by a float16 GradScaler nor by a
+            gradient-accumulation factor). nsagen.selection_grad says
             how; training without cu_seqlens or cp_group. After a "distill" training call,
             `last_selection_loss` holds the loss (detached).
         cp_group: context parallelism over this torch.distributed group: x is then this rank's
