@@ -287,20 +287,29 @@ def test_paged_decode_equals_the_contiguous_cache_and_replays_in_a_graph():
         assert rel_err(out, want) < 1e-3, (step, rel_err(out, want))
 
 
-def test_several_tokens_per_step_bf16():
-    """Four draft tokens per sequence over a 5000-token cache: each one's picks score like the
-    reference's, and its output is the reference's on them."""
+def _prefilled_d128(prompt, T, seed):
+    """An nsa-d128 cache of len(prompt) rows, each prefilled to its prompt length, with the
+    random bf16 q, k, v, gates [B, T, ...] its rows come from."""
     spec = nsagen.load_spec("nsa-d128")
-    op = nsagen.build(spec)
-    B, T, S = 2, 5000, 4
-    torch.manual_seed(8)
+    B = len(prompt)
+    torch.manual_seed(seed)
     q = torch.randn(B, T, spec.heads_q, spec.dim_qk, device="cuda", dtype=BF16)
     k = torch.randn(B, T, spec.heads_kv, spec.dim_qk, device="cuda", dtype=BF16)
     v = torch.randn(B, T, spec.heads_kv, spec.dim_v, device="cuda", dtype=BF16)
     gates = torch.rand(B, T, spec.heads_q, 3, device="cuda", dtype=BF16)
-    cache = op.new_cache(B, T, device="cuda", dtype=BF16)
+    cache = nsagen.build(spec).new_cache(B, T, device="cuda", dtype=BF16)
+    P = max(prompt)
+    cache.prefill(k[:, :P], v[:, :P], torch.tensor(prompt, dtype=torch.int32, device="cuda"))
+    return cache, q, k, v, gates
+
+
+def test_several_tokens_per_step_bf16():
+    """Four draft tokens per sequence over a 5000-token cache: each one's picks score like the
+    reference's, and its output is the reference's on them."""
+    spec = nsagen.load_spec("nsa-d128")
+    B, S = 2, 4
     prompt = [4000, 4093]
-    cache.prefill(k[:, :4093], v[:, :4093], torch.tensor(prompt, dtype=torch.int32, device="cuda"))
+    cache, q, k, v, gates = _prefilled_d128(prompt, T=5000, seed=8)
     rows = torch.arange(B, device="cuda")[:, None]
     t = torch.tensor(prompt, device="cuda")[:, None] + torch.arange(S, device="cuda")
     o, idx = cache.decode(q[rows, t], k[rows, t], v[rows, t], gates[rows, t],
@@ -318,17 +327,10 @@ def test_decode_with_the_compressed_branchs_own_query_bf16():
     and a three-token step over a 3000-token cache equal the reference with the same q_cmp
     (which here differs from q enough to change the result)."""
     spec = nsagen.load_spec("nsa-d128")
-    op = nsagen.build(spec)
-    B, T = 2, 3000
-    torch.manual_seed(21)
-    q = torch.randn(B, T, spec.heads_q, spec.dim_qk, device="cuda", dtype=BF16)
-    q_cmp = torch.randn_like(q)
-    k = torch.randn(B, T, spec.heads_kv, spec.dim_qk, device="cuda", dtype=BF16)
-    v = torch.randn(B, T, spec.heads_kv, spec.dim_v, device="cuda", dtype=BF16)
-    gates = torch.rand(B, T, spec.heads_q, 3, device="cuda", dtype=BF16)
-    cache = op.new_cache(B, T, device="cuda", dtype=BF16)
+    B = 2
     prompt = [2500, 2941]
-    cache.prefill(k[:, :2941], v[:, :2941], torch.tensor(prompt, dtype=torch.int32, device="cuda"))
+    cache, q, k, v, gates = _prefilled_d128(prompt, T=3000, seed=21)
+    q_cmp = torch.randn_like(q)
     rows = torch.arange(B, device="cuda")
     t = torch.tensor(prompt, device="cuda")
     o, idx = cache.decode(q[rows, t], k[rows, t], v[rows, t], gates[rows, t],

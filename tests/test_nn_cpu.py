@@ -549,6 +549,24 @@ def test_distill_loss_equals_loops():
     assert short.item() == 0 and torch.isfinite(qs.grad).all()
 
 
+def _train_step_per_mode(spec, modes, T, seed, init, **kw):
+    """One forward and backward of the layer (un-rotated compressed path, parameters from
+    randomize(init)) per selection_grad mode on the same x and dy: [(y, grads, layer)], x, dy."""
+    hidden = spec.heads_q * spec.dim_v
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, T, hidden, generator=g)
+    dy = torch.randn(2, T, hidden, generator=g)
+    runs = []
+    for mode in modes:
+        layer = randomize(SparseAttention(spec, hidden, selection_grad=mode,
+                                          rope=("slc", "win"), **kw), init)
+        y = layer(x)
+        y.backward(dy)
+        runs.append((y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()},
+                     layer))
+    return runs, x, dy
+
+
 def test_distill_adds_its_loss_to_the_backward():
     """selection_grad='distill': the output as without it (up to the full plan the indices
     need at short lengths); every gradient is the plain one plus selection_weight times the
@@ -556,19 +574,8 @@ def test_distill_adds_its_loss_to_the_backward():
     from nsagen.selection_grad import DISTILL_STRIDE, distill_loss
 
     spec = small_spec(kind="mlp")
-    hidden = spec.heads_q * spec.dim_v
-    g = torch.Generator().manual_seed(14)
-    x = torch.randn(2, 40, hidden, generator=g)
-    dy = torch.randn(2, 40, hidden, generator=g)
-    runs = []
-    for mode in ("none", "distill"):
-        layer = randomize(SparseAttention(spec, hidden, selection_grad=mode,
-                                          selection_weight=0.7, rope=("slc", "win")), 3)
-        y = layer(x)
-        y.backward(dy)
-        runs.append((y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()},
-                     layer))
-    (y0, g0, _), (y1, g1, layer1) = runs
+    ((y0, g0, _), (y1, g1, layer1)), x, _ = _train_step_per_mode(
+        spec, ("none", "distill"), T=40, seed=14, init=3, selection_weight=0.7)
     assert rel(y1, y0) < 1e-6
     p = layer1.project(x)
     _, idx = layer1._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
@@ -586,7 +593,7 @@ def test_distill_adds_its_loss_to_the_backward():
             assert n.startswith(("q_proj", "k_proj", "phi_k")), n
             assert rel(g1[n] - g0[n], e) < 1e-4, (n, rel(g1[n] - g0[n], e))
     with pytest.raises(ValueError, match="selection_weight"):
-        SparseAttention(spec, hidden, selection_grad="distill", selection_weight=0)
+        SparseAttention(spec, x.shape[-1], selection_grad="distill", selection_weight=0)
 
 
 def test_straight_through_changes_gradients_not_values():
@@ -595,17 +602,8 @@ def test_straight_through_changes_gradients_not_values():
     scores) gets more."""
     spec = small_spec(kind="mlp")
     hidden = spec.heads_q * spec.dim_v
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 27, hidden, generator=g)
-    dy = torch.randn(2, 27, hidden, generator=g)
-    runs = []
-    for mode in ("none", "straight-through"):
-        layer = randomize(SparseAttention(spec, hidden, selection_grad=mode,
-                                          rope=("slc", "win")), 7)
-        y = layer(x)
-        y.backward(dy)
-        runs.append((y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}))
-    (y0, g0), (y1, g1) = runs
+    ((y0, g0, _), (y1, g1, _)), x, dy = _train_step_per_mode(
+        spec, ("none", "straight-through"), T=27, seed=6, init=7)
     assert torch.equal(y0, y1)
     for n in g0:
         if n.startswith(("v_proj", "o_proj", "gate")):
