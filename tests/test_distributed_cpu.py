@@ -30,6 +30,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         full = unshard(mine, dim=1)
         back = unshard(shard(x.transpose(0, 1).contiguous(), dim=0), dim=0)
         torch.save(dict(mine=mine, full=full, back=back), f"{out}.{rank}")
+        dist.barrier()   # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 
@@ -110,6 +111,7 @@ def _cp_worker(rank: int, world: int, port: int, out: str) -> None:
         results.append(_cp_run(op, x, do, dist.group.WORLD))
         torch.save(dict(runs=results, order=_backward_order(*_cp_inputs(CP_CASES[0]))),
                    f"{out}.{rank}")
+        dist.barrier()   # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 
@@ -238,6 +240,7 @@ def _layer_worker(rank: int, world: int, port: int, out: str) -> None:
         for g in grads.values():   # data parallel over the sequence: sum the parameters' parts
             dist.all_reduce(g)
         torch.save(dict(y=y.detach(), dx=xs.grad, grads=grads), f"{out}.{rank}")
+        dist.barrier()   # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 
