@@ -162,11 +162,10 @@ class SparseAttention(nn.Module):
             signature works (e.g. `reference_op(spec)`); decoding needs `op.new_cache`.
         selection_grad: "none" (the paper: the block choice gets no gradient), or beyond the
             paper "straight-through" (the selected branch's gate gradient also reaches the
-            chosen blocks' scores) or "distill" (the block scores learn to rank the chosen
-            blocks as the selected branch's attention does, a loss of weight
-            `selection_weight` whose gradient is added in the backward, as if it were part of
-            the model's loss, but not scaled with it: not by a float16 GradScaler nor by a
-            gradient-accumulation factor). nsagen.selection_grad says
+            chosen blocks' scores) or "distill" (a loss of weight `selection_weight` trains
+            the learned compression, and only it, so that the block scores rank the chosen
+            blocks as the selected branch's attention does; its gradient joins the backward
+            unscaled by a GradScaler or an accumulation factor). nsagen.selection_grad says
             how; training without cu_seqlens or cp_group. After a "distill" training call,
             `last_selection_loss` holds the loss (detached).
         cp_group: context parallelism over this torch.distributed group: x is then this rank's
@@ -235,6 +234,9 @@ class SparseAttention(nn.Module):
         # the layer makes the compressed tokens itself: learned phi, or a mean of keys rotated
         # differently from the selected branch's (which the op's own mean would read)
         self.own_cmp = self.learned or (self.uses_cmp and rope_cmp != rope_main)
+        if selection_grad == "distill" and not self.learned:
+            raise ValueError("selection_grad='distill' trains the learned compression: needs a "
+                             "spec with a compressed branch and cmp_kind linear or mlp")
         self.separate = spec.kv_per_branch == "separate"
         self.q_proj = nn.Linear(hidden_size, HQ * Dk, bias=bias, **fk)
         self.k_proj = nn.Linear(hidden_size, H * Dk, bias=bias, **fk)
@@ -370,10 +372,7 @@ class SparseAttention(nn.Module):
                 ks, vs = self._cmp_source(k, pos, pkey), v
             if cp is not None:   # every rank compresses the whole sequence
                 ks, vs = gather(ks, cp), gather(vs, cp)
-            kc, vc = self.phi_k(ks, lens), self.phi_v(vs, lens)
-            if self.learned:
-                ends = _window_ends(s, [T] if lens is None else lens, x.device)
-                kc = self._rot(kc, ends, self.rope_cmp, ("ends",) + key)
+            kc, vc = self._cmp_keys(ks, lens, T, key), self.phi_v(vs, lens)
             out.update(k_cmp=kc, v_cmp=vc, k_src=ks, v_src=vs)
         if self.uses_cmp and self.rope_cmp != self.rope_main:
             out["q_cmp"] = self._rot(q, pos, self.rope_cmp, pkey)
@@ -387,6 +386,14 @@ class SparseAttention(nn.Module):
             if out[name] is not None and out[name].dtype != dt:
                 out[name] = out[name].to(dt)
         return out
+
+    def _cmp_keys(self, ks: torch.Tensor, lens, T: int, key: tuple) -> torch.Tensor:
+        """phi_k of the source keys ks, rotated at the windows' ends if learned (and rotated)."""
+        kc = self.phi_k(ks, lens)
+        if self.learned:
+            ends = _window_ends(self.spec, [T] if lens is None else lens, ks.device)
+            kc = self._rot(kc, ends, self.rope_cmp, ("ends",) + key)
+        return kc
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
@@ -430,8 +437,9 @@ class SparseAttention(nn.Module):
         o, idx = out[0], out[1]
         q_sc = p["q"] if p["q_cmp"] is None else p["q_cmp"]
         k_sc = p["k_cmp"] if p["k_cmp"] is not None else reference.mean_compress(p["k"], s)
-        if not straight:
-            loss = distill_loss(s, p["q"], p["k"], q_sc, k_sc, idx, DISTILL_STRIDE)
+        if not straight:    # trains the compression only: queries and source keys detached
+            k_sc = self._cmp_keys(p["k_src"].detach(), None, o.shape[1], ("T", o.shape[1]))
+            loss = distill_loss(s, p["q"], p["k"], q_sc.detach(), k_sc, idx, DISTILL_STRIDE)
             self.last_selection_loss = loss.detach()
             return with_loss(o, loss * self.selection_weight)
         pos = torch.arange(o.shape[1], device=o.device)

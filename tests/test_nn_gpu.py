@@ -87,3 +87,52 @@ def test_decode_equals_training_forward_bf16():
     got = torch.cat([prompt] + steps, dim=1)
     assert torch.isfinite(got).all()
     assert _rel(got, full) < 3e-2
+
+
+@pytest.mark.parametrize("mode", ["distill", "straight-through"])
+def test_selection_grad_keeps_the_plain_gradients_bf16(mode):
+    """In bf16 at a length where the selection is sparse (2048 tokens, 16 of 32 blocks), a
+    selection_grad mode gives the plain layer's output and the same gradients for every
+    parameter it does not train; "distill" adds its loss's gradient (weighted 50, so that it
+    shows above bf16 noise) to phi_k alone, and "straight-through" changes only what feeds the
+    block scores."""
+    from nsagen.selection_grad import DISTILL_STRIDE, distill_loss
+
+    torch.manual_seed(2)
+    spec = _spec("mlp", "shared")
+    hidden = spec.heads_q * spec.dim_v
+    x = torch.randn(2, 2048, hidden, device="cuda", dtype=BF16)
+    dy = torch.randn_like(x)
+    runs = []
+    for m in ("none", mode):
+        torch.manual_seed(3)
+        layer = SparseAttention(spec, hidden, selection_grad=m, rope=("slc", "win"),
+                                selection_weight=50.0).cuda().to(BF16)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_(0, 0.05)
+        y = layer(x)
+        y.backward(dy)
+        runs.append((y.detach(), {n: p.grad.float() for n, p in layer.named_parameters()}, layer))
+    (y0, g0, _), (y1, g1, layer) = runs
+    assert torch.isfinite(y1).all() and _rel(y1, y0) < 1e-2
+    changed = {n for n in g0 if _rel(g1[n], g0[n]) > 2e-2}
+    for n in g0:
+        assert torch.isfinite(g1[n]).all(), n
+    if mode == "straight-through":
+        assert changed and all(n.startswith(("q_proj", "k_proj", "phi_k")) for n in changed)
+        return
+    assert changed and all(n.startswith("phi_k") for n in changed), changed
+    p = layer.project(x)
+    with torch.no_grad():
+        _, idx = layer._op()(p["q"], p["k"], p["v"], p["gates"], p["k_cmp"], p["v_cmp"],
+                             q_cmp=p["q_cmp"], return_indices=True)
+    kc = layer._cmp_keys(p["k_src"].detach(), None, x.shape[1], ("T", x.shape[1]))
+    loss = distill_loss(spec, p["q"], p["k"], p["q_cmp"].detach(), kc, idx, DISTILL_STRIDE)
+    assert torch.allclose(layer.last_selection_loss.float(), loss.detach().float(), rtol=2e-2)
+    names = [n for n, _ in layer.named_parameters()]
+    extra = torch.autograd.grad(loss * 50.0, list(layer.parameters()), allow_unused=True)
+    for n, e in zip(names, extra):
+        if n.startswith("phi_k"):
+            err = (g1[n] - g0[n] - e.float()).norm()
+            assert err <= 2e-2 * g0[n].norm() + 5e-2 * e.float().norm(), n
