@@ -486,8 +486,8 @@ def parse(argv=None) -> argparse.Namespace:
                    choices=["none", "straight-through", "distill"],
                    help="the NSA layer's selection_grad, beyond the paper: straight-through "
                         "(the selected branch's gate gradient reaches the chosen blocks' scores) "
-                        "or distill (the block scores learn to rank the chosen blocks as the "
-                        "selected branch's attention does)")
+                        "or distill (the learned compression learns to make the block scores "
+                        "rank the chosen blocks as the selected branch's attention does)")
     p.add_argument("--selection-weight", type=float, default=1.0,
                    help="the NSA layer's selection_weight (the distill loss's weight)")
     p.add_argument("--weight-decay", type=float, default=0.1)

@@ -28,7 +28,8 @@ over the block's tokens, averaged over the KV head's query heads, renormalised o
 blocks that have a visible compressed token). The prediction is the softmax of those blocks' log
 importance. The loss is the KL divergence of the prediction from the target, averaged over the
 sampled rows with two or more such blocks. Its gradient reaches the compressed queries and
-keys only.
+keys only, and the layer passes a detached query and compressed keys made from detached source
+keys, so only the learned compression trains on it (docs/layer.md says why).
 """
 from __future__ import annotations
 

@@ -6,6 +6,9 @@
 #   open      no-cmp with the compressed gate started open (sigmoid(2) = 0.88)
 #   st        no-cmp with the straight-through selection gradient (beyond the paper)
 #   distill   no-cmp with the distilled selection loss (beyond the paper)
+#   nope-open       nope with the compressed gate started open
+#   nope-distill    nope with the distilled selection loss (full attention's recall, H100)
+#   control-distill RoPE everywhere with the distilled selection loss
 # each with the curriculum 256 -> 1024 -> 2048 (the first sparse stage) -> 4k/8k/16k, for every
 # seed in SEEDS. JSON per arm and seed in $OUT, then a plot of recall and needle-selected rate
 # against steps (scripts/plot-retrieval.py, needs matplotlib).
@@ -16,7 +19,7 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 common="--curriculum 256,1024,2048 --log-every 100"
-for arm in ${ARMS:-control no-cmp nope open st distill}; do
+for arm in ${ARMS:-control no-cmp nope open st distill nope-open nope-distill control-distill}; do
   case $arm in
     control) args="" ;;
     no-cmp) args="--rope no-cmp" ;;
@@ -24,6 +27,9 @@ for arm in ${ARMS:-control no-cmp nope open st distill}; do
     open) args="--rope no-cmp --gate-bias-cmp 2" ;;
     st) args="--rope no-cmp --selection-grad straight-through" ;;
     distill) args="--rope no-cmp --selection-grad distill" ;;
+    nope-open) args="--rope none --gate-bias-cmp 2" ;;
+    nope-distill) args="--rope none --selection-grad distill" ;;
+    control-distill) args="--selection-grad distill" ;;
     *) echo "unknown arm $arm"; exit 2 ;;
   esac
   for seed in ${SEEDS:-0 1}; do
