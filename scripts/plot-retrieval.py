@@ -43,20 +43,23 @@ def main() -> int:
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_sel) = plt.subplots(1, 2, figsize=(13, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for n, (name, doc) in enumerate(runs.items()):
+    colors = plt.get_cmap("tab10").colors
+    arms = sorted({name.rsplit("-seed", 1)[0] for name in runs})    # one colour per arm
+    for name, doc in runs.items():
         nsa = doc["models"].get("nsagen")
         if nsa is None:
             continue
-        color = colors[n % len(colors)]
+        arm, _, seed = name.rpartition("-seed")
+        color = colors[arms.index(arm or name) % len(colors)]
+        style = "-" if seed in ("", "0") else "--"                   # seed 0 solid, others dashed
         curve = nsa["curve"]
-        ax_acc.plot([c["step"] for c in curve], [c["acc"] for c in curve], label=name, lw=0.8,
-                    color=color)
+        ax_acc.plot([c["step"] for c in curve], [c["acc"] for c in curve], style, label=name,
+                    lw=0.8, color=color)
         probes = nsa.get("probe") or []
         if probes:      # the layer that selects the needle best at each probe
             ax_sel.plot([p["step"] for p in probes],
                         [max(layer["needle_selected"] for layer in p["layers"]) for p in probes],
-                        label=name, lw=0.8, color=color)
+                        style, label=name, lw=0.8, color=color)
             ax_sel.plot([p["step"] for p in probes],
                         [p["layers"][0]["random_coverage"] for p in probes], "k:", lw=0.6)
     ax_acc.set(xlabel="step", ylabel="training answer accuracy (NSA)")
