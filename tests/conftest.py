@@ -7,6 +7,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("NSAGEN_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "nsagen"))
+if os.environ.get("PYTEST_XDIST_WORKER") and not torch.cuda.is_available():
+    torch.set_num_threads(1)    # one core per test process (`pytest -n 2` on a 2-core machine)
 
 
 @pytest.fixture
