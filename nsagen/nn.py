@@ -436,12 +436,12 @@ class SparseAttention(nn.Module):
                          return_branches=straight, **_q_cmp_arg(p))
         o, idx = out[0], out[1]
         q_sc = p["q"] if p["q_cmp"] is None else p["q_cmp"]
-        k_sc = p["k_cmp"] if p["k_cmp"] is not None else reference.mean_compress(p["k"], s)
         if not straight:    # trains the compression only: queries and source keys detached
             k_sc = self._cmp_keys(p["k_src"].detach(), None, o.shape[1], ("T", o.shape[1]))
             loss = distill_loss(s, p["q"], p["k"], q_sc.detach(), k_sc, idx, DISTILL_STRIDE)
             self.last_selection_loss = loss.detach()
             return with_loss(o, loss * self.selection_weight)
+        k_sc = p["k_cmp"] if p["k_cmp"] is not None else reference.mean_compress(p["k"], s)
         pos = torch.arange(o.shape[1], device=o.device)
         w = chosen_block_score(s, q_sc, k_sc, idx, pos)
         g_slc = p["gates"][..., 1].detach()
