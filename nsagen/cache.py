@@ -83,8 +83,25 @@ def remove_stale_temps(path: Path) -> list[Path]:
     return removed
 
 
+INTERPRETED = "__interpreted"    # suffix of a module imported under Triton's interpreter
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter is on. A generated module's kernels are bound to the mode
+    it was imported under, so each mode imports its own copy (`import_file`)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def plain_name(module: ModuleType) -> str:
+    """A generated module's name as its file has it, whichever mode imported it."""
+    return module.__name__.removesuffix(INTERPRETED)
+
+
 def import_file(name: str, path: Path) -> ModuleType:
-    """Import (or return the already imported) module `name` from `path`."""
+    """Import (or return the already imported) module `name` from `path`; under Triton's
+    interpreter it is imported as `name`__interpreted (its kernels differ)."""
+    if interpreting():
+        name += INTERPRETED
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)

@@ -26,6 +26,7 @@ from . import configspace, reference, tables
 from .checks import check_dsa_inputs, check_fp8_keys_device
 from .dsa_decode import DSACache
 from .dsa_spec import DSASpec
+from .cache import plain_name
 from .launch import (direct_launches, fallback_notice, interpreted_in_float32,
                      kernels_available, pack)
 from .layout import build_layout, layout_of_call
@@ -41,7 +42,7 @@ class DSAOp:
         self.path = path
         self.target = target
         self.name = module.URI
-        self.module_name = module.__name__
+        self.module_name = plain_name(module)
         self.configs: dict[str, dict] = {}     # explicit per-kernel launch configs
         self._tables: dict | None = None
         self._tables_loaded = False

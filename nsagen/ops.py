@@ -17,7 +17,7 @@ from torch import Tensor  # noqa: F401  (resolves the op signatures' string anno
 from torch.library import triton_op
 
 from . import configspace, reference, tables
-from .cache import import_file, load_module
+from .cache import import_file, interpreting, load_module, plain_name
 from .checks import check_inputs
 from .codegen import module_name, render
 from .configspace import ConfigOverrides
@@ -49,7 +49,7 @@ class NSAOp:
         self.name = module.URI
         self._defaults = {**getattr(module, "DECODE_CONFIGS", {}), **module.CONFIGS}
         self.configs = {}   # explicit per-kernel overrides (win over tuned tables)
-        self.module_name = module.__name__
+        self.module_name = plain_name(module)
         self._tables: dict | None = None
         self._tables_loaded = False
         self.op_name = f"nsagen::{module.__name__}".replace("-", "_")
@@ -329,7 +329,7 @@ def _register_training_op(nsa: NSAOp):
     return fwd_op, Eager.apply
 
 
-_BUILT: dict[str, NSAOp | DSAOp] = {}
+_BUILT: dict[tuple[str, bool], NSAOp | DSAOp] = {}
 
 
 def build(spec: Spec | DSASpec | str | os.PathLike,
@@ -345,7 +345,8 @@ def build(spec: Spec | DSASpec | str | os.PathLike,
     spec.check_kernels()
     target = target or current()
     name = module_name(spec, target=target)
-    if name not in _BUILT:
+    key = (name, interpreting())        # the interpreter's kernels are a module of their own
+    if key not in _BUILT:
         source = render(spec, target=target)
         shipped = prebuilt_module(source)
         if shipped is not None:
@@ -354,5 +355,5 @@ def build(spec: Spec | DSASpec | str | os.PathLike,
         else:
             mod, path, reused = load_module(name, source)
             log.info("nsagen: %s %s (%s)", "loaded" if reused else "built", name, path)
-        _BUILT[name] = (DSAOp if spec.family == "dsa" else NSAOp)(spec, mod, path, target)
-    return _BUILT[name]
+        _BUILT[key] = (DSAOp if spec.family == "dsa" else NSAOp)(spec, mod, path, target)
+    return _BUILT[key]

@@ -154,3 +154,22 @@ def test_listing_creates_nothing(tmp_path, monkeypatch, capsys):
     finally:
         os.chmod(ro, 0o755)
         os.chmod(ro / "modules", 0o755)
+
+
+def test_interpreter_and_compiled_modes_get_their_own_op(monkeypatch):
+    """A generated module's kernels are bound to the Triton mode it was imported under: an op
+    built with the interpreter off must not be handed out once it is on (that op would launch
+    on a GPU driver that a CPU-only machine lacks), and the reverse."""
+    spec = nsagen.load_spec("nsa-d128").replace(name="modes", heads_q=2, heads_kv=1, dim_qk=16,
+                                                 dim_v=16, cmp_block=8, cmp_stride=4,
+                                                 slc_block=8, slc_count=4, window=8)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    compiled = nsagen.build(spec)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreted = nsagen.build(spec)
+    assert interpreted is not compiled
+    assert interpreted.module_name == compiled.module_name       # one file, one tuning table
+    assert interpreted.op_name != compiled.op_name               # two registered ops
+    assert nsagen.build(spec) is interpreted
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert nsagen.build(spec) is compiled
