@@ -30,6 +30,7 @@ try:   # torch's analysis of what a Triton kernel writes (torch.library's triton
 except ImportError:    # older torch
     identify_accessed_tensors = None
 
+from .cache import interpreting
 from .ir.passes import decode_splits
 from .layout import build_layout
 from .target import Target
@@ -86,7 +87,7 @@ def record_launches(op, seq_len: int = 300, dtype=torch.bfloat16, decode_batch: 
                     decode_len: int = 1000, configs: dict | None = None) -> list[tuple]:
     """The distinct (kernel, args, kwargs) launches of a forward, a backward and a decode step
     at `seq_len` on CPU tensors, with `configs` (default: the module's defaults)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         raise RuntimeError("cross-compiling needs TRITON_INTERPRET off: under the interpreter "
                            "kernels are not compiled")
     spec = op.spec

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import warnings
 
 import torch
 from torch._guards import TracingContext, detect_fake_mode
+
+from .cache import interpreting
 
 try:  # torch >= 2.6: launches outside a registered op can skip wrap_triton's dispatch
     from torch._library.triton import set_wrap_triton_enabled
@@ -59,7 +60,7 @@ def fallback_notice(device: torch.device) -> None:
 
 def kernels_available(device: torch.device) -> bool:
     """Whether generated kernels can run on tensors of this device."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or interpreting()
 
 
 def interpreted_in_float32(t: torch.Tensor) -> bool:
