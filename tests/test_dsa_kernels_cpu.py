@@ -107,18 +107,19 @@ def test_indexer_folds_each_rows_extreme_scores(bk, kb, krows):
             assert got[row, 0] == s.max() and got[row, 1] == s.min(), (row, pos)
 
 
-@pytest.mark.parametrize("kv,hfast", [(1, 0), (2, 0), (1, 1)])
-def test_attention_splits_a_tokens_picks_across_programs(kv, hfast):
+@pytest.mark.parametrize("kv,hfast,split_s", [(1, 0, 0), (2, 0, 1), (1, 1, 1)])
+def test_attention_splits_a_tokens_picks_across_programs(kv, hfast, split_s):
     """A grid of few programs (a decode step) splits each token's picks into runs, one program
     each, and combines their partials by LSE: outputs equal the reference, rows below topk
     (some runs see nothing) included. `hfast`: a token's head blocks and runs are neighbours in
-    the grid (with MQA over 128 heads: two head blocks)."""
+    the grid (with MQA over 128 heads: two head blocks); `split_s`: the scores formed behind
+    the branch that lets two warpgroups split them (the same values either way)."""
     spec = spec_of(kv=kv, topk=64, hq=128 if hfast else 4)
     op = nsagen.build(spec)
     lens = [40] if hfast else [70, 30]
     x, cu = dsa_inputs(spec, lens, torch.float32, "cpu", seed=11)
     op.configs = {"dsa_attention": dict(op.module.CONFIGS["dsa_attention"], BK=16, BKV=16,
-                                        SMS=1 << 20, HFAST=hfast)}
+                                        SMS=1 << 20, HFAST=hfast, SPLIT_S=split_s)}
     try:
         check_forward(op, x, lens, torch.float32)
         if hfast:   # the grid order is the forward's alone

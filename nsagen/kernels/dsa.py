@@ -172,11 +172,23 @@ def _attention_default(spec: DSASpec, target: Target, why: list) -> dict:
     why.append("dsa_attention: with fewer programs than SMs (a decode step), each token's "
                "picks are split in up to 16 runs, one program each, until there is one per SM; "
                "the partials are combined one (token, head) per program, all runs loaded at once")
-    if spec.group > bh:
+    warps = 4 if bh <= 16 else 8
+    # Two warpgroups on a 64-row tile: the scores' product split between them (SPLIT_S), and
+    # tokens, not a token's head blocks, adjacent in launch order. H100, dsa-v32, attention
+    # alone: 152.9 ms at 64k against 157.8 with both warpgroups computing all of S and a
+    # token's head blocks adjacent (HFAST=1), 33.3 against 34.7 ms at 16k; S split with HFAST=1
+    # took 185.6 ms (results/h100/dsa-2026-12-06d/NOTES.md).
+    split = warps == 8 and bh == 64
+    if split:
+        why.append("dsa_attention: the scores' product is split between the two warpgroups "
+                   "(each forms half of a step's keys; P reaches both through shared memory), "
+                   "and neighbouring tokens, not a token's head blocks, are neighbours in "
+                   "launch order")
+    elif spec.group > bh:
         why.append(f"dsa_attention: a token's {triton.cdiv(spec.group, bh)} head blocks are "
                    "neighbours in launch order, so the later ones find its gathered keys in L2")
-    return dict(BK=bk, BKV=bkv, num_warps=4 if bh <= 16 else 8, num_stages=stages, HFAST=1,
-                SMS=target.sm_count)
+    return dict(BK=bk, BKV=bkv, num_warps=warps, num_stages=stages, HFAST=0 if split else 1,
+                SPLIT_S=int(split), SMS=target.sm_count)
 
 
 def _attention_space(spec: DSASpec, default: dict, target: Target, smem: int):
@@ -184,11 +196,14 @@ def _attention_space(spec: DSASpec, default: dict, target: Target, smem: int):
     wide = head_rows(spec) * triton.next_power_of_2(spec.dim_v) > 64 * 256
     budget = min(smem, target.smem_budget) if smem else target.smem_budget
     out = []
-    for bk, nw, ns, hf in itertools.product([16, 32, 64], [8] if wide else [4, 8], [1, 2, 3],
-                                            [0, 1]):
+    for bk, nw, ns, hf, sp in itertools.product([16, 32, 64], [8] if wide else [4, 8],
+                                                [1, 2, 3], [0, 1], [0, 1]):
         bkv = min(bk, _attention_tile(spec, target, ns, False))
+        if sp and not (nw == 8 and head_rows(spec) == 64):
+            continue
         if attention_smem(spec, bk, ns, values_from_keys(spec)) <= budget:
-            out.append(dict(default, BK=bk, BKV=bkv, num_warps=nw, num_stages=ns, HFAST=hf))
+            out.append(dict(default, BK=bk, BKV=bkv, num_warps=nw, num_stages=ns, HFAST=hf,
+                            SPLIT_S=sp))
     return out, []
 
 
@@ -205,7 +220,8 @@ def _attention_launch(spec: DSASpec, flags: dict) -> dict:
             values(BH=head_rows(spec), DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
                    BDV=bdv, K=spec.topk),
             consts(PREC="prec", DENSE="dense", NS="ns", NHB="nhb", VK="vk",
-                   HFAST='cfg.get("HFAST", 1)', BK="bk"), options=WARPS_STAGES),
+                   HFAST='cfg.get("HFAST", 1)', BK="bk",
+                   SPLIT_S='cfg.get("SPLIT_S", 0)'), options=WARPS_STAGES),
         combine=signature(
             ptrs("po", "plse", "o", "lse"), strides("o", "ot", "oh"),
             consts(H="H_KV", G="GROUP", NS="ns"), values(DV=spec.dim_v, BDV=bdv),
