@@ -59,13 +59,22 @@ def query_splits(programs, span, step):
 
 
 @triton.jit
-def _online_update(s, m_i, l_i, acc, v, PREC: tl.constexpr):
-    """One online-softmax step in the log2 domain; rows that saw nothing keep m=-inf, l=0."""
+def _softmax_step(s, m_i, l_i):
+    """The probabilities of one online-softmax step in the log2 domain: (p, the rescale alpha
+    of the running sums, the new row max, the new row sum); rows that saw nothing keep m=-inf,
+    l=0."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_use)
     p = tl.math.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def _online_update(s, m_i, l_i, acc, v, PREC: tl.constexpr):
+    """One online-softmax step in the log2 domain, P V included."""
+    p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l_i, acc
 
