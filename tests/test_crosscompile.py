@@ -105,7 +105,10 @@ def test_dsa_kernels_write_only_their_outputs(name):
         "dsa_topk_select": ["cnt_ptr", "idx_ptr"],
         "dsa_attention": ["lse_ptr", "o_ptr", "plse_ptr", "po_ptr"],
         "dsa_attention_combine": ["lse_ptr", "o_ptr"],
-        "dsa_attention_bwd_kt": ["dk_ptr", "dq_ptr", "dv_ptr"],   # the wide heads' form
+        # the wide heads' form: dS and P stored, then dq, then dK and dV
+        "dsa_attention_bwd_ds": ["ds_ptr", "pw_ptr"],
+        "dsa_attention_bwd_dq": ["dq_ptr"],
+        "dsa_attention_bwd_dkv": ["dk_ptr", "dv_ptr"],
         "dsa_indexer_loss_fwd": ["loss_ptr", "saved_ptr"],
         "dsa_indexer_loss_bwd": ["dki_ptr", "dqi_ptr", "dw_ptr"],
         "dsa_append": ["k_ptr", "ki_ptr"] + (["ks_ptr"] if "fp8" in name else [])

@@ -249,6 +249,32 @@ def test_gradients_keys_as_rows(kv, dk, dv, with_v):
         op.configs = {}
 
 
+@pytest.mark.parametrize("kv,hq,dk,dv,with_v,dtype,chunk", [
+    (1, 4, 40, 32, False, torch.float32, 0), (2, 4, 24, 16, True, torch.float16, 0),
+    (1, 4, 576, 512, False, torch.float32, 5), (1, 40, 24, 16, True, torch.float32, 0),
+    (2, 4, 576, 512, True, torch.float32, 0)])
+def test_gradients_stored_ds(kv, hq, dk, dv, with_v, dtype, chunk, monkeypatch):
+    """The backward's stored-dS form (cfg STORE_DS: P and dS written to a workspace, then dq
+    and dK in kernels of their own) gives the reference's gradients: v read from k or its own
+    tensor, 40 heads per KV head taken 16 at a time by the dK kernel, and tokens in chunks of
+    5 (a workspace of 5 tokens) across packed sequences."""
+    spec = spec_of(kv=kv, hq=hq, dk=dk, dv=dv)
+    op = nsagen.build(spec)
+    lens = [30, 7]
+    x, cu = dsa_inputs(spec, lens, dtype, "cpu", seed=kv + hq + dk)
+    if not with_v:
+        x["v"] = None
+    if chunk:
+        item = 4 if dtype == torch.float32 else 2
+        monkeypatch.setattr(op.module, "DSA_BWD_BYTES", 2 * hq * spec.topk * item * chunk)
+    op.configs = {"dsa_attention_bwd": dict(op.module.CONFIGS["dsa_attention_bwd"], STORE_DS=1,
+                                            KT=0, BH=16, BK=16, BP=64, BC=16, BHK=16)}
+    try:
+        check_gradients(op, x, lens, cu, dtype)
+    finally:
+        op.configs = {}
+
+
 def test_unsupported_specs_are_refused_by_name(monkeypatch):
     spec = spec_of()
     with pytest.raises(SpecError, match="indexer.topk"):

@@ -31,10 +31,15 @@ def test_forward_bf16(name, topk, lens):
     check_forward(op, x, lens, BF16)
 
 
-@pytest.mark.parametrize("name,topk", [("dsa-gqa", 256), ("dsa-v32", 128)])
-def test_backward_and_indexer_loss_bf16(name, topk):
+@pytest.mark.parametrize("name,topk,form", [("dsa-gqa", 256, {}), ("dsa-v32", 128, {}),
+                                            ("dsa-v32", 128, {"STORE_DS": 0, "KT": 1, "BH": 32}),
+                                            ("dsa-gqa", 256, {"STORE_DS": 1})])
+def test_backward_and_indexer_loss_bf16(name, topk, form):
+    """Gradients and the indexer loss against the reference; the backward in its default form
+    and in another (keys-as-rows for MLA's wide heads, stored dS for small ones)."""
     spec = _spec(name, topk)
     op = nsagen.build(spec)
+    op.configs = {"dsa_attention_bwd": dict(op.module.CONFIGS["dsa_attention_bwd"], **form)}
     lens = [1200]
     mla = spec.dim_v < spec.dim_qk
     x, cu = dsa_inputs(spec, lens, BF16, "cuda", seed=topk, with_v=not mla)

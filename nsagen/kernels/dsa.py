@@ -40,6 +40,13 @@ def column_chunks(spec: DSASpec) -> tuple[int, int, int]:
     return cw, dka // cw, bdv // cw
 
 
+def key_step_heads(spec: DSASpec) -> int:
+    """Query heads per step of the backward's dK kernel (stored-dS form, its default): all of a
+    KV head's heads up to 128 (padded to at least 16), so each key's gradient is summed over
+    them before its atomic add."""
+    return max(16, min(128, triton.next_power_of_2(spec.group)))
+
+
 def index_rows(spec: DSASpec) -> int:
     """Indexer heads padded to a power of two (rows per token of the indexer tile)."""
     return triton.next_power_of_2(spec.indexer_heads)
@@ -231,25 +238,41 @@ def _attention_launch(spec: DSASpec, flags: dict) -> dict:
 # ---------------------------------------------------------------------------- dsa_attention_bwd
 def _attention_bwd_default(spec: DSASpec, target: Target, why: list) -> dict:
     wide = spec.dim_qk + spec.dim_v > 512
-    bh = min(head_rows(spec), 32) if wide else head_rows(spec)
-    fewer = ", fewer than the forward: a wide head keeps dq and dO on chip" if wide else ""
+    bh = head_rows(spec)
     why.append(f"dsa_attention_bwd: the forward's programs again (token x KV head x {bh} "
-               f"heads{fewer}); dq in registers, dK and dV of each step's gathered keys added "
-               f"atomically into fp32 buffers"
-               + ("; keys-as-rows form (KT): every product has the step's keys or a chunk "
-                  "of the head dim as its rows, never the heads" if wide else ""))
-    # Wide heads, H100 at 4k (results/h100/dsa-2026-12-06b/NOTES.md): 32 keys a step,
-    # double-buffered, 46.0 ms against 63.7 for 16 single-buffered, and 38.5 ms in the
-    # keys-as-rows form (KT=1), whose products keep 32 or more rows where the heads give 32
-    return dict(BH=bh, BK=32, num_warps=4 if bh <= 16 else 8, num_stages=2 if wide else 1,
-                KT=1 if wide else 0)
+               f"heads), dq in registers, dK and dV of each step's gathered keys added "
+               f"atomically into fp32 buffers" if not wide else
+               f"dsa_attention_bwd: a wide head in three kernels per chunk of tokens (stored "
+               f"dS): P and dS of {bh} heads x 64 picks a step written to a workspace, dq = dS K "
+               f"from the keys gathered again, and dK = dS^T q + P^T dO of 128 picks x 64 "
+               f"columns a step over {key_step_heads(spec)} heads of the KV head, one atomic "
+               f"add per key, token and column; no kernel holds two accumulators")
+    # Wide heads, H100, dsa-v32 at 16k, kernels alone: 129.3 ms stored-dS with 64 picks a step
+    # in one buffer (143.0 with 32 in two, 160.5 with 64 picks x 128 columns in the dK
+    # kernel) against 194.3 for the keys-as-rows form (KT), whose 4 blocks of 32 heads each
+    # add every picked key's gradient (results/h100/dsa-2026-12-06e/NOTES.md)
+    if wide:
+        return dict(BH=bh, BK=64, num_warps=8, num_stages=1, KT=0, STORE_DS=1, BP=128, BC=64,
+                    BHK=key_step_heads(spec), WARPS_DS=8)
+    warps = 4 if bh <= 16 else 8
+    return dict(BH=bh, BK=32, num_warps=warps, num_stages=1, KT=0, STORE_DS=0, BP=128, BC=64,
+                BHK=key_step_heads(spec), WARPS_DS=warps)
 
 
 def _attention_bwd_space(spec: DSASpec, default: dict, target: Target, smem: int):
     rows = [b for b in (16, 32, 64) if b <= head_rows(spec)]
-    return [dict(default, BH=bh, BK=bk, num_warps=nw, num_stages=ns, KT=kt)
-            for bh, bk, nw, ns, kt in itertools.product(rows, [16, 32, 64], [4, 8], [1, 2],
-                                                        [0, 1])], []
+    out = [dict(default, BH=bh, BK=bk, num_warps=nw, num_stages=ns, KT=kt, STORE_DS=0)
+           for bh, bk, nw, ns, kt in itertools.product(rows, [16, 32, 64], [4, 8], [1, 2],
+                                                       [0, 1])]
+    # the stored-dS form: its products take 64 rows a warpgroup, so 8 warps and 64 heads;
+    # two buffers of 64 picks, or 128 picks x 128 columns in the dK kernel, pass the shared
+    # memory with MLA's 576/512 dims
+    out += [dict(default, BH=64, BK=bk, num_warps=8, num_stages=ns, KT=0, STORE_DS=1, BP=bp,
+                 BC=bc, WARPS_DS=wd)
+            for bk, ns, bp, bc, wd in itertools.product([32, 64], [1, 2], [64, 128], [64, 128],
+                                                        [4, 8])
+            if head_rows(spec) == 64 and bk * ns <= 64 and bp * bc <= 128 * 64]
+    return out, []
 
 
 def _attention_bwd_launch(spec: DSASpec, flags: dict) -> dict:
@@ -266,7 +289,34 @@ def _attention_bwd_launch(spec: DSASpec, flags: dict) -> dict:
             values(DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
                    BDV=triton.next_power_of_2(spec.dim_v), K=spec.topk, **extra),
             consts(PREC="prec", VK="vk"), cfg("BH", "BK"), options=WARPS_STAGES)
-    return dict(main=form(), kt=form(CW=column_chunks(spec)[0]))
+    dims = values(DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
+                  BDV=triton.next_power_of_2(spec.dim_v), K=spec.topk)
+    tables = ("tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase")
+    ws = strides("ws_ds", "wt", "wh")
+    return dict(
+        main=form(), kt=form(CW=column_chunks(spec)[0]),
+        ds=signature(
+            ptrs("q", "k", "v", "idx", "do", "o", "lse", "ds=ws_ds", "pw=ws_p", *tables),
+            scalars("tok0"), strides("q", "qt", "qh"), strides("k", "kt", "kh"),
+            strides("v", "vt", "vh"), strides("idx", "it"), strides("do", "ot", "oh"), ws,
+            consts(qk_scale="QK_SCALE", H="H_KV", G="GROUP"), dims,
+            consts(PREC="prec", VK="vk"), cfg("BH", "BK"),
+            # with v its own tensor a step gathers two tiles: one buffer of each (MLA's 576/512
+            # dims would not fit twice beside the resident q and dO)
+            options=options(num_warps='cfg["WARPS_DS"]',
+                            num_stages='cfg["num_stages"] if vk else 1')),
+        dq=signature(
+            ptrs("k", "idx", "ds=ws_ds", "dq", *tables), scalars("tok0"),
+            strides("k", "kt", "kh"), strides("idx", "it"), ws, strides("dq", "dqt", "dqh"),
+            consts(sm_scale="SM_SCALE", H="H_KV", G="GROUP"), dims, consts(PREC="prec"),
+            cfg("BH", "BK"), options=WARPS_STAGES),
+        dkv=signature(
+            ptrs("q", "do", "idx", "ds=ws_ds", "pw=ws_p", "dk", "dv", *tables),
+            scalars("tok0"), strides("q", "qt", "qh"), strides("do", "ot", "oh"),
+            strides("idx", "it"), ws, strides("dk", "dkt", "dkh"), strides("dv", "dvt", "dvh"),
+            consts(sm_scale="SM_SCALE", H="H_KV", G="GROUP"), dims,
+            consts(PREC="prec", VK="vk"), cfg("BP", "BC", "BHK"),
+            options=options(num_warps='cfg["num_warps"]', num_stages="2")))
 
 
 # ---------------------------------------------------------------------------- dsa_indexer_loss
