@@ -247,10 +247,11 @@ def _attention_bwd_default(spec: DSASpec, target: Target, why: list) -> dict:
                f"from the keys gathered again, and dK = dS^T q + P^T dO of 128 picks x 64 "
                f"columns a step over {key_step_heads(spec)} heads of the KV head, one atomic "
                f"add per key, token and column; no kernel holds two accumulators")
-    # Wide heads, H100, dsa-v32 at 16k, kernels alone: 129.3 ms stored-dS with 64 picks a step
+    # Wide heads, H100, dsa-v32 at 16k, kernels alone: 126.0 ms stored-dS with 64 picks a step
     # in one buffer (143.0 with 32 in two, 160.5 with 64 picks x 128 columns in the dK
-    # kernel) against 194.3 for the keys-as-rows form (KT), whose 4 blocks of 32 heads each
-    # add every picked key's gradient (results/h100/dsa-2026-12-06e/NOTES.md)
+    # kernel, 126.2 with the first kernel on 4 warps) against 192.4 for the keys-as-rows form
+    # (KT), whose 4 blocks of 32 heads each add every picked key's gradient
+    # (results/h100/dsa-2026-12-06e/NOTES.md)
     if wide:
         return dict(BH=bh, BK=64, num_warps=8, num_stages=1, KT=0, STORE_DS=1, BP=128, BC=64,
                     BHK=key_step_heads(spec), WARPS_DS=8)
