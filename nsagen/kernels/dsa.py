@@ -184,7 +184,9 @@ def _attention_default(spec: DSASpec, target: Target, why: list) -> dict:
     # tokens, not a token's head blocks, adjacent in launch order. H100, dsa-v32, attention
     # alone: 152.9 ms at 64k against 157.8 with both warpgroups computing all of S and a
     # token's head blocks adjacent (HFAST=1), 33.3 against 34.7 ms at 16k; S split with HFAST=1
-    # took 185.6 ms (results/h100/dsa-2026-12-06d/NOTES.md).
+    # took 185.6 ms (results/h100/dsa-2026-12-06d/NOTES.md). With the key's two tiles as
+    # separate products (_scores): 28.0 ms at 16k; HFAST=1 28.8, SPLIT_S=0 35.3, 32 picks in
+    # three buffers 40.5 (results/h100/dsa-2026-12-06f/NOTES.md).
     split = warps == 8 and bh == 64
     if split:
         why.append("dsa_attention: the scores' product is split between the two warpgroups "
