@@ -280,8 +280,10 @@ def _attention_bwd_space(spec: DSASpec, default: dict, target: Target, smem: int
 
 def _attention_bwd_launch(spec: DSASpec, flags: dict) -> dict:
     dka, dkb = dim_split(spec.dim_qk)
+    dims = values(DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
+                  BDV=triton.next_power_of_2(spec.dim_v), K=spec.topk)
 
-    def form(**extra):
+    def form(*extra):
         return signature(
             ptrs("q", "k", "v", "idx", "do", "lse", "delta", "dq", "dk", "dv",
                  "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
@@ -289,15 +291,11 @@ def _attention_bwd_launch(spec: DSASpec, flags: dict) -> dict:
             strides("idx", "it"), strides("do", "ot", "oh"), strides("dq", "dqt", "dqh"),
             strides("dk", "dkt", "dkh"), strides("dv", "dvt", "dvh"),
             consts(qk_scale="QK_SCALE", sm_scale="SM_SCALE", H="H_KV", G="GROUP"),
-            values(DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
-                   BDV=triton.next_power_of_2(spec.dim_v), K=spec.topk, **extra),
-            consts(PREC="prec", VK="vk"), cfg("BH", "BK"), options=WARPS_STAGES)
-    dims = values(DK=spec.dim_qk, DKA=dka, DKB=dkb, DV=spec.dim_v,
-                  BDV=triton.next_power_of_2(spec.dim_v), K=spec.topk)
+            dims, *extra, consts(PREC="prec", VK="vk"), cfg("BH", "BK"), options=WARPS_STAGES)
     tables = ("tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase")
     ws = strides("ws_ds", "wt", "wh")
     return dict(
-        main=form(), kt=form(CW=column_chunks(spec)[0]),
+        main=form(), kt=form(values(CW=column_chunks(spec)[0])),
         ds=signature(
             ptrs("q", "k", "v", "idx", "do", "o", "lse", "ds=ws_ds", "pw=ws_p", *tables),
             scalars("tok0"), strides("q", "qt", "qh"), strides("k", "kt", "kh"),
