@@ -2218,7 +2218,7 @@ DECODE_ROWS = 16
 # block-importance parts: a compressed key's window reaches its own block and at most this
 # many minus one after it
 DECODE_PARTS = 2
-DECODE_CONFIGS = {'decode_cmp': {'BC': 64, 'BW': 64, 'num_warps': 4, 'num_stages': 3}, 'decode_select': {'BNB': 128, 'RANK_MAX': 128, 'num_warps': 4}, 'decode_slc': {'BK': 128, 'num_warps': 4, 'num_stages': 2, 'MERGE': 0, 'BDVC': 16, 'SB': 32}, 'decode_combine': {'BDVC': 32, 'RB': 2, 'SB': 64, 'num_warps': 4}}
+DECODE_CONFIGS = {'decode_cmp': {'BC': 64, 'BW': 64, 'num_warps': 4, 'num_stages': 3}, 'decode_select': {'BNB': 64, 'RANK_MAX': 128, 'num_warps': 4}, 'decode_slc': {'BK': 128, 'num_warps': 4, 'num_stages': 2, 'MERGE': 0, 'BDVC': 16, 'SB': 32}, 'decode_combine': {'BDVC': 32, 'RB': 2, 'SB': 64, 'num_warps': 4}}
 DECODE_MIN_BNB = 4   # decode_select: the smallest tile of blocks the candidate buffer has room for
 # programmatic dependent launch of the decode kernels where the GPU has it; False turns it off
 DECODE_PDL = _gdc_wait is not None

@@ -41,15 +41,18 @@ def _pad1(t):
 
 
 def _decode_vs_prefill(spec, prompt_lens, T, dtype=torch.float32, seed=0, splits=None,
-                      configs=None):
+                      configs=None, zero_q=False):
     """Prefill each row with its prompt, decode the rest one token at a time, compare each step
     with the reference prefill row of the full sequence. float32 must choose exactly the
     reference's blocks; in float16 a near-tie may flip, so the chosen set is checked by score
-    and the output on the blocks the kernels chose."""
+    and the output on the blocks the kernels chose. `zero_q`: every compressed key scores
+    alike, so blocks tie and must go to the lower index."""
     B = len(prompt_lens)
     op = nsagen.build(spec)
     x = make_inputs(spec, B, T, dtype, "cpu", seed)
     q, k, v, gates = x["q"], x["k"], x["v"], x["gates"]
+    if zero_q:
+        q = torch.zeros_like(q)
     kc_all, vc_all = x["k_cmp"], x["v_cmp"]     # learned compression a branch reads
     kw, vw = x["k_win"], x["v_win"]
 
@@ -192,6 +195,18 @@ def test_kernels_decode_merge_and_pick_variants(knobs):
     _decode_vs_prefill(spec, [5, 70, 280], T=292, seed=21,
                        splits=dict(cmp=3, cmp_quantum=2, slc_blocks=3, win_keys=16),
                        configs=configs)
+
+
+@pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only machines")
+@pytest.mark.parametrize("small", [True, False], ids=["tiles-of-4", "default"])
+def test_kernels_decode_ties_go_to_the_lower_block(small):
+    """Zero queries weigh every compressed key alike, so the blocks inside a row tie: the top-n
+    (tiles of 4 blocks merged by the last one, or the default tiles and splits) must take the
+    lowest free blocks, as the prefill does."""
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    splits = dict(cmp=3, cmp_quantum=2, slc_blocks=3, win_keys=16)
+    _decode_vs_prefill(spec, [40, 150], T=160, seed=5, zero_q=True,
+                       configs=SMALL_TILES if small else None, splits=splits if small else None)
 
 
 @pytest.mark.skipif(not INTERP, reason="kernels under the interpreter on CPU-only machines")

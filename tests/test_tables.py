@@ -602,3 +602,35 @@ def test_reference_checks_run_the_plan_of_their_length(monkeypatch):
             topn.clear()
             assert check(op, spec, op.module.CONFIGS, T, "cpu", torch.float32, 1e-3) < 1e-3
             assert bool(topn) == launched, (check.__name__, T)
+
+
+def test_shipped_tables_name_the_modules_the_templates_render():
+    """A module's name hashes its rendered text, so a template change renames it and a table of
+    the old name stops loading (the spec then runs untuned). Every shipped table must name the
+    module its spec renders today for that GPU's preset and the table's Triton release, and
+    every entry must be one that module's kernels accept (none dropped at load)."""
+    import nsagen
+    from nsagen.codegen import module_name
+    from nsagen.resources import data_dir, shipped_specs
+    from nsagen.specfile import load_spec
+    from nsagen.target import Target
+
+    specs = {}
+    for path in shipped_specs().values():
+        spec = load_spec(path)
+        specs.setdefault(spec.uri, spec)
+    shipped = sorted(data_dir("autotune").glob("*/*.json"))
+    assert shipped
+    for path in shipped:
+        doc = json.loads(path.read_text())
+        meta = doc["meta"]
+        assert meta["module"] == path.stem
+        spec = specs[path.stem.rsplit("_", 1)[0]]
+        target = Target.preset(path.parent.name)
+        want = module_name(spec, meta["triton"], target)
+        assert path.stem == want, f"{path.name}: the templates now render {want}"
+        op = nsagen.build(spec, target=target)
+        for bucket, entries in doc["buckets"].items():
+            for kernel, entry in entries.items():
+                why = op._table_entry_error(bucket, kernel, entry)
+                assert why is None, f"{path.name} {bucket} {kernel}: {why}"

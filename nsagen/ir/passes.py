@@ -13,7 +13,7 @@ import networkx as nx
 import triton
 
 from ..costmodel import slc_loop_costs
-from ..kernels import KERNELS, decode_tiles
+from ..kernels import DECODE_SELECT_TILE, KERNELS, decode_tiles
 from ..spec import Spec
 from ..target import Target, current
 from .graph import OPS, build_graph
@@ -446,7 +446,7 @@ def decode_programs(spec: Spec, batch: int, max_len: int, splits: dict[str, int]
     if spec.has("cmp") or spec.has("slc"):
         out["decode_cmp"] = rows * (splits["cmp"] + n_win)
     if spec.has("slc"):
-        out["decode_select"] = rows * max(1, nbp // 128)
+        out["decode_select"] = rows * max(1, nbp // DECODE_SELECT_TILE)
         out["decode_slc"] = rows * n_slc
     elif spec.has("win") and not _window_in_cmp(spec):
         out["decode_win"] = rows * n_win
@@ -505,8 +505,8 @@ def lower_decode(spec: Spec, target: Target | None = None) -> DecodePlan:
         kernels.append(KernelPlan("decode_select", KERNELS["decode_select"].template,
                                   ("importance", "topk"),
                                   config=KERNELS["decode_select"].default(spec, target, why)))
-        why.append("decode_select: a grid over tiles of 128 selection blocks x KV heads x "
-                   "sequences merges the split maxima and sums into each head's LSE, normalises "
+        why.append(f"decode_select: a grid over tiles of {DECODE_SELECT_TILE} selection blocks "
+                   "x KV heads x sequences merges the split maxima and sums into each head's LSE, normalises "
                    "the importance parts, sums them over the group and keeps the tile's best "
                    "free candidates (a 64-bit key per block: score bits above, reversed block "
                    "index below, so ties go to the lower block; up to RANK_MAX=128 keys, each "

@@ -4,11 +4,11 @@ tunable config space. The IR's passes decide which kernels a spec needs and ask 
 definitions for their configs; the config space (nsagen.configspace) asks them for candidates."""
 from .backward import BACKWARD, dkdv_rows
 from .base import KernelDef, dkdv_smem_bytes, regs, smem_bytes
-from .decode import DECODE, decode_tiles
+from .decode import DECODE, DECODE_SELECT_TILE, decode_tiles
 from .dsa import DSA
 from .forward import FORWARD
 
 KERNELS: dict[str, KernelDef] = {k.name: k for k in FORWARD + BACKWARD + DECODE + DSA}
 
-__all__ = ["KERNELS", "KernelDef", "decode_tiles", "dkdv_rows", "dkdv_smem_bytes", "regs",
-           "smem_bytes"]
+__all__ = ["DECODE_SELECT_TILE", "KERNELS", "KernelDef", "decode_tiles", "dkdv_rows",
+           "dkdv_smem_bytes", "regs", "smem_bytes"]

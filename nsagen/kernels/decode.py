@@ -19,6 +19,7 @@ from .signature import (DIMS, HEADS, cfg, consts, options, ptrs, scalars, signat
 _PARTIALS = ptrs('mp=work["part_m"]', 'lp=work["part_l"]', 'accp=work["part_acc"]')
 _PDL = consts(PDL="pdl")
 _ROWS = consts(GP="DECODE_ROWS")
+DECODE_SELECT_TILE = 64     # decode_select: selection blocks per tile of the default config
 
 
 def _decode_smem(rows: int, keys: int, bdk: int, bdv: int, stages: int, loops: int = 1) -> int:
@@ -82,7 +83,11 @@ def _cmp_default(spec: Spec, target: Target, why: list) -> dict:
 
 
 def _select_default(spec: Spec, target: Target, why: list) -> dict:
-    return dict(BNB=128, RANK_MAX=128, num_warps=4)
+    # tiles of 64 blocks: on an H100 (nsa-d128, 64k cache, kernels alone) 12.5 against 14.3 us
+    # at B=8 and 8.2 against 10.9 us at B=1 for tiles of 128; the H200's tuned table chose 64
+    # too. One program per row with a bisection for the picks took 69 and 40 us
+    # (results/h100/decode-select-2026-12-06/NOTES.md)
+    return dict(BNB=DECODE_SELECT_TILE, RANK_MAX=128, num_warps=4)
 
 
 def _slc_default(spec: Spec, target: Target, why: list) -> dict:
