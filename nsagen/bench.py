@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 
 from . import __version__, costmodel, paged
+from .launch import decode_pdl
 from .ops import build
 from .spec import Spec
 from .tune.timing import capture_graph, median_ms, profile_kernels
@@ -297,13 +298,9 @@ def bench_decode(spec: Spec, cache_lens: list[int], batches: list[int], baseline
     what a serving engine runs); 0 leaves it out.
     """
     op = build(spec)
-    pdl_before = op.module.DECODE_PDL
-    op.module.DECODE_PDL = pdl_before and pdl
-    try:
+    with decode_pdl(op.module, pdl):
         return _bench_decode(op, spec, cache_lens, batches, baselines, progress, device, breakdown,
                              page_size)
-    finally:
-        op.module.DECODE_PDL = pdl_before
 
 
 def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], baselines: bool,

@@ -30,6 +30,20 @@ def direct_launches():
     return set_wrap_triton_enabled(False)
 
 
+@contextlib.contextmanager
+def decode_pdl(module, on: bool):
+    """Within the context a module's decode kernels launch with programmatic dependent launch
+    only if `on` (and the GPU has it): with it, a kernel starts while the one before it
+    finishes, and a profiler's time for it counts that wait, so per-kernel timings run without
+    it. The module's setting is restored after."""
+    before = getattr(module, "DECODE_PDL", False)
+    module.DECODE_PDL = bool(before and on)
+    try:
+        yield
+    finally:
+        module.DECODE_PDL = before
+
+
 _DISPATCH_MODES = getattr(torch._C, "_len_torch_dispatch_stack", None)   # active modes
 
 

@@ -277,7 +277,9 @@ def test_tune_backward_kernel_plumbing(monkeypatch):
 
 def test_tune_decode_plumbing(monkeypatch, tmp_path):
     """Decode kernels and split counts are searched per batch bucket, the winners run token by
-    token against the reference, and the entry lands in the table (under --out-dir)."""
+    token against the reference, and the entry lands in the table (under --out-dir). Kernels
+    are timed without dependent launches (a kernel's profiled time would count its wait for
+    the one before), whole steps with them as the module has them."""
     import torch
 
     import nsagen
@@ -294,10 +296,19 @@ def test_tune_decode_plumbing(monkeypatch, tmp_path):
     full_c, full_s = search.decode_candidates, search.split_candidates
     monkeypatch.setattr(search, "decode_candidates", lambda *a, **kw: full_c(*a, **kw)[:2])
     monkeypatch.setattr(search, "split_candidates", lambda *a, **kw: full_s(*a, **kw)[:2])
-    msgs = []
+    msgs, pdl = [], []
+    halving = _halving()
+
+    def timer(run):
+        pdl.append(op.module.DECODE_PDL)
+        return halving(run)
+    monkeypatch.setattr(op.module, "DECODE_PDL", True)
     path, rows = search.tune(spec, [], kernels=[last], device="cpu", dtype=torch.float32,
-                               timer=_halving(), progress=msgs.append, decode_batches=[2],
+                               timer=timer, progress=msgs.append, decode_batches=[2],
                                decode_len=40, out_dir=tmp_path / "autotune")
+    # two split variants timed last, on whole steps
+    assert pdl[-2:] == [True, True] and pdl[:-2] and not any(pdl[:-2])
+    assert op.module.DECODE_PDL is True
     assert path.parent.parent == tmp_path / "autotune" and path.name == op.module_name + ".json"
     doc = json.loads(path.read_text())
     key = nsagen.tables.decode_bucket(2, 40)

@@ -22,6 +22,7 @@ from .. import occupancy, tables
 from ..configspace import candidates, decode_candidates, split_candidates
 from ..ir import lower
 from ..ir.passes import decode_splits, lower_decode
+from ..launch import decode_pdl
 from ..ops import build
 from ..spec import Spec
 from ..target import current
@@ -266,8 +267,8 @@ def tune(spec: Spec, seq_lens: list[int], batch: int = 1, kernels: list[str] | N
 
 def _tune_decode(op, spec, B, L, names, timer, clock, progress, device, dtype, on_gpu,
                  precompile, precompile_runs, summary) -> dict:
-    """Decode kernels' configs (per-kernel times of eager steps), then split counts (whole
-    steps replayed from a CUDA graph) for one batch and cache capacity. Returns the table
+    """Decode kernels' configs (per-kernel times of eager steps, kernels one after another),
+    then split counts (whole steps replayed from a CUDA graph) for one batch and cache capacity. Returns the table
     entry: every searched kernel's config and the split counts that differ from the IR's."""
     defaults = {k: dict(v) for k, v in op.module.DECODE_CONFIGS.items()}
     dev = torch.device(device)
@@ -281,9 +282,13 @@ def _tune_decode(op, spec, B, L, names, timer, clock, progress, device, dtype, o
         base_splits = decode_splits(spec, B, L)
     cands = {k: decode_candidates(spec, k, defaults[k]) for k in names}
     make = setup.make(base_splits)
-    precompile(make, defaults, names, cands)
-    report = sweep(make, names, cands, defaults, timer, clock, progress, f"decode B={B}",
-                   on_gpu) if not clock.spent("decode") else {}
+    # kernels alone, one after another: with dependent launches a kernel's profiled time
+    # counts its wait for the one before; the split counts below are timed on whole steps as
+    # they run
+    with decode_pdl(op.module, False):
+        precompile(make, defaults, names, cands)
+        report = sweep(make, names, cands, defaults, timer, clock, progress, f"decode B={B}",
+                       on_gpu) if not clock.spent("decode") else {}
     best = {k: r["best"] for k, r in report.items()}
     for k, r in report.items():
         summary.append(dict(T=L, B=B, kernel=k, default_ms=r["default_ms"], best_ms=r["best_ms"],
