@@ -351,15 +351,19 @@ def _bench_decode(op, spec: Spec, cache_lens: list[int], batches: list[int], bas
             time_steps(row, "nsagen", lambda: cache.decode(q, k_t, v_t, gates, **step_extra),
                        n_steps, dev, breakdown, rewind=cache.rewind)
             if page_size and not cache.separate:
-                # the same step over page pools (shuffled pages), as an engine runs it: the
-                # engine's lengths stay at L, so each call writes the same token again
+                # the same steps over page pools (shuffled pages), as an engine runs them: the
+                # engine's lengths go L - n_steps + 1 .. L as above (so as many steps emit a
+                # compressed token), each step writing its token again
                 kp, vp, kcp, vcp, table, ctable, lens = pools
                 del pools
+                lens_at = [lens - (n_steps - 1 - s) for s in range(n_steps)]
+                at = {"step": 0}
 
                 def paged_step():
-                    op.append_paged(k_t, v_t, kp, vp, kcp, vcp, table, ctable, lens,
-                                    **step_extra)
-                    return op.decode_paged(q, gates, kp, vp, kcp, vcp, table, ctable, lens)
+                    n = lens_at[at["step"]]
+                    at["step"] = (at["step"] + 1) % n_steps
+                    op.append_paged(k_t, v_t, kp, vp, kcp, vcp, table, ctable, n, **step_extra)
+                    return op.decode_paged(q, gates, kp, vp, kcp, vcp, table, ctable, n)
                 time_steps(row, "paged", paged_step, n_steps, dev, False)
                 row["page_size"] = page_size
                 del kp, vp, kcp, vcp
