@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch._guards import TracingContext, detect_fake_mode
@@ -31,7 +32,7 @@ def direct_launches():
 
 
 @contextlib.contextmanager
-def decode_pdl(module, on: bool):
+def decode_pdl(module, on: bool) -> Iterator[None]:
     """Within the context a module's decode kernels launch with programmatic dependent launch
     only if `on` (and the GPU has it): with it, a kernel starts while the one before it
     finishes, and a profiler's time for it counts that wait, so per-kernel timings run without

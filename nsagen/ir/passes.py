@@ -506,8 +506,8 @@ def lower_decode(spec: Spec, target: Target | None = None) -> DecodePlan:
                                   ("importance", "topk"),
                                   config=KERNELS["decode_select"].default(spec, target, why)))
         why.append(f"decode_select: a grid over tiles of {DECODE_SELECT_TILE} selection blocks "
-                   "x KV heads x sequences merges the split maxima and sums into each head's LSE, normalises "
-                   "the importance parts, sums them over the group and keeps the tile's best "
+                   "x KV heads x sequences merges the split maxima and sums into each head's "
+                   "LSE, normalises the importance parts, sums them over the group and keeps the tile's best "
                    "free candidates (a 64-bit key per block: score bits above, reversed block "
                    "index below, so ties go to the lower block; up to RANK_MAX=128 keys, each "
                    "key's rank from one all-pairs comparison instead of n sequential maxima); "

@@ -268,8 +268,9 @@ def tune(spec: Spec, seq_lens: list[int], batch: int = 1, kernels: list[str] | N
 def _tune_decode(op, spec, B, L, names, timer, clock, progress, device, dtype, on_gpu,
                  precompile, precompile_runs, summary) -> dict:
     """Decode kernels' configs (per-kernel times of eager steps, kernels one after another),
-    then split counts (whole steps replayed from a CUDA graph) for one batch and cache capacity. Returns the table
-    entry: every searched kernel's config and the split counts that differ from the IR's."""
+    then split counts (whole steps replayed from a CUDA graph) for one batch and cache
+    capacity. Returns the table entry: every searched kernel's config and the split counts
+    that differ from the IR's."""
     defaults = {k: dict(v) for k, v in op.module.DECODE_CONFIGS.items()}
     dev = torch.device(device)
     setup = DecodeSetup(op, B, L, device, dtype)
