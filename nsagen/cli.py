@@ -289,6 +289,9 @@ def _emit(doc: dict, json_path: str | None, default_name: str) -> int:
 
 # ---------------------------------------------------------------------------- tune
 DEFAULT_TUNE_LENS = (16384, 65536)
+# seconds of search: the reference checks and the save that follow keep a whole `nsagen tune`
+# near two minutes (on the H200 the checks took up to 19 s after a 110 s search)
+DEFAULT_TUNE_BUDGET = 90.0
 DEFAULT_DECODE_BATCHES = (1, 8, 64)
 
 
@@ -483,8 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-backward", action="store_true", help="skip the backward kernels")
     p.add_argument("--kernel", nargs="+", action="extend", metavar="NAME",
                    help="tune only these kernels (others keep their defaults)")
-    p.add_argument("--budget", type=float, metavar="SECONDS",
-                   help="stop searching after this long, keeping the best found so far")
+    p.add_argument("--budget", type=float, metavar="SECONDS", default=DEFAULT_TUNE_BUDGET,
+                   help="stop searching after this long, keeping the best found so far "
+                        f"(default {DEFAULT_TUNE_BUDGET:.0f}; 'inf' searches every candidate)")
     p.add_argument("--out-dir", metavar="DIR",
                    help="write the table to DIR/<gpu>/<module>.json (e.g. autotune) instead of "
                         "the user cache")

@@ -447,6 +447,9 @@ def test_cli_tune_and_build_arguments(capsys):
                                    "--out-dir", "autotune", "--no-backward"])
     assert a.budget == 40 and a.decode_batch == [1, 8] and a.out_dir == "autotune"
     assert a.no_backward and not a.no_decode and a.seq_len is None
+    # a search stops by default in time for the checks to finish near two minutes
+    assert build_parser().parse_args(["tune", "nsa-g4"]).budget == 90
+    assert build_parser().parse_args(["tune", "nsa-g4", "--budget", "inf"]).budget == float("inf")
     assert main(["build", "nsa-g4", "--no-compile"]) == 0
     assert "nsa-g4: module" in capsys.readouterr().out
 

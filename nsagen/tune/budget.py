@@ -14,7 +14,8 @@ class Budget:
 
     def __init__(self, seconds: float | None, progress=print, on_spent=None):
         self.start = time.monotonic()
-        self.deadline = None if seconds is None else self.start + seconds
+        unbounded = seconds is None or seconds == math.inf
+        self.deadline = None if unbounded else self.start + seconds
         self.progress = progress
         self.on_spent = on_spent    # e.g. drop the compiles still queued
         self.hit = False
