@@ -41,7 +41,7 @@ BLOCK_DV = 128
 SM_SCALE = 0.08838834764831845
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 32, 'GP': 4, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention_kb': {'GP': 4, 'BT': 16, 'CHUNK_ITERS': 16, 'num_warps': 4, 'num_stages': 2, 'BR': 16, 'MERGE_WARPS': 8, 'FBT': 16, 'FBK': 32, 'FORCED_WARPS': 4}, 'win_attention': {'BT': 32, 'GP': 4, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 16, 'GP': 4, 'BC': 64, 'num_warps': 4, 'BT_KV': 32, 'BC_KV': 64, 'QC': 2048, 'WARPS_KV': 8, 'STAGES_KV': 2}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 16, 'GP': 4, 'BK': 64, 'num_warps': 4, 'BT_KV': 32, 'BK_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 2}}
+CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 32, 'GP': 4, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention_kb': {'GP': 4, 'BT': 16, 'CHUNK_ITERS': 16, 'num_warps': 4, 'num_stages': 2, 'BR': 16, 'MERGE_WARPS': 8, 'FBT': 16, 'FBK': 32, 'FORCED_WARPS': 4}, 'win_attention': {'BT': 32, 'GP': 4, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 16, 'GP': 4, 'BC': 64, 'num_warps': 4, 'BC_KV': 128, 'QC': 2048, 'BT_KV': 16, 'WARPS_KV': 8, 'STAGES_KV': 3}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 16, 'GP': 4, 'BK': 64, 'num_warps': 4, 'BK_KV': 128, 'BT_KV': 16, 'WARPS_KV': 8, 'STAGES_KV': 3}}
 # calls whose every sequence holds at most n*l' tokens run the short-length plan (dense selection)
 SHORT_LEN = 1024
 
@@ -145,19 +145,22 @@ def _bwd_dq_step(q, do, lse, delta, dq, k_rows, v_rows, kin, ok, qk_scale, DK: t
 
 
 @triton.jit
-def _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok, qk_scale, MASKED: tl.constexpr,
+def _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok_t, qk_scale, MASKED: tl.constexpr,
                    PREC: tl.constexpr):
-    """One query step of a dk/dv tile (keys kt, vt held): P = exp2(S - LSE), masked to `ok`
-    only when MASKED (a step where every row sees every key skips the select), dS =
-    P (dP - delta); returns dk + dS^T q (unscaled) and dv + P^T dO."""
-    s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+    """One query step of a dk/dv tile (keys kt, vt held), with the keys as rows: S^T = K Q^T,
+    P^T = exp2(S^T - LSE), masked to `ok_t` [keys, rows] only when MASKED (a step where every
+    row sees every key skips the select), dS^T = P^T (dP^T - delta); returns dk + dS^T q
+    (unscaled) and dv + P^T dO. P^T and dS^T come out of their products already as the left
+    operands of the next ones, so no tile is transposed in registers (a trip through shared
+    memory each, twice a step)."""
+    st = tl.dot(kt, tl.trans(q), input_precision=PREC) * qk_scale
     if MASKED:
-        s = tl.where(ok, s, float("-inf"))
-    p = tl.math.exp2(s - lse[:, None])
-    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
-    dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
-    ds = p * (dp - delta[:, None])
-    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+        st = tl.where(ok_t, st, float("-inf"))
+    pt = tl.math.exp2(st - lse[None, :])
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+    dpt = tl.dot(vt, tl.trans(do), input_precision=PREC)
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     return dk, dv
 
 
@@ -1093,7 +1096,7 @@ def cmp_attention_bwd_dkdv(
         q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 0, HAS_GATES)
-        vis = row_ok[:, None] & (cpos_last[None, :] <= pos[:, None])
+        vis = row_ok[None, :] & (cpos_last[:, None] <= pos[None, :])   # [keys, rows]
         dk, dv = _bwd_dkdv_step(q, do, lse, delta, kc, vc, dk, dv, vis, qk_scale, True,
                                 PREC)
     for t0 in range(t_full, t_hi, BT):   # queries that see the whole tile
@@ -1102,7 +1105,7 @@ def cmp_attention_bwd_dkdv(
         q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 0, HAS_GATES)
-        vis = row_ok[:, None] & (cpos_last[None, :] <= pos[:, None])
+        vis = row_ok[None, :] & (cpos_last[:, None] <= pos[None, :])   # [keys, rows]
         dk, dv = _bwd_dkdv_step(q, do, lse, delta, kc, vc, dk, dv, vis, qk_scale, False,
                                 PREC)
     rows = (row0 + offs_c).to(tl.int64)[:, None] * (H * BDK) + g * BDK
@@ -1287,7 +1290,7 @@ def slc_attention_bwd_dkdv(
         q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, tok, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 1, HAS_GATES)
-        vis = row_ok[:, None] & kmask[None, :] & ((kpos0 + offs_k)[None, :] <= pos[:, None])
+        vis = row_ok[None, :] & kmask[:, None] & ((kpos0 + offs_k)[:, None] <= pos[None, :])
         dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, vis, qk_scale, True, PREC)
     rows = (tok0 + offs_k)[:, None]
     dk_ptrs = dk_ptr + rows * (H * BDK) + g * BDK + offs_dk[None, :]
@@ -1418,8 +1421,9 @@ def win_attention_bwd_dkdv(
         q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, BRANCH, HAS_GATES)
-        ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
-        dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok, qk_scale, True, PREC)
+        ok_t = (row_ok[None, :] & (kpos[:, None] <= pos[None, :])    # [keys, rows]
+                & (kpos[:, None] > pos[None, :] - W))
+        dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok_t, qk_scale, True, PREC)
     end = tl.minimum(c, s1)
     for t0 in range(tl.maximum(b, s0), end, BT):
         pos = t0 + tt
@@ -1427,8 +1431,9 @@ def win_attention_bwd_dkdv(
         q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, BRANCH, HAS_GATES)
-        ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
-        dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok, qk_scale, False, PREC)
+        ok_t = (row_ok[None, :] & (kpos[:, None] <= pos[None, :])    # [keys, rows]
+                & (kpos[:, None] > pos[None, :] - W))
+        dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok_t, qk_scale, False, PREC)
     end = tl.minimum(q_end, s1)
     for t0 in range(tl.maximum(c, s0), end, BT):
         pos = t0 + tt
@@ -1436,8 +1441,9 @@ def win_attention_bwd_dkdv(
         q, do, lse, delta = _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, qzero + pos, head,
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, BRANCH, HAS_GATES)
-        ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
-        dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok, qk_scale, True, PREC)
+        ok_t = (row_ok[None, :] & (kpos[:, None] <= pos[None, :])    # [keys, rows]
+                & (kpos[:, None] > pos[None, :] - W))
+        dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok_t, qk_scale, True, PREC)
     rows = (base + kpos)[:, None]
     dk_ptrs = dk_ptr + rows * (H * BDK) + g * BDK + offs_dk[None, :]
     m = kin[:, None] & (offs_dk[None, :] < DK)

@@ -102,6 +102,7 @@ def test_backward_tile_steps_live_once():
     (DSA's backward is one pass per token over gathered keys, dq and the dK/dV atomics from the
     same P: a loop of its own.)"""
     steps = {"dS = P (dP - delta)": "ds = p * (dp - delta[:, None])",
+             "dS^T = P^T (dP^T - delta)": "dst = pt * (dpt - delta[None, :])",
              "the gated dO load": "_load_gated_do(",
              "the LSE load": "lse = tl.load(lse_ptr"}
     for path in [TEMPLATES / f"{b}_attention_bwd.py.jinja" for b in ("cmp", "slc", "win")]:
@@ -111,4 +112,5 @@ def test_backward_tile_steps_live_once():
         for helper in ("_bwd_rows(", "_bwd_dq_step(", "_bwd_dkdv_step("):
             assert helper in text, f"{path.name} does not use {helper[:-1]}"
     helpers = (TEMPLATES / "_helpers.py.jinja").read_text()
-    assert helpers.count("ds = p * (dp - delta[:, None])") == 2      # the dq and dk/dv steps
+    assert helpers.count("ds = p * (dp - delta[:, None])") == 1      # the dq step
+    assert helpers.count("dst = pt * (dpt - delta[None, :])") == 1   # the dk/dv step (keys as rows)

@@ -9,8 +9,8 @@ import triton
 
 from ..spec import Spec
 from ..target import Target
-from .base import (Dims, KernelDef, dkdv_smem_bytes, interleave, nearest, regs, smem_bytes,
-                   token_rows)
+from .base import (Dims, KernelDef, dkdv_regs, dkdv_smem_bytes, interleave, nearest, regs,
+                   smem_bytes, token_rows)
 from .signature import (DIMS, HEADS, WARPS, cfg, consts, options, ptrs, scalars, signature,
                         strides, values)
 
@@ -50,22 +50,35 @@ def _cmp_bwd_launch(spec: Spec, flags: dict) -> dict:
             options=_KV_OPTIONS))
 
 
-def dkdv_rows(spec: Spec, gp: int, target: Target, keys: int = 64, stages: int = 2) -> int:
-    """Tokens per step of a dk/dv kernel: 128 query rows (two warpgroups of tensor-core rows;
-    64-row steps measured far slower, results/h200/NOTES.md), fewer when the pipelined q/dO
-    tiles, the key tile and the P/dS staging would not fit in the target's shared memory per
-    program (large head dims)."""
-    rows = 128
-    while rows > 16 and dkdv_smem_bytes(spec, rows, keys, stages) > target.smem_per_block:
-        rows //= 2
-    return max(1, rows // gp)
+def dkdv_tile(spec: Spec, gp: int, target: Target) -> tuple[dict, int]:
+    """The dk/dv step of the compressed and window backward kernels, whose products take the keys
+    as rows (_bwd_dkdv_step): (BT_KV, WARPS_KV, STAGES_KV) and the keys per tile. 128 keys (64
+    rows for each of two warpgroups) by 64 query rows a step, 3 stages: on an H100 at 64k
+    (nsa-d128) the compressed dk/dv took 20.6 ms and the window's 7.5 ms, against 26.5 / 8.8 ms
+    with 32-row steps and 41.4 / 13.6 ms with 64 keys by 128 rows. 64 keys where the head dims
+    pad past 256 together (the two fp32 accumulators would not fit the registers); fewer stages,
+    then fewer rows, where a program's shared memory is short."""
+    bd = triton.next_power_of_2(spec.dim_qk) + triton.next_power_of_2(spec.dim_v)
+    keys, rows, stages = (128 if bd <= 256 else 64), 64, 3
+    while dkdv_smem_bytes(spec, rows, keys, stages) > target.smem_per_block:
+        if stages > 2:
+            stages -= 1
+        elif rows > 16:
+            rows //= 2
+        elif keys > 32:
+            keys //= 2
+        else:
+            break
+    return dict(BT_KV=max(1, rows // gp), WARPS_KV=8, STAGES_KV=stages), keys
 
 
 def _dkdv_space(spec: Spec, default: dict, gp: int, keys_name: str, smem: int) -> list[dict]:
-    """The dk/dv half of a backward kernel: 64- or 128-row steps, warps, stages, key tile."""
+    """The dk/dv half of a backward kernel: query rows a step, keys a tile, warps, stages,
+    inside shared memory and with the accumulators leaving room in the registers."""
     out = []
-    for rows, keys, nw, ns in itertools.product([64, 128], [32, 64], [4, 8], [1, 2]):
-        if rows >= gp and dkdv_smem_bytes(spec, rows, keys, ns) <= smem:
+    for rows, keys, nw, ns in itertools.product([32, 64, 128], [64, 128], [4, 8], [2, 3]):
+        if (rows >= gp and dkdv_smem_bytes(spec, rows, keys, ns) <= smem
+                and dkdv_regs(spec, keys, nw) <= 128):
             out.append(dict(default, BT_KV=rows // gp, **{keys_name: keys}, WARPS_KV=nw,
                             STAGES_KV=ns))
     return nearest(out, default)
@@ -128,8 +141,8 @@ def _cmp_bwd_default(spec: Spec, target: Target, why: list) -> dict:
     why.append("backward cmp: recompute P from the saved LSE; dq per token tile, dk_cmp/dv_cmp "
                "per (compressed tile, chunk of at most QC queries that see it), added "
                "atomically; no gradient through importance")
-    return dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4, BT_KV=dkdv_rows(spec, gp, target),
-                BC_KV=64, QC=2048, WARPS_KV=8, STAGES_KV=2)
+    kv, keys = dkdv_tile(spec, gp, target)
+    return dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4, BC_KV=keys, QC=2048, **kv)
 
 
 # ---------------------------------------------------------------------------- slc_attention_bwd
@@ -150,12 +163,9 @@ def _slc_bwd_space(spec: Spec, default: dict, target: Target, smem: int):
            for bt, it, nw in itertools.product(token_rows(gps, 32, 64, 128), [16, 64], [4, 8])
            if smem_bytes(bt * gps, spec.slc_block, d.bdk, d.bdv, 2) <= smem
            and regs(bt * gps, spec.slc_block, d.bdk, d.bdv, nw) <= target.reg_limit]
-    # its dk/dv has the shape of the compressed and window dk/dv, where 128-row steps with
-    # 8 warps measured fastest: try that pairing first
-    first = []
-    if dkdv_smem_bytes(spec, 128, spec.slc_block, 2) <= smem:
-        first.append(dict(default, BT_BWD=max(1, 128 // gps), num_warps=8))
-    return out, first
+    # (its dk/dv's keys are one selection block: with 64 of them, 8 warps split each product
+    # across two warpgroups, and on an H100 64-row steps over 4 warps measured fastest)
+    return nearest(out, default), []
 
 
 # ---------------------------------------------------------------------------- win_attention_bwd
@@ -165,8 +175,8 @@ def _win_bwd_default(spec: Spec, target: Target, why: list) -> dict:
                "window holds it, unmasked where the whole tile is visible; when key tiles are "
                f"fewer than two waves of the {target.sm_count} SMs, each tile's queries are "
                "split over programs that add atomically")
-    return dict(BT=max(1, 64 // gp), GP=gp, BK=64, num_warps=4, BT_KV=dkdv_rows(spec, gp, target),
-                BK_KV=64, WARPS_KV=8, STAGES_KV=2)
+    kv, keys = dkdv_tile(spec, gp, target)
+    return dict(BT=max(1, 64 // gp), GP=gp, BK=64, num_warps=4, BK_KV=keys, **kv)
 
 
 def _slc_bwd_launch(spec: Spec, flags: dict) -> dict:

@@ -63,10 +63,17 @@ def smem_bytes(rows: int, keys: int, dk: int, dv: int, stages: int, elem: int = 
 
 def dkdv_smem_bytes(spec: Spec, rows: int, keys: int, stages: int) -> int:
     """Shared memory of a dk/dv step (16-bit inputs): `stages` buffers of the q and dO row
-    tiles, the key/value tile, and the fp32 P/dS staging (an upper bound on sm_90: 64 keys x 128
-    rows x D=128 at 3 stages estimates 262 KB where Triton 3.6 asked for 248 KB)."""
+    tiles, the key/value tile, and the gated dO the products read (an upper bound on sm_90:
+    128 keys x 64 rows x D=128 at 3 stages estimates 176 KB where Triton 3.6 asked for 161 KB)."""
     bd = triton.next_power_of_2(spec.dim_qk) + triton.next_power_of_2(spec.dim_v)
-    return stages * rows * bd * 2 + keys * bd * 2 + rows * keys * 4
+    return stages * rows * bd * 2 + keys * bd * 2 + rows * triton.next_power_of_2(spec.dim_v) * 2
+
+
+def dkdv_regs(spec: Spec, keys: int, num_warps: int) -> float:
+    """Registers a thread holds for a dk/dv step's two fp32 accumulators (keys x each head dim);
+    above ~128 the step's own tiles no longer fit beside them and it spills."""
+    bd = triton.next_power_of_2(spec.dim_qk) + triton.next_power_of_2(spec.dim_v)
+    return keys * bd / (32 * num_warps)
 
 
 def regs(rows: int, keys: int, bdk: int, bdv: int, num_warps: int) -> float:
