@@ -163,10 +163,12 @@ def test_build_every_shipped_spec():
 @pytest.mark.parametrize("name", sorted(shipped_specs("nsa")))
 def test_default_tiles_fit_shared_memory(name, target):
     """Dk=192 (padded to 256) must shrink the compressed-attention tile, not fail to compile;
-    a GPU with less shared memory gets smaller tiles, never ones that do not fit."""
+    a GPU with less shared memory gets smaller tiles, never ones that do not fit. The dk/dv
+    steps' two fp32 accumulators stay inside the registers (wide heads: 64 keys, not 128)."""
     import triton
 
     from nsagen.kernels import dkdv_smem_bytes, smem_bytes
+    from nsagen.kernels.base import dkdv_regs
     from nsagen.target import Target
 
     spec = nsagen.load_spec(name)
@@ -180,6 +182,8 @@ def test_default_tiles_fit_shared_memory(name, target):
             keys = k.config.get("BC_KV") or k.config.get("BK_KV")
             rows = k.config["BT_KV"] * k.config["GP"]
             assert dkdv_smem_bytes(spec, rows, keys, k.config["STAGES_KV"]) <= t.smem_per_block
+            assert dkdv_regs(spec, keys, k.config["WARPS_KV"]) <= 128
+            assert keys == (128 if bdk + bdv <= 256 else 64) or t.smem_per_block < 160 * 1024
 
 
 def test_shipped_modules_load_without_a_writable_cache(tmp_path, monkeypatch):
