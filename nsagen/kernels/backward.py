@@ -58,8 +58,7 @@ def dkdv_tile(spec: Spec, gp: int, target: Target) -> tuple[dict, int]:
     with 32-row steps and 41.4 / 13.6 ms with 64 keys by 128 rows. 64 keys where the head dims
     pad past 256 together (the two fp32 accumulators would not fit the registers); fewer stages,
     then fewer rows, where a program's shared memory is short."""
-    bd = triton.next_power_of_2(spec.dim_qk) + triton.next_power_of_2(spec.dim_v)
-    keys, rows, stages = (128 if bd <= 256 else 64), 64, 3
+    keys, rows, stages = (128 if dkdv_regs(spec, 128, 8) <= 128 else 64), 64, 3
     while dkdv_smem_bytes(spec, rows, keys, stages) > target.smem_per_block:
         if stages > 2:
             stages -= 1
