@@ -2133,8 +2133,8 @@ def decode_append(
     s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_kcb, s_kct, s_kch, s_vcb, s_vct, s_vch,
     PAGE: tl.constexpr, CPAGE: tl.constexpr, COUNTED: tl.constexpr, H: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr,
-    STRIDE: tl.constexpr, HAS_CMP: tl.constexpr, LEARNED: tl.constexpr, SEP: tl.constexpr,
-    BH: tl.constexpr,
+    STRIDE: tl.constexpr, BL: tl.constexpr, HAS_CMP: tl.constexpr, LEARNED: tl.constexpr,
+    SEP: tl.constexpr, BH: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     if COUNTED:
@@ -2163,26 +2163,36 @@ def decode_append(
                      tl.load(kwt_ptr + b * s_ktb + h * s_kth + dk, mask=mk, other=0.0), mask=mk)
             tl.store(vw_ptr + b * s_vb + row * s_vt + h * s_vh + dv,
                      tl.load(vwt_ptr + b * s_vtb + h * s_vth + dv, mask=mv, other=0.0), mask=mv)
-        if HAS_CMP:
+        if HAS_CMP and LEARNED:
             if emit:
-                if LEARNED:
-                    nk = tl.load(kct_ptr + b * s_ktb + h * s_kth + dk, mask=mk, other=0.0)
-                    nv = tl.load(vct_ptr + b * s_vtb + h * s_vth + dv, mask=mv, other=0.0)
-                else:   # the new token from registers, the L - 1 before it from the cache
-                    nk = kt.to(tl.float32)
-                    nv = vt.to(tl.float32)
-                    for j in range(1, L):
-                        rj = _kv_rows(tab_row, pos - j, True, PAGE)
-                        nk += tl.load(k_ptr + b * s_kb + rj * s_kt + h * s_kh + dk,
-                                      mask=mk, other=0.0).to(tl.float32)
-                        nv += tl.load(v_ptr + b * s_vb + rj * s_vt + h * s_vh + dv,
-                                      mask=mv, other=0.0).to(tl.float32)
-                    nk = nk / L
-                    nv = nv / L
                 tl.store(kc_ptr + b * s_kcb + crow * s_kct + h * s_kch + dk,
-                         nk.to(kc_ptr.dtype.element_ty), mask=mk)
+                         tl.load(kct_ptr + b * s_ktb + h * s_kth + dk, mask=mk, other=0.0),
+                         mask=mk)
                 tl.store(vc_ptr + b * s_vcb + crow * s_vct + h * s_vch + dv,
-                         nv.to(vc_ptr.dtype.element_ty), mask=mv)
+                         tl.load(vct_ptr + b * s_vtb + h * s_vth + dv, mask=mv, other=0.0),
+                         mask=mv)
+    if HAS_CMP and not LEARNED:
+        if emit:
+            # the mean of the new token (from the input, not the cache this launch writes) and
+            # the L - 1 before it: their rows (and, paged, their page-table entries) read at
+            # once per head, not one dependent round trip after another
+            j = 1 + tl.arange(0, BL)[:, None]
+            rj = _kv_rows(tab_row, pos - j, j < L, PAGE)
+            dk1 = tl.arange(0, BDK)
+            dv1 = tl.arange(0, BDV)
+            for hk in tl.static_range(H):
+                nk = tl.sum(tl.load(k_ptr + b * s_kb + rj * s_kt + hk * s_kh + dk,
+                                    mask=(j < L) & (dk < DK), other=0.0).to(tl.float32), 0)
+                nv = tl.sum(tl.load(v_ptr + b * s_vb + rj * s_vt + hk * s_vh + dv,
+                                    mask=(j < L) & (dv < DV), other=0.0).to(tl.float32), 0)
+                nk += tl.load(kt_ptr + b * s_ktb + hk * s_kth + dk1, mask=dk1 < DK,
+                              other=0.0).to(tl.float32)
+                nv += tl.load(vt_ptr + b * s_vtb + hk * s_vth + dv1, mask=dv1 < DV,
+                              other=0.0).to(tl.float32)
+                tl.store(kc_ptr + b * s_kcb + crow * s_kct + hk * s_kch + dk1,
+                         (nk / L).to(kc_ptr.dtype.element_ty), mask=dk1 < DK)
+                tl.store(vc_ptr + b * s_vcb + crow * s_vct + hk * s_vch + dv1,
+                         (nv / L).to(vc_ptr.dtype.element_ty), mask=dv1 < DV)
     if not COUNTED:
         tl.store(lens_ptr + b, n.to(tl.int32))
 
@@ -2213,7 +2223,7 @@ def launch_decode_append(k_t, v_t, k, v, k_cmp, v_cmp, lens, k_cmp_t=None, v_cmp
         v_t.stride(0), v_t.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0),
         vc.stride(1), vc.stride(2), PAGE=pg["size"], CPAGE=pg["cmp_size"], COUNTED=counted, H=H_KV,
-        DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=32, STRIDE=16,
+        DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=32, STRIDE=16, BL=32,
         HAS_CMP=k_cmp is not None, LEARNED=learned, SEP=sep, BH=triton.next_power_of_2(bh),
         num_warps=4)
 

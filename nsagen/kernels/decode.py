@@ -127,7 +127,8 @@ def _append_launch(spec: Spec, flags: dict) -> dict:
         strides("k", "kb", "kt", "kh", prefix="s_"), strides("v", "vb", "vt", "vh", prefix="s_"),
         strides("kc", "kcb", "kct", "kch", prefix="s_"),
         strides("vc", "vcb", "vct", "vch", prefix="s_"),
-        consts(H="H_KV"), DIMS, values(L=spec.cmp_block, STRIDE=spec.cmp_stride),
+        consts(H="H_KV"), DIMS, values(L=spec.cmp_block, STRIDE=spec.cmp_stride,
+                                       BL=triton.next_power_of_2(spec.cmp_block)),
         consts(HAS_CMP="k_cmp is not None", LEARNED="learned", SEP="sep",
                BH="triton.next_power_of_2(bh)"),
         options=options(num_warps="4")))
