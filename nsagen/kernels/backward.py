@@ -55,7 +55,8 @@ def dkdv_tile(spec: Spec, gp: int, target: Target) -> tuple[dict, int]:
     as rows (_bwd_dkdv_step): (BT_KV, WARPS_KV, STAGES_KV) and the keys per tile. 128 keys (64
     rows for each of two warpgroups) by 64 query rows a step, 3 stages: on an H100 at 64k
     (nsa-d128) the compressed dk/dv took 20.6 ms and the window's 7.5 ms, against 26.5 / 8.8 ms
-    with 32-row steps and 41.4 / 13.6 ms with 64 keys by 128 rows. 64 keys where the head dims
+    with 32-row steps and 41.4 / 13.6 ms with 64 keys by 128 rows (a later run on another H100
+    timed these defaults at 21.6 / 10.1 ms; docs/benchmarks.md). 64 keys where the head dims
     pad past 256 together (the two fp32 accumulators would not fit the registers); fewer stages,
     then fewer rows, where a program's shared memory is short."""
     keys, rows, stages = (128 if dkdv_regs(spec, 128, 8) <= 128 else 64), 64, 3
