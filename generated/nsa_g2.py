@@ -28,6 +28,35 @@ try:  # grid dependency control (programmatic dependent launch, sm_90 and later)
     from triton.language.extra.cuda import gdc_wait as _gdc_wait
 except ImportError:  # a Triton without it: decode kernels launch one after another
     _gdc_wait = _gdc_launch_dependents = None
+try:  # host-side descriptors of Hopper's tensor-memory loads (TMA)
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # a Triton without them: every kernel loads by pointers
+    _TensorDescriptor = None
+
+_TMA_CAPABLE: dict = {}   # CUDA device index -> whether it has tensor-memory loads (sm_90+)
+
+
+def _tma_rows_ok(x, cols):
+    """Whether `x` [N, H, D] can be read as row tiles of its [N, H * D] view through a TMA
+    descriptor: a Triton that has them, sm_90 or later (any device under the interpreter),
+    D == cols with the heads packed, and rows 16-byte aligned."""
+    if _TensorDescriptor is None or x.shape[-1] != cols or x.stride(-1) != 1 \
+            or x.stride(1) != cols:
+        return False
+    el = x.element_size()
+    if (x.stride(0) * el) % 16 or (x.storage_offset() * el) % 16:
+        return False
+    if x.device.type != "cuda":
+        return True
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _TMA_CAPABLE:
+        _TMA_CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _TMA_CAPABLE[index]
+
+
+def _tma_rows(x, rows, cols):
+    """The TMA descriptor of x [N, H, D] as [N, H * D], loading tiles of [rows, cols]."""
+    return _TensorDescriptor.from_tensor(x.flatten(1), [rows, cols])
 
 URI = 'nsa_bf16_qk128_v128_h16g2_c32s16mean_b64n16i1l2_w512'
 SPEC = {'heads': {'q': 32, 'kv': 16}, 'head_dim': {'qk': 128, 'v': 128}, 'dtype': 'bfloat16', 'compression': {'block': 32, 'stride': 16, 'kind': 'mean'}, 'selection': {'block': 64, 'count': 16, 'initial': 1, 'local': 2}, 'window': 512, 'branches': ['cmp', 'slc', 'win'], 'kv_per_branch': 'shared'}
@@ -41,7 +70,7 @@ BLOCK_DV = 128
 SM_SCALE = 0.08838834764831845
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 64, 'GP': 2, 'BC': 128, 'num_warps': 8, 'num_stages': 3}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention_kb': {'GP': 2, 'BT': 32, 'CHUNK_ITERS': 16, 'num_warps': 4, 'num_stages': 2, 'BR': 16, 'MERGE_WARPS': 8, 'FBT': 32, 'FBK': 32, 'FORCED_WARPS': 4}, 'win_attention': {'BT': 64, 'GP': 2, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 32, 'GP': 2, 'BC': 64, 'num_warps': 4, 'BC_KV': 128, 'QC': 2048, 'BT_KV': 32, 'WARPS_KV': 8, 'STAGES_KV': 3}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 32, 'GP': 2, 'BK': 64, 'num_warps': 4, 'BK_KV': 128, 'BT_KV': 32, 'WARPS_KV': 8, 'STAGES_KV': 3}}
+CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 64, 'GP': 2, 'BC': 128, 'num_warps': 8, 'num_stages': 3, 'TMA': 0}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention_kb': {'GP': 2, 'BT': 32, 'CHUNK_ITERS': 16, 'num_warps': 4, 'num_stages': 2, 'BR': 16, 'MERGE_WARPS': 8, 'FBT': 32, 'FBK': 32, 'FORCED_WARPS': 4}, 'win_attention': {'BT': 64, 'GP': 2, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 32, 'GP': 2, 'BC': 64, 'num_warps': 4, 'BC_KV': 128, 'QC': 2048, 'TMA': 0, 'BT_KV': 32, 'WARPS_KV': 8, 'STAGES_KV': 3}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 32, 'GP': 2, 'BK': 64, 'num_warps': 4, 'BK_KV': 128, 'BT_KV': 32, 'WARPS_KV': 8, 'STAGES_KV': 3}}
 # calls whose every sequence holds at most n*l' tokens run the short-length plan (dense selection)
 SHORT_LEN = 1024
 
@@ -128,15 +157,17 @@ def _bwd_rows(q_ptr, do_ptr, g_ptr, lse_ptr, delta_ptr, tok, head, row_ok, strid
 
 @triton.jit
 def _bwd_dq_step(q, do, lse, delta, dq, k_rows, v_rows, kin, ok, qk_scale, DK: tl.constexpr,
-                 DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
+                 DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
+                 k_desc, v_desc, row0, col_k, col_v, TMA: tl.constexpr):
     """One key step of a dq tile: load the keys' rows (pointers k_rows, v_rows [BK, 1], where
-    kin), P = exp2(S - LSE) where `ok`, dS = P (dP - delta); returns dq + dS K (unscaled)."""
+    kin; with TMA consecutive rows from row0 through the descriptors, see _rows_tile),
+    P = exp2(S - LSE) where `ok`, dS = P (dP - delta); returns dq + dS K (unscaled)."""
     offs_dk = tl.arange(0, BDK)
     offs_dv = tl.arange(0, BDV)
-    kt = tl.load(k_rows + offs_dk[None, :], mask=kin[:, None] & (offs_dk[None, :] < DK),
-                 other=0.0)
-    vt = tl.load(v_rows + offs_dv[None, :], mask=kin[:, None] & (offs_dv[None, :] < DV),
-                 other=0.0)
+    kt = _rows_tile(k_desc, k_rows + offs_dk[None, :], kin[:, None] & (offs_dk[None, :] < DK),
+                    row0, col_k, TMA)
+    vt = _rows_tile(v_desc, v_rows + offs_dv[None, :], kin[:, None] & (offs_dv[None, :] < DV),
+                    row0, col_v, TMA)
     s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
     p = tl.math.exp2(tl.where(ok, s, float("-inf")) - lse[:, None])
     dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
@@ -199,6 +230,19 @@ def _dot_exact_a(a, b, PREC: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
+
+
+@triton.jit
+def _rows_tile(desc, ptrs, mask, row0, col0, TMA: tl.constexpr):
+    """A tile of consecutive rows of a [rows, H * D] tensor: with TMA through the tensor-memory
+    descriptor `desc` at [row0, col0] (rows past the tensor's end read as zeros, rows past the
+    caller's range are real rows that the caller masks out of its scores), else by `ptrs`
+    where `mask`."""
+    if TMA:
+        t = desc.load([row0, col0])
+    else:
+        t = tl.load(ptrs, mask=mask, other=0.0)
+    return t
 
 
 @triton.jit
@@ -370,13 +414,13 @@ def launch_mean_compress(k, v, k_cmp, v_cmp, lay, cfg):
 @triton.jit
 def cmp_attention(
     q_ptr, kc_ptr, vc_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, score_ptr, tile_tok_ptr, tile_len_ptr,
-    tok_pos_ptr, tok_cstart_ptr, tok_ncmp_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-    stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh, stride_st, stride_sh,
-    qk_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
-    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
-    R1: tl.constexpr, R2: tl.constexpr, NBP: tl.constexpr, HAS_GATES: tl.constexpr,
-    PREC: tl.constexpr, SAVE: tl.constexpr, SCORES: tl.constexpr, BT: tl.constexpr,
-    BC: tl.constexpr, BTS: tl.constexpr, SHIFT: tl.constexpr,
+    tok_pos_ptr, tok_cstart_ptr, tok_ncmp_ptr, kc_desc, vc_desc, stride_qt, stride_qh, stride_kt,
+    stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh, stride_st,
+    stride_sh, qk_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr,
+    STRIDE: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, NBP: tl.constexpr,
+    HAS_GATES: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, SCORES: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BTS: tl.constexpr, SHIFT: tl.constexpr, TMA: tl.constexpr,
 ):
     tl.static_assert(BDK >= DK and BDV >= DV and GP >= G)
     tl.static_assert(BTS >= BT and BTS >= 16, "token rows of the group-sum product")
@@ -392,6 +436,9 @@ def cmp_attention(
     ntok = tl.load(tile_len_ptr + pid)
     pos0 = tl.load(tok_pos_ptr + p0)
     cstart = tl.load(tok_cstart_ptr + p0).to(tl.int64)
+    row0 = cstart.to(tl.int32)   # TMA tile coordinates are 32-bit
+    kc_base = kc_ptr + cstart * stride_kt + g * stride_kh
+    vc_base = vc_ptr + cstart * stride_vt + g * stride_vh
     ncmp = tl.load(tok_ncmp_ptr + p0)
 
     offs_m = tl.arange(0, BM)
@@ -419,21 +466,23 @@ def cmp_attention(
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
     for c0 in range(0, n_full, BC):
         cidx = c0 + offs_c
-        kc = tl.load(kc_ptr + (cstart + cidx)[:, None] * stride_kt + g * stride_kh + offs_dk[None, :],
-                     mask=offs_dk[None, :] < DK, other=0.0)
+        kc = _rows_tile(kc_desc, kc_base + cidx[:, None] * stride_kt + offs_dk[None, :],
+                        offs_dk[None, :] < DK, row0 + c0, g * BDK, TMA)
         s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
-        vc = tl.load(vc_ptr + (cstart + cidx)[:, None] * stride_vt + g * stride_vh + offs_dv[None, :],
-                     mask=(offs_dv[None, :] < DV), other=0.0)
+        vc = _rows_tile(vc_desc, vc_base + cidx[:, None] * stride_vt + offs_dv[None, :],
+(offs_dv[None, :] < DV), row0 + c0,
+                        g * BDV, TMA)
         m_i, l_i, acc = _online_update(s, m_i, l_i, acc, vc, PREC)
     for c0 in range(n_full, nvis_max, BC):
         cidx = c0 + offs_c
         cmask = cidx < nvis_max
-        kc = tl.load(kc_ptr + (cstart + cidx)[:, None] * stride_kt + g * stride_kh + offs_dk[None, :],
-                     mask=cmask[:, None] & (offs_dk[None, :] < DK), other=0.0)
+        kc = _rows_tile(kc_desc, kc_base + cidx[:, None] * stride_kt + offs_dk[None, :],
+                        cmask[:, None] & (offs_dk[None, :] < DK), row0 + c0, g * BDK, TMA)
         s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
         s = tl.where(cidx[None, :] < nvis[:, None], s, float("-inf"))
-        vc = tl.load(vc_ptr + (cstart + cidx)[:, None] * stride_vt + g * stride_vh + offs_dv[None, :],
-                     mask=cmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        vc = _rows_tile(vc_desc, vc_base + cidx[:, None] * stride_vt + offs_dv[None, :],
+cmask[:, None] & (offs_dv[None, :] < DV), row0 + c0,
+                        g * BDV, TMA)
         m_i, l_i, acc = _online_update(s, m_i, l_i, acc, vc, PREC)
     # log2-domain LSE; +inf for rows that see nothing so that exp2(s - lse) = 0 there
     lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
@@ -467,8 +516,8 @@ def cmp_attention(
         carry = tl.zeros([BTS, BJ], dtype=tl.float32)
         for c0 in range(0, n_full, BC):
             cidx = c0 + offs_c
-            kc = tl.load(kc_ptr + (cstart + cidx)[:, None] * stride_kt + g * stride_kh + offs_dk[None, :],
-                         mask=offs_dk[None, :] < DK, other=0.0)
+            kc = _rows_tile(kc_desc, kc_base + cidx[:, None] * stride_kt + offs_dk[None, :],
+                            offs_dk[None, :] < DK, row0 + c0, g * BDK, TMA)
             s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
             p = tl.math.exp2(s - lse_s[:, None])
             if GP == 1 and BTS == BM:   # one head per token: the group sum is p itself
@@ -484,8 +533,9 @@ def cmp_attention(
                      mask=s_ok[:, None] & (offs_j[None, :] < NBP))
         for c0 in range(n_full, nvis_max, BC):
             cidx = c0 + offs_c
-            kc = tl.load(kc_ptr + (cstart + cidx)[:, None] * stride_kt + g * stride_kh + offs_dk[None, :],
-                         mask=(cidx < nvis_max)[:, None] & (offs_dk[None, :] < DK), other=0.0)
+            kc = _rows_tile(kc_desc, kc_base + cidx[:, None] * stride_kt + offs_dk[None, :],
+                            (cidx < nvis_max)[:, None] & (offs_dk[None, :] < DK), row0 + c0,
+                            g * BDK, TMA)
             s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
             p = tl.math.exp2(tl.where(cidx[None, :] < nvis[:, None], s, float("-inf")) - lse_s[:, None])
             if GP == 1 and BTS == BM:   # one head per token: the group sum is p itself
@@ -513,17 +563,20 @@ def launch_cmp_attention(q, kc, vc, gates, o, score, lay, cfg, prec, ob=None, ls
     scores = score is not None
     if not scores:   # no block scores wanted: loop 2 is compiled out, any pointer will do
         score = o
+    tma = cfg.get("TMA", 0) and _tma_rows_ok(kc, BLOCK_DK) and _tma_rows_ok(vc, BLOCK_DV)
     grid = (tile_tok.numel(), H_KV)
     _launch(cmp_attention)[grid](
         q, kc, vc, g, o, ob if save else o, lse if save else score, score, tile_tok, tile_len,
-        lay.tok_pos, lay.tok_cstart, lay.tok_ncmp, q.stride(0), q.stride(1), kc.stride(0),
+        lay.tok_pos, lay.tok_cstart, lay.tok_ncmp,
+        _tma_rows(kc, cfg["BC"], BLOCK_DK) if tma else kc,
+        _tma_rows(vc, cfg["BC"], BLOCK_DV) if tma else vc, q.stride(0), q.stride(1), kc.stride(0),
         kc.stride(1), vc.stride(0), vc.stride(1), o.stride(0), o.stride(1), g.stride(0),
         g.stride(1), score.stride(0), score.stride(1), qk_scale=QK_SCALE, H=H_KV, G=GROUP,
         GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=32, STRIDE=16, R1=2, R2=4,
         NBP=score.shape[-1], HAS_GATES=gates is not None, PREC=prec, SAVE=save, SCORES=scores,
         BT=cfg["BT"], BC=cfg["BC"], BTS=max(16, cfg["BT"]),
-        SHIFT=0 if prec == "ieee" else 16 - cfg["GP"].bit_length(), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        SHIFT=0 if prec == "ieee" else 16 - cfg["GP"].bit_length(), TMA=bool(tma),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 @triton.jit
@@ -1005,11 +1058,12 @@ def launch_gate_delta(do, ob, gates, dgates, delta, cfg):
 @triton.jit
 def cmp_attention_bwd_dq(
     q_ptr, kc_ptr, vc_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, tile_tok_ptr, tile_len_ptr,
-    tok_pos_ptr, tok_cstart_ptr, tok_ncmp_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-    stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr,
-    sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
-    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
-    HAS_GATES: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    tok_pos_ptr, tok_cstart_ptr, tok_ncmp_ptr, kc_desc, vc_desc, stride_qt, stride_qh, stride_kt,
+    stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh,
+    qk_scale: tl.constexpr, sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    L: tl.constexpr, STRIDE: tl.constexpr, HAS_GATES: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, TMA: tl.constexpr,
 ):
     """dq += sum_i dS[t, i] k_cmp[i] * scale for a tile of tokens x the group's heads."""
     BM: tl.constexpr = BT * GP
@@ -1039,7 +1093,8 @@ def cmp_attention_bwd_dq(
         rows_c = (cstart + cidx)[:, None]
         dq = _bwd_dq_step(q, do, lse, delta, dq, kc_ptr + rows_c * stride_kt + g * stride_kh,
                           vc_ptr + rows_c * stride_vt + g * stride_vh, cidx < nvis_max,
-                          cidx[None, :] < nvis[:, None], qk_scale, DK, DV, BDK, BDV, PREC)
+                          cidx[None, :] < nvis[:, None], qk_scale, DK, DV, BDK, BDV, PREC,
+                          kc_desc, vc_desc, cstart.to(tl.int32) + c0, g * BDK, g * BDV, TMA)
     dq_ptrs = dq_ptr + tok[:, None] * (H * G * BDK) + head[:, None] * BDK + offs_dk[None, :]
     dq_mask = row_ok[:, None] & (offs_dk[None, :] < DK)
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * sm_scale, mask=dq_mask)
@@ -1120,13 +1175,16 @@ def launch_cmp_attention_bwd(q, kc, vc, gates, do, lse, delta, dq, dkc, dvc, lay
     """Gradients of the compressed branch: dq (accumulated, fp32), dk_cmp and dv_cmp (fp32)."""
     g = gates if gates is not None else q
     tile_tok, tile_len = lay.tiles(cfg["BT"])
+    tma = cfg.get("TMA", 0) and _tma_rows_ok(kc, BLOCK_DK) and _tma_rows_ok(vc, BLOCK_DV)
     _launch(cmp_attention_bwd_dq)[(tile_tok.numel(), H_KV)](
         q, kc, vc, g, do, lse, delta, dq, tile_tok, tile_len, lay.tok_pos, lay.tok_cstart,
-        lay.tok_ncmp, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), vc.stride(0),
-        vc.stride(1), do.stride(0), do.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE,
-        sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK,
-        BDV=BLOCK_DV, L=32, STRIDE=16, HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT"],
-        BC=cfg["BC"], num_warps=cfg["num_warps"])
+        lay.tok_ncmp, _tma_rows(kc, cfg["BC"], BLOCK_DK) if tma else kc,
+        _tma_rows(vc, cfg["BC"], BLOCK_DV) if tma else vc, q.stride(0), q.stride(1), kc.stride(0),
+        kc.stride(1), vc.stride(0), vc.stride(1), do.stride(0), do.stride(1), g.stride(0),
+        g.stride(1), qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"],
+        DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, L=32, STRIDE=16,
+        HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT"], BC=cfg["BC"], TMA=bool(tma),
+        num_warps=cfg["num_warps"])
     # dk/dv holds two fp32 accumulators besides the tile: its own, smaller tiles and more warps
     ct = lay.cmp_tiles(cfg["BC_KV"])
     if ct[0].numel():
@@ -1237,7 +1295,8 @@ def slc_attention_bwd_dq(
             rows_k = (base + kpos)[:, None]
             dq = _bwd_dq_step(q, do, lse, delta, dq, k_ptr + rows_k * stride_kt + g * stride_kh,
                               v_ptr + rows_k * stride_vt + g * stride_vh, kmask,
-                              kmask[None, :] & row_ok[:, None], qk_scale, DK, DV, BDK, BDV, PREC)
+                              kmask[None, :] & row_ok[:, None], qk_scale, DK, DV, BDK, BDV, PREC,
+                              k_ptr, v_ptr, 0, 0, 0, False)
     dq_ptrs = dq_ptr + tok * (H * G * BDK) + head[:, None] * BDK + offs_dk[None, :]
     dq_mask = row_ok[:, None] & (offs_dk[None, :] < DK)
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * sm_scale, mask=dq_mask)
@@ -1360,7 +1419,7 @@ def win_attention_bwd_dq(
         ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
         dq = _bwd_dq_step(q, do, lse, delta, dq, k_ptr + rows_k * stride_kt + g * stride_kh,
                           v_ptr + rows_k * stride_vt + g * stride_vh, kpos < hi, ok, qk_scale,
-                          DK, DV, BDK, BDV, PREC)
+                          DK, DV, BDK, BDV, PREC, k_ptr, v_ptr, 0, 0, 0, False)
     dq_ptrs = dq_ptr + tok[:, None] * (H * G * BDK) + head[:, None] * BDK + offs_dk[None, :]
     dq_mask = row_ok[:, None] & (offs_dk[None, :] < DK)
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * sm_scale, mask=dq_mask)

@@ -41,7 +41,10 @@ def _cmp_bwd_launch(spec: Spec, flags: dict) -> dict:
         dq=signature(
             ptrs("q", "kc", "vc", "g", "do", "lse", "delta", "dq", "tile_tok", "tile_len",
                  "tok_pos=lay.tok_pos", "tok_cstart=lay.tok_cstart", "tok_ncmp=lay.tok_ncmp"),
-            *_bwd_strides("kc", "vc"), *common, cfg("BT", "BC"), options=WARPS),
+            scalars('kc_desc=_tma_rows(kc, cfg["BC"], BLOCK_DK) if tma else kc',
+                    'vc_desc=_tma_rows(vc, cfg["BC"], BLOCK_DV) if tma else vc'),
+            *_bwd_strides("kc", "vc"), *common, cfg("BT", "BC"), consts(TMA="bool(tma)"),
+            options=WARPS),
         dkdv=signature(
             ptrs("q", "kc", "vc", "g", "do", "lse", "delta", "dkc", "dvc", "ctile_row=ct[0]",
                  "ctile_c0=ct[1]", "ctile_qzero=ct[2]", "ctile_len=ct[3]", "ctile_nc=ct[4]",
@@ -142,7 +145,8 @@ def _cmp_bwd_default(spec: Spec, target: Target, why: list) -> dict:
                "per (compressed tile, chunk of at most QC queries that see it), added "
                "atomically; no gradient through importance")
     kv, keys = dkdv_tile(spec, gp, target)
-    return dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4, BC_KV=keys, QC=2048, **kv)
+    return dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4, BC_KV=keys, QC=2048, TMA=0,
+                **kv)
 
 
 # ---------------------------------------------------------------------------- slc_attention_bwd

@@ -66,7 +66,9 @@ def _cmp_default(spec: Spec, target: Target, why: list) -> dict:
     why.append(f"cmp_attention tile: {bt} token(s) x {gp} head rows (G={spec.group}) = "
                f"{bt * gp} rows, {bc} compressed keys per step, {stages} stages "
                f"(~{smem_bytes(bt * gp, bc, bdk, bdv, stages) // 1024} KB shared memory)")
-    return dict(BT=bt, GP=gp, BC=bc, num_warps=8 if bt * gp >= 128 else 4, num_stages=stages)
+    # TMA: the compressed tiles through tensor-memory descriptors (1), or by pointers (0)
+    return dict(BT=bt, GP=gp, BC=bc, num_warps=8 if bt * gp >= 128 else 4, num_stages=stages,
+                TMA=0)
 
 
 def _cmp_space(spec: Spec, default: dict, target: Target, smem: int):
@@ -86,6 +88,8 @@ def _cmp_launch(spec: Spec, flags: dict) -> dict:
         ptrs("q", "kc", "vc", "g", "o", "ob=ob if save else o", "lse=lse if save else score",
              "score", "tile_tok", "tile_len", "tok_pos=lay.tok_pos", "tok_cstart=lay.tok_cstart",
              "tok_ncmp=lay.tok_ncmp"),
+        scalars('kc_desc=_tma_rows(kc, cfg["BC"], BLOCK_DK) if tma else kc',
+                'vc_desc=_tma_rows(vc, cfg["BC"], BLOCK_DV) if tma else vc'),
         strides("q", "qt", "qh"), strides("kc", "kt", "kh"), strides("vc", "vt", "vh"),
         strides("o", "ot", "oh"), strides("g", "gt", "gh"), strides("score", "st", "sh"),
         consts(qk_scale="QK_SCALE"), HEADS, cfg("GP"), DIMS, cmp_values(spec),
@@ -93,7 +97,7 @@ def _cmp_launch(spec: Spec, flags: dict) -> dict:
                SCORES="scores"),
         cfg("BT", "BC"),
         consts(BTS='max(16, cfg["BT"])',
-               SHIFT='0 if prec == "ieee" else 16 - cfg["GP"].bit_length()'),
+               SHIFT='0 if prec == "ieee" else 16 - cfg["GP"].bit_length()', TMA="bool(tma)"),
         options=WARPS_STAGES))
 
 
