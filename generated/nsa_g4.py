@@ -39,8 +39,9 @@ _TMA_CAPABLE: dict = {}   # CUDA device index -> whether it has tensor-memory lo
 def _tma_rows_ok(x, cols):
     """Whether `x` [N, H, D] can be read as row tiles of its [N, H * D] view through a TMA
     descriptor: a Triton that has them, sm_90 or later (any device under the interpreter),
-    D == cols with the heads packed, and rows 16-byte aligned."""
-    if _TensorDescriptor is None or x.shape[-1] != cols or x.stride(-1) != 1 \
+    D == cols with the heads packed, rows 16-byte aligned, and a direct launch (a traced one,
+    under torch.compile or export, passes tensors only and loads by pointers)."""
+    if _TensorDescriptor is None or _wrapping() or x.shape[-1] != cols or x.stride(-1) != 1 \
             or x.stride(1) != cols:
         return False
     el = x.element_size()
