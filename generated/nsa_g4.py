@@ -39,10 +39,11 @@ _TMA_CAPABLE: dict = {}   # CUDA device index -> whether it has tensor-memory lo
 def _tma_rows_ok(x, cols):
     """Whether `x` [N, H, D] can be read as row tiles of its [N, H * D] view through a TMA
     descriptor: a Triton that has them, sm_90 or later (any device under the interpreter),
-    D == cols with the heads packed, rows 16-byte aligned, and a direct launch (a traced one,
+    D == cols with the heads packed, rows 16-byte aligned, at least one row (a descriptor
+    cannot describe an empty tensor), and a direct launch (a traced one,
     under torch.compile or export, passes tensors only and loads by pointers)."""
-    if _TensorDescriptor is None or _wrapping() or x.shape[-1] != cols or x.stride(-1) != 1 \
-            or x.stride(1) != cols:
+    if _TensorDescriptor is None or _wrapping() or x.shape[0] == 0 or x.shape[-1] != cols \
+            or x.stride(-1) != 1 or x.stride(1) != cols:
         return False
     el = x.element_size()
     if (x.stride(0) * el) % 16 or (x.storage_offset() * el) % 16:
