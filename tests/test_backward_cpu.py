@@ -115,6 +115,25 @@ def test_compressed_tiles_through_tma_descriptors():
     assert len(made) >= 4, made   # k and v of the forward and of dq
 
 
+def test_tma_switch_without_compressed_tokens():
+    """With TMA=1 and fewer tokens than one compression block there is no compressed row to
+    describe: the kernels load by pointers (a descriptor of an empty tensor is an error)."""
+    spec = scaled(nsagen.load_spec("nsa-d128"), kv_heads=2)
+    op = nsagen.build(spec)
+    made = []
+    rows = op.module._tma_rows
+    op.module._tma_rows = lambda x, r, c: made.append((r, c)) or rows(x, r, c)
+    op.configs = {k: dict(op.module.CONFIGS[k], TMA=1)
+                  for k in ("cmp_attention", "cmp_attention_bwd")}
+    try:
+        check_backward(spec, B=2, T=spec.cmp_block - 1, dtype=torch.float32, device="cpu",
+                       seed=19)
+    finally:
+        op.configs = {}
+        op.module._tma_rows = rows
+    assert made == []
+
+
 @pytest.mark.parametrize("bt_kv", [1, 8])
 def test_window_dkdv_across_key_tiles(bt_kv):
     """Key tiles of 16 under a window of 24 at T=70: each tile's queries pass through the causal
