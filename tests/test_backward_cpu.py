@@ -95,11 +95,14 @@ def test_compressed_dkdv_in_uneven_query_chunks():
         op.configs = {}
 
 
-def test_compressed_tiles_through_tma_descriptors():
-    """The compressed forward and its dq read the compressed tiles through TMA descriptors
-    (config TMA=1): rows past a tile's range are real rows there, masked out of the scores,
-    and rows past the tensor's end read as zeros. Varlen, so tiles run across sequences."""
-    spec = scaled(nsagen.load_spec("nsa-d128"), kv_heads=2)
+def _tma_spec():
+    """`nsa-d128` with 2 KV heads, small enough for the interpreter."""
+    return scaled(nsagen.load_spec("nsa-d128"), kv_heads=2)
+
+
+def _with_tma(spec, **kw) -> list:
+    """Runs check_backward(spec, **kw) with the compressed kernels' TMA switch on; returns the
+    (rows, cols) of every descriptor the launchers made."""
     op = nsagen.build(spec)
     made = []
     rows = op.module._tma_rows
@@ -107,31 +110,26 @@ def test_compressed_tiles_through_tma_descriptors():
     op.configs = {k: dict(op.module.CONFIGS[k], TMA=1)
                   for k in ("cmp_attention", "cmp_attention_bwd")}
     try:
-        check_backward(spec, B=1, T=0, dtype=torch.float32, device="cpu", seed=18,
-                       varlen_lens=[9, 45, 3, 26])
+        check_backward(spec, dtype=torch.float32, device="cpu", **kw)
     finally:
         op.configs = {}
         op.module._tma_rows = rows
+    return made
+
+
+def test_compressed_tiles_through_tma_descriptors():
+    """The compressed forward and its dq read the compressed tiles through TMA descriptors
+    (config TMA=1): rows past a tile's range are real rows there, masked out of the scores,
+    and rows past the tensor's end read as zeros. Varlen, so tiles run across sequences."""
+    made = _with_tma(_tma_spec(), B=1, T=0, seed=18, varlen_lens=[9, 45, 3, 26])
     assert len(made) >= 4, made   # k and v of the forward and of dq
 
 
 def test_tma_switch_without_compressed_tokens():
     """With TMA=1 and fewer tokens than one compression block there is no compressed row to
     describe: the kernels load by pointers (a descriptor of an empty tensor is an error)."""
-    spec = scaled(nsagen.load_spec("nsa-d128"), kv_heads=2)
-    op = nsagen.build(spec)
-    made = []
-    rows = op.module._tma_rows
-    op.module._tma_rows = lambda x, r, c: made.append((r, c)) or rows(x, r, c)
-    op.configs = {k: dict(op.module.CONFIGS[k], TMA=1)
-                  for k in ("cmp_attention", "cmp_attention_bwd")}
-    try:
-        check_backward(spec, B=2, T=spec.cmp_block - 1, dtype=torch.float32, device="cpu",
-                       seed=19)
-    finally:
-        op.configs = {}
-        op.module._tma_rows = rows
-    assert made == []
+    spec = _tma_spec()
+    assert _with_tma(spec, B=2, T=spec.cmp_block - 1, seed=19) == []
 
 
 @pytest.mark.parametrize("bt_kv", [1, 8])
