@@ -96,7 +96,7 @@ def test_compressed_dkdv_in_uneven_query_chunks():
 
 
 def _tma_spec():
-    """`nsa-d128` with 2 KV heads, small enough for the interpreter."""
+    """A small `nsa-d128` (2 KV heads, D=32, l=8) for the interpreter."""
     return scaled(nsagen.load_spec("nsa-d128"), kv_heads=2)
 
 
