@@ -34,7 +34,7 @@ from .cache import interpreting
 from .ir.passes import decode_splits
 from .layout import build_layout
 from .target import Target
-from .tune.compile import recording, variant_key
+from .tune.compile import is_descriptor, recording, variant_key
 from .tune.workloads import DecodeSetup, packed_args, random_inputs
 
 _PTR_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
@@ -235,6 +235,9 @@ def _signature(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
             sig[name] = "*" + _PTR_TYPES[v.dtype]
             if v.data_ptr() % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif is_descriptor(v):
+            shape = ", ".join(str(n) for n in v.block_shape)
+            sig[name] = f"tensordesc<{_PTR_TYPES[v.base.dtype]}[{shape}]>"
         elif isinstance(v, bool):
             sig[name] = "i1"
         elif isinstance(v, int):

@@ -100,7 +100,7 @@ def test_dsa_kernels_write_only_their_outputs(name):
     writes = json.loads(run.stdout.strip().splitlines()[-1])
     assert writes == {
         "dsa_indexer": ["ext_ptr", "score_ptr"],
-        "dsa_topk": ["idx_ptr"],
+        "dsa_topk": ["cand_ptr", "idx_ptr"],    # cand: its scratch of candidate lists
         "dsa_topk_hist": ["hist_ptr"],
         "dsa_topk_select": ["cnt_ptr", "idx_ptr"],
         "dsa_attention": ["lse_ptr", "o_ptr", "plse_ptr", "po_ptr"],

@@ -10,10 +10,18 @@ import threading
 import time
 from concurrent.futures import Future, wait
 
+import dataclasses
+
 import torch
 from triton.runtime.jit import JITFunction
 
+from ..launch import direct_launches
 from .budget import Budget
+
+try:  # host-side TMA descriptors, which some launches pass
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 log = logging.getLogger("nsagen")
 
@@ -27,22 +35,38 @@ def stand_in(t: torch.Tensor) -> torch.Tensor:
     return base[:1] if t.data_ptr() % 16 == 0 else base[1:]
 
 
+def is_descriptor(x) -> bool:
+    """Whether `x` is a host-side TMA descriptor."""
+    return TensorDescriptor is not None and isinstance(x, TensorDescriptor)
+
+
+def _stand_in_arg(x):
+    """A launch argument as recorded: tensors and the tensors of descriptors as stand-ins."""
+    if isinstance(x, torch.Tensor):
+        return stand_in(x)
+    if is_descriptor(x):
+        return dataclasses.replace(x, base=stand_in(x.base))
+    return x
+
+
 @contextlib.contextmanager
 def recording(calls: list):
     """Inside: Triton launches are recorded (kernel, args, grid, kwargs) instead of compiled
-    and run, so a pass with candidate configs lists the variants it would compile. Tensor
+    and run, so a pass with candidate configs lists the variants it would compile. Launches
+    are direct ones, as an eager call's (TMA descriptors are passed only there); tensor
     arguments are recorded as stand-ins (`stand_in`)."""
     real = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        args = tuple(stand_in(a) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: stand_in(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        args = tuple(_stand_in_arg(a) for a in args)
+        kwargs = {k: _stand_in_arg(v) for k, v in kwargs.items()}
         calls.append((self, args, grid, kwargs))
         return None
 
     JITFunction.run = record
     try:
-        yield calls
+        with direct_launches():
+            yield calls
     finally:
         JITFunction.run = real
 
@@ -54,6 +78,8 @@ def variant_key(fn, args, kwargs) -> tuple:
     def norm(x, exact):
         if isinstance(x, torch.Tensor):
             return (str(x.dtype), x.data_ptr() % 16 == 0)
+        if is_descriptor(x):
+            return ("desc", str(x.base.dtype), tuple(x.block_shape))
         if isinstance(x, int) and not isinstance(x, bool) and not exact:
             return ("i", x == 1, x % 16 == 0)
         return repr(x)
