@@ -72,7 +72,7 @@ BLOCK_DV = 128
 SM_SCALE = 0.08838834764831845
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 128, 'GP': 1, 'BC': 128, 'num_warps': 8, 'num_stages': 3, 'TMA': 0}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention_kb': {'GP': 1, 'BT': 64, 'CHUNK_ITERS': 16, 'num_warps': 4, 'num_stages': 2, 'BR': 16, 'MERGE_WARPS': 8, 'FBT': 64, 'FBK': 32, 'FORCED_WARPS': 4}, 'win_attention': {'BT': 128, 'GP': 1, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 64, 'GP': 1, 'BC': 64, 'num_warps': 4, 'BC_KV': 128, 'QC': 2048, 'TMA': 0, 'BT_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 3}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 64, 'GP': 1, 'BK': 64, 'num_warps': 4, 'BK_KV': 128, 'BT_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 3}}
+CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 128, 'GP': 1, 'BC': 128, 'num_warps': 8, 'num_stages': 3, 'TMA': 0}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention_kb': {'GP': 1, 'BT': 64, 'CHUNK_ITERS': 16, 'num_warps': 4, 'num_stages': 2, 'BR': 16, 'MERGE_WARPS': 8, 'FBT': 64, 'FBK': 32, 'FORCED_WARPS': 4}, 'win_attention': {'BT': 128, 'GP': 1, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 64, 'GP': 1, 'BC': 64, 'num_warps': 4, 'BC_KV': 128, 'QC': 2048, 'TMA': 1, 'BT_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 3}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4, 'TMA': 1}, 'win_attention_bwd': {'BT': 64, 'GP': 1, 'BK': 64, 'num_warps': 4, 'BK_KV': 128, 'BT_KV': 64, 'WARPS_KV': 8, 'STAGES_KV': 3}}
 # calls whose every sequence holds at most n*l' tokens run the short-length plan (dense selection)
 SHORT_LEN = 1024
 
@@ -1266,12 +1266,12 @@ def launch_mean_compress_bwd(dkc, dvc, dk, dv, lay, cfg):
 @triton.jit
 def slc_attention_bwd_dq(
     q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, tok_pos_ptr,
-    tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
-    stride_oh, stride_gt, stride_gh, stride_it, stride_ih, qk_scale: tl.constexpr,
-    sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
-    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr,
-    HAS_GATES: tl.constexpr, PREC: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-    BK: tl.constexpr,
+    tok_kbase_ptr, k_desc, v_desc, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+    stride_vh, stride_ot, stride_oh, stride_gt, stride_gh, stride_it, stride_ih,
+    qk_scale: tl.constexpr, sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    LB: tl.constexpr, HAS_GATES: tl.constexpr, PREC: tl.constexpr, N: tl.constexpr,
+    NP: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
@@ -1298,7 +1298,8 @@ def slc_attention_bwd_dq(
             dq = _bwd_dq_step(q, do, lse, delta, dq, k_ptr + rows_k * stride_kt + g * stride_kh,
                               v_ptr + rows_k * stride_vt + g * stride_vh, kmask,
                               kmask[None, :] & row_ok[:, None], qk_scale, DK, DV, BDK, BDV, PREC,
-                              k_ptr, v_ptr, 0, 0, 0, False)
+                              k_desc, v_desc, (base + blk * LB + kk * BK).to(tl.int32),
+                              g * BDK, g * BDV, TMA)
     dq_ptrs = dq_ptr + tok * (H * G * BDK) + head[:, None] * BDK + offs_dk[None, :]
     dq_mask = row_ok[:, None] & (offs_dk[None, :] < DK)
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * sm_scale, mask=dq_mask)
@@ -1366,12 +1367,15 @@ def slc_attention_bwd_dkdv(
 def launch_slc_attention_bwd(q, k, v, gates, do, lse, delta, idx, dq, dk, dv, lay, cfg, prec):
     """Gradients of the selected branch: dq, dk, dv accumulated into fp32 buffers."""
     g = gates if gates is not None else q
+    tma = cfg.get("TMA", 0) and _tma_rows_ok(k, BLOCK_DK) and _tma_rows_ok(v, BLOCK_DV)
     _launch(slc_attention_bwd_dq)[(q.shape[0], H_KV)](
-        q, k, v, g, do, lse, delta, dq, idx, lay.tok_pos, lay.tok_kbase, q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        g.stride(0), g.stride(1), idx.stride(0), idx.stride(1), qk_scale=QK_SCALE,
-        sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK,
-        BDV=BLOCK_DV, LB=64, HAS_GATES=gates is not None, PREC=prec, N=16, NP=16, BK=cfg["BK"],
+        q, k, v, g, do, lse, delta, dq, idx, lay.tok_pos, lay.tok_kbase,
+        _tma_rows(k, cfg["BK"], BLOCK_DK) if tma else k,
+        _tma_rows(v, cfg["BK"], BLOCK_DV) if tma else v, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), g.stride(0),
+        g.stride(1), idx.stride(0), idx.stride(1), qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV,
+        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64,
+        HAS_GATES=gates is not None, PREC=prec, N=16, NP=16, BK=cfg["BK"], TMA=bool(tma),
         num_warps=cfg["num_warps"])
     chunk = cfg["BT_BWD"] * cfg["CHUNK_ITERS"]
     inv = lay.inverse_blocks(idx, 64, chunk)

@@ -72,7 +72,7 @@ BLOCK_DV = 128
 SM_SCALE = 0.08838834764831845
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3, 'TMA': 0}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2, 'FBT': 4, 'FBK': 32, 'FORCED_WARPS': 4}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BC_KV': 128, 'QC': 2048, 'TMA': 0, 'BT_KV': 4, 'WARPS_KV': 8, 'STAGES_KV': 3}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BK_KV': 128, 'BT_KV': 4, 'WARPS_KV': 8, 'STAGES_KV': 3}}
+CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3, 'TMA': 0}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2, 'TMA': 1, 'FBT': 4, 'FBK': 32, 'FORCED_WARPS': 4}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BC_KV': 128, 'QC': 2048, 'TMA': 1, 'BT_KV': 4, 'WARPS_KV': 8, 'STAGES_KV': 3}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4, 'TMA': 1}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BK_KV': 128, 'BT_KV': 4, 'WARPS_KV': 8, 'STAGES_KV': 3}}
 # calls whose every sequence holds at most n*l' tokens run the short-length plan (dense selection)
 SHORT_LEN = 1024
 
@@ -739,12 +739,13 @@ def _slc_attention_forced_partials(q, k, v, lay, cfg, prec):
 @triton.jit
 def slc_attention(
     q_ptr, k_ptr, v_ptr, kw_ptr, vw_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, idx_ptr, fo_ptr, fl_ptr,
-    tok_pos_ptr, tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_gt, stride_gh, stride_it, stride_ih, N_TOK,
+    tok_pos_ptr, tok_kbase_ptr, k_desc, v_desc, stride_qt, stride_qh, stride_kt, stride_kh,
+    stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh, stride_it, stride_ih, N_TOK,
     qk_scale: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, NF: tl.constexpr, W: tl.constexpr,
-    HAS_GATES: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, BK: tl.constexpr,
+    HAS_GATES: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr,
+    BK: tl.constexpr,
 ):
     tl.static_assert(BDK >= DK and BDV >= DV and GP >= G and GP >= 16)
     tl.static_assert(LB % BK == 0, "key tiles must tile a selection block")
@@ -784,10 +785,11 @@ def slc_attention(
             kpos = blk * LB + kk * BK + offs_k
             kmask = (kpos <= pos) & (kpos >= 0)
             rows_k = (base + kpos)[:, None]
-            kt = tl.load(k_ptr + rows_k * stride_kt + g * stride_kh + offs_dk[None, :],
-                         mask=kmask[:, None] & dmask_k, other=0.0)
-            vt = tl.load(v_ptr + rows_k * stride_vt + g * stride_vh + offs_dv[None, :],
-                         mask=kmask[:, None] & dmask_v, other=0.0)
+            row0 = (base + blk * LB + kk * BK).to(tl.int32)   # TMA tile coordinates are 32-bit
+            kt = _rows_tile(k_desc, k_ptr + rows_k * stride_kt + g * stride_kh + offs_dk[None, :],
+                            kmask[:, None] & dmask_k, row0, g * BDK, TMA)
+            vt = _rows_tile(v_desc, v_ptr + rows_k * stride_vt + g * stride_vh + offs_dv[None, :],
+                            kmask[:, None] & dmask_v, row0, g * BDV, TMA)
             s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
             s = tl.where(kmask[None, :], s, float("-inf"))
             m_i, l_i, acc = _online_update(s, m_i, l_i, acc, vt, PREC)
@@ -808,15 +810,17 @@ def launch_slc_attention(q, k, v, kw, vw, gates, o, idx, lay, cfg, prec, ob=None
     fo, fl = _slc_attention_forced_partials(q, k, v, lay, cfg, prec)
     g = gates if gates is not None else q
     save = ob is not None
+    tma = cfg.get("TMA", 0) and _tma_rows_ok(k, BLOCK_DK) and _tma_rows_ok(v, BLOCK_DV)
     grid = (q.shape[0], H_KV)
     _launch(slc_attention)[grid](
         q, k, v, kw, vw, g, o, ob if save else o, lse if save else o, idx, fo, fl, lay.tok_pos,
-        lay.tok_kbase, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), o.stride(0), o.stride(1), g.stride(0), g.stride(1), idx.stride(0),
-        idx.stride(1), q.shape[0], qk_scale=QK_SCALE, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V,
-        BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N=16, NP=16, N_INIT=1, N_LOCAL=2, NF=13, W=512,
-        HAS_GATES=gates is not None, PREC=prec, SAVE=save, BK=cfg["BK"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        lay.tok_kbase, _tma_rows(k, cfg["BK"], BLOCK_DK) if tma else k,
+        _tma_rows(v, cfg["BK"], BLOCK_DV) if tma else v, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), g.stride(0), g.stride(1),
+        idx.stride(0), idx.stride(1), q.shape[0], qk_scale=QK_SCALE, G=GROUP, GP=cfg["GP"],
+        DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, N=16, NP=16, N_INIT=1, N_LOCAL=2,
+        NF=13, W=512, HAS_GATES=gates is not None, PREC=prec, SAVE=save, TMA=bool(tma),
+        BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 @triton.jit
@@ -1140,12 +1144,12 @@ def launch_mean_compress_bwd(dkc, dvc, dk, dv, lay, cfg):
 @triton.jit
 def slc_attention_bwd_dq(
     q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, tok_pos_ptr,
-    tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
-    stride_oh, stride_gt, stride_gh, stride_it, stride_ih, qk_scale: tl.constexpr,
-    sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
-    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr,
-    HAS_GATES: tl.constexpr, PREC: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-    BK: tl.constexpr,
+    tok_kbase_ptr, k_desc, v_desc, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+    stride_vh, stride_ot, stride_oh, stride_gt, stride_gh, stride_it, stride_ih,
+    qk_scale: tl.constexpr, sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    LB: tl.constexpr, HAS_GATES: tl.constexpr, PREC: tl.constexpr, N: tl.constexpr,
+    NP: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
@@ -1172,7 +1176,8 @@ def slc_attention_bwd_dq(
             dq = _bwd_dq_step(q, do, lse, delta, dq, k_ptr + rows_k * stride_kt + g * stride_kh,
                               v_ptr + rows_k * stride_vt + g * stride_vh, kmask,
                               kmask[None, :] & row_ok[:, None], qk_scale, DK, DV, BDK, BDV, PREC,
-                              k_ptr, v_ptr, 0, 0, 0, False)
+                              k_desc, v_desc, (base + blk * LB + kk * BK).to(tl.int32),
+                              g * BDK, g * BDV, TMA)
     dq_ptrs = dq_ptr + tok * (H * G * BDK) + head[:, None] * BDK + offs_dk[None, :]
     dq_mask = row_ok[:, None] & (offs_dk[None, :] < DK)
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * sm_scale, mask=dq_mask)
@@ -1240,12 +1245,15 @@ def slc_attention_bwd_dkdv(
 def launch_slc_attention_bwd(q, k, v, gates, do, lse, delta, idx, dq, dk, dv, lay, cfg, prec):
     """Gradients of the selected branch: dq, dk, dv accumulated into fp32 buffers."""
     g = gates if gates is not None else q
+    tma = cfg.get("TMA", 0) and _tma_rows_ok(k, BLOCK_DK) and _tma_rows_ok(v, BLOCK_DV)
     _launch(slc_attention_bwd_dq)[(q.shape[0], H_KV)](
-        q, k, v, g, do, lse, delta, dq, idx, lay.tok_pos, lay.tok_kbase, q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        g.stride(0), g.stride(1), idx.stride(0), idx.stride(1), qk_scale=QK_SCALE,
-        sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK,
-        BDV=BLOCK_DV, LB=64, HAS_GATES=gates is not None, PREC=prec, N=16, NP=16, BK=cfg["BK"],
+        q, k, v, g, do, lse, delta, dq, idx, lay.tok_pos, lay.tok_kbase,
+        _tma_rows(k, cfg["BK"], BLOCK_DK) if tma else k,
+        _tma_rows(v, cfg["BK"], BLOCK_DV) if tma else v, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), g.stride(0),
+        g.stride(1), idx.stride(0), idx.stride(1), qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV,
+        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64,
+        HAS_GATES=gates is not None, PREC=prec, N=16, NP=16, BK=cfg["BK"], TMA=bool(tma),
         num_warps=cfg["num_warps"])
     chunk = cfg["BT_BWD"] * cfg["CHUNK_ITERS"]
     inv = lay.inverse_blocks(idx, 64, chunk)

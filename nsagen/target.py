@@ -55,6 +55,11 @@ class Target:
         """Programmatic dependent launch (grid dependency control) exists from sm_90."""
         return self.arch >= 90
 
+    @property
+    def has_tma(self) -> bool:
+        """Tensor-memory loads (TMA descriptors) exist from sm_90."""
+        return self.arch >= 90
+
     @classmethod
     def from_device(cls, device: int | torch.device | None = None) -> "Target":
         """The facts of a CUDA device, as its runtime reports them."""

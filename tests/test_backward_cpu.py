@@ -100,15 +100,14 @@ def _tma_spec():
     return scaled(nsagen.load_spec("nsa-d128"), kv_heads=2)
 
 
-def _with_tma(spec, **kw) -> list:
-    """Runs check_backward(spec, **kw) with the compressed kernels' TMA switch on; returns the
-    (rows, cols) of every descriptor the launchers made."""
+def _with_tma(spec, tma: int = 1, **kw) -> list:
+    """Runs check_backward(spec, **kw) with the TMA switch at `tma` in every kernel that has
+    it; returns (tensor rows, tile rows, tile cols) of every descriptor the launchers made."""
     op = nsagen.build(spec)
     made = []
     rows = op.module._tma_rows
-    op.module._tma_rows = lambda x, r, c: made.append((r, c)) or rows(x, r, c)
-    op.configs = {k: dict(op.module.CONFIGS[k], TMA=1)
-                  for k in ("cmp_attention", "cmp_attention_bwd")}
+    op.module._tma_rows = lambda x, r, c: made.append((x.shape[0], r, c)) or rows(x, r, c)
+    op.configs = {k: dict(c, TMA=tma) for k, c in op.module.CONFIGS.items() if "TMA" in c}
     try:
         check_backward(spec, dtype=torch.float32, device="cpu", **kw)
     finally:
@@ -117,19 +116,24 @@ def _with_tma(spec, **kw) -> list:
     return made
 
 
-def test_compressed_tiles_through_tma_descriptors():
-    """The compressed forward and its dq read the compressed tiles through TMA descriptors
-    (config TMA=1): rows past a tile's range are real rows there, masked out of the scores,
-    and rows past the tensor's end read as zeros. Varlen, so tiles run across sequences."""
-    made = _with_tma(_tma_spec(), B=1, T=0, seed=18, varlen_lens=[9, 45, 3, 26])
-    assert len(made) >= 4, made   # k and v of the forward and of dq
+@pytest.mark.parametrize("tma", [0, 1])
+def test_key_tiles_through_tma_descriptors(tma):
+    """The compressed forward and dq read the compressed tiles, the selected forward and dq
+    the chosen blocks' tiles through TMA descriptors (config TMA=1; 0: by pointers, both
+    checked whichever is the default): rows past a tile's range are real rows there, masked
+    out of the scores; rows before the tensor's start (padding picks) and past its end read as
+    zeros. Varlen, so tiles run across sequences."""
+    made = _with_tma(_tma_spec(), tma, B=1, T=0, seed=18, varlen_lens=[9, 45, 3, 26])
+    assert len(made) == 8 * tma, made   # k and v: compressed and selected, forward and dq
 
 
 def test_tma_switch_without_compressed_tokens():
     """With TMA=1 and fewer tokens than one compression block there is no compressed row to
-    describe: the kernels load by pointers (a descriptor of an empty tensor is an error)."""
+    describe: the compressed kernels load by pointers (a descriptor of an empty tensor is an
+    error); the selected ones still describe the 2 x (l - 1) key rows."""
     spec = _tma_spec()
-    assert _with_tma(spec, B=2, T=spec.cmp_block - 1, seed=19) == []
+    made = _with_tma(spec, B=2, T=spec.cmp_block - 1, seed=19)
+    assert [n for n, _, _ in made] == [2 * (spec.cmp_block - 1)] * 4, made
 
 
 @pytest.mark.parametrize("bt_kv", [1, 8])

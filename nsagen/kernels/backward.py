@@ -145,8 +145,11 @@ def _cmp_bwd_default(spec: Spec, target: Target, why: list) -> dict:
                "per (compressed tile, chunk of at most QC queries that see it), added "
                "atomically; no gradient through importance")
     kv, keys = dkdv_tile(spec, gp, target)
-    return dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4, BC_KV=keys, QC=2048, TMA=0,
-                **kv)
+    if target.has_tma:
+        why.append("backward cmp dq: compressed K/V tiles through TMA descriptors (on an H100 "
+                   "at 64k, 14.0 ms against 17.1 by pointers)")
+    return dict(BT=max(1, 64 // gp), GP=gp, BC=64, num_warps=4, BC_KV=keys, QC=2048,
+                TMA=int(target.has_tma), **kv)
 
 
 # ---------------------------------------------------------------------------- slc_attention_bwd
@@ -156,8 +159,11 @@ def _slc_bwd_default(spec: Spec, target: Target, why: list) -> dict:
                "that chose it, so the cost follows the selected pairs; each block's tokens "
                "in chunks of 64 tiles, added atomically (the initial block is chosen by every "
                "token and would otherwise serialise the launch)")
+    if target.has_tma:
+        why.append("backward slc dq: the chosen blocks' K/V tiles through TMA descriptors (on an "
+                   "H100 at 64k, 17.4 ms against 19.3 by pointers)")
     return dict(GP=gps, BK=min(spec.slc_block, 64), BT_BWD=max(1, 64 // gps), CHUNK_ITERS=64,
-                num_warps=4)
+                num_warps=4, TMA=int(target.has_tma))
 
 
 def _slc_bwd_space(spec: Spec, default: dict, target: Target, smem: int):
@@ -190,9 +196,11 @@ def _slc_bwd_launch(spec: Spec, flags: dict) -> dict:
         dq=signature(
             ptrs("q", "k", "v", "g", "do", "lse", "delta", "dq", "idx", "tok_pos=lay.tok_pos",
                  "tok_kbase=lay.tok_kbase"),
+            scalars('k_desc=_tma_rows(k, cfg["BK"], BLOCK_DK) if tma else k',
+                    'v_desc=_tma_rows(v, cfg["BK"], BLOCK_DV) if tma else v'),
             *_bwd_strides(), strides("idx", "it", "ih"), *common,
             values(N=spec.slc_count, NP=triton.next_power_of_2(spec.slc_count)), cfg("BK"),
-            options=WARPS),
+            consts(TMA="bool(tma)"), options=WARPS),
         dkdv=signature(
             ptrs("q", "k", "v", "g", "do", "lse", "delta", "dk", "dv",
                  'blk_tok0=inv["blk_tok0"]', 'blk_nkeys=inv["blk_nkeys"]',

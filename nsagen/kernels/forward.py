@@ -66,7 +66,8 @@ def _cmp_default(spec: Spec, target: Target, why: list) -> dict:
     why.append(f"cmp_attention tile: {bt} token(s) x {gp} head rows (G={spec.group}) = "
                f"{bt * gp} rows, {bc} compressed keys per step, {stages} stages "
                f"(~{smem_bytes(bt * gp, bc, bdk, bdv, stages) // 1024} KB shared memory)")
-    # TMA: the compressed tiles through tensor-memory descriptors (1), or by pointers (0)
+    # TMA (1: the compressed tiles through tensor-memory descriptors) stays off: this kernel is
+    # bound by its products and exp2, and on an H100 at 64k the switch measured no gain
     return dict(BT=bt, GP=gp, BC=bc, num_warps=8 if bt * gp >= 128 else 4, num_stages=stages,
                 TMA=0)
 
@@ -173,8 +174,11 @@ def _slc_default(spec: Spec, target: Target, why: list) -> dict:
     gps = max(16, Dims.of(spec).gp)
     why.append(f"slc_attention: one token x {spec.group} heads per program, rows padded to {gps} "
                "for tensor-core tiles" + (" (small group: padded)" if gps > spec.group else ""))
+    if target.has_tma:
+        why.append("slc_attention: the free picks' K/V tiles through TMA descriptors (on an H100 "
+                   "at 64k, 14.5 ms against 15.2 by pointers)")
     return dict(GP=gps, BK=min(spec.slc_block, 64), num_warps=2, num_stages=2,
-                **forced_default(spec, why))
+                TMA=int(target.has_tma), **forced_default(spec, why))
 
 
 def _slc_space(spec: Spec, default: dict, target: Target, smem: int):
@@ -194,13 +198,15 @@ def _slc_launch(spec: Spec, flags: dict) -> dict:
         ptrs("q", "k", "v", "kw", "vw", "g", "o", "ob=ob if save else o",
              "lse=lse if save else o", "idx", "fo", "fl", "tok_pos=lay.tok_pos",
              "tok_kbase=lay.tok_kbase"),
+        scalars('k_desc=_tma_rows(k, cfg["BK"], BLOCK_DK) if tma else k',
+                'v_desc=_tma_rows(v, cfg["BK"], BLOCK_DV) if tma else v'),
         strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
         strides("o", "ot", "oh"), strides("g", "gt", "gh"), strides("idx", "it", "ih"),
         consts(qk_scale="QK_SCALE"), scalars("N_TOK=q.shape[0]"),
         consts(G="GROUP"), cfg("GP"), DIMS, topn_values(spec), forced_values(spec),
         values(W=spec.window or 1),
-        consts(HAS_GATES="gates is not None", PREC="prec", SAVE="save"), cfg("BK"),
-        options=WARPS_STAGES))
+        consts(HAS_GATES="gates is not None", PREC="prec", SAVE="save", TMA="bool(tma)"),
+        cfg("BK"), options=WARPS_STAGES))
 
 
 # ---------------------------------------------------------------------------- slc_attention_kb
