@@ -72,7 +72,7 @@ BLOCK_DV = 128
 SM_SCALE = 0.08838834764831845
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3, 'TMA': 0}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2, 'TMA': 1, 'FBT': 4, 'FBK': 32, 'FORCED_WARPS': 4}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BC_KV': 128, 'QC': 2048, 'TMA': 1, 'BT_KV': 4, 'WARPS_KV': 8, 'STAGES_KV': 3}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4, 'TMA': 1}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BK_KV': 128, 'BT_KV': 4, 'WARPS_KV': 8, 'STAGES_KV': 3}}
+CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3, 'TMA': 0}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2, 'TMA': 1, 'FBT': 4, 'FBK': 32, 'FORCED_WARPS': 4}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3, 'TMA': 1}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BC_KV': 128, 'QC': 2048, 'TMA': 1, 'BT_KV': 4, 'WARPS_KV': 8, 'STAGES_KV': 3}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4, 'TMA': 1}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BK_KV': 128, 'TMA': 1, 'BT_KV': 4, 'WARPS_KV': 8, 'STAGES_KV': 3}}
 # calls whose every sequence holds at most n*l' tokens run the short-length plan (dense selection)
 SHORT_LEN = 1024
 
@@ -826,11 +826,11 @@ def launch_slc_attention(q, k, v, kw, vw, gates, o, idx, lay, cfg, prec, ob=None
 @triton.jit
 def win_attention(
     q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, tile_tok_ptr, tile_len_ptr, tok_pos_ptr,
-    tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
-    stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr,
-    BRANCH: tl.constexpr, FIRST: tl.constexpr, HAS_GATES: tl.constexpr, PREC: tl.constexpr,
-    SAVE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    tok_kbase_ptr, k_desc, v_desc, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+    stride_vh, stride_ot, stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr, G: tl.constexpr,
+    GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    W: tl.constexpr, BRANCH: tl.constexpr, FIRST: tl.constexpr, HAS_GATES: tl.constexpr,
+    PREC: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):
     tl.static_assert(BDK >= DK and BDV >= DV and GP >= G)
     BM: tl.constexpr = BT * GP
@@ -853,10 +853,11 @@ def win_attention(
         kpos = k0 + offs_k
         kin = kpos < hi
         rows_k = (base + kpos)[:, None]
-        kt = tl.load(k_ptr + rows_k * stride_kt + g * stride_kh + offs_dk[None, :],
-                     mask=kin[:, None] & dmask_k, other=0.0)
-        vt = tl.load(v_ptr + rows_k * stride_vt + g * stride_vh + offs_dv[None, :],
-                     mask=kin[:, None] & dmask_v, other=0.0)
+        row0 = (base + k0).to(tl.int32)   # TMA tile coordinates are 32-bit
+        kt = _rows_tile(k_desc, k_ptr + rows_k * stride_kt + g * stride_kh + offs_dk[None, :],
+                        kin[:, None] & dmask_k, row0, g * BDK, TMA)
+        vt = _rows_tile(v_desc, v_ptr + rows_k * stride_vt + g * stride_vh + offs_dv[None, :],
+                        kin[:, None] & dmask_v, row0, g * BDV, TMA)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         ok = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
         s = tl.where(ok, s, float("-inf"))
@@ -877,14 +878,17 @@ def launch_win_attention(q, kw, vw, gates, o, lay, cfg, prec, ob=None, lse=None,
     tile_tok, tile_len = lay.tiles(cfg["BT"])
     g = gates if gates is not None else q
     save = ob is not None
+    tma = cfg.get("TMA", 0) and _tma_rows_ok(kw, BLOCK_DK) and _tma_rows_ok(vw, BLOCK_DV)
     grid = (tile_tok.numel(), H_KV)
     _launch(win_attention)[grid](
         q, kw, vw, g, o, ob if save else o, lse if save else o, tile_tok, tile_len, lay.tok_pos,
-        lay.tok_kbase, q.stride(0), q.stride(1), kw.stride(0), kw.stride(1), vw.stride(0),
-        vw.stride(1), o.stride(0), o.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE,
-        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, W=window,
-        BRANCH=branch, FIRST=first, HAS_GATES=gates is not None, PREC=prec, SAVE=save,
-        BT=cfg["BT"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        lay.tok_kbase, _tma_rows(kw, cfg["BK"], BLOCK_DK) if tma else kw,
+        _tma_rows(vw, cfg["BK"], BLOCK_DV) if tma else vw, q.stride(0), q.stride(1), kw.stride(0),
+        kw.stride(1), vw.stride(0), vw.stride(1), o.stride(0), o.stride(1), g.stride(0),
+        g.stride(1), qk_scale=QK_SCALE, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK,
+        BDV=BLOCK_DV, W=window, BRANCH=branch, FIRST=first, HAS_GATES=gates is not None, PREC=prec,
+        SAVE=save, TMA=bool(tma), BT=cfg["BT"], BK=cfg["BK"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
 
 
 @triton.jit
@@ -1270,11 +1274,12 @@ def launch_slc_attention_bwd(q, k, v, gates, do, lse, delta, idx, dq, dk, dv, la
 @triton.jit
 def win_attention_bwd_dq(
     q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, tile_tok_ptr, tile_len_ptr,
-    tok_pos_ptr, tok_kbase_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr, BRANCH: tl.constexpr,
+    tok_pos_ptr, tok_kbase_ptr, k_desc, v_desc, stride_qt, stride_qh, stride_kt, stride_kh,
+    stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr,
+    sm_scale: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, W: tl.constexpr, BRANCH: tl.constexpr,
     HAS_GATES: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     BM: tl.constexpr = BT * GP
     pid = tl.program_id(0)
@@ -1303,7 +1308,8 @@ def win_attention_bwd_dq(
         ok = row_ok[:, None] & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
         dq = _bwd_dq_step(q, do, lse, delta, dq, k_ptr + rows_k * stride_kt + g * stride_kh,
                           v_ptr + rows_k * stride_vt + g * stride_vh, kpos < hi, ok, qk_scale,
-                          DK, DV, BDK, BDV, PREC, k_ptr, v_ptr, 0, 0, 0, False)
+                          DK, DV, BDK, BDV, PREC, k_desc, v_desc, (base + k0).to(tl.int32),
+                          g * BDK, g * BDV, TMA)
     dq_ptrs = dq_ptr + tok[:, None] * (H * G * BDK) + head[:, None] * BDK + offs_dk[None, :]
     dq_mask = row_ok[:, None] & (offs_dk[None, :] < DK)
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq * sm_scale, mask=dq_mask)
@@ -1408,12 +1414,15 @@ def launch_win_attention_bwd(q, k, v, gates, do, lse, delta, dq, dk, dv, lay, cf
     plan's dense selected branch), accumulated into the fp32 dq, dk, dv buffers."""
     g = gates if gates is not None else q
     tile_tok, tile_len = lay.tiles(cfg["BT"])
+    tma = cfg.get("TMA", 0) and _tma_rows_ok(k, BLOCK_DK) and _tma_rows_ok(v, BLOCK_DV)
     _launch(win_attention_bwd_dq)[(tile_tok.numel(), H_KV)](
         q, k, v, g, do, lse, delta, dq, tile_tok, tile_len, lay.tok_pos, lay.tok_kbase,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
-        do.stride(1), g.stride(0), g.stride(1), qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV,
-        G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, W=window,
-        BRANCH=branch, HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT"], BK=cfg["BK"],
+        _tma_rows(k, cfg["BK"], BLOCK_DK) if tma else k,
+        _tma_rows(v, cfg["BK"], BLOCK_DV) if tma else v, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), g.stride(0),
+        g.stride(1), qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"],
+        DK=DIM_QK, DV=DIM_V, BDK=BLOCK_DK, BDV=BLOCK_DV, W=window, BRANCH=branch,
+        HAS_GATES=gates is not None, PREC=prec, BT=cfg["BT"], BK=cfg["BK"], TMA=bool(tma),
         num_warps=cfg["num_warps"])
     # dk/dv holds two fp32 accumulators besides the tile: its own, smaller tiles and more warps
     ktile_tok, ktile_len = lay.key_tiles(cfg["BK_KV"])

@@ -119,21 +119,23 @@ def _with_tma(spec, tma: int = 1, **kw) -> list:
 @pytest.mark.parametrize("tma", [0, 1])
 def test_key_tiles_through_tma_descriptors(tma):
     """The compressed forward and dq read the compressed tiles, the selected forward and dq
-    the chosen blocks' tiles through TMA descriptors (config TMA=1; 0: by pointers, both
-    checked whichever is the default): rows past a tile's range are real rows there, masked
+    the chosen blocks' tiles, the window forward and dq their key tiles through TMA
+    descriptors (config TMA=1; 0: by pointers, both checked whichever is the default): rows
+    past a tile's range are real rows there, masked
     out of the scores; rows before the tensor's start (padding picks) and past its end read as
     zeros. Varlen, so tiles run across sequences."""
     made = _with_tma(_tma_spec(), tma, B=1, T=0, seed=18, varlen_lens=[9, 45, 3, 26])
-    assert len(made) == 8 * tma, made   # k and v: compressed and selected, forward and dq
+    # k and v: compressed, selected and window, forward and dq
+    assert len(made) == 12 * tma, made
 
 
 def test_tma_switch_without_compressed_tokens():
     """With TMA=1 and fewer tokens than one compression block there is no compressed row to
     describe: the compressed kernels load by pointers (a descriptor of an empty tensor is an
-    error); the selected ones still describe the 2 x (l - 1) key rows."""
+    error); the selected and window ones still describe the 2 x (l - 1) key rows."""
     spec = _tma_spec()
     made = _with_tma(spec, B=2, T=spec.cmp_block - 1, seed=19)
-    assert [n for n, _, _ in made] == [2 * (spec.cmp_block - 1)] * 4, made
+    assert [n for n, _, _ in made] == [2 * (spec.cmp_block - 1)] * 8, made
 
 
 @pytest.mark.parametrize("bt_kv", [1, 8])
