@@ -89,6 +89,12 @@ def query_splits(programs, span, step):
     return max(1, min(triton.cdiv(2 * SM_COUNT, programs), span // (4 * step)))
 
 
+def _tma_kv(cfg, k, v):
+    """Whether a launch with config `cfg` reads the K/V row tiles of k and v [N, H, D] through
+    TMA descriptors: its switch TMA is on and both can be described (_tma_rows_ok)."""
+    return bool(cfg.get("TMA", 0)) and _tma_rows_ok(k, BLOCK_DK) and _tma_rows_ok(v, BLOCK_DV)
+
+
 @triton.jit
 def _softmax_step(s, m_i, l_i):
     """The probabilities of one online-softmax step in the log2 domain: (p, the rescale alpha
@@ -565,7 +571,7 @@ def launch_cmp_attention(q, kc, vc, gates, o, score, lay, cfg, prec, ob=None, ls
     scores = score is not None
     if not scores:   # no block scores wanted: loop 2 is compiled out, any pointer will do
         score = o
-    tma = cfg.get("TMA", 0) and _tma_rows_ok(kc, BLOCK_DK) and _tma_rows_ok(vc, BLOCK_DV)
+    tma = _tma_kv(cfg, kc, vc)
     grid = (tile_tok.numel(), H_KV)
     _launch(cmp_attention)[grid](
         q, kc, vc, g, o, ob if save else o, lse if save else score, score, tile_tok, tile_len,
@@ -948,7 +954,7 @@ def _slc_attention_kb_free_partials(q, k, v, idx, tok_seq, tok_pos, blocks, lay,
 @triton.jit
 def win_attention(
     q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, ob_ptr, lse_ptr, tile_tok_ptr, tile_len_ptr, tok_pos_ptr,
-    tok_kbase_ptr, k_desc, v_desc, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+    tok_kbase_ptr, kw_desc, vw_desc, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
     stride_vh, stride_ot, stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr, G: tl.constexpr,
     GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
     W: tl.constexpr, BRANCH: tl.constexpr, FIRST: tl.constexpr, HAS_GATES: tl.constexpr,
@@ -976,9 +982,9 @@ def win_attention(
         kin = kpos < hi
         rows_k = (base + kpos)[:, None]
         row0 = (base + k0).to(tl.int32)   # TMA tile coordinates are 32-bit
-        kt = _rows_tile(k_desc, k_ptr + rows_k * stride_kt + g * stride_kh + offs_dk[None, :],
+        kt = _rows_tile(kw_desc, k_ptr + rows_k * stride_kt + g * stride_kh + offs_dk[None, :],
                         kin[:, None] & dmask_k, row0, g * BDK, TMA)
-        vt = _rows_tile(v_desc, v_ptr + rows_k * stride_vt + g * stride_vh + offs_dv[None, :],
+        vt = _rows_tile(vw_desc, v_ptr + rows_k * stride_vt + g * stride_vh + offs_dv[None, :],
                         kin[:, None] & dmask_v, row0, g * BDV, TMA)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         ok = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
@@ -1000,7 +1006,7 @@ def launch_win_attention(q, kw, vw, gates, o, lay, cfg, prec, ob=None, lse=None,
     tile_tok, tile_len = lay.tiles(cfg["BT"])
     g = gates if gates is not None else q
     save = ob is not None
-    tma = cfg.get("TMA", 0) and _tma_rows_ok(kw, BLOCK_DK) and _tma_rows_ok(vw, BLOCK_DV)
+    tma = _tma_kv(cfg, kw, vw)
     grid = (tile_tok.numel(), H_KV)
     _launch(win_attention)[grid](
         q, kw, vw, g, o, ob if save else o, lse if save else o, tile_tok, tile_len, lay.tok_pos,
@@ -1181,7 +1187,7 @@ def launch_cmp_attention_bwd(q, kc, vc, gates, do, lse, delta, dq, dkc, dvc, lay
     """Gradients of the compressed branch: dq (accumulated, fp32), dk_cmp and dv_cmp (fp32)."""
     g = gates if gates is not None else q
     tile_tok, tile_len = lay.tiles(cfg["BT"])
-    tma = cfg.get("TMA", 0) and _tma_rows_ok(kc, BLOCK_DK) and _tma_rows_ok(vc, BLOCK_DV)
+    tma = _tma_kv(cfg, kc, vc)
     _launch(cmp_attention_bwd_dq)[(tile_tok.numel(), H_KV)](
         q, kc, vc, g, do, lse, delta, dq, tile_tok, tile_len, lay.tok_pos, lay.tok_cstart,
         lay.tok_ncmp, _tma_rows(kc, cfg["BC"], BLOCK_DK) if tma else kc,
@@ -1371,7 +1377,7 @@ def slc_attention_bwd_dkdv(
 def launch_slc_attention_bwd(q, k, v, gates, do, lse, delta, idx, dq, dk, dv, lay, cfg, prec):
     """Gradients of the selected branch: dq, dk, dv accumulated into fp32 buffers."""
     g = gates if gates is not None else q
-    tma = cfg.get("TMA", 0) and _tma_rows_ok(k, BLOCK_DK) and _tma_rows_ok(v, BLOCK_DV)
+    tma = _tma_kv(cfg, k, v)
     _launch(slc_attention_bwd_dq)[(q.shape[0], H_KV)](
         q, k, v, g, do, lse, delta, dq, idx, lay.tok_pos, lay.tok_kbase,
         _tma_rows(k, cfg["BK"], BLOCK_DK) if tma else k,
@@ -1536,7 +1542,7 @@ def launch_win_attention_bwd(q, k, v, gates, do, lse, delta, dq, dk, dv, lay, cf
     plan's dense selected branch), accumulated into the fp32 dq, dk, dv buffers."""
     g = gates if gates is not None else q
     tile_tok, tile_len = lay.tiles(cfg["BT"])
-    tma = cfg.get("TMA", 0) and _tma_rows_ok(k, BLOCK_DK) and _tma_rows_ok(v, BLOCK_DV)
+    tma = _tma_kv(cfg, k, v)
     _launch(win_attention_bwd_dq)[(tile_tok.numel(), H_KV)](
         q, k, v, g, do, lse, delta, dq, tile_tok, tile_len, lay.tok_pos, lay.tok_kbase,
         _tma_rows(k, cfg["BK"], BLOCK_DK) if tma else k,

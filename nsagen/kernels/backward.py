@@ -12,7 +12,7 @@ from ..target import Target
 from .base import (Dims, KernelDef, dkdv_regs, dkdv_smem_bytes, interleave, nearest, regs,
                    smem_bytes, token_rows)
 from .signature import (DIMS, HEADS, WARPS, cfg, consts, options, ptrs, scalars, signature,
-                        strides, values)
+                        strides, tma_descs, values)
 
 
 
@@ -41,8 +41,7 @@ def _cmp_bwd_launch(spec: Spec, flags: dict) -> dict:
         dq=signature(
             ptrs("q", "kc", "vc", "g", "do", "lse", "delta", "dq", "tile_tok", "tile_len",
                  "tok_pos=lay.tok_pos", "tok_cstart=lay.tok_cstart", "tok_ncmp=lay.tok_ncmp"),
-            scalars('kc_desc=_tma_rows(kc, cfg["BC"], BLOCK_DK) if tma else kc',
-                    'vc_desc=_tma_rows(vc, cfg["BC"], BLOCK_DV) if tma else vc'),
+            tma_descs("kc", "vc", "BC"),
             *_bwd_strides("kc", "vc"), *common, cfg("BT", "BC"), consts(TMA="bool(tma)"),
             options=WARPS),
         dkdv=signature(
@@ -200,8 +199,7 @@ def _slc_bwd_launch(spec: Spec, flags: dict) -> dict:
         dq=signature(
             ptrs("q", "k", "v", "g", "do", "lse", "delta", "dq", "idx", "tok_pos=lay.tok_pos",
                  "tok_kbase=lay.tok_kbase"),
-            scalars('k_desc=_tma_rows(k, cfg["BK"], BLOCK_DK) if tma else k',
-                    'v_desc=_tma_rows(v, cfg["BK"], BLOCK_DV) if tma else v'),
+            tma_descs("k", "v", "BK"),
             *_bwd_strides(), strides("idx", "it", "ih"), *common,
             values(N=spec.slc_count, NP=triton.next_power_of_2(spec.slc_count)), cfg("BK"),
             consts(TMA="bool(tma)"), options=WARPS),
@@ -221,8 +219,7 @@ def _win_bwd_launch(spec: Spec, flags: dict) -> dict:
         dq=signature(
             ptrs("q", "k", "v", "g", "do", "lse", "delta", "dq", "tile_tok", "tile_len",
                  "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
-            scalars('k_desc=_tma_rows(k, cfg["BK"], BLOCK_DK) if tma else k',
-                    'v_desc=_tma_rows(v, cfg["BK"], BLOCK_DV) if tma else v'),
+            tma_descs("k", "v", "BK"),
             *_bwd_strides(), *common, cfg("BT", "BK"), consts(TMA="bool(tma)"), options=WARPS),
         dkdv=signature(
             ptrs("q", "k", "v", "g", "do", "lse", "delta", "dk", "dv", "tile_tok=ktile_tok",

@@ -11,7 +11,7 @@ from ..spec import Spec
 from ..target import Target
 from .base import Dims, KernelDef, interleave, regs, smem_bytes
 from .signature import (DIMS, HEADS, WARPS, WARPS_STAGES, Signature, cfg, consts, options, ptrs,
-                        scalars, signature, strides, values)
+                        scalars, signature, strides, tma_descs, values)
 
 
 def cmp_values(spec: Spec) -> list:
@@ -89,8 +89,7 @@ def _cmp_launch(spec: Spec, flags: dict) -> dict:
         ptrs("q", "kc", "vc", "g", "o", "ob=ob if save else o", "lse=lse if save else score",
              "score", "tile_tok", "tile_len", "tok_pos=lay.tok_pos", "tok_cstart=lay.tok_cstart",
              "tok_ncmp=lay.tok_ncmp"),
-        scalars('kc_desc=_tma_rows(kc, cfg["BC"], BLOCK_DK) if tma else kc',
-                'vc_desc=_tma_rows(vc, cfg["BC"], BLOCK_DV) if tma else vc'),
+        tma_descs("kc", "vc", "BC"),
         strides("q", "qt", "qh"), strides("kc", "kt", "kh"), strides("vc", "vt", "vh"),
         strides("o", "ot", "oh"), strides("g", "gt", "gh"), strides("score", "st", "sh"),
         consts(qk_scale="QK_SCALE"), HEADS, cfg("GP"), DIMS, cmp_values(spec),
@@ -198,8 +197,7 @@ def _slc_launch(spec: Spec, flags: dict) -> dict:
         ptrs("q", "k", "v", "kw", "vw", "g", "o", "ob=ob if save else o",
              "lse=lse if save else o", "idx", "fo", "fl", "tok_pos=lay.tok_pos",
              "tok_kbase=lay.tok_kbase"),
-        scalars('k_desc=_tma_rows(k, cfg["BK"], BLOCK_DK) if tma else k',
-                'v_desc=_tma_rows(v, cfg["BK"], BLOCK_DV) if tma else v'),
+        tma_descs("k", "v", "BK"),
         strides("q", "qt", "qh"), strides("k", "kt", "kh"), strides("v", "vt", "vh"),
         strides("o", "ot", "oh"), strides("g", "gt", "gh"), strides("idx", "it", "ih"),
         consts(qk_scale="QK_SCALE"), scalars("N_TOK=q.shape[0]"),
@@ -286,8 +284,7 @@ def _win_launch(spec: Spec, flags: dict) -> dict:
     return dict(main=signature(
         ptrs("q", "k=kw", "v=vw", "g", "o", "ob=ob if save else o", "lse=lse if save else o",
              "tile_tok", "tile_len", "tok_pos=lay.tok_pos", "tok_kbase=lay.tok_kbase"),
-        scalars('k_desc=_tma_rows(kw, cfg["BK"], BLOCK_DK) if tma else kw',
-                'v_desc=_tma_rows(vw, cfg["BK"], BLOCK_DV) if tma else vw'),
+        tma_descs("kw", "vw", "BK"),
         strides("q", "qt", "qh"), strides("kw", "kt", "kh"), strides("vw", "vt", "vh"),
         strides("o", "ot", "oh"), strides("g", "gt", "gh"),
         consts(qk_scale="QK_SCALE", G="GROUP"), cfg("GP"), DIMS,

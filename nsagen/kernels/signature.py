@@ -104,6 +104,14 @@ def scalars(*items: str) -> list[Param]:
     return [Param(n, e) for n, e in map(_split, items)]
 
 
+def tma_descs(k: str, v: str, rows: str) -> list[Param]:
+    """The TMA descriptors `{k}_desc`, `{v}_desc` of a kernel that can read row tiles of
+    cfg[`rows`] rows of the launcher's tensors `k` and `v` through them: the descriptors where
+    the launcher's `tma` holds, else the tensors themselves (then not read)."""
+    return scalars(f'{k}_desc=_tma_rows({k}, cfg["{rows}"], BLOCK_DK) if tma else {k}',
+                   f'{v}_desc=_tma_rows({v}, cfg["{rows}"], BLOCK_DV) if tma else {v}')
+
+
 def consts(**exprs: str) -> list[Param]:
     """Constexprs fed by launcher expressions."""
     return [Param(n, e, True) for n, e in exprs.items()]
