@@ -3,14 +3,13 @@ recorded instead of executed, and the distinct variants compile on worker thread
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
 import threading
 import time
 from concurrent.futures import Future, wait
-
-import dataclasses
 
 import torch
 from triton.runtime.jit import JITFunction
