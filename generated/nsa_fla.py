@@ -72,7 +72,7 @@ BLOCK_DV = 128
 SM_SCALE = 0.08838834764831845
 QK_SCALE = SM_SCALE * math.log2(math.e)
 # default launch configs chosen by the IR's tile pass; tuned tables override them per GPU
-CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3, 'TMA': 0}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2, 'TMA': 1, 'FBT': 4, 'FBK': 32, 'FORCED_WARPS': 4}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BC_KV': 128, 'QC': 2048, 'TMA': 1, 'BT_KV': 4, 'WARPS_KV': 8, 'STAGES_KV': 3}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4, 'TMA': 1}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3, 'TMA': 1}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BK_KV': 128, 'TMA': 1, 'BT_KV': 4, 'WARPS_KV': 8, 'STAGES_KV': 3}}
+CONFIGS = {'mean_compress': {'BI': 32, 'num_warps': 4}, 'cmp_attention': {'BT': 8, 'GP': 16, 'BC': 128, 'num_warps': 8, 'num_stages': 3, 'TMA': 0}, 'select_blocks': {'BT': 8, 'SEG': 32, 'CH': 256, 'num_warps': 2}, 'slc_attention': {'GP': 16, 'BK': 64, 'num_warps': 2, 'num_stages': 2, 'TMA': 1, 'FBT': 4, 'FBK': 32, 'FORCED_WARPS': 4}, 'gate_delta': {'BR': 32, 'num_warps': 4}, 'cmp_attention_bwd': {'BT': 4, 'GP': 16, 'BC': 64, 'num_warps': 4, 'BC_KV': 128, 'QC': 2048, 'TMA': 1, 'BT_KV': 4, 'WARPS_KV': 8, 'STAGES_KV': 3}, 'mean_compress_bwd': {'BI': 64, 'num_warps': 4}, 'slc_attention_bwd': {'GP': 16, 'BK': 64, 'BT_BWD': 4, 'CHUNK_ITERS': 64, 'num_warps': 4, 'TMA': 1, 'FUSE_DQ': 0}, 'win_attention': {'BT': 8, 'GP': 16, 'BK': 32, 'num_warps': 4, 'num_stages': 3, 'TMA': 1}, 'win_attention_bwd': {'BT': 4, 'GP': 16, 'BK': 64, 'num_warps': 4, 'BK_KV': 128, 'TMA': 1, 'BT_KV': 4, 'WARPS_KV': 8, 'STAGES_KV': 3}}
 # calls whose every sequence holds at most n*l' tokens run the short-length plan (dense selection)
 SHORT_LEN = 1024
 
@@ -184,14 +184,14 @@ def _bwd_dq_step(q, do, lse, delta, dq, k_rows, v_rows, kin, ok, qk_scale, DK: t
 
 
 @triton.jit
-def _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok_t, qk_scale, MASKED: tl.constexpr,
-                   PREC: tl.constexpr):
-    """One query step of a dk/dv tile (keys kt, vt held), with the keys as rows: S^T = K Q^T,
-    P^T = exp2(S^T - LSE), masked to `ok_t` [keys, rows] only when MASKED (a step where every
-    row sees every key skips the select), dS^T = P^T (dP^T - delta); returns dk + dS^T q
-    (unscaled) and dv + P^T dO. P^T and dS^T come out of their products already as the left
-    operands of the next ones, so no tile is transposed in registers (a trip through shared
-    memory each, twice a step)."""
+def _bwd_dst(q, do, lse, delta, kt, vt, dv, ok_t, qk_scale, MASKED: tl.constexpr,
+             PREC: tl.constexpr):
+    """One query step of a dk/dv tile (keys kt, vt held), with the keys as rows, up to dS:
+    S^T = K Q^T, P^T = exp2(S^T - LSE), masked to `ok_t` [keys, rows] only when MASKED (a step
+    where every row sees every key skips the select), dS^T = P^T (dP^T - delta); returns dS^T
+    in the inputs' dtype and dv + P^T dO. P^T and dS^T come out of their products already as
+    the left operands of the next ones, so no tile is transposed in registers (a trip through
+    shared memory each, twice a step)."""
     st = tl.dot(kt, tl.trans(q), input_precision=PREC) * qk_scale
     if MASKED:
         st = tl.where(ok_t, st, float("-inf"))
@@ -199,7 +199,15 @@ def _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok_t, qk_scale, MASKED: tl
     dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
     dpt = tl.dot(vt, tl.trans(do), input_precision=PREC)
     dst = pt * (dpt - delta[None, :])
-    dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    return dst.to(q.dtype), dv
+
+
+@triton.jit
+def _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, ok_t, qk_scale, MASKED: tl.constexpr,
+                   PREC: tl.constexpr):
+    """_bwd_dst, then dk + dS^T q (unscaled) and dv + P^T dO."""
+    dst, dv = _bwd_dst(q, do, lse, delta, kt, vt, dv, ok_t, qk_scale, MASKED, PREC)
+    dk += tl.dot(dst, q, input_precision=PREC)
     return dk, dv
 
 
@@ -1099,17 +1107,18 @@ def slc_attention_bwd_dq(
 
 @triton.jit
 def slc_attention_bwd_dkdv(
-    q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, blk_tok0_ptr,
+    q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, blk_tok0_ptr,
     blk_nkeys_ptr, blk_pos0_ptr, inv_off_ptr, inv_cnt_ptr, inv_tok_ptr, tok_pos_ptr, chunk_hb_ptr,
     chunk_i0_ptr, n_blocks, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_gt, stride_gh, qk_scale: tl.constexpr, sm_scale: tl.constexpr,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, LB: tl.constexpr, HAS_GATES: tl.constexpr,
-    PREC: tl.constexpr, BT: tl.constexpr, CHUNK: tl.constexpr,
+    PREC: tl.constexpr, BT: tl.constexpr, CHUNK: tl.constexpr, FUSE_DQ: tl.constexpr,
 ):
     """dk, dv of one selection block (LB keys) of one KV head from one chunk of at most CHUNK
     of the tokens that chose it (block 0 is chosen by every token: chunks keep one block from
-    serialising the launch), added atomically."""
+    serialising the launch), added atomically; with FUSE_DQ also the block's part of those
+    tokens' dq (then the dq kernel does not run)."""
     BM: tl.constexpr = BT * GP
     hb = tl.load(chunk_hb_ptr + tl.program_id(0))    # head * n_blocks + block; past the end: none
     live = hb < H * n_blocks
@@ -1145,7 +1154,15 @@ def slc_attention_bwd_dkdv(
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 1, HAS_GATES)
         vis = row_ok[None, :] & kmask[:, None] & ((kpos0 + offs_k)[:, None] <= pos[None, :])
-        dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, vis, qk_scale, True, PREC)
+        if FUSE_DQ:   # the rows' dq from this block too: dS K, added atomically
+            dst, dv = _bwd_dst(q, do, lse, delta, kt, vt, dv, vis, qk_scale, True, PREC)
+            dk += tl.dot(dst, q, input_precision=PREC)
+            dq = tl.dot(tl.trans(dst), kt, input_precision=PREC)
+            tl.atomic_add(dq_ptr + tok[:, None] * (H * G * BDK) + head[:, None] * BDK
+                          + offs_dk[None, :], dq * sm_scale,
+                          mask=row_ok[:, None] & (offs_dk[None, :] < DK), sem="relaxed")
+        else:
+            dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, vis, qk_scale, True, PREC)
     rows = (tok0 + offs_k)[:, None]
     dk_ptrs = dk_ptr + rows * (H * BDK) + g * BDK + offs_dk[None, :]
     wmask = offs_k < tl.where(live, nkeys, 0)  # dead programs write nothing
@@ -1160,8 +1177,10 @@ def launch_slc_attention_bwd(q, k, v, gates, do, lse, delta, idx, dq, dk, dv, la
     """Gradients of the selected branch: dq, dk, dv accumulated into fp32 buffers."""
     g = gates if gates is not None else q
     tma = _tma_kv(cfg, k, v)
-    _launch(slc_attention_bwd_dq)[(q.shape[0], H_KV)](
-        q, k, v, g, do, lse, delta, dq, idx, lay.tok_pos, lay.tok_kbase,
+    fuse = bool(cfg.get("FUSE_DQ", 0))
+    if not fuse:
+        _launch(slc_attention_bwd_dq)[(q.shape[0], H_KV)](
+            q, k, v, g, do, lse, delta, dq, idx, lay.tok_pos, lay.tok_kbase,
         _tma_rows(k, cfg["BK"], BLOCK_DK) if tma else k,
         _tma_rows(v, cfg["BK"], BLOCK_DV) if tma else v, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), g.stride(0),
@@ -1172,13 +1191,13 @@ def launch_slc_attention_bwd(q, k, v, gates, do, lse, delta, idx, dq, dk, dv, la
     chunk = cfg["BT_BWD"] * cfg["CHUNK_ITERS"]
     inv = lay.inverse_blocks(idx, 64, chunk)
     _launch(slc_attention_bwd_dkdv)[(inv["chunk_hb"].shape[0],)](
-        q, k, v, g, do, lse, delta, dk, dv, inv["blk_tok0"], inv["blk_nkeys"], inv["blk_pos0"],
+        q, k, v, g, do, lse, delta, dq, dk, dv, inv["blk_tok0"], inv["blk_nkeys"], inv["blk_pos0"],
         inv["offsets"], inv["counts"], inv["tokens"], lay.tok_pos, inv["chunk_hb"],
         inv["chunk_i0"], inv["n_blocks"], q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), do.stride(0), do.stride(1), g.stride(0), g.stride(1),
         qk_scale=QK_SCALE, sm_scale=SM_SCALE, H=H_KV, G=GROUP, GP=cfg["GP"], DK=DIM_QK, DV=DIM_V,
         BDK=BLOCK_DK, BDV=BLOCK_DV, LB=64, HAS_GATES=gates is not None, PREC=prec,
-        BT=cfg["BT_BWD"], CHUNK=chunk, num_warps=cfg["num_warps"])
+        BT=cfg["BT_BWD"], CHUNK=chunk, FUSE_DQ=fuse, num_warps=cfg["num_warps"])
 
 
 @triton.jit

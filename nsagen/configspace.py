@@ -93,7 +93,7 @@ def _param_error(key: str, val: int, default: Mapping[str, int]) -> str | None:
         return None if val in _WARPS else f"must be one of {_WARPS}"
     if key in ("num_stages", "STAGES_KV"):
         return None if 1 <= val <= 8 else "must be in 1..8"
-    if key in ("MERGE", "HFAST", "KROWS", "KT", "SPLIT_S", "STORE_DS", "TMA"):  # switches
+    if key in ("MERGE", "HFAST", "KROWS", "KT", "SPLIT_S", "STORE_DS", "TMA", "FUSE_DQ"):
         return None if val in (0, 1) else "must be 0 or 1"
     if key == "CAP":                                   # 0: no candidate lists
         return None if 0 <= val <= _COUNT_MAX else f"must be in 0..{_COUNT_MAX}"

@@ -155,6 +155,53 @@ def test_window_dkdv_across_key_tiles(bt_kv):
         op.configs = {}
 
 
+@pytest.mark.parametrize("fuse", [0, 1])
+@pytest.mark.parametrize("G", [1, 4])
+def test_selected_dq_in_the_dkdv_pass(G, fuse):
+    """FUSE_DQ=1: the selected branch's dq comes from the dk/dv programs (each block's tokens
+    from the inverse map, added atomically) and the dq kernel does not run; FUSE_DQ=0: the dq
+    kernel. Varlen, with chunks of one step so a block's tokens are split over programs."""
+    spec = scaled(nsagen.load_spec("nsa-d128")).replace(heads_q=2 * G, heads_kv=2)
+    op = nsagen.build(spec)
+    base = op.module.CONFIGS["slc_attention_bwd"]
+    op.configs = {"slc_attention_bwd": dict(base, FUSE_DQ=fuse, CHUNK_ITERS=1)}
+    ran = []
+    dq_kernel = op.module.slc_attention_bwd_dq
+    op.module.slc_attention_bwd_dq = _Recorder(dq_kernel, ran)
+    try:
+        check_backward(spec, B=1, T=0, dtype=torch.float32, device="cpu", seed=30 + G,
+                       varlen_lens=[37, 3, 70])
+    finally:
+        op.configs = {}
+        op.module.slc_attention_bwd_dq = dq_kernel
+    assert len(ran) == 1 - fuse, ran
+
+
+def test_selected_dq_fused_by_default_only_for_few_rows():
+    """The IR fuses the selected dq into the dk/dv pass where a token's fp32 dq rows are at
+    most 1/8 of the key tile's bytes, G >= 8 and the rows at most 2 KB (the retrieval example's
+    8 heads x 64, as measured), and keeps the dq kernel for nsa-d128, its small groups (nsa-g8:
+    4 KB rows, not measured) and its scaled CPU versions."""
+    small = nsagen.load_spec("nsa-d128").replace(heads_q=8, heads_kv=1, dim_qk=64, dim_v=64)
+    assert nsagen.build(small).module.CONFIGS["slc_attention_bwd"]["FUSE_DQ"] == 1
+    for name in ("nsa-d128", "nsa-g1", "nsa-g8"):
+        cfg = nsagen.build(nsagen.load_spec(name)).module.CONFIGS["slc_attention_bwd"]
+        assert cfg["FUSE_DQ"] == 0, name
+    cfg = nsagen.build(_tma_spec()).module.CONFIGS["slc_attention_bwd"]
+    assert cfg["FUSE_DQ"] == 0
+
+
+class _Recorder:
+    """A kernel stand-in that notes each launch and passes it on."""
+
+    def __init__(self, kernel, log: list):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(grid)
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("slc_order", ["query", "block"], indirect=True)
 @pytest.mark.parametrize("G", [1, 4])
 def test_selected_attention_loop_orders(slc_order, G):

@@ -39,6 +39,16 @@ def test_d128_bf16_16k():
     check_backward(_long("nsa-d128"), B=1, T=16384, dtype=BF16, device="cuda", seed=16)
 
 
+@pytest.mark.parametrize("T", [3000, 16384])
+def test_selected_dq_from_the_dkdv_pass_bf16(T):
+    """The retrieval example's layer shape (8 heads on one KV head, D=64, learned compression),
+    whose selected dq the IR takes from the dk/dv pass (FUSE_DQ=1), two sequences."""
+    spec = nsagen.load_spec("nsa-paper").replace(heads_q=8, heads_kv=1, dim_qk=64, dim_v=64)
+    op = nsagen.build(spec)
+    assert op.module.CONFIGS["slc_attention_bwd"]["FUSE_DQ"] == 1
+    check_backward(spec, B=2, T=T, dtype=BF16, device="cuda", seed=T + 1)
+
+
 def test_fla_shaped_bf16():
     check_backward(_long("nsa-fla"), B=1, T=8192, dtype=BF16, device="cuda", seed=1)
 

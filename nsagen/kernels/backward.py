@@ -161,8 +161,17 @@ def _slc_bwd_default(spec: Spec, target: Target, why: list) -> dict:
     if target.has_tma:
         why.append("backward slc dq: the chosen blocks' K/V tiles through TMA descriptors (on an "
                    "H100 at 64k, 17.4 ms against 19.3 by pointers)")
+    # dq from the dk/dv pass (FUSE_DQ: added atomically, no dq kernel) pays where a token's
+    # fp32 dq rows are at most 1/8 of the bytes of the key tile the dq kernel would load for
+    # them and the group fills at least half of the 16 tile rows; it is on only as far as that
+    # was measured (rows of up to 2 KB: 8 heads x 64, docs/benchmarks.md)
+    tile, rows = spec.slc_block * (spec.dim_qk + spec.dim_v) * 2, spec.group * spec.dim_qk * 4
+    fuse = spec.group >= 8 and tile >= 8 * rows and rows <= 2048
+    how = "from the dk/dv pass, added atomically" if fuse else "a kernel of its own"
+    why.append(f"backward slc dq: {how} (a token's fp32 dq rows are {rows} bytes against the "
+               f"{tile}-byte key tile a dq kernel loads for them; G={spec.group} of {gps} rows)")
     return dict(GP=gps, BK=min(spec.slc_block, 64), BT_BWD=max(1, 64 // gps), CHUNK_ITERS=64,
-                num_warps=4, TMA=int(target.has_tma))
+                num_warps=4, TMA=int(target.has_tma), FUSE_DQ=int(fuse))
 
 
 def _slc_bwd_space(spec: Spec, default: dict, target: Target, smem: int):
@@ -204,12 +213,13 @@ def _slc_bwd_launch(spec: Spec, flags: dict) -> dict:
             values(N=spec.slc_count, NP=triton.next_power_of_2(spec.slc_count)), cfg("BK"),
             consts(TMA="bool(tma)"), options=WARPS),
         dkdv=signature(
-            ptrs("q", "k", "v", "g", "do", "lse", "delta", "dk", "dv",
+            ptrs("q", "k", "v", "g", "do", "lse", "delta", "dq", "dk", "dv",
                  'blk_tok0=inv["blk_tok0"]', 'blk_nkeys=inv["blk_nkeys"]',
                  'blk_pos0=inv["blk_pos0"]', 'inv_off=inv["offsets"]', 'inv_cnt=inv["counts"]',
                  'inv_tok=inv["tokens"]', "tok_pos=lay.tok_pos", 'chunk_hb=inv["chunk_hb"]',
                  'chunk_i0=inv["chunk_i0"]'), scalars('n_blocks=inv["n_blocks"]'),
-            *_bwd_strides(), *common, cfg("BT=BT_BWD"), consts(CHUNK="chunk"), options=WARPS))
+            *_bwd_strides(), *common, cfg("BT=BT_BWD"), consts(CHUNK="chunk", FUSE_DQ="fuse"),
+            options=WARPS))
 
 
 def _win_bwd_launch(spec: Spec, flags: dict) -> dict:
