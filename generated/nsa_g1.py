@@ -1372,15 +1372,13 @@ def slc_attention_bwd_dkdv(
                                       row_ok, stride_qt, stride_qh, stride_ot, stride_oh,
                                       stride_gt, stride_gh, H, G, DK, DV, BDK, BDV, 1, HAS_GATES)
         vis = row_ok[None, :] & kmask[:, None] & ((kpos0 + offs_k)[:, None] <= pos[None, :])
+        dst, dv = _bwd_dst(q, do, lse, delta, kt, vt, dv, vis, qk_scale, True, PREC)
+        dk += tl.dot(dst, q, input_precision=PREC)
         if FUSE_DQ:   # the rows' dq from this block too: dS K, added atomically
-            dst, dv = _bwd_dst(q, do, lse, delta, kt, vt, dv, vis, qk_scale, True, PREC)
-            dk += tl.dot(dst, q, input_precision=PREC)
             dq = tl.dot(tl.trans(dst), kt, input_precision=PREC)
             tl.atomic_add(dq_ptr + tok[:, None] * (H * G * BDK) + head[:, None] * BDK
                           + offs_dk[None, :], dq * sm_scale,
                           mask=row_ok[:, None] & (offs_dk[None, :] < DK), sem="relaxed")
-        else:
-            dk, dv = _bwd_dkdv_step(q, do, lse, delta, kt, vt, dk, dv, vis, qk_scale, True, PREC)
     rows = (tok0 + offs_k)[:, None]
     dk_ptrs = dk_ptr + rows * (H * BDK) + g * BDK + offs_dk[None, :]
     wmask = offs_k < tl.where(live, nkeys, 0)  # dead programs write nothing
