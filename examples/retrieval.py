@@ -23,10 +23,10 @@ a value that shrinks about as 1 / --hidden (about 2e-3 at hidden 128, 5e-4 at th
 where 2e-3 keeps the model at chance).
 
 The script prints, and writes to a JSON file, the answer accuracy per context length and the
-training tokens per second of both models (overall and per length; measured after a warm-up pass
-over every length, which also compiles the Triton kernels and is reported on its own). The first
-model listed (nsagen) sets the step count: if it stops at --time-limit, the next model trains
-exactly as many steps, on the same learning-rate schedule.
+training tokens per second of both models (overall, and per length with the ratio of the two;
+measured after a warm-up pass over every length, which also compiles the Triton kernels and is
+reported on its own). The first model listed (nsagen) sets the step count: if it stops at
+--time-limit, the next model trains exactly as many steps, on the same learning-rate schedule.
 
     python examples/retrieval.py results/retrieval.json     # CUDA defaults (about 4-5 min, H200)
     python examples/retrieval.py /tmp/smoke.json --smoke    # tiny CPU run, a few seconds
@@ -521,6 +521,15 @@ def parse(argv=None) -> argparse.Namespace:
     return a
 
 
+def speed_ratio(results: dict) -> dict:
+    """nsagen's training tokens/s over full attention's, per length both trained at ({} unless
+    both models ran)."""
+    if "nsagen" not in results or "full" not in results:
+        return {}
+    a, b = (results[k]["train_tokens_per_s_by_length"] for k in ("nsagen", "full"))
+    return {T: a[T] / b[T] for T in a if T in b and b[T] > 0}
+
+
 def main(argv=None) -> dict:
     a = parse(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() and not a.smoke
@@ -541,6 +550,12 @@ def main(argv=None) -> dict:
         accs = ", ".join(f"{T}: {e['accuracy']:.3f}" for T, e in r["eval"].items())
         print(f"{kind}: {r['steps']} steps, {r['train_tokens_per_s']:,.0f} train tokens/s "
               f"(warm-up {r['warmup_s']:.1f}s); accuracy {accs}", flush=True)
+        by_len = ", ".join(f"{T}: {v:,.0f}" for T, v in r["train_tokens_per_s_by_length"].items())
+        print(f"{kind}: train tokens/s by length: {by_len}", flush=True)
+    ratio = speed_ratio(results)
+    if ratio:
+        print("nsagen / full train tokens/s by length: "
+              + ", ".join(f"{T}: {x:.2f}x" for T, x in ratio.items()), flush=True)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
            platform.processor() or "cpu", "torch": torch.__version__,
            "nsagen": nsagen.__version__, "python": platform.python_version(),
@@ -549,6 +564,7 @@ def main(argv=None) -> dict:
     cfg["spec"] = nsa_spec(a).to_dict()
     out = {"task": "multi-query associative recall in a haystack", "chance": 1 / a.values,
            "config": cfg, "environment": env, "models": results,
+           "speed_ratio_by_length": ratio,
            "wall_s": round(time.perf_counter() - t_start, 1)}
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)

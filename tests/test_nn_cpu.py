@@ -403,6 +403,14 @@ def test_retrieval_example_smoke(tmp_path, monkeypatch):
         assert 0.0 <= e["accuracy"] <= 1.0 and e["answers"] == 2 * 4
         assert all(math.isfinite(c["loss"]) for c in r["curve"])
     assert nsa["params"] > full["params"]   # gates and learned compression
+    # per-length speed of the two models, and their ratio where both trained
+    lens = set(nsa["train_tokens_per_s_by_length"])
+    assert lens and lens == set(full["train_tokens_per_s_by_length"])
+    ratio = saved["speed_ratio_by_length"]
+    assert set(ratio) == lens
+    for T, x in ratio.items():
+        want = nsa["train_tokens_per_s_by_length"][T] / full["train_tokens_per_s_by_length"][T]
+        assert x == pytest.approx(want) and x > 0
     # the selection probe, every logged step, per NSA layer
     assert len(nsa["probe"]) == 3 and full["probe"] == []
     pr = nsa["probe"][-1]
