@@ -23,6 +23,7 @@ share one query, so they are rotated together.
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -287,22 +288,19 @@ class SparseAttention(nn.Module):
 
     def _rot(self, x: torch.Tensor, pos: torch.Tensor | Callable[[], torch.Tensor],
              on: bool | None = None, key: tuple | None = None) -> torch.Tensor:
-        """x rotated at `pos` when `on` (default: the selected and window branches' choice).
-        `key` names positions that recur from step to step (the lengths they come from): their
-        tables are computed once and kept. `pos` may be a function that gives the positions,
-        called only when their tables are not kept (building them costs launches too)."""
-        on = self.rope_main if on is None else on
-        if not on:
+        """x rotated at `pos` (or a function giving it, called when its tables are not kept)
+        if `on` (default: the selected and window branches' choice). `key` names positions that
+        recur from step to step (the lengths they come from): their tables are kept."""
+        if not (self.rope_main if on is None else on):
             return x
         return apply_rope(x, None, tables=self._rope_tables(pos, key, x.dtype, x.device))
 
     def _rope_tables(self, pos, key: tuple | None, dtype: torch.dtype, device):
-        """rope_tables for `pos` (positions, or a function giving them), from a small per-layer
-        cache when `key` names them (never while tracing, whose tensors must not outlive the
-        trace, and kept apart for inference mode, whose tensors autograd cannot save)."""
-        def make():
-            return rope_tables(pos() if callable(pos) else pos, self.spec.dim_qk,
-                               self.rope_theta, dtype)
+        """rope_tables for `pos` (as _rot takes it), from a small per-layer cache when `key`
+        names them (never while tracing, whose tensors must not outlive the trace, and kept
+        apart for inference mode, whose tensors autograd cannot save)."""
+        make = lambda: rope_tables(pos() if callable(pos) else pos,  # noqa: E731
+                                   self.spec.dim_qk, self.rope_theta, dtype)
         if key is None or torch.compiler.is_compiling():
             return make()
         full = (key, dtype, device, torch.is_inference_mode_enabled())
@@ -394,9 +392,8 @@ class SparseAttention(nn.Module):
         """phi_k of the source keys ks, rotated at the windows' ends if learned (and rotated)."""
         kc = self.phi_k(ks, lens)
         if self.learned:
-            lens = [T] if lens is None else lens
-            kc = self._rot(kc, lambda: _window_ends(self.spec, lens, ks.device), self.rope_cmp,
-                           ("ends",) + key)
+            ends = partial(_window_ends, self.spec, [T] if lens is None else lens, ks.device)
+            kc = self._rot(kc, ends, self.rope_cmp, ("ends",) + key)
         return kc
 
     # ------------------------------------------------------------------ forward

@@ -109,8 +109,11 @@ def test_backward_tile_steps_live_once():
         text = path.read_text()
         for what, code in steps.items():
             assert code not in text, f"{path.name} repeats {what}"
-        for helper in ("_bwd_rows(", "_bwd_dq_step(", "_bwd_dkdv_step("):
+        for helper in ("_bwd_rows(", "_bwd_dq_step("):
             assert helper in text, f"{path.name} does not use {helper[:-1]}"
+        # the dk/dv step whole, or its part up to dS^T (a pass that also forms dq from dS)
+        assert "_bwd_dkdv_step(" in text or "_bwd_dst(" in text, \
+            f"{path.name} does not use _bwd_dkdv_step or _bwd_dst"
     helpers = (TEMPLATES / "_helpers.py.jinja").read_text()
     assert helpers.count("ds = p * (dp - delta[:, None])") == 1      # the dq step
     assert helpers.count("dst = pt * (dpt - delta[None, :])") == 1   # the dk/dv step (keys as rows)
