@@ -378,6 +378,135 @@ def _tile_rows(q_ptr, tile_tok_ptr, tile_len_ptr, tok_pos_ptr, tok_kbase_ptr, st
                 mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
     return ntok, pos0, base, row_ok, tok, pos0 + tt, head, q
 
+@triton.jit
+def _inverse_map_entries(idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, e, n_entries,
+                         n_blocks, stride_it, stride_ih, H: tl.constexpr, S0: tl.constexpr,
+                         NS: tl.constexpr, FREE: tl.constexpr, N_INIT: tl.constexpr,
+                         N_LOCAL: tl.constexpr, LB: tl.constexpr):
+    """Entries e: (token, slot, whether it is a pick that counts, its group)."""
+    ok = e < n_entries
+    tok = e // (H * NS)
+    g = (e // NS) % H
+    slot = e % NS
+    blk = tl.load(idx_ptr + tok * stride_it + g * stride_ih + S0 + slot, mask=ok, other=-1)
+    if FREE:   # short rows: padding and forced blocks
+        jt = tl.load(tok_pos_ptr + tok, mask=ok, other=0) // LB
+        valid = ok & (blk >= N_INIT) & (blk <= jt - N_LOCAL)
+    else:
+        valid = ok & (blk >= 0)
+    seq = tl.load(tok_seq_ptr + tok, mask=valid, other=0)
+    group = g * n_blocks + tl.load(seq_first_ptr + seq, mask=valid, other=0) + blk
+    return tok, slot, valid, group
+
+
+@triton.jit
+def _inverse_map_chunks(counts, CHUNK: tl.constexpr):
+    """Chunks of at most CHUNK entries that groups of `counts` entries take."""
+    return tl.where(counts > 0, (counts - 1) // CHUNK + 1, 0)
+
+
+@triton.jit
+def inverse_map_count(idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, count_ptr, offset_ptr,
+                      cursor_ptr, end_ptr, n_entries, n_blocks, stride_it, stride_ih,
+                      H: tl.constexpr, S0: tl.constexpr, NS: tl.constexpr, FREE: tl.constexpr,
+                      N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, LB: tl.constexpr,
+                      CHUNK: tl.constexpr, BE: tl.constexpr, BG: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
+    tok, slot, valid, group = _inverse_map_entries(
+        idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, e, n_entries, n_blocks, stride_it,
+        stride_ih, H, S0, NS, FREE, N_INIT, N_LOCAL, LB)
+    tl.atomic_add(count_ptr + group, 1, mask=valid, sem="relaxed")
+    # the last program to finish scans; the barrier orders every thread's counts before the
+    # ticket's release (the ticket is the word after the counts)
+    n_groups = H * n_blocks
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr + n_groups, 1, sem="acq_rel")
+    if done == tl.num_programs(0) - 1:
+        run = tl.sum(tl.zeros([BG], dtype=tl.int32), 0)      # entries before this step
+        run_c = run                                          # chunks before this step
+        for g0 in range(0, n_groups, BG):
+            gg = g0 + tl.arange(0, BG)
+            ok = gg < n_groups
+            # .cg: the other programs' counts from L2, not from a stale L1 line
+            c = tl.load(count_ptr + gg, mask=ok, other=0, cache_modifier=".cg")
+            per = _inverse_map_chunks(c, CHUNK)
+            off = run + tl.cumsum(c, 0) - c
+            tl.store(offset_ptr + gg, off, mask=ok)
+            tl.store(cursor_ptr + gg, off, mask=ok)
+            tl.store(end_ptr + gg, run_c + tl.cumsum(per, 0), mask=ok)
+            run += tl.sum(c, 0)
+            run_c += tl.sum(per, 0)
+
+
+@triton.jit
+def inverse_map_place(idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, count_ptr, cursor_ptr,
+                      end_ptr, inv_tok_ptr, inv_slot_ptr, chunk_hb_ptr, chunk_i0_ptr, n_entries,
+                      n_blocks, n_chunks, n_search, stride_it, stride_ih, H: tl.constexpr,
+                      S0: tl.constexpr, NS: tl.constexpr, FREE: tl.constexpr,
+                      N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, LB: tl.constexpr,
+                      SLOT: tl.constexpr, CHUNK: tl.constexpr, BE: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
+    tok, slot, valid, group = _inverse_map_entries(
+        idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, e, n_entries, n_blocks, stride_it,
+        stride_ih, H, S0, NS, FREE, N_INIT, N_LOCAL, LB)
+    at = tl.atomic_add(cursor_ptr + group, 1, mask=valid, sem="relaxed")
+    tl.store(inv_tok_ptr + at, tok.to(tl.int32), mask=valid)
+    if SLOT:
+        tl.store(inv_slot_ptr + at, slot.to(tl.int32), mask=valid)
+    # chunk c (numbered like the entries) belongs to the first group whose chunks end past it;
+    # chunks past the last group's get group n_groups (no work)
+    n_groups = H * n_blocks
+    c_ok = e < n_chunks
+    lo = tl.zeros([BE], dtype=tl.int32)
+    hi = tl.full([BE], 0, dtype=tl.int32) + n_groups
+    for _ in range(n_search):
+        mid = (lo + hi) // 2
+        live = c_ok & (lo < hi)
+        right = live & (tl.load(end_ptr + mid, mask=live, other=0) <= e)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(live & ~right, mid, hi)
+    last = tl.minimum(lo, n_groups - 1)
+    first = tl.load(end_ptr + last, mask=c_ok, other=0) - _inverse_map_chunks(
+        tl.load(count_ptr + last, mask=c_ok, other=0), CHUNK)
+    tl.store(chunk_hb_ptr + e, lo, mask=c_ok)
+    tl.store(chunk_i0_ptr + e, ((e - first) * CHUNK).to(tl.int32), mask=c_ok)
+
+
+def inverse_map(idx, tok_seq, tok_pos, blocks, chunk, free=False, slots=False):
+    """The picks of idx [Ntok, H, N] grouped by (KV head, global block) of `blocks`
+    (Layout.blocks) and cut into chunks of at most `chunk`: a dict of `counts`, `offsets`
+    [H * n_blocks] (a group's entries at tokens[offsets : offsets + counts]), `tokens` (and
+    with `slots` each entry's slot), `chunk_hb` / `chunk_i0` (chunk c covers group chunk_hb[c]
+    from its entry chunk_i0[c]; H * n_blocks + entries / chunk of them, the unused tail has
+    chunk_hb = H * n_blocks) and the block tables. `free`: only the free picks, slots
+    N_INIT .. N - N_LOCAL - 1 (slots then count from N_INIT)."""
+    blk_tok0, blk_nkeys, blk_pos0, seq_first = blocks
+    n_blocks, dev, i32 = blk_tok0.shape[0], idx.device, torch.int32
+    s0, ns = (1, 13) if free \
+        else (0, 16)
+    n_tok = idx.shape[0]
+    n_ent = n_tok * H_KV * ns
+    n_groups = H_KV * n_blocks
+    n_chunks = n_groups + triton.cdiv(n_ent, chunk)
+    counts = torch.zeros(n_groups + 1, dtype=i32, device=dev)    # and the scan's ticket
+    offsets, cursor, end = (torch.empty(n_groups, dtype=i32, device=dev) for _ in range(3))
+    tokens = torch.empty(n_ent, dtype=i32, device=dev)
+    slot = torch.empty(n_ent if slots else 1, dtype=i32, device=dev)
+    chunk_hb, chunk_i0 = (torch.empty(n_chunks, dtype=i32, device=dev) for _ in range(2))
+    be = 1024
+    common = dict(H=H_KV, S0=s0, NS=ns, FREE=free, N_INIT=1,
+                  N_LOCAL=2, LB=64, CHUNK=chunk, BE=be)
+    _launch(inverse_map_count)[(max(1, triton.cdiv(n_ent, be)),)](
+        idx, tok_seq, tok_pos, seq_first, counts, offsets, cursor, end, n_ent, n_blocks,
+        idx.stride(0), idx.stride(1), BG=1024, num_warps=4, **common)
+    _launch(inverse_map_place)[(triton.cdiv(max(n_ent, n_chunks), be),)](
+        idx, tok_seq, tok_pos, seq_first, counts, cursor, end, tokens, slot, chunk_hb, chunk_i0,
+        n_ent, n_blocks, n_chunks, n_groups.bit_length(), idx.stride(0), idx.stride(1),
+        SLOT=slots, num_warps=4, **common)
+    return dict(n_blocks=n_blocks, blk_tok0=blk_tok0, blk_nkeys=blk_nkeys, blk_pos0=blk_pos0,
+                tokens=tokens, slots=slot, counts=counts[:n_groups], offsets=offsets,
+                chunk_hb=chunk_hb, chunk_i0=chunk_i0)
+
 
 @triton.jit
 def cmp_attention(
@@ -1177,7 +1306,7 @@ def launch_slc_attention_bwd(q, k, v, gates, do, lse, delta, idx, dq, dk, dv, la
         HAS_GATES=gates is not None, PREC=prec, N=16, NP=16, BK=cfg["BK"], TMA=bool(tma),
         num_warps=cfg["num_warps"])
     chunk = cfg["BT_BWD"] * cfg["CHUNK_ITERS"]
-    inv = lay.inverse_blocks(idx, 64, chunk)
+    inv = inverse_map(idx, lay.tok_seq, lay.tok_pos, lay.blocks(64), chunk)
     _launch(slc_attention_bwd_dkdv)[(inv["chunk_hb"].shape[0],)](
         q, k, v, g, do, lse, delta, dq, dk, dv, inv["blk_tok0"], inv["blk_nkeys"], inv["blk_pos0"],
         inv["offsets"], inv["counts"], inv["tokens"], lay.tok_pos, inv["chunk_hb"],

@@ -121,53 +121,6 @@ class Layout:
                                 torch.cumsum(nb, 0) - nb)
         return self._tiles[key]
 
-    @staticmethod
-    def group_chunks(counts: torch.Tensor, chunk: int, total: int) -> tuple[torch.Tensor, ...]:
-        """Chunks of at most `chunk` entries over groups of `counts` entries (group_chunks)."""
-        return group_chunks(counts, chunk, total)
-
-    def inverse_blocks(self, idx: torch.Tensor, lb: int, chunk: int = 1 << 30) -> dict:
-        """Key block -> the tokens that chose it, per KV head, from indices [Ntok, H, n].
-
-        Built with device sorts and shape-static sizes (no host sync, traceable):
-        `tokens` lists token ids grouped by (head, global block), `offsets`/`counts`
-        [H * n_blocks] locate each group. The groups are cut into chunks of at most `chunk`
-        tokens: chunk c covers group `chunk_hb[c]` from its token `chunk_i0[c]`; there are at
-        most H * n_blocks + Ntok * H * n / chunk of them, and the unused tail has
-        chunk_hb = H * n_blocks.
-        """
-        blk_tok0, blk_nkeys, blk_pos0, seq_first = self.blocks(lb)
-        n_blocks = blk_tok0.shape[0]
-        n_tok, H, n = idx.shape
-        valid = idx >= 0
-        gblk = seq_first[self.tok_seq.long()][:, None, None] + idx.long()
-        head = torch.arange(H, device=idx.device)[None, :, None]
-        key = torch.where(valid, head * n_blocks + gblk, torch.full_like(gblk, H * n_blocks))
-        key = key.flatten()
-        order = torch.sort(key, stable=True).indices
-        tokens = (order // (H * n)).to(I32)
-        counts = torch.zeros(H * n_blocks + 1, dtype=torch.int64, device=idx.device)
-        counts = counts.scatter_add(0, key, torch.ones_like(key))[:H * n_blocks]
-        offsets = torch.cumsum(counts, 0) - counts
-        chunk_hb, chunk_i0 = self.group_chunks(counts, chunk, n_tok * H * n)
-        return dict(n_blocks=n_blocks, blk_tok0=blk_tok0, blk_nkeys=blk_nkeys, blk_pos0=blk_pos0,
-                    tokens=tokens, counts=counts.to(I32), offsets=offsets.to(I32),
-                    chunk_hb=chunk_hb, chunk_i0=chunk_i0)
-
-
-def group_chunks(counts: torch.Tensor, chunk: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut groups of `counts` entries (at most `total` in all) into chunks of at most `chunk`:
-    chunk c covers group `hb[c]` from its entry `i0[c]`. The number of chunks is fixed by the
-    shapes (groups + total / chunk), so nothing waits for the device; the unused tail has
-    hb = len(counts). Both int32, on the device of `counts`."""
-    n_groups = counts.shape[0]
-    per = (counts + chunk - 1) // chunk
-    end = torch.cumsum(per, 0)
-    ids = torch.arange(n_groups + (total + chunk - 1) // chunk, device=counts.device)
-    hb = torch.searchsorted(end, ids, right=True)
-    first = (end - per)[hb.clamp(max=n_groups - 1)]
-    return hb.to(I32), ((ids - first) * chunk).to(I32)
-
 
 def _chunks_host(lens, size: int) -> tuple[torch.Tensor, ...]:
     """`Layout._chunks` for sequences of any lengths (ints), on the host."""

@@ -1,4 +1,5 @@
-"""The shape-only layout (equal lengths, traceable) equals the one built from the lengths."""
+"""The shape-only layout (equal lengths, traceable) equals the one built from the lengths; the
+selected branch's inverse map groups and chunks every pick."""
 import pytest
 import torch
 
@@ -24,29 +25,65 @@ def test_shape_only_layout_matches_host_layout(B, T):
             assert torch.equal(x, y)
         for x, y in zip(a.blocks(size), b.blocks(size)):
             assert torch.equal(x.long(), y.long())
-    idx = torch.randint(-1, spec.num_blocks(T), (B * T, spec.heads_kv, 3), dtype=torch.int32)
-    ia, ib = a.inverse_blocks(idx, 64), b.inverse_blocks(idx, 64)
-    for key in ("tokens", "counts", "offsets"):
-        assert torch.equal(ia[key], ib[key]), key
-    assert int(ia["counts"].sum()) == int((idx >= 0).sum())
 
 
+def _inverse_oracle(lay, idx, lb, free, n_init, n_local):
+    """The picks per (KV head, global block) as (token, slot) lists, by a loop."""
+    n_blocks, seq_first = lay.blocks(lb)[0].shape[0], lay.blocks(lb)[3]
+    n_tok, H, n = idx.shape
+    groups: dict = {}
+    for t in range(n_tok):
+        jt = int(lay.tok_pos[t]) // lb
+        first = int(seq_first[int(lay.tok_seq[t])])
+        for h in range(H):
+            for s in range(n):
+                b = int(idx[t, h, s])
+                if free and not (n_init <= s < n - n_local and n_init <= b <= jt - n_local):
+                    continue
+                if b >= 0:
+                    groups.setdefault(h * n_blocks + first + b, []).append(
+                        (t, s - (n_init if free else 0)))
+    return groups
+
+
+@pytest.mark.parametrize("free", [False, True])
 @pytest.mark.parametrize("chunk", [1, 3, 64, 1 << 30])
-def test_inverse_map_chunks_cover_every_group_once(chunk):
-    spec = nsagen.load_spec("nsa-d128").replace(cmp_block=8, cmp_stride=4, slc_block=8)
+def test_inverse_map_groups_every_pick_and_chunks_each_group_once(chunk, free):
+    """The generated counting sort (two launches) puts each pick in its (KV head, global block)
+    group, in any order inside it, and its chunk list covers each group's entries exactly once
+    in steps of `chunk`; the tail of the list names no group."""
+    spec = nsagen.load_spec("nsa-d128").replace(cmp_block=8, cmp_stride=4, slc_block=8,
+                                                 slc_count=5, slc_initial=1, slc_local=1,
+                                                 window=16)
+    mod = nsagen.build(spec).module
     lay = _build(spec, (50, 7, 90), torch.device("cpu"))
-    H = spec.heads_kv
-    idx = torch.randint(-1, 4, (lay.tok_pos.shape[0], H, 5), dtype=torch.int32)
-    inv = lay.inverse_blocks(idx, 8, chunk)
+    H, n, lb = spec.heads_kv, spec.slc_count, spec.slc_block
+    gen = torch.Generator().manual_seed(chunk + free)
+    jt = (lay.tok_pos // lb).long()
+    # distinct visible blocks per row, ascending, -1 past the row's count (as the selection)
+    keys = torch.rand(lay.tok_pos.shape[0], H, 16, generator=gen)
+    keys[(torch.arange(16)[None, None, :] > jt[:, None, None]).expand_as(keys)] = 2.0
+    idx = keys.argsort(-1)[..., :n]
+    idx = torch.where(idx > jt[:, None, None], 99, idx).sort(-1).values
+    idx = torch.where(idx == 99, -1, idx).to(torch.int32)
+    inv = mod.inverse_map(idx, lay.tok_seq, lay.tok_pos, lay.blocks(lb), chunk, free=free,
+                          slots=True)
+    want = _inverse_oracle(lay, idx, lb, free, spec.slc_initial, spec.slc_local)
     n_groups = H * inv["n_blocks"]
+    counts, offs = inv["counts"].tolist(), inv["offsets"].tolist()
+    tokens, slots = inv["tokens"].tolist(), inv["slots"].tolist()
+    assert sum(counts) == sum(len(v) for v in want.values()) > 0
+    for g in range(n_groups):
+        got = sorted(zip(tokens[offs[g]:offs[g] + counts[g]], slots[offs[g]:offs[g] + counts[g]]))
+        assert got == sorted(want.get(g, [])), g
     hb, i0 = inv["chunk_hb"].tolist(), inv["chunk_i0"].tolist()
-    got = {}
+    seen: dict = {}
     for h, i in zip(hb, i0):
         assert 0 <= h <= n_groups
         if h < n_groups:
-            got.setdefault(h, []).append(i)
-    for h, c in enumerate(inv["counts"].tolist()):
-        assert sorted(got.get(h, [])) == list(range(0, c, chunk)), h
+            seen.setdefault(h, []).append(i)
+    for g, c in enumerate(counts):
+        assert sorted(seen.get(g, [])) == list(range(0, c, chunk)), g
 
 
 def test_layouts_are_kept_only_outside_tracing():

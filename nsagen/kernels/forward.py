@@ -236,15 +236,11 @@ def _slc_kb_launch(spec: Spec, flags: dict) -> dict:
     forced = values(LB=spec.slc_block) + forced_values(spec)
     return dict(
         forced=forced_signature(spec),
-        bucket=signature(
-            ptrs("idx", "tok_seq", "tok_pos", "seq_first", "count=counts", "cursor", "inv_tok",
-                 "inv_slot"),
-            scalars("n_entries=n_ent", "n_blocks"), strides("idx", "it", "ih"),
-            consts(H="H_KV"), n, forced, consts(COUNT="count", BE="be"),
-            options=options(num_warps="4")),
         attend=signature(
-            ptrs("q", "k", "v", "op", "lp", "blk_tok0", "blk_nkeys", "blk_pos0", "offsets",
-                 "counts", "inv_tok", "inv_slot", "tok_pos", "chunk_hb", "chunk_i0"),
+            ptrs("q", "k", "v", "op", "lp", 'blk_tok0=inv["blk_tok0"]',
+                 'blk_nkeys=inv["blk_nkeys"]', 'blk_pos0=inv["blk_pos0"]',
+                 'offsets=inv["offsets"]', 'counts=inv["counts"]', 'inv_tok=inv["tokens"]',
+                 'inv_slot=inv["slots"]', "tok_pos", "chunk_hb", 'chunk_i0=inv["chunk_i0"]'),
             scalars("n_blocks"), strides("q", "qt", "qh"), strides("k", "kt", "kh"),
             strides("v", "vt", "vh"), consts(qk_scale="QK_SCALE"), HEADS, cfg("GP"), DIMS,
             forced, n, consts(PREC="prec"), cfg("BT"), consts(CHUNK="chunk"),
