@@ -23,7 +23,7 @@ from markupsafe import Markup
 from . import __version__
 from .cache import atomic_write
 from .ir import Plan, build_graph, describe, lower
-from .kernels import KERNELS
+from .kernels import KERNELS, inverse_map_launch
 from .resources import data_dir
 from .spec import Spec
 from .target import Target, current
@@ -134,7 +134,8 @@ def _render(spec: Spec, plan: Plan) -> str:
         spec=spec, plan=plan, uri=spec.uri, version=__version__, layer=layer,
         configs=configs, decode=decode,
         decode_configs={k.name: dict(k.config) for k in decode.kernels} if decode else {},
-        signatures=lambda k: KERNELS[k.name].launch(spec, k.params))
+        signatures=lambda k: KERNELS[k.name].launch(spec, k.params),
+        inverse_map=inverse_map_launch(spec) if spec.family == "nsa" else None)
     # collapse the blank-line runs that template structure leaves behind
     lines, blank = [], 0
     for line in src.splitlines():

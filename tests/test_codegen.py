@@ -7,7 +7,7 @@ import pytest
 import nsagen
 from nsagen import cache, codegen
 from nsagen.ir import build_graph, lower
-from nsagen.kernels import KERNELS
+from nsagen.kernels import KERNELS, inverse_map_launch
 from nsagen.resources import data_dir, shipped_specs
 
 
@@ -291,20 +291,25 @@ def test_kernels_and_launches_follow_their_declared_signatures(name):
     plan = lower(spec)
     src = codegen.render(spec)
     fns, calls = _jit_functions(src), _launches(src)
-    seen = set()
+    declared = {}
     for k in plan.rendered + plan.decode.kernels + [plan.decode.append]:
         for key, sig in KERNELS[k.name].launch(spec, k.params).items():
-            fn = k.name if key == "main" else f"{k.name}_{key}"
-            seen.add(fn)
-            runtime = [p.name for p in sig.params if not p.constexpr]
-            constexpr = [p.name for p in sig.params if p.constexpr]
-            assert fns[fn] == runtime + constexpr, fn
-            assert calls.get(fn), f"{fn} is never launched"
-            for call in calls[fn]:
-                assert len(call.args) == len(runtime), fn
-                kw = {a.arg for a in call.keywords}
-                assert set(constexpr) <= kw, (fn, set(constexpr) - kw)
-                assert kw - set(constexpr) <= {"num_warps", "num_stages", "launch_pdl"}, fn
+            declared[k.name if key == "main" else f"{k.name}_{key}"] = sig
+    if spec.has("slc"):     # the selected branch's inverse map, shared by two kernels
+        declared.update((f"inverse_map_{key}", sig)
+                        for key, sig in inverse_map_launch(spec).items())
+    seen = set()
+    for fn, sig in declared.items():
+        seen.add(fn)
+        runtime = [p.name for p in sig.params if not p.constexpr]
+        constexpr = [p.name for p in sig.params if p.constexpr]
+        assert fns[fn] == runtime + constexpr, fn
+        assert calls.get(fn), f"{fn} is never launched"
+        for call in calls[fn]:
+            assert len(call.args) == len(runtime), fn
+            kw = {a.arg for a in call.keywords}
+            assert set(constexpr) <= kw, (fn, set(constexpr) - kw)
+            assert kw - set(constexpr) <= {"num_warps", "num_stages", "launch_pdl"}, fn
     kernels = {f for f in fns if not f.startswith("_")}     # _name: device functions
     assert seen == kernels, kernels - seen     # no kernel function outside a definition
 
