@@ -8,9 +8,9 @@ generated backward (the selection is not differentiated). `indexer_loss` runs th
 loss kernels (sparse stage, or the dense warm-up), differentiable to the indexer's inputs.
 `new_cache` gives a decode cache whose steps run the same kernels.
 
-The training paths are torch.library ops (`nsagen::<module>_fwd`, `_bwd`, `_loss`, `_loss_bwd`,
-kernels launched through wrap_triton) tied together by register_autograd, so
-`torch.compile(fullgraph=True)` traces through them; calls without gradients launch directly.
+The training paths are torch.library ops (`nsagen::<module>_fwd`, `_bwd`, `_loss`, `_loss_bwd`)
+tied together by register_autograd, which `torch.compile(fullgraph=True)` keeps whole
+(nsagen.launch.opaque_op); calls without gradients launch directly.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor  # noqa: F401  (resolves the op signatures' string annotations)
-from torch.library import triton_op
 
 from . import configspace, reference, tables
 from .checks import check_dsa_inputs, check_fp8_keys_device
@@ -28,7 +27,7 @@ from .dsa_decode import DSACache
 from .dsa_spec import DSASpec
 from .cache import plain_name
 from .launch import (direct_launches, fallback_notice, interpreted_in_float32,
-                     kernels_available, pack)
+                     kernels_available, opaque_op, pack)
 from .layout import build_layout, layout_of_call
 from .target import Target
 
@@ -203,10 +202,10 @@ def _register_ops(op: DSAOp):
         return (dqi.to(q_idx.dtype).view(q_idx.shape), dki.to(k_idx.dtype).view(k_idx.shape),
                 dw.to(w_idx.dtype).view(w_idx.shape))
 
-    fwd_op = triton_op(op.op_name + "_fwd", mutates_args={})(fwd)
-    bwd_op = triton_op(op.op_name + "_bwd", mutates_args={})(bwd)
-    loss_op = triton_op(op.op_name + "_loss", mutates_args={})(loss)
-    loss_bwd_op = triton_op(op.op_name + "_loss_bwd", mutates_args={})(loss_bwd)
+    fwd_op = opaque_op(op.op_name + "_fwd", fwd)
+    bwd_op = opaque_op(op.op_name + "_bwd", bwd)
+    loss_op = opaque_op(op.op_name + "_loss", loss)
+    loss_bwd_op = opaque_op(op.op_name + "_loss_bwd", loss_bwd)
 
     def setup_fwd(ctx, inputs, output):
         q, k, v, _, _, _, cu = inputs

@@ -6,6 +6,7 @@ This sits below the op, the decode cache and the tuner, which all launch module 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import warnings
 from collections.abc import Iterator
@@ -43,6 +44,28 @@ def decode_pdl(module, on: bool) -> Iterator[None]:
         yield
     finally:
         module.DECODE_PDL = before
+
+
+def opaque_op(name: str, fn):
+    """Register `fn`, a function that launches generated kernels, as a torch.library custom op
+    that torch.compile keeps whole: the compiled graph calls it as eager code does (direct
+    launches, TMA descriptors and all) instead of tracing its kernels into the graph.
+
+    Traced kernels are worse here: the compiler's analysis of a kernel's writes follows every
+    loaded value that feeds an address back to its pointer, so kernels that gather (most of
+    ours) seem to write all their inputs, which it then copies before each launch. The fake
+    implementation runs the same Python on fake tensors, each launch a no-op through
+    wrap_triton, so the shapes it reports are the real ones by construction."""
+
+    @functools.wraps(fn)
+    def real(*args):
+        with direct_launches():
+            return fn(*args)
+
+    schema = torch.library.infer_schema(fn, mutates_args=())   # fn's annotations, fn's globals
+    op = torch.library.custom_op(name, real, mutates_args=(), schema=schema)
+    op.register_fake(fn)
+    return op
 
 
 _DISPATCH_MODES = getattr(torch._C, "_len_torch_dispatch_stack", None)   # active modes

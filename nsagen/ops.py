@@ -14,7 +14,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor  # noqa: F401  (resolves the op signatures' string annotations)
-from torch.library import triton_op
 
 from . import configspace, reference, tables
 from .cache import import_file, interpreting, load_module, plain_name
@@ -26,7 +25,7 @@ from .distributed import cp_attention
 from .dsa_ops import DSAOp
 from .dsa_spec import DSASpec
 from .launch import (direct_launches, fallback_notice, interpreted_in_float32,
-                     kernels_available, pack, tracing)
+                     kernels_available, opaque_op, pack, tracing)
 from .layout import build_layout, layout_of_call
 from .paged import PagedSteps
 from .paged_cache import PagedCache
@@ -217,8 +216,8 @@ def _float32(t):
 
 
 def _register_training_op(nsa: NSAOp):
-    """Register `nsagen::<module>_fwd` / `_bwd` as torch.library triton ops (kernels launched
-    through wrap_triton) and tie them together with register_autograd. Returns the forward op
+    """Register `nsagen::<module>_fwd` / `_bwd` as torch.library custom ops that torch.compile
+    keeps whole (nsagen.launch.opaque_op) and tie them together with register_autograd. Returns the forward op
     and an `autograd.Function.apply` that runs the same two functions for eager calls."""
     spec, mod = nsa.spec, nsa.module
 
@@ -274,8 +273,8 @@ def _register_training_op(nsa: NSAOp):
                 unpack(g["dv_win"]) if "dv_win" in g else q.new_empty(0),
                 unpack(g["dq_cmp"]) if "dq_cmp" in g else q.new_empty(0))
 
-    fwd_op = triton_op(nsa.op_name + "_fwd", mutates_args={})(fwd)
-    bwd_op = triton_op(nsa.op_name + "_bwd", mutates_args={})(bwd)
+    fwd_op = opaque_op(nsa.op_name + "_fwd", fwd)
+    bwd_op = opaque_op(nsa.op_name + "_bwd", bwd)
 
     def setup_context(ctx, inputs, output):
         q, k, v, gates, k_cmp, v_cmp, k_win, v_win, cu, q_cmp, cu_k, _ = inputs
@@ -294,7 +293,7 @@ def _register_training_op(nsa: NSAOp):
         q, k, v, gates, idx, ob, lse, kc, vc, k_win, v_win, cu, q_cmp, cu_k = ctx.saved_tensors
         args = (do.contiguous(), q, k, v, gates, idx, ob, lse, kc, vc, k_win, v_win, cu,
                 ctx.user_cmp, q_cmp, cu_k)
-        if tracing():          # torch.compile sees the registered op and its kernels
+        if tracing():          # torch.compile records the registered backward op
             grads = bwd_op(*args)
         else:
             with direct_launches():

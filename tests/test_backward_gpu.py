@@ -91,7 +91,9 @@ def test_opcheck():
     torch.library.opcheck(op._train_op, (q, k, v, gates, None, None, None, None, None))
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("T", [1024, 4096])
+def test_compile_fullgraph(T):
+    """T = 1024 runs the short-length plan, 4096 the block choice and the inverse map."""
     spec = nsagen.load_spec("nsa-d128")
     op = nsagen.build(spec)
 
@@ -99,7 +101,8 @@ def test_compile_fullgraph():
         def forward(self, q, k, v, gates):
             return op(q, k, v, gates).float().square().mean()
 
-    q, k, v, gates = _inputs(spec, 1024)
+    q, k, v, gates = _inputs(spec, T)
+    torch._dynamo.reset()
     compiled = torch.compile(Block(), fullgraph=True)
     loss = compiled(q, k, v, gates)
     loss.backward()

@@ -52,12 +52,14 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("kind,kv", [("mlp", "shared"), ("mean", "separate")])
-def test_compiled_decoder_fullgraph(kind, kv):
+@pytest.mark.parametrize("kind,kv,T", [("mlp", "shared", 1000), ("mean", "separate", 1000),
+                                       ("mlp", "shared", 3000)])
+def test_compiled_decoder_fullgraph(kind, kv, T):
+    """T = 1000 runs the short-length plan (every block selected), 3000 the block choice."""
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = Decoder(_spec(kind, kv)).cuda().to(BF16)
-    ids = torch.randint(0, 64, (2, 1000), device="cuda")
+    ids = torch.randint(0, 64, (2, T), device="cuda")
     eager_logits = model(ids)
     eager_grads = torch.autograd.grad(eager_logits.float().square().mean(),
                                       list(model.parameters()))
