@@ -345,15 +345,25 @@ def _block_scores(spec, p: dict, qpos: torch.Tensor, nb: torch.Tensor,
     return rank, round(ratio.item(), 3), mass, uniform
 
 
+def _compiled(model: Model) -> nn.Module:
+    """The model under torch.compile, one graph per shape (the warm-up pass compiles every
+    training and evaluation shape before the timed loop)."""
+    cfg = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, limit, max(getattr(cfg, limit), 64))
+    return torch.compile(model, dynamic=False)
+
+
 def run_model(kind: str, a, task: Task, device, steps: int, time_limit: float | None) -> dict:
     """Warm up (compile), train `steps` steps (stopping early at `time_limit` seconds), eval.
 
     The learning-rate schedule always spans `a.steps`, so a model stopped early by the time
     limit and a model given that many steps train identically step for step."""
-    model = build_model(kind, a, task.vocab, device)
-    n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
+    raw = build_model(kind, a, task.vocab, device)
+    model = _compiled(raw) if a.compile else raw
+    n_params = sum(p.numel() for p in raw.parameters())
+    decay = [p for p in raw.parameters() if p.dim() >= 2]
+    rest = [p for p in raw.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.95))
 
@@ -390,7 +400,7 @@ def run_model(kind: str, a, task: Task, device, steps: int, time_limit: float | 
         with _autocast(device):
             loss, correct = model(tok, tgt)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
@@ -408,7 +418,7 @@ def run_model(kind: str, a, task: Task, device, steps: int, time_limit: float | 
             if a.probe_len:      # diagnostics, outside the timed training
                 t_p = time.perf_counter()
                 model.eval()
-                pr = probe(model, a, task, device, a.probe_len)
+                pr = probe(raw, a, task, device, a.probe_len)
                 model.train()
                 probe_s += time.perf_counter() - t_p
                 if pr is not None:
@@ -491,6 +501,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--selection-weight", type=float, default=1.0,
                    help="the NSA layer's selection_weight (the distill loss's weight)")
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--compile", action="store_true",
+                   help="train and evaluate both models under torch.compile (the warm-up pass "
+                        "compiles them; the NSA op runs as one call inside the graph)")
     for k, v in GPU_DEFAULTS.items():
         flag = "--" + k.replace("_", "-")
         if k in ("lengths", "curriculum"):
@@ -536,9 +549,10 @@ def main(argv=None) -> dict:
                                        else "cpu"))
     task = Task(a.filler, a.keys, a.values, a.pairs)
     t_start = time.perf_counter()
-    print(f"retrieval: {', '.join(a.models)} on {device}; hidden {a.hidden}, {a.layers} layers, "
-          f"heads {a.heads}/{a.kv_heads}; lengths {a.lengths}; {a.steps} steps x "
-          f"{a.tokens_per_step} tokens; {a.pairs} pairs per sequence, chance "
+    mode = " (compiled)" if a.compile else ""
+    print(f"retrieval: {', '.join(a.models)} on {device}{mode}; hidden {a.hidden}, "
+          f"{a.layers} layers, heads {a.heads}/{a.kv_heads}; lengths {a.lengths}; "
+          f"{a.steps} steps x {a.tokens_per_step} tokens; {a.pairs} pairs per sequence, chance "
           f"{1 / a.values:.3f}", flush=True)
     results, steps = {}, a.steps
     for i, kind in enumerate(a.models):
