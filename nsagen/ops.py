@@ -216,9 +216,10 @@ def _float32(t):
 
 
 def _register_training_op(nsa: NSAOp):
-    """Register `nsagen::<module>_fwd` / `_bwd` as torch.library custom ops that torch.compile
-    keeps whole (nsagen.launch.opaque_op) and tie them together with register_autograd. Returns the forward op
-    and an `autograd.Function.apply` that runs the same two functions for eager calls."""
+    """Register `nsagen::<module>_fwd` / `_bwd` as torch.library custom ops that
+    torch.compile keeps whole (nsagen.launch.opaque_op), tied together by register_autograd.
+    Returns the forward op and an `autograd.Function.apply` that runs the same two functions
+    for eager calls."""
     spec, mod = nsa.spec, nsa.module
 
     def fwd(q: Tensor, k: Tensor, v: Tensor, gates: Optional[Tensor], k_cmp: Optional[Tensor],
