@@ -379,15 +379,15 @@ def _tile_rows(q_ptr, tile_tok_ptr, tile_len_ptr, tok_pos_ptr, tok_kbase_ptr, st
     return ntok, pos0, base, row_ok, tok, pos0 + tt, head, q
 
 @triton.jit
-def _inverse_map_entries(idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, e, n_entries,
+def _inverse_map_entries(idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, tok, col, n_tok,
                          n_blocks, stride_it, stride_ih, H: tl.constexpr, S0: tl.constexpr,
                          NS: tl.constexpr, FREE: tl.constexpr, N_INIT: tl.constexpr,
                          N_LOCAL: tl.constexpr, LB: tl.constexpr):
-    """Entries e: (token, slot, whether it is a pick that counts, its group)."""
-    ok = e < n_entries
-    tok = e // (H * NS)
-    g = (e // NS) % H
-    slot = e % NS
+    """The entries of tokens `tok` in columns `col` (KV head * NS + slot), broadcast together:
+    (slot, whether the entry is a pick that counts, its group)."""
+    ok = (tok < n_tok) & (col < H * NS)
+    g = col // NS
+    slot = col % NS
     blk = tl.load(idx_ptr + tok * stride_it + g * stride_ih + S0 + slot, mask=ok, other=-1)
     if FREE:   # short rows: padding and forced blocks
         jt = tl.load(tok_pos_ptr + tok, mask=ok, other=0) // LB
@@ -396,7 +396,30 @@ def _inverse_map_entries(idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, e, n_
         valid = ok & (blk >= 0)
     seq = tl.load(tok_seq_ptr + tok, mask=valid, other=0)
     group = g * n_blocks + tl.load(seq_first_ptr + seq, mask=valid, other=0) + blk
-    return tok, slot, valid, group
+    return slot, valid, group
+
+
+@triton.jit
+def _inverse_map_tile(idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, n_tok, n_blocks,
+                      stride_it, stride_ih, H: tl.constexpr, S0: tl.constexpr, NS: tl.constexpr,
+                      FREE: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr,
+                      LB: tl.constexpr, BT: tl.constexpr, HNS: tl.constexpr):
+    """This program's tokens as a [BT, HNS] tile of entries. Neighbouring tokens share their
+    forced blocks (and often more), so the entries equal to their column's first row (`same`)
+    go to the group by one atomic per column (n_same of them); the rest one at a time.
+    Returns (tokens, slots, valid, groups, same, the first row's valid and groups, n_same)."""
+    tok0 = tl.program_id(0).to(tl.int64) * BT
+    col = tl.arange(0, HNS)
+    tok = tok0 + tl.arange(0, BT)[:, None]
+    slot, valid, group = _inverse_map_entries(
+        idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, tok, col[None, :], n_tok, n_blocks,
+        stride_it, stride_ih, H, S0, NS, FREE, N_INIT, N_LOCAL, LB)
+    _, valid0, group0 = _inverse_map_entries(
+        idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, tok0 + 0 * col, col, n_tok, n_blocks,
+        stride_it, stride_ih, H, S0, NS, FREE, N_INIT, N_LOCAL, LB)
+    same = valid & valid0[None, :] & (group == group0[None, :])
+    n_same = tl.sum(same.to(tl.int32), 0)
+    return tok, slot, valid, group, same, valid0, group0, n_same
 
 
 @triton.jit
@@ -408,15 +431,15 @@ def _inverse_map_chunks(counts, CHUNK: tl.constexpr):
 @triton.jit
 def inverse_map_count(
     idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, count_ptr, offset_ptr, cursor_ptr, end_ptr,
-    n_entries, n_blocks, stride_it, stride_ih, H: tl.constexpr, S0: tl.constexpr, NS: tl.constexpr,
+    n_tok, n_blocks, stride_it, stride_ih, H: tl.constexpr, S0: tl.constexpr, NS: tl.constexpr,
     FREE: tl.constexpr, N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, LB: tl.constexpr,
-    CHUNK: tl.constexpr, BE: tl.constexpr, BG: tl.constexpr,
+    CHUNK: tl.constexpr, BT: tl.constexpr, HNS: tl.constexpr, BG: tl.constexpr,
 ):
-    e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
-    tok, slot, valid, group = _inverse_map_entries(
-        idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, e, n_entries, n_blocks, stride_it,
-        stride_ih, H, S0, NS, FREE, N_INIT, N_LOCAL, LB)
-    tl.atomic_add(count_ptr + group, 1, mask=valid, sem="relaxed")
+    tok, slot, valid, group, same, valid0, group0, n_same = _inverse_map_tile(
+        idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, n_tok, n_blocks, stride_it,
+        stride_ih, H, S0, NS, FREE, N_INIT, N_LOCAL, LB, BT, HNS)
+    tl.atomic_add(count_ptr + group0, n_same, mask=valid0, sem="relaxed")
+    tl.atomic_add(count_ptr + group, 1, mask=valid & ~same, sem="relaxed")
     # the last program to finish scans; the barrier orders every thread's counts before the
     # ticket's release (the ticket is the word after the counts)
     n_groups = H * n_blocks
@@ -442,36 +465,38 @@ def inverse_map_count(
 @triton.jit
 def inverse_map_place(
     idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, count_ptr, cursor_ptr, end_ptr, inv_tok_ptr,
-    inv_slot_ptr, chunk_hb_ptr, chunk_i0_ptr, n_entries, n_blocks, n_chunks, n_search, stride_it,
+    inv_slot_ptr, chunk_hb_ptr, chunk_i0_ptr, n_tok, n_blocks, n_chunks, n_search, stride_it,
     stride_ih, H: tl.constexpr, S0: tl.constexpr, NS: tl.constexpr, FREE: tl.constexpr,
-    N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, LB: tl.constexpr, CHUNK: tl.constexpr,
-    BE: tl.constexpr, SLOT: tl.constexpr,
+    N_INIT: tl.constexpr, N_LOCAL: tl.constexpr, LB: tl.constexpr, SLOT: tl.constexpr,
+    CHUNK: tl.constexpr, BT: tl.constexpr, HNS: tl.constexpr,
 ):
-    e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
-    tok, slot, valid, group = _inverse_map_entries(
-        idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, e, n_entries, n_blocks, stride_it,
-        stride_ih, H, S0, NS, FREE, N_INIT, N_LOCAL, LB)
-    at = tl.atomic_add(cursor_ptr + group, 1, mask=valid, sem="relaxed")
-    tl.store(inv_tok_ptr + at, tok.to(tl.int32), mask=valid)
+    tok, slot, valid, group, same, valid0, group0, n_same = _inverse_map_tile(
+        idx_ptr, tok_seq_ptr, tok_pos_ptr, seq_first_ptr, n_tok, n_blocks, stride_it,
+        stride_ih, H, S0, NS, FREE, N_INIT, N_LOCAL, LB, BT, HNS)
+    base = tl.atomic_add(cursor_ptr + group0, n_same, mask=valid0, sem="relaxed")
+    mine = tl.atomic_add(cursor_ptr + group, 1, mask=valid & ~same, sem="relaxed")
+    at = tl.where(same, base[None, :] + tl.cumsum(same.to(tl.int32), 0) - 1, mine)
+    tl.store(inv_tok_ptr + at, tl.broadcast_to(tok.to(tl.int32), [BT, HNS]), mask=valid)
     if SLOT:
         tl.store(inv_slot_ptr + at, slot.to(tl.int32), mask=valid)
-    # chunk c (numbered like the entries) belongs to the first group whose chunks end past it;
-    # chunks past the last group's get group n_groups (no work)
+    # chunk c belongs to the first group whose chunks end past it; chunks past the last
+    # group's get group n_groups (no work)
     n_groups = H * n_blocks
-    c_ok = e < n_chunks
-    lo = tl.zeros([BE], dtype=tl.int32)
-    hi = tl.full([BE], 0, dtype=tl.int32) + n_groups
+    c = tl.program_id(0).to(tl.int64) * (BT * HNS) + tl.arange(0, BT * HNS)
+    c_ok = c < n_chunks
+    lo = tl.zeros([BT * HNS], dtype=tl.int32)
+    hi = lo + n_groups
     for _ in range(n_search):
         mid = (lo + hi) // 2
         live = c_ok & (lo < hi)
-        right = live & (tl.load(end_ptr + mid, mask=live, other=0) <= e)
+        right = live & (tl.load(end_ptr + mid, mask=live, other=0) <= c)
         lo = tl.where(right, mid + 1, lo)
         hi = tl.where(live & ~right, mid, hi)
     last = tl.minimum(lo, n_groups - 1)
     first = tl.load(end_ptr + last, mask=c_ok, other=0) - _inverse_map_chunks(
         tl.load(count_ptr + last, mask=c_ok, other=0), CHUNK)
-    tl.store(chunk_hb_ptr + e, lo, mask=c_ok)
-    tl.store(chunk_i0_ptr + e, ((e - first) * CHUNK).to(tl.int32), mask=c_ok)
+    tl.store(chunk_hb_ptr + c, lo, mask=c_ok)
+    tl.store(chunk_i0_ptr + c, ((c - first) * CHUNK).to(tl.int32), mask=c_ok)
 
 
 def inverse_map(idx, tok_seq, tok_pos, blocks, chunk, free=False, slots=False):
@@ -495,16 +520,18 @@ def inverse_map(idx, tok_seq, tok_pos, blocks, chunk, free=False, slots=False):
     tokens = torch.empty(n_ent, dtype=i32, device=dev)
     slot = torch.empty(n_ent if slots else 1, dtype=i32, device=dev)
     chunk_hb, chunk_i0 = (torch.empty(n_chunks, dtype=i32, device=dev) for _ in range(2))
-    be = 1024
-    _launch(inverse_map_count)[(max(1, triton.cdiv(n_ent, be)),)](
-        idx, tok_seq, tok_pos, seq_first, counts, offsets, cursor, end, n_ent, n_blocks,
+    hns = triton.next_power_of_2(H_KV * ns)
+    bt = max(1, min(64, 2048 // hns))   # a block's tokens share its local picks
+    tiles = triton.cdiv(n_tok, bt)
+    _launch(inverse_map_count)[(max(1, tiles),)](
+        idx, tok_seq, tok_pos, seq_first, counts, offsets, cursor, end, n_tok, n_blocks,
         idx.stride(0), idx.stride(1), H=H_KV, S0=s0, NS=ns, FREE=free, N_INIT=1, N_LOCAL=2, LB=64,
-        CHUNK=chunk, BE=be, BG=1024, num_warps=4)
-    _launch(inverse_map_place)[(triton.cdiv(max(n_ent, n_chunks), be),)](
+        CHUNK=chunk, BT=bt, HNS=hns, BG=1024, num_warps=4)
+    _launch(inverse_map_place)[(max(tiles, triton.cdiv(n_chunks, bt * hns)),)](
         idx, tok_seq, tok_pos, seq_first, counts, cursor, end, tokens, slot, chunk_hb, chunk_i0,
-        n_ent, n_blocks, n_chunks, n_groups.bit_length(), idx.stride(0), idx.stride(1), H=H_KV,
-        S0=s0, NS=ns, FREE=free, N_INIT=1, N_LOCAL=2, LB=64, CHUNK=chunk, BE=be, SLOT=slots,
-        num_warps=4)
+        n_tok, n_blocks, n_chunks, n_groups.bit_length(), idx.stride(0), idx.stride(1), H=H_KV,
+        S0=s0, NS=ns, FREE=free, N_INIT=1, N_LOCAL=2, LB=64, SLOT=slots, CHUNK=chunk, BT=bt,
+        HNS=hns, num_warps=4)
     return dict(n_blocks=n_blocks, blk_tok0=blk_tok0, blk_nkeys=blk_nkeys, blk_pos0=blk_pos0,
                 tokens=tokens, slots=slot, counts=counts[:n_groups], offsets=offsets,
                 chunk_hb=chunk_hb, chunk_i0=chunk_i0)

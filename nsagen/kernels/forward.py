@@ -256,22 +256,22 @@ def _slc_kb_launch(spec: Spec, flags: dict) -> dict:
 
 def inverse_map_launch(spec: Spec) -> dict[str, Signature]:
     """The selected branch's inverse map (templates/_inverse_map.py.jinja), shared by the
-    block-outer forward and the dk/dv backward: its counting and placing kernels."""
+    block-outer forward and the dk/dv backward: its counting and placing kernels, each a tile
+    of BT tokens x HNS columns (KV head x slot) per program."""
     entries = (consts(H="H_KV", S0="s0", NS="ns", FREE="free"),
-               values(N_INIT=spec.slc_initial, N_LOCAL=spec.slc_local, LB=spec.slc_block),
-               consts(CHUNK="chunk", BE="be"))
+               values(N_INIT=spec.slc_initial, N_LOCAL=spec.slc_local, LB=spec.slc_block))
+    tile = consts(CHUNK="chunk", BT="bt", HNS="hns")
     return dict(
         count=signature(
             ptrs("idx", "tok_seq", "tok_pos", "seq_first", "count=counts", "offset=offsets",
-                 "cursor", "end"), scalars("n_entries=n_ent", "n_blocks"),
-            strides("idx", "it", "ih"), *entries, consts(BG="1024"),
+                 "cursor", "end"), scalars("n_tok", "n_blocks"),
+            strides("idx", "it", "ih"), *entries, tile, consts(BG="1024"),
             options=options(num_warps="4")),
         place=signature(
             ptrs("idx", "tok_seq", "tok_pos", "seq_first", "count=counts", "cursor", "end",
                  "inv_tok=tokens", "inv_slot=slot", "chunk_hb", "chunk_i0"),
-            scalars("n_entries=n_ent", "n_blocks", "n_chunks",
-                    "n_search=n_groups.bit_length()"),
-            strides("idx", "it", "ih"), *entries, consts(SLOT="slots"),
+            scalars("n_tok", "n_blocks", "n_chunks", "n_search=n_groups.bit_length()"),
+            strides("idx", "it", "ih"), *entries, consts(SLOT="slots"), tile,
             options=options(num_warps="4")))
 
 
