@@ -46,12 +46,15 @@ def _inverse_oracle(lay, idx, lb, free, n_init, n_local):
     return groups
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("free", [False, True])
 @pytest.mark.parametrize("chunk", [1, 3, 64, 1 << 30])
-def test_inverse_map_groups_every_pick_and_chunks_each_group_once(chunk, free):
+def test_inverse_map_groups_every_pick_and_chunks_each_group_once(chunk, free, shared):
     """The generated counting sort (two launches) puts each pick in its (KV head, global block)
     group, in any order inside it, and its chunk list covers each group's entries exactly once
-    in steps of `chunk`; the tail of the list names no group."""
+    in steps of `chunk`; the tail of the list names no group. `shared`: the tokens of a
+    selection block all pick what its first token picks, so most picks take the path that
+    places a column's equal picks with one atomic."""
     spec = nsagen.load_spec("nsa-d128").replace(cmp_block=8, cmp_stride=4, slc_block=8,
                                                  slc_count=5, slc_initial=1, slc_local=1,
                                                  window=16)
@@ -66,6 +69,9 @@ def test_inverse_map_groups_every_pick_and_chunks_each_group_once(chunk, free):
     idx = keys.argsort(-1)[..., :n]
     idx = torch.where(idx > jt[:, None, None], 99, idx).sort(-1).values
     idx = torch.where(idx == 99, -1, idx).to(torch.int32)
+    if shared:      # every token of a block (in its sequence) takes its block's first row
+        first = torch.arange(idx.shape[0]) - (lay.tok_pos.long() % lb)
+        idx = idx[first]
     inv = mod.inverse_map(idx, lay.tok_seq, lay.tok_pos, lay.blocks(lb), chunk, free=free,
                           slots=True)
     want = _inverse_oracle(lay, idx, lb, free, spec.slc_initial, spec.slc_local)
