@@ -379,13 +379,33 @@ def test_cache_refusals(monkeypatch):
 
 
 # ------------------------------------------------------------------ the example
-def test_retrieval_example_smoke(tmp_path, monkeypatch):
-    """examples/retrieval.py --smoke end to end (the op runs the reference on the CPU)."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def _load_example():
     path = ROOT / "examples" / "retrieval.py"
     mod_spec = importlib.util.spec_from_file_location("retrieval_example", path)
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
+    return mod
+
+
+def test_retrieval_example_compile_mode(monkeypatch):
+    """--compile-mode reaches torch.compile (CUDA graphs with reduce-overhead); bad modes are
+    refused by the parser."""
+    mod = _load_example()
+    assert mod.parse(["x.json"]).compile_mode == "default"
+    a = mod.parse(["x.json", "--compile", "--compile-mode", "reduce-overhead"])
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.update(kw) or model)
+    model = torch.nn.Linear(2, 2)
+    assert mod._compiled(model, a.compile_mode) is model
+    assert seen == {"dynamic": False, "mode": "reduce-overhead"}
+    with pytest.raises(SystemExit):
+        mod.parse(["x.json", "--compile-mode", "max-autotune"])
+
+
+def test_retrieval_example_smoke(tmp_path, monkeypatch):
+    """examples/retrieval.py --smoke end to end (the op runs the reference on the CPU)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    mod = _load_example()
     out = tmp_path / "res" / "retrieval.json"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
