@@ -1,6 +1,6 @@
 """`nsagen bench`: time the generated op side by side with dense and sparse baselines on one GPU.
 
-Method: `triton.testing.do_bench` medians after warm-up, random inputs,
+Method: `triton.testing.do_bench` medians of at least 7 timed calls after warm-up, random inputs,
 block indices from real importance scores; full attention through SDPA's flash and cuDNN
 backends with the GQA heads expanded; FlexAttention for the window branch alone; fla-core's
 `parallel_nsa` when it is importable. Reports ms, speedups, TFLOP/s on the cost model's FLOPs and

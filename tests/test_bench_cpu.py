@@ -199,3 +199,27 @@ def test_dense_decode_baseline_is_attention():
                for s in ((2, 2, 3, 8), (2, 2, 11, 8), (2, 2, 11, 5)))
     want = torch.softmax(torch.einsum("bhgd,bhld->bhgl", q, k) * 0.3, -1) @ v
     torch.testing.assert_close(dsa_bench._dense_decode(q, k, v, 0.3), want)
+
+
+@pytest.mark.parametrize("call_ms, rep", [(0.5, 100), (140.0, 7 * 140.0)])
+def test_median_ms_times_at_least_seven_calls(monkeypatch, call_ms, rep):
+    """do_bench times `rep` ms' worth of calls: one call of anything slower than 100 ms, so the
+    median asks for at least seven calls' worth (timed on a warm call, not the compiling one)."""
+    from nsagen.tune import timing
+
+    clock = {"t": 0.0}
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock["t"] += (30.0 if len(calls) == 1 else call_ms) / 1e3   # the first call compiles
+
+    def fake_do_bench(f, warmup, rep, return_mode):
+        assert return_mode == "median"
+        return rep
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(timing, "do_bench", fake_do_bench)
+    assert timing.median_ms(fn) == pytest.approx(rep)
+    assert len(calls) == 2

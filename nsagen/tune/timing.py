@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -12,9 +13,21 @@ from triton.testing import do_bench
 log = logging.getLogger("nsagen")
 
 
-def median_ms(fn, warmup: int = 25, rep: int = 100) -> float:
-    """Median ms of `fn` by `triton.testing.do_bench` after a warm-up."""
-    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+MIN_SAMPLES = 7
+
+
+def median_ms(fn, warmup: int = 25, rep: int = 100, min_samples: int = MIN_SAMPLES) -> float:
+    """Median ms of `fn` by `triton.testing.do_bench` after a warm-up, over at least about
+    `min_samples` timed calls: do_bench times `rep` ms' worth of calls, which is one call of
+    anything slower than `rep` ms (a 64k forward + backward), so `rep` grows with one call's
+    time, measured here on a second call (the first compiles and warms what `fn` launches)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    one_ms = (time.perf_counter() - t0) * 1e3
+    return do_bench(fn, warmup=warmup, rep=max(rep, min_samples * one_ms), return_mode="median")
 
 
 def profile_kernels(fn, iters: int) -> dict[str, float]:
