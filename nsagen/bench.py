@@ -24,7 +24,7 @@ from . import __version__, costmodel, paged
 from .launch import decode_pdl
 from .ops import build
 from .spec import Spec
-from .tune.timing import capture_graph, median_ms, profile_kernels
+from .tune.timing import MIN_SAMPLES, capture_graph, median_ms, profile_kernels
 from .tune.workloads import random_inputs
 
 log = logging.getLogger("nsagen")
@@ -60,7 +60,8 @@ def ceilings(device: str = "cuda") -> dict:
 def environment() -> dict:
     """GPU, versions and date for the results file and the README table."""
     env = {"date": time.strftime("%Y-%m-%d"), "nsagen": __version__, "torch": torch.__version__,
-           "triton": triton.__version__, "python": platform.python_version()}
+           "triton": triton.__version__, "python": platform.python_version(),
+           "timing": f"triton.testing.do_bench median over >= {MIN_SAMPLES} calls"}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(gpu=p.name, sm_count=p.multi_processor_count,

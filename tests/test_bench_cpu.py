@@ -37,7 +37,9 @@ def test_bench_rows_and_table(monkeypatch, tmp_path, backward):
     table = bench.format_table(doc)
     assert "| 24 | 2.000 |" in table
     bench.write_results(doc, tmp_path / "r.json")
-    assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["T"] == 9
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["rows"][0]["T"] == 9
+    assert ">= 7 calls" in saved["env"]["timing"]   # results say how they were timed
 
 
 @pytest.mark.parametrize("backward", [False, True])
