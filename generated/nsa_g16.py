@@ -96,22 +96,24 @@ def _tma_kv(cfg, k, v):
 
 
 @triton.jit
-def _softmax_step(s, m_i, l_i):
-    """The probabilities of one online-softmax step in the log2 domain: (p, the rescale alpha
-    of the running sums, the new row max, the new row sum); rows that saw nothing keep m=-inf,
-    l=0."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _softmax_step(s, scale, m_i, l_i):
+    """The probabilities of one online-softmax step in the log2 domain, for the scores s *
+    scale (scale > 0; s is the bare product, -inf where masked): (p, the rescale alpha of the
+    running sums, the new row max, the new row sum); rows that saw nothing keep m=-inf, l=0.
+    The max is taken before scaling (scale > 0 keeps the order), so each score costs one fused
+    multiply-add and one exp2."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_use)
-    p = tl.math.exp2(s - m_use[:, None])
+    p = tl.math.exp2(s * scale - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     return p, alpha, m_new, l_i
 
 
 @triton.jit
-def _online_update(s, m_i, l_i, acc, v, PREC: tl.constexpr):
-    """One online-softmax step in the log2 domain, P V included."""
-    p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
+def _online_update(s, scale, m_i, l_i, acc, v, PREC: tl.constexpr):
+    """One online-softmax step in the log2 domain (scores s * scale), P V included."""
+    p, alpha, m_new, l_i = _softmax_step(s, scale, m_i, l_i)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l_i, acc
 
@@ -287,9 +289,9 @@ def _decode_attend(q, k_base, v_base, kpos, kmask, m_i, l_i, acc, stride_kt, str
                  mask=kmask[:, None] & (offs_dk[None, :] < DK), other=0.0)
     vt = tl.load(v_base + rows * stride_vt + offs_dv[None, :],
                  mask=kmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+    s = tl.dot(q, tl.trans(kt), input_precision=PREC)
     s = tl.where(kmask[None, :], s, float("-inf"))
-    return _online_update(s, m_i, l_i, acc, vt, PREC)
+    return _online_update(s, qk_scale, m_i, l_i, acc, vt, PREC)
 
 
 @triton.jit
@@ -642,22 +644,22 @@ def cmp_attention(
         cidx = c0 + offs_c
         kc = _rows_tile(kc_desc, kc_base + cidx[:, None] * stride_kt + offs_dk[None, :],
                         offs_dk[None, :] < DK, row0 + c0, g * BDK, TMA)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+        s = tl.dot(q, tl.trans(kc), input_precision=PREC)
         vc = _rows_tile(vc_desc, vc_base + cidx[:, None] * stride_vt + offs_dv[None, :],
 (offs_dv[None, :] < DV), row0 + c0,
                         g * BDV, TMA)
-        m_i, l_i, acc = _online_update(s, m_i, l_i, acc, vc, PREC)
+        m_i, l_i, acc = _online_update(s, qk_scale, m_i, l_i, acc, vc, PREC)
     for c0 in range(n_full, nvis_max, BC):
         cidx = c0 + offs_c
         cmask = cidx < nvis_max
         kc = _rows_tile(kc_desc, kc_base + cidx[:, None] * stride_kt + offs_dk[None, :],
                         cmask[:, None] & (offs_dk[None, :] < DK), row0 + c0, g * BDK, TMA)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale
+        s = tl.dot(q, tl.trans(kc), input_precision=PREC)
         s = tl.where(cidx[None, :] < nvis[:, None], s, float("-inf"))
         vc = _rows_tile(vc_desc, vc_base + cidx[:, None] * stride_vt + offs_dv[None, :],
 cmask[:, None] & (offs_dv[None, :] < DV), row0 + c0,
                         g * BDV, TMA)
-        m_i, l_i, acc = _online_update(s, m_i, l_i, acc, vc, PREC)
+        m_i, l_i, acc = _online_update(s, qk_scale, m_i, l_i, acc, vc, PREC)
     # log2-domain LSE; +inf for rows that see nothing so that exp2(s - lse) = 0 there
     lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
     o_off = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
@@ -769,8 +771,9 @@ def select_blocks(
     g = tl.program_id(1)
     offs_t = pid * BT + tl.arange(0, BT)
     t_ok = offs_t < n_tok
-    pos = tl.load(tok_pos_ptr + offs_t, mask=t_ok, other=0)
-    ncmp = tl.load(tok_ncmp_ptr + offs_t, mask=t_ok, other=0)
+    # positions fit 32 bits: the per-element masks below then compare in 32 bits, not 64
+    pos = tl.load(tok_pos_ptr + offs_t, mask=t_ok, other=0).to(tl.int32)
+    ncmp = tl.load(tok_ncmp_ptr + offs_t, mask=t_ok, other=0).to(tl.int32)
     nvis = _num_visible_cmp(pos, ncmp, L, STRIDE)
     jlast = tl.where(nvis > 0, ((nvis - 1) * STRIDE + L - 1) // LB, -1)
     jt = tl.where(t_ok, pos // LB, -1)
@@ -781,18 +784,24 @@ def select_blocks(
     rows = offs_t.to(tl.int64)
     s_rows = score_ptr + rows * stride_st + g * stride_sh
     # pass 1, over the chunks up to the last free candidate of any row: each segment's best
-    # score, and the lowest block holding it, as one key per segment
-    sc = tl.arange(0, NSC)[None, :, None]
-    j3 = sc * SEG + tl.arange(0, SEG)[None, None, :]
+    # score, keyed with the segment's first block. One unsigned comparison per element bounds
+    # the loads to the free candidates that have scores (blocks N_INIT .. ld_hi); candidates
+    # past the last visible window score 0, which the max over a segment holding any candidate
+    # covers
+    n_ld = tl.maximum(tl.minimum(free_hi, jlast) - N_INIT + 1, 0).to(tl.uint32)[:, None, None]
+    sc = tl.arange(0, NSC)[None, :]
+    j3 = sc[:, :, None] * SEG + tl.arange(0, SEG)[None, None, :]
     ch = tl.arange(0, NCH)[None, :, None]
     seg_key3 = tl.full([BT, NCH, NSC], -1, tl.int64)
     for c in range(0, tl.cdiv(tl.max(free_hi, 0) + 1, CH)):
         jc = c * CH + j3
-        s3 = _topn_scores(s_rows[:, None, None], jc,
-                          (jc >= N_INIT) & (jc <= free_hi[:, None, None]), jlast[:, None, None])
-        best3 = tl.max(s3, 2)
-        jb3 = tl.min(tl.where(s3 == best3[:, :, None], jc, NBP), 2)
-        seg_key3 = tl.where(ch == c, _topn_key(best3, jb3, NBP)[:, None, :], seg_key3)
+        best3 = tl.max(tl.load(s_rows[:, None, None] + jc,
+                               mask=(jc - N_INIT).to(tl.uint32, bitcast=True) < n_ld,
+                               other=0.0), 2)
+        lo = c * CH + sc * SEG                   # a segment holds a free candidate if it
+        has = (lo + SEG > N_INIT) & (lo <= free_hi[:, None])    # meets N_INIT .. free_hi
+        best3 = tl.where(has, tl.where(best3 > 0, best3, 0.0), -1.0)
+        seg_key3 = tl.where(ch == c, _topn_key(best3, lo, NBP)[:, None, :], seg_key3)
     seg_key = tl.reshape(seg_key3, [BT, NSEG])
     seg = tl.arange(0, NSEG)[None, :]
     fslot = tl.arange(0, NFP)[None, :]
@@ -801,16 +810,16 @@ def select_blocks(
     # rows with fewer candidates than N take them all (below), so every row that gets here has
     # more than NF free candidates: each pick finds one
     for i in tl.static_range(NF):
-        best = tl.max(seg_key, 1)
-        jb = (NBP - 1 - (best & 0x7FFFFFFF)).to(tl.int32)
-        fj = tl.where(fslot == i, jb[:, None], fj)
-        # the picked segment's best key below the pick
-        sb = jb // SEG
+        best = tl.max(seg_key, 1)                    # a stand-in or a real key
+        sb = (NBP - 1 - (best & 0x7FFFFFFF)).to(tl.int32) // SEG
         j2 = sb[:, None] * SEG + e
         s2 = _topn_scores(s_rows[:, None], j2, (j2 >= N_INIT) & (j2 <= free_hi[:, None]),
                           jlast[:, None])
         key2 = _topn_key(s2, j2, NBP)
-        nb = tl.max(tl.where(key2 < best[:, None], key2, -1), 1)
+        pick = tl.max(tl.where(key2 <= best[:, None], key2, -1), 1)
+        fj = tl.where(fslot == i, (NBP - 1 - (pick & 0x7FFFFFFF)).to(tl.int32)[:, None], fj)
+        # the picked segment's best key below the pick
+        nb = tl.max(tl.where(key2 < pick[:, None], key2, -1), 1)
         seg_key = tl.where(seg == sb[:, None], nb[:, None], seg_key)
     # ascending: the initial blocks, the free picks in block order, the local blocks (free
     # candidates lie strictly between the two forced runs)
@@ -882,12 +891,12 @@ def slc_attention_forced(
                          mask=kin[:, None] & dmask_k, other=0.0)
             vt = tl.load(v_ptr + rows_k * stride_vt + g * stride_vh + offs_dv[None, :],
                          mask=kin[:, None] & dmask_v, other=0.0)
-            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC)
             jk = kpos[None, :] // LB
             ok = (kin[None, :] & (kpos[None, :] <= pos[:, None])
                   & ((jk < N_INIT) | (jk > jt[:, None] - N_LOCAL)))
             s = tl.where(ok, s, float("-inf"))
-            m_i, l_i, acc = _online_update(s, m_i, l_i, acc, vt, PREC)
+            m_i, l_i, acc = _online_update(s, qk_scale, m_i, l_i, acc, vt, PREC)
     part = tok * (H * G) + head
     tl.store(fo_ptr + part[:, None] * DV + offs_dv[None, :],
              _normalize(acc, l_i).to(fo_ptr.dtype.element_ty), mask=row_ok[:, None] & dmask_v)
@@ -962,9 +971,9 @@ def slc_attention(
                             kmask[:, None] & dmask_k, row0, g * BDK, TMA)
             vt = _rows_tile(v_desc, v_ptr + rows_k * stride_vt + g * stride_vh + offs_dv[None, :],
                             kmask[:, None] & dmask_v, row0, g * BDV, TMA)
-            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC)
             s = tl.where(kmask[None, :], s, float("-inf"))
-            m_i, l_i, acc = _online_update(s, m_i, l_i, acc, vt, PREC)
+            m_i, l_i, acc = _online_update(s, qk_scale, m_i, l_i, acc, vt, PREC)
     o_off = tok * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
     o_ptrs = o_ptr + o_off
     o_mask = row_ok[:, None] & dmask_v
@@ -1030,10 +1039,10 @@ def win_attention(
                         kin[:, None] & dmask_k, row0, g * BDK, TMA)
         vt = _rows_tile(vw_desc, v_ptr + rows_k * stride_vt + g * stride_vh + offs_dv[None, :],
                         kin[:, None] & dmask_v, row0, g * BDV, TMA)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC)
         ok = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
         s = tl.where(ok, s, float("-inf"))
-        m_i, l_i, acc = _online_update(s, m_i, l_i, acc, vt, PREC)
+        m_i, l_i, acc = _online_update(s, qk_scale, m_i, l_i, acc, vt, PREC)
     o_off = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
     o_mask = row_ok[:, None] & dmask_v
     val = _normalize(acc, l_i)
@@ -2366,7 +2375,7 @@ DECODE_ROWS = 16
 # block-importance parts: a compressed key's window reaches its own block and at most this
 # many minus one after it
 DECODE_PARTS = 2
-DECODE_CONFIGS = {'decode_cmp': {'BC': 64, 'BW': 64, 'num_warps': 4, 'num_stages': 3}, 'decode_select': {'BNB': 64, 'RANK_MAX': 128, 'num_warps': 4}, 'decode_slc': {'BK': 128, 'num_warps': 4, 'num_stages': 2, 'MERGE': 0, 'BDVC': 16, 'SB': 32}, 'decode_combine': {'BDVC': 32, 'RB': 4, 'SB': 64, 'num_warps': 4}}
+DECODE_CONFIGS = {'decode_cmp': {'BC': 64, 'BW': 64, 'num_warps': 4, 'num_stages': 3}, 'decode_select': {'BNB': 64, 'RANK_MAX': 128, 'num_warps': 4}, 'decode_slc': {'BK': 128, 'num_warps': 4, 'num_stages': 2, 'MERGE': 0, 'BDVC': 16, 'SB': 32}, 'decode_combine': {'BDVC': 32, 'RB': 4, 'SB': 64, 'num_warps': 2}}
 DECODE_MIN_BNB = 4   # decode_select: the smallest tile of blocks the candidate buffer has room for
 # programmatic dependent launch of the decode kernels where the GPU has it; False turns it off
 DECODE_PDL = _gdc_wait is not None
