@@ -98,13 +98,16 @@ def test_op_call_matches_reference():
 
 
 @pytest.mark.parametrize("cfg", [dict(BT=2, SEG=16, CH=32, num_warps=2), dict(BT=1, SEG=64, CH=256, num_warps=4),
-                                 dict(BT=4, SEG=16, CH=16, num_warps=2)])
-def test_select_blocks_long_rows_and_ties(cfg):
+                                 dict(BT=4, SEG=16, CH=16, num_warps=2), dict(BT=2, SEG=2, CH=8, num_warps=1)])
+@pytest.mark.parametrize("local", [2, 0])
+def test_select_blocks_long_rows_and_ties(cfg, local):
     """The top-n kernel alone on rows of up to 100 blocks (many segments per row, several picks from one segment), with
     scores drawn from a few values so that ties must go to the lower block, and zeros past the
-    last block a compressed window reaches."""
+    last block a compressed window reaches. With segments of 2 blocks the first segment holds
+    only forced blocks and a pick's segment is often emptied; with no local blocks the free
+    candidates reach past the last window, where they score 0."""
     spec = nsagen.Spec(name="top-n", heads_q=2, heads_kv=2, dim_qk=16, dim_v=16, cmp_block=4, cmp_stride=4,
-                       slc_block=4, slc_count=7, slc_initial=2, slc_local=2, window=4,
+                       slc_block=4, slc_count=7, slc_initial=2, slc_local=local, window=4,
                        dtype="float32")
     op = nsagen.build(spec)
     T = 400
