@@ -100,8 +100,9 @@ def _win_default(spec: Spec, target: Target, why: list) -> dict:
 
 
 def _combine_default(spec: Spec, target: Target, why: list) -> dict:
-    # two warps: each program merges a few rows of partials, too little work for four; the
-    # tuner chose two at B=8 and B=64 (nsa-d128, 64k cache) on the H200 and the H100
+    # two warps: each program merges a few rows of partials, too little work for four (the
+    # tuner chose two at B=8 and B=64 on the H200; on an H100, nsa-d128 at a 64k cache, the
+    # merge took 14.7 against 28.7 us at B=64 and 6.8 against 6.0 us at B=1)
     t = decode_tiles(spec, target)
     return dict(BDVC=t["BDVC"], RB=t["RB"], SB=64, num_warps=2)
 

@@ -104,8 +104,8 @@ def _cmp_launch(spec: Spec, flags: dict) -> dict:
 # ---------------------------------------------------------------------------- select_blocks
 def _select_default(spec: Spec, target: Target, why: list) -> dict:
     why.append("select_blocks: 8 tokens per program over 2 warps; one pass over the causal "
-               "chunks (256 blocks each) keeps the best key of each segment of 32 blocks, and "
-               "each pick re-reads only the picked segment")
+               "chunks (256 blocks each) keeps the best score of each segment of 32 blocks, "
+               "and each pick re-reads only the picked segment")
     return dict(BT=8, SEG=32, CH=256, num_warps=2)
 
 
