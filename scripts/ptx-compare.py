@@ -3,7 +3,8 @@
 
 Each tree records the launches of one forward, backward and decode step of a spec (at 300
 tokens, the module's default configs), compiles every variant for sm_90 with the installed
-Triton and counts the PTX instructions by opcode. A refactor of the templates that should not
+Triton and counts the PTX instructions by opcode, with the registers and local (spill) bytes
+ptxas gives each kernel. A refactor of the templates that should not
 change the code (shared device functions, reordered parameters) shows "same ops" for every
 kernel; anything else is listed. Run from the repository root:
 
@@ -20,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 _DUMP = r'''
-import json, sys
+import json, os, re, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -32,9 +33,9 @@ res = {}
 for fn, args, kwargs in crosscompile.record_launches(op, 300, torch.bfloat16):
     if only and not any(fn.__name__.startswith(o) for o in only):
         continue
-    sig, consts, options = crosscompile._signature(fn, args, kwargs)
-    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options=options)
+    sig, consts, options, attrs = crosscompile._signature(fn, args, kwargs)
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=options)
     ptx = k.asm["ptx"]
     body = ptx[ptx.index("{", ptx.index(".entry")):]
     hist = {}
@@ -43,7 +44,16 @@ for fn, args, kwargs in crosscompile.record_launches(op, 300, torch.bfloat16):
         if word and not word.startswith(("//", ".", "$", "{", "}", ")")):
             hist[word] = hist.get(word, 0) + 1
     cfg = ",".join(f"{a}={b}" for a, b in sorted(kwargs.items()) if a.startswith(("B", "num_")))
-    res[f"{fn.__name__} {cfg}"] = dict(hist=hist, shared=k.metadata.shared)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"]); f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                               text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    res[f"{fn.__name__} {cfg}"] = dict(hist=hist, shared=k.metadata.shared,
+                                       regs=int(regs.group(1)) if regs else -1,
+                                       local=int(local.group(1)) if local else -1)
 print(json.dumps(res))
 '''
 
@@ -75,8 +85,10 @@ def main() -> None:
                 if x["hist"].get(o, 0) != y["hist"].get(o, 0)}
         n = sum(y["hist"].values())
         smem = "" if x["shared"] == y["shared"] else f", shared {x['shared']} -> {y['shared']}"
+        res = (f", registers {x['regs']} -> {y['regs']}, local bytes {x['local']} -> {y['local']}"
+               if (x["regs"], x["local"]) != (y["regs"], y["local"]) else "")
         print(f"{key}: {n} instructions, " + ("same ops" if not diff else f"differs {diff}")
-              + smem)
+              + smem + res)
         same &= not diff and not smem
     sys.exit(0 if same else 1)
 
