@@ -171,15 +171,16 @@ def _bwd_dq_step(q, do, lse, delta, dq, k_rows, v_rows, kin, ok, qk_scale, DK: t
                  k_desc, v_desc, row0, col_k, col_v, TMA: tl.constexpr):
     """One key step of a dq tile: load the keys' rows (pointers k_rows, v_rows [BK, 1], where
     kin; with TMA consecutive rows from row0 through the descriptors, see _rows_tile),
-    P = exp2(S - LSE) where `ok`, dS = P (dP - delta); returns dq + dS K (unscaled)."""
+    P = exp2(S - LSE) where `ok` (scaling and subtraction as one FMA a score), dS = P (dP -
+    delta); returns dq + dS K (unscaled)."""
     offs_dk = tl.arange(0, BDK)
     offs_dv = tl.arange(0, BDV)
     kt = _rows_tile(k_desc, k_rows + offs_dk[None, :], kin[:, None] & (offs_dk[None, :] < DK),
                     row0, col_k, TMA)
     vt = _rows_tile(v_desc, v_rows + offs_dv[None, :], kin[:, None] & (offs_dv[None, :] < DV),
                     row0, col_v, TMA)
-    s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-    p = tl.math.exp2(tl.where(ok, s, float("-inf")) - lse[:, None])
+    s = tl.dot(q, tl.trans(kt), input_precision=PREC)
+    p = tl.math.exp2(tl.where(ok, s * qk_scale - lse[:, None], float("-inf")))
     dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
@@ -189,15 +190,15 @@ def _bwd_dq_step(q, do, lse, delta, dq, k_rows, v_rows, kin, ok, qk_scale, DK: t
 def _bwd_dst(q, do, lse, delta, kt, vt, dv, ok_t, qk_scale, MASKED: tl.constexpr,
              PREC: tl.constexpr):
     """One query step of a dk/dv tile (keys kt, vt held), with the keys as rows, up to dS:
-    S^T = K Q^T, P^T = exp2(S^T - LSE), masked to `ok_t` [keys, rows] only when MASKED (a step
+    S^T = K Q^T, P^T = exp2(S^T - LSE) (one FMA a score), masked to `ok_t` [keys, rows] only when MASKED (a step
     where every row sees every key skips the select), dS^T = P^T (dP^T - delta); returns dS^T
     in the inputs' dtype and dv + P^T dO. P^T and dS^T come out of their products already as
     the left operands of the next ones, so no tile is transposed in registers (a trip through
     shared memory each, twice a step)."""
-    st = tl.dot(kt, tl.trans(q), input_precision=PREC) * qk_scale
+    st = tl.dot(kt, tl.trans(q), input_precision=PREC) * qk_scale - lse[None, :]
     if MASKED:
         st = tl.where(ok_t, st, float("-inf"))
-    pt = tl.math.exp2(st - lse[None, :])
+    pt = tl.math.exp2(st)
     dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
     dpt = tl.dot(vt, tl.trans(do), input_precision=PREC)
     dst = pt * (dpt - delta[None, :])
