@@ -153,6 +153,21 @@ def splits_error(spec: Spec, splits: Any) -> str | None:
     return None
 
 
+def decode_tile_error(spec: Spec, configs: Mapping[str, Mapping], splits: Mapping[str, int]
+                      ) -> str | None:
+    """Why decode_cmp's compressed tile cannot run with these splits (None if it can): a
+    split's chunk of selection blocks (a multiple of cmp_quantum) must start on a whole tile of
+    BC compressed keys, BC / (l'/d) blocks."""
+    cfg = configs.get("decode_cmp")
+    if not cfg or "BC" not in cfg or "cmp_quantum" not in splits:
+        return None
+    r2 = spec.slc_block // spec.cmp_stride
+    if cfg["BC"] % r2 or splits["cmp_quantum"] % (cfg["BC"] // r2):
+        return (f"decode_cmp's BC={cfg['BC']} must be a multiple of l'/d={r2} whose blocks "
+                f"(BC / (l'/d)) divide the split quantum cmp_quantum={splits['cmp_quantum']}")
+    return None
+
+
 class ConfigOverrides(dict):
     """Per-kernel launch configs that win over tuned tables: kernel name -> {parameter: int}.
 

@@ -100,6 +100,10 @@ class DecodeCache:
             self.splits = decode_splits(spec, batch, max_len, target, resident)
         self.splits.update(tuned_splits)
         self.splits.update(splits or {})
+        why = configspace.decode_tile_error(spec, dict(op.default_configs,
+                                                       **self._launch_configs()), self.splits)
+        if why:
+            raise ValueError(f"configs: {why}")
         # split partials live here for the cache's lifetime: a step allocates only its outputs
         # (the probe's workspace is kept when the occupancy left the splits as they were)
         if self.splits != probed and kernels_available(dev):

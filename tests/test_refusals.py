@@ -220,5 +220,12 @@ def test_launch_overrides_are_checked_when_set(op_g4):
     with pytest.raises(ValueError, match=r"configs\['decode_slc'\]"):
         DecodeCache(op, 1, 64, device="cpu", dtype=torch.float32,
                     configs={"decode_slc": {"BK": 0}})
+    # a compressed tile wider than the split quantum: refused by name, not by the compiler
+    wide = {"decode_cmp": {"BC": 4 * op.module.DECODE_CONFIGS["decode_cmp"]["BC"]}}
+    with pytest.raises(ValueError, match="configs: decode_cmp's BC=.*cmp_quantum"):
+        DecodeCache(op, 1, 64, device="cpu", dtype=torch.float32, configs=wide)
+    quantum = 4 * DecodeCache(op, 1, 64, device="cpu", dtype=torch.float32).splits["cmp_quantum"]
+    DecodeCache(op, 1, 64, device="cpu", dtype=torch.float32, configs=wide,
+                splits={"cmp_quantum": quantum})          # with a quantum of whole tiles
     op.configs["cmp_attention"] = {"num_warps": 8}     # partial: completed from the default
     assert op.configs["cmp_attention"] == dict(op.module.CONFIGS["cmp_attention"], num_warps=8)
