@@ -190,11 +190,11 @@ def _bwd_dq_step(q, do, lse, delta, dq, k_rows, v_rows, kin, ok, qk_scale, DK: t
 def _bwd_dst(q, do, lse, delta, kt, vt, dv, ok_t, qk_scale, MASKED: tl.constexpr,
              PREC: tl.constexpr):
     """One query step of a dk/dv tile (keys kt, vt held), with the keys as rows, up to dS:
-    S^T = K Q^T, P^T = exp2(S^T - LSE) (one FMA a score), masked to `ok_t` [keys, rows] only when MASKED (a step
-    where every row sees every key skips the select), dS^T = P^T (dP^T - delta); returns dS^T
-    in the inputs' dtype and dv + P^T dO. P^T and dS^T come out of their products already as
-    the left operands of the next ones, so no tile is transposed in registers (a trip through
-    shared memory each, twice a step)."""
+    S^T = K Q^T, P^T = exp2(S^T - LSE) (one FMA a score), masked to `ok_t` [keys, rows] only
+    when MASKED (a step where every row sees every key skips the select), dS^T = P^T (dP^T -
+    delta); returns dS^T in the inputs' dtype and dv + P^T dO. P^T and dS^T come out of their
+    products already as the left operands of the next ones, so no tile is transposed in
+    registers (a trip through shared memory each, twice a step)."""
     st = tl.dot(kt, tl.trans(q), input_precision=PREC) * qk_scale - lse[None, :]
     if MASKED:
         st = tl.where(ok_t, st, float("-inf"))
