@@ -11,6 +11,51 @@ if os.environ.get("PYTEST_XDIST_WORKER") and not torch.cuda.is_available():
     torch.set_num_threads(1)    # one core per test process (`pytest -n 2` on a 2-core machine)
 
 
+def _patch_language_once_per_launch() -> None:
+    """Triton's interpreter patches triton.language when a kernel launches and restores it
+    when the launch ends, but patches again on every call of a @triton.jit function from
+    inside the kernel (about 2 ms a call, a fifth of the CPU suite's time), though the patches
+    of a module repeat those already made. Patch each language module once per launch (one a
+    helper's globals add, such as triton.language.core for the standard library's functions,
+    when first seen) and undo them all when the launch ends. Tests only: the generated code
+    is untouched, and an interpreter without these internals runs as it is."""
+    from triton.runtime import interpreter as ti
+
+    orig = getattr(ti, "_patch_lang", None)
+    if orig is None or getattr(orig, "_once_per_launch", False):
+        return
+    tl = ti.tl
+    langs: dict = {}          # jit function -> ids of the language modules in its globals
+    held: list = []           # during a launch: [ids patched, scopes to undo]
+
+    class _Launch:
+        def restore(self):
+            _, scopes = held.pop()
+            for scope in reversed(scopes):
+                scope.restore()
+
+    def patch_lang(fn):
+        mods = langs.get(fn)
+        if mods is None:
+            mods = langs[fn] = frozenset(
+                id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+        if not held:           # a kernel launch: GridExecutor restores what it returns
+            held.append([set(mods), [orig(fn)]])
+            return _Launch()
+        done, scopes = held[-1]
+        if not mods <= done:   # a function inside the launch that sees another module
+            scopes.append(orig(fn))
+            done |= mods
+        return None
+
+    patch_lang._once_per_launch = True
+    ti._patch_lang = patch_lang
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_language_once_per_launch()
+
+
 @pytest.fixture
 def slc_order(request, monkeypatch):
     """Force the selected attention's loop order (the test's parameter: "query" or "block")

@@ -356,7 +356,7 @@ def test_registered_op_and_eager_path_agree():
     spec = scaled(nsagen.load_spec("nsa-d128"))
     op = nsagen.build(spec)
     g = torch.Generator().manual_seed(7)
-    T = 2 * spec.slc_count * spec.slc_block + 5          # the full plan (block indices kept)
+    T = spec.slc_count * spec.slc_block + 5              # the full plan (block indices kept)
     shapes = ((spec.heads_q, spec.dim_qk), (spec.heads_kv, spec.dim_qk),
               (spec.heads_kv, spec.dim_v), (spec.heads_q, 3))
     x = [torch.randn(1, T, h, d, generator=g) for h, d in shapes]

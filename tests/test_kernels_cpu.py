@@ -97,11 +97,12 @@ def test_op_call_matches_reference():
         op(q, k[:, :, :1], v, None)
 
 
-@pytest.mark.parametrize("cfg", [dict(BT=2, SEG=16, CH=32, num_warps=2), dict(BT=1, SEG=64, CH=256, num_warps=4),
-                                 dict(BT=4, SEG=16, CH=16, num_warps=2), dict(BT=2, SEG=2, CH=8, num_warps=1)])
+@pytest.mark.parametrize("cfg", [dict(BT=1, SEG=64, CH=256, num_warps=4),
+                                 dict(BT=4, SEG=16, CH=16, num_warps=2),
+                                 dict(BT=2, SEG=2, CH=8, num_warps=1)])
 @pytest.mark.parametrize("local", [2, 0])
 def test_select_blocks_long_rows_and_ties(cfg, local):
-    """The top-n kernel alone on rows of up to 100 blocks (many segments per row, several picks from one segment), with
+    """The top-n kernel alone on rows of up to 68 blocks (many segments per row, several picks from one segment), with
     scores drawn from a few values so that ties must go to the lower block, and zeros past the
     last block a compressed window reaches. With segments of 2 blocks the first segment holds
     only forced blocks and a pick's segment is often emptied; with no local blocks the free
@@ -110,7 +111,7 @@ def test_select_blocks_long_rows_and_ties(cfg, local):
                        slc_block=4, slc_count=7, slc_initial=2, slc_local=local, window=4,
                        dtype="float32")
     op = nsagen.build(spec)
-    T = 400
+    T = 272
     lay = build_layout(spec, (T,), "cpu")
     gen = torch.Generator().manual_seed(11)
     score = torch.randint(0, 5, (T, spec.heads_kv, lay.nbp), generator=gen).float() / 4
