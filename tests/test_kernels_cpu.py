@@ -107,7 +107,7 @@ def test_select_blocks_long_rows_and_ties(cfg, local):
     last block a compressed window reaches. With segments of 2 blocks the first segment holds
     only forced blocks and a pick's segment is often emptied; with no local blocks the free
     candidates reach past the last window, where they score 0."""
-    spec = nsagen.Spec(name="top-n", heads_q=2, heads_kv=2, dim_qk=16, dim_v=16, cmp_block=4, cmp_stride=4,
+    spec = nsagen.Spec(name="top-n", heads_q=1, heads_kv=1, dim_qk=16, dim_v=16, cmp_block=4, cmp_stride=4,
                        slc_block=4, slc_count=7, slc_initial=2, slc_local=local, window=4,
                        dtype="float32")
     op = nsagen.build(spec)
