@@ -192,7 +192,7 @@ def test_kernels_decode_merge_and_pick_variants(knobs):
     spec = scaled(nsagen.load_spec("nsa-d128"))
     configs = {name: dict(SMALL_TILES.get(name, {}), **c) for name, c in knobs.items()}
     configs = dict(SMALL_TILES, **configs)
-    _decode_vs_prefill(spec, [5, 70, 280], T=292, seed=21,
+    _decode_vs_prefill(spec, [5, 70, 200], T=212, seed=21,
                        splits=dict(cmp=3, cmp_quantum=2, slc_blocks=3, win_keys=16),
                        configs=configs)
 
@@ -264,6 +264,10 @@ def test_decode_splits_fill_the_gpu():
     assert progs["decode_slc"] >= 132 and "decode_win" not in progs
     assert "decode_win" in decode_programs(spec.replace(branches=("win",)), 8, 65536, small)
     assert decode_splits(spec, 1, 256)["cmp"] == 1          # 4 blocks: one tile is enough
+    # B=1, 64k: one wave would hold a program for each of the 64 tiles, but each partial costs
+    # the merge a read, so the rule stops short of one tile a program
+    one = decode_splits(spec, 1, 65536)
+    assert 16 <= one["cmp"] < 64 and one["cmp"] > small["cmp"]
     half = dataclasses.replace(current(), sm_count=66)
     assert decode_splits(spec, 8, 65536, half)["cmp"] < small["cmp"]
     for b in (1, 3, 8, 64):
