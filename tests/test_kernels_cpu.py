@@ -97,10 +97,13 @@ def test_op_call_matches_reference():
         op(q, k[:, :, :1], v, None)
 
 
-@pytest.mark.parametrize("cfg", [dict(BT=1, SEG=64, CH=256, num_warps=4),
-                                 dict(BT=4, SEG=16, CH=16, num_warps=2),
-                                 dict(BT=2, SEG=2, CH=8, num_warps=1)])
-@pytest.mark.parametrize("local", [2, 0])
+@pytest.mark.parametrize("cfg,local", [
+    # one row a program, segments of 64 blocks (two a long row)
+    (dict(BT=1, SEG=64, CH=256, num_warps=4), 2),
+    # four rows a program, segments of 16, reads of 16 scores
+    (dict(BT=4, SEG=16, CH=16, num_warps=2), 2), (dict(BT=4, SEG=16, CH=16, num_warps=2), 0),
+    # segments of 2: the first holds only forced blocks, picks empty segments
+    (dict(BT=2, SEG=2, CH=8, num_warps=1), 2), (dict(BT=2, SEG=2, CH=8, num_warps=1), 0)])
 def test_select_blocks_long_rows_and_ties(cfg, local):
     """The top-n kernel alone on rows of up to 68 blocks (many segments per row, several picks from one segment), with
     scores drawn from a few values so that ties must go to the lower block, and zeros past the
