@@ -14,7 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER") and not torch.cuda.is_available():
 def _patch_language_once_per_launch() -> None:
     """Triton's interpreter patches triton.language when a kernel launches and restores it
     when the launch ends, but patches again on every call of a @triton.jit function from
-    inside the kernel (about 2 ms a call, a fifth of the CPU suite's time), though the patches
+    inside the kernel (about 2 ms a call, some 15% of a kernel test's time), though the patches
     of a module repeat those already made. Patch each language module once per launch (one a
     helper's globals add, such as triton.language.core for the standard library's functions,
     when first seen) and undo them all when the launch ends. Tests only: the generated code
