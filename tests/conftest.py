@@ -52,8 +52,27 @@ def _patch_language_once_per_launch() -> None:
     ti._patch_lang = patch_lang
 
 
+def _no_overflow_asserts() -> None:
+    """Triton's interpreter checks every int32 add, sub and mul for overflow (an int64 copy of
+    each operand, the operation again and a device assert): about a fifth of a kernel test's
+    time. The test shapes are a few hundred tokens, far from the int32 range, and compiled
+    kernels wrap as the GPU does; out-of-range rows would show in the outputs the tests compare.
+    NSAGEN_TEST_OVERFLOW_CHECKS=1 keeps the interpreter's checks."""
+    import dataclasses
+
+    from triton.runtime import interpreter as ti
+
+    builder = getattr(ti, "interpreter_builder", None)
+    opts = getattr(builder, "options", None)
+    if os.environ.get("NSAGEN_TEST_OVERFLOW_CHECKS") == "1" or not hasattr(
+            opts, "sanitize_overflow"):
+        return
+    builder.options = dataclasses.replace(opts, sanitize_overflow=False)
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _patch_language_once_per_launch()
+    _no_overflow_asserts()
 
 
 @pytest.fixture

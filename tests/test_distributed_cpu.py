@@ -98,6 +98,7 @@ def _cp_run(op, x, do, group=None):
 
 
 def _cp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import conftest  # noqa: F401  (the interpreter's test setup, in this process too)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -228,6 +229,7 @@ def _layer_case():
 
 
 def _layer_worker(rank: int, world: int, port: int, out: str) -> None:
+    import conftest  # noqa: F401  (the interpreter's test setup, in this process too)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
