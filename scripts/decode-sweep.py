@@ -23,7 +23,7 @@ from nsagen.decode import DecodeCache
 
 # (label, split overrides, config overrides); the default first
 VARIANTS: list[tuple[str, dict | None, dict | None]] = (
-    [("default", None, None)]
+    [("default", None, None), ("head-major cache", None, None)]
     + [(f"cmp={n}", {"cmp": n}, None) for n in (6, 8, 12, 14, 16, 20, 24, 32)]
     + [(f"win_keys={n}", {"win_keys": n}, None) for n in (128, 512)]
     + [(f"decode_cmp stages={n}", None, {"decode_cmp": {"num_stages": n}}) for n in (2, 4)]
@@ -37,16 +37,29 @@ VARIANTS: list[tuple[str, dict | None, dict | None]] = (
        ("decode_slc BK=64", None, {"decode_slc": {"BK": 64}})])
 
 
+def head_major(cache: DecodeCache) -> None:
+    """Re-lay the cache's K/V buffers out head by head ([B, H, L, D] in memory, the same
+    [B, L, H, D] shape): a KV head's rows are then one contiguous stream. The single-token step
+    reads them through their strides; this measures whether the layout moves the step."""
+    for name in ("k", "v", "k_cmp", "v_cmp", "k_win", "v_win"):
+        t = getattr(cache, name, None)
+        if t is not None:
+            setattr(cache, name, t.transpose(1, 2).contiguous().transpose(1, 2))
+
+
 def time_variant(op, batch: int, cache_len: int, splits: dict | None,
-                 configs: dict | None) -> dict:
+                 configs: dict | None, layout: str = "") -> dict:
     """One whole-step timing row: a cache of cache_len - steps random tokens, then `steps`
-    decode calls a timed call (rewound after), as `nsagen bench --decode` times them."""
+    decode calls a timed call (rewound after), as `nsagen bench --decode` times them.
+    `layout` "head-major" re-lays the cache out (head_major)."""
     spec, dt, dev = op.spec, torch.bfloat16, "cuda"
     H, HQ, Dk, Dv = spec.heads_kv, spec.heads_q, spec.dim_qk, spec.dim_v
     torch.manual_seed(batch)
     n = decode_steps(cache_len)
     cache = DecodeCache(op, batch, cache_len, device=dev, dtype=dt, splits=splits,
                         configs=configs)
+    if layout == "head-major":
+        head_major(cache)
     cache.prefill(torch.randn(batch, cache_len - n, H, Dk, dtype=dt, device=dev),
                   torch.randn(batch, cache_len - n, H, Dv, dtype=dt, device=dev))
     k_t = torch.randn(batch, H, Dk, dtype=dt, device=dev)
@@ -68,19 +81,24 @@ def main() -> None:
     ap.add_argument("--cache", type=int, default=65536, help="cache length (default 65536)")
     ap.add_argument("--budget", type=float, default=600.0, help="stop after this many seconds")
     ap.add_argument("--json", default="decode-sweep.json")
+    ap.add_argument("--only", nargs="+", metavar="LABEL",
+                    help="run only the variants whose labels start with one of these")
     args = ap.parse_args()
+    variants = [v for v in VARIANTS if not args.only or v[0] == "default"
+                or any(v[0].startswith(o) for o in args.only)]
     op = nsagen.build(nsagen.load_spec(args.spec))    # a shipped name or a YAML path
     t0, rows = time.time(), []
     for batch in args.batch:
-        for i, (label, splits, configs) in enumerate(VARIANTS):
+        for i, (label, splits, configs) in enumerate(variants):
             if time.time() - t0 > args.budget:
                 break
             runs = [(label, splits, configs)]
-            if i and i % 6 == 0:
+            if i and i % (2 if args.only else 6) == 0:
                 runs.append(("default (again)", None, None))
             for name, s, c in runs:
                 try:
-                    row = dict(time_variant(op, batch, args.cache, s, c), label=name)
+                    layout = "head-major" if name.startswith("head-major") else ""
+                    row = dict(time_variant(op, batch, args.cache, s, c, layout), label=name)
                 except Exception as err:      # a variant the kernels refuse: say so, go on
                     print(f"B={batch} {name}: {type(err).__name__}: {str(err)[:200]}", flush=True)
                     continue
