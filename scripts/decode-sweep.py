@@ -34,7 +34,10 @@ VARIANTS: list[tuple[str, dict | None, dict | None]] = (
     + [(f"decode_select warps={n}", None, {"decode_select": {"num_warps": n}}) for n in (2, 8)]
     + [("decode_slc stages=3", None, {"decode_slc": {"num_stages": 3}}),
        ("decode_slc warps=8", None, {"decode_slc": {"num_warps": 8}}),
-       ("decode_slc BK=64", None, {"decode_slc": {"BK": 64}})])
+       ("decode_slc BK=64", None, {"decode_slc": {"BK": 64}}),
+       # the merge in decode_slc's last programs: no decode_combine launch (the tuner, timing
+       # kernels alone, cannot see what that saves)
+       ("decode_slc MERGE=1", None, {"decode_slc": {"MERGE": 1}})])
 
 
 def head_major(cache: DecodeCache) -> None:
