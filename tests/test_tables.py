@@ -324,6 +324,44 @@ def test_tune_decode_plumbing(monkeypatch, tmp_path):
     assert any("compiled" in m or "decode B=2" in m for m in msgs)
 
 
+@pytest.mark.parametrize("faster", [True, False])
+def test_tune_decode_merge_placement_on_whole_steps(monkeypatch, tmp_path, faster):
+    """Where decode_slc's merge runs (its MERGE, which leaves decode_combine out) is decided on
+    whole steps after the splits: the flip is kept only when the step is faster by the margin,
+    and the table holds what was kept."""
+    import torch
+
+    import nsagen
+    from nsagen.tune import search
+
+    from kernel_checks import scaled
+
+    _interp()
+    spec = scaled(nsagen.load_spec("nsa-d128"))
+    op = nsagen.build(spec)
+    monkeypatch.setattr(search, "decode_candidates",
+                        lambda spec, k, d, limit=0: [dict(d)] if limit is not None else
+                        [dict(d), dict(d, MERGE=1 - d["MERGE"])] if "MERGE" in d else [dict(d)])
+    monkeypatch.setattr(search, "split_candidates", lambda spec, base: [dict(base)])
+    steps = {"t": 10.0}
+
+    def timer(run):
+        steps["t"] *= 0.5 if faster else 1.0
+        return steps["t"]
+
+    msgs = []
+    path, rows = search.tune(spec, [], kernels=["decode_slc"], device="cpu",
+                             dtype=torch.float32, timer=timer, progress=msgs.append,
+                             decode_batches=[2], decode_len=40, out_dir=tmp_path / "autotune")
+    default = op.module.DECODE_CONFIGS["decode_slc"]["MERGE"]
+    entry = json.loads(path.read_text())["buckets"][nsagen.tables.decode_bucket(2, 40)]
+    knob = [r for r in rows if r["kernel"] == "step (decode_slc MERGE)"]
+    assert len(knob) == 1 and knob[0]["config"]["MERGE"] == (1 - default if faster else default)
+    assert entry.get("decode_slc", {}).get("MERGE", default) == (1 - default if faster
+                                                                   else default)
+    assert any(("(kept)" if faster else "(not kept)") in m and "MERGE" in m for m in msgs)
+
+
 class _PassRecorder:
     """Stands in for nsagen.tune.compile.Compiler: keeps the passes it is asked to compile."""
 

@@ -36,6 +36,9 @@ from .workloads import DecodeSetup, backward_pass, forward_pass, random_inputs
 log = logging.getLogger("nsagen")
 
 MARGIN = 0.03          # a candidate must beat the default by 3% to replace it
+# (decode kernel, 0/1 parameter) that moves work between launches (decode_slc's MERGE leaves
+# decode_combine out): kernels timed alone cannot see what that saves, so whole steps decide
+STEP_KNOBS = (("decode_slc", "MERGE"),)
 
 
 def _measure(timer, run, kernels: list[str], iters: int) -> dict[str, float]:
@@ -323,9 +326,45 @@ def _tune_decode(op, spec, B, L, names, timer, clock, progress, device, dtype, o
                  f"{len(times)} tried)")
         summary.append(dict(T=L, B=B, kernel="step (splits)", default_ms=times[0],
                             best_ms=times[j], config=splits))
+    for kernel, param in STEP_KNOBS:
+        if kernel in names and param in cfg.get(kernel, {}) and \
+                not clock.spent(f"decode B={B} {kernel} {param}"):
+            cfg, best = _step_knob(spec, setup, splits, cfg, best, defaults, kernel, param,
+                                   timer, precompile_runs, progress, summary, B, L)
     entry = {k: dict(v) for k, v in best.items()}
     entry[tables.DECODE_SPLITS] = {k: v for k, v in splits.items() if base_splits.get(k) != v}
     return entry
+
+
+def _step_knob(spec, setup, splits, cfg, best, defaults, kernel, param, timer, precompile_runs,
+               progress, summary, B, L):
+    """Whole steps (CUDA graph) with `param` of `kernel` as chosen and flipped; the flip is
+    kept when faster by MARGIN and still in the kernel's config space. Returns (cfg, best)."""
+    flipped = dict(cfg[kernel], **{param: 1 - cfg[kernel][param]})
+    if flipped not in decode_candidates(spec, kernel, defaults[kernel], limit=None):
+        return cfg, best
+    trial = dict(cfg, **{kernel: flipped})
+    precompile_runs([setup.make(splits)(trial)])
+    t_of = timer or graph_time
+    times = []
+    try:
+        for c in (cfg, trial):
+            run = setup.make(splits)(c)
+            run()
+            t = t_of(run)
+            times.append(sum(t.values()) if isinstance(t, dict) else float(t))
+    except Exception as err:
+        log.info("nsagen tune: decode %s %s=%s failed: %s", kernel, param, flipped[param],
+                 str(err)[:160])
+        return cfg, best
+    keep = times[1] < times[0] * (1 - MARGIN)
+    progress(f"  decode B={B} {kernel} {param}={flipped[param]}: step {times[1]:.4f} ms against "
+             f"{times[0]:.4f} ({'kept' if keep else 'not kept'})")
+    summary.append(dict(T=L, B=B, kernel=f"step ({kernel} {param})", default_ms=times[0],
+                        best_ms=min(times), config=(flipped if keep else cfg[kernel])))
+    if keep:
+        return trial, dict(best, **{kernel: flipped})
+    return cfg, best
 
 
 def warm_build(op, seq_len: int = 4096, device: str = "cuda", dtype=torch.bfloat16,
