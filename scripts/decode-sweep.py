@@ -27,6 +27,8 @@ VARIANTS: list[tuple[str, dict | None, dict | None]] = (
     + [(f"cmp={n}", {"cmp": n}, None) for n in (6, 8, 12, 14, 16, 20, 24, 32)]
     + [(f"win_keys={n}", {"win_keys": n}, None) for n in (128, 512)]
     + [(f"decode_cmp stages={n}", None, {"decode_cmp": {"num_stages": n}}) for n in (2, 4)]
+    + [(f"cmp={n} with 2 stages", {"cmp": n}, {"decode_cmp": {"num_stages": 2}})
+       for n in (16, 24)]     # half the shared memory a program: more programs an SM
     + [("decode_cmp warps=8", None, {"decode_cmp": {"num_warps": 8}}),
        ("decode_cmp BC=128, cmp_quantum=32", {"cmp_quantum": 32}, {"decode_cmp": {"BC": 128}})]
     + [(f"decode_select BNB={n}", None, {"decode_select": {"BNB": n}}) for n in (128, 256)]
