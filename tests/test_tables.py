@@ -339,9 +339,14 @@ def test_tune_decode_merge_placement_on_whole_steps(monkeypatch, tmp_path, faste
     _interp()
     spec = scaled(nsagen.load_spec("nsa-d128"))
     op = nsagen.build(spec)
-    monkeypatch.setattr(search, "decode_candidates",
-                        lambda spec, k, d, limit=0: [dict(d)] if limit is not None else
-                        [dict(d), dict(d, MERGE=1 - d["MERGE"])] if "MERGE" in d else [dict(d)])
+    def space(spec, kernel, default, limit=0):
+        """Kernels searched alone keep their defaults; the full space (limit=None, what the
+        whole-step choice checks against) also holds MERGE flipped."""
+        if limit is not None or "MERGE" not in default:
+            return [dict(default)]
+        return [dict(default), dict(default, MERGE=1 - default["MERGE"])]
+
+    monkeypatch.setattr(search, "decode_candidates", space)
     monkeypatch.setattr(search, "split_candidates", lambda spec, base: [dict(base)])
     steps = {"t": 10.0}
 
